@@ -1,0 +1,5 @@
+import sys
+
+from kvmtdx.cli import main
+
+sys.exit(main())

@@ -1,0 +1,181 @@
+"""The kvmtdx command line: parse, call, render, exit.  Nothing else lives here.
+
+Exit codes follow kselftest: 0 all passed, 1 something failed, 4 skipped
+(TDX not present), and 2 for usage or input errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from kvmtdx import __version__
+from kvmtdx.device import KvmError
+from kvmtdx.profiles import DataError
+
+EXIT_PASS = 0
+EXIT_FAIL = 1
+EXIT_USAGE = 2
+EXIT_SKIP = 4
+
+SIM_HINT = "run the same against the simulated host with --simulate MODULE[:POLICY] (see --simulate list)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"kvmtdx: error: {message} (see kvmtdx --help)\n")
+        raise SystemExit(EXIT_USAGE)
+
+
+def _backend_opts(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("what to talk to")
+    g.add_argument("--simulate", metavar="MODULE[:POLICY[:MUTANT]]",
+                   help="use the simulated TDX host instead of /dev/kvm "
+                        "(default policy 'upstream'; 'list' prints the choices)")
+    g.add_argument("--backend", metavar="package.module:factory",
+                   help="use a syscall seam of your own (open/ioctl/close)")
+    g.add_argument("--host", metavar="FILE|max",
+                   help="native CPUID of the simulated host (default: max, every feature)")
+
+
+def _model_opts(p: argparse.ArgumentParser, policy_default: str | None, auto: bool = False) -> None:
+    g = p.add_argument_group("what the kernel should do")
+    g.add_argument("--module", metavar="NAME|FILE",
+                   help="TDX module profile: 1.5.01, 1.5-late, 2.0, or a JSON file")
+    choices = ["upstream-6.16", "upstream", "rfc-v2"] + (["auto"] if auto else [])
+    g.add_argument("--policy", choices=choices, default=policy_default,
+                   help=f"kernel policy (default: {policy_default})")
+    g.add_argument("--allowlist", metavar="FILE",
+                   help="the tested kernel's allowlist as JSON (replaces the bundled rfc-v2 table)")
+
+
+def _output_opts(p: argparse.ArgumentParser, formats: Sequence[str]) -> None:
+    g = p.add_argument_group("output")
+    g.add_argument("--format", choices=list(formats), default="text")
+    g.add_argument("--output", metavar="FILE", help="write the report here (atomically)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="kvmtdx",
+        description=(
+            "Check that a Linux kernel handles Intel TDX configurable CPUID bits exactly right: "
+            "drive /dev/kvm (or a simulated TDX host) with KVM_TDX_CAPABILITIES and "
+            "KVM_TDX_INIT_VM and compare every answer with an exact model of the kernel."
+        ),
+        epilog="exit codes: 0 passed, 1 failed, 2 usage or input error, 4 skipped (no TDX here)",
+    )
+    parser.add_argument("--version", action="version", version=f"kvmtdx {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("info", help="the environment: /dev/kvm, VM types, whether TDX is usable")
+    _backend_opts(p)
+    _output_opts(p, ("text", "json"))
+
+    p = sub.add_parser("caps", help="KVM_TDX_CAPABILITIES, decoded bit by bit")
+    _backend_opts(p)
+    _model_opts(p, None)
+    p.add_argument("--save-module", metavar="FILE",
+                   help="write the module profile these capabilities imply (needs --policy)")
+    _output_opts(p, ("text", "json"))
+
+    p = sub.add_parser("predict", help="the mirror's prediction of capabilities (and of INIT_VM)")
+    p.add_argument("--host", metavar="FILE|max|native", default="max",
+                   help="the host's native CPUID (default: max)")
+    _model_opts(p, "upstream")
+    p.add_argument("--request", metavar="FILE", help="an INIT_VM request (JSON) to predict")
+    _output_opts(p, ("text", "json"))
+
+    p = sub.add_parser("init-vm", help="one KVM_TDX_INIT_VM on a fresh TD; outcome as JSON")
+    _backend_opts(p)
+    p.add_argument("--allowlist", metavar="FILE", help="allowlist of the simulated rfc-v2 kernel")
+    p.add_argument("--request", metavar="FILE", required=True, help="the request (JSON)")
+    _output_opts(p, ("json", "text"))
+    p.set_defaults(format="json")
+
+    p = sub.add_parser("verify", help="the conformance suite (exit 0 pass, 1 fail, 4 skip)")
+    _backend_opts(p)
+    _model_opts(p, "auto", auto=True)
+    _output_opts(p, ("text", "json", "ktap", "junit"))
+
+    p = sub.add_parser("probe", help="classify every configurable bit by real INIT_VM outcomes")
+    _backend_opts(p)
+    _model_opts(p, "auto", auto=True)
+    p.add_argument("--exhaustive", action="store_true", help="every bit of every listed row")
+    p.add_argument("--max-tds", type=int, metavar="N", help="create at most N TDs")
+    p.add_argument("--jobs", type=int, default=1, metavar="N", help="TDs in parallel")
+    p.add_argument("--emit-allowlist", metavar="FILE",
+                   help="write the effective allowlist, loadable with --allowlist")
+    _output_opts(p, ("text", "json"))
+
+    p = sub.add_parser("diff", help="what changed between two runs, or two policies")
+    p.add_argument("files", nargs="*", metavar="A.json B.json")
+    p.add_argument("--module", metavar="NAME|FILE")
+    p.add_argument("--policy", action="append", metavar="P",
+                   help="give twice: compare what two kernel policies let TDs have")
+    p.add_argument("--host", metavar="FILE|max", default="max")
+    p.add_argument("--allowlist", metavar="FILE")
+    _output_opts(p, ("text", "json"))
+    return parser
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    raise NotImplementedError("info")
+
+
+def cmd_caps(args: argparse.Namespace) -> int:
+    raise NotImplementedError("caps")
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    raise NotImplementedError("predict")
+
+
+def cmd_init_vm(args: argparse.Namespace) -> int:
+    raise NotImplementedError("init-vm")
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    raise NotImplementedError("verify")
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    raise NotImplementedError("probe")
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    raise NotImplementedError("diff")
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "info": cmd_info,
+    "caps": cmd_caps,
+    "predict": cmd_predict,
+    "init-vm": cmd_init_vm,
+    "verify": cmd_verify,
+    "probe": cmd_probe,
+    "diff": cmd_diff,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except DataError as e:
+        sys.stderr.write(f"kvmtdx: error: {e}\n")
+        return EXIT_USAGE
+    except KvmError as e:
+        sys.stderr.write(f"kvmtdx: {'skip' if e.skip else 'error'}: {e.reason}"
+                         + (f"; {SIM_HINT}" if e.skip else "") + "\n")
+        return EXIT_SKIP if e.skip else EXIT_FAIL
+    except OSError as e:
+        sys.stderr.write(f"kvmtdx: error: {e}\n")
+        return EXIT_FAIL
+    except KeyboardInterrupt:
+        sys.stderr.write("kvmtdx: interrupted\n")
+        return 130

@@ -1,0 +1,315 @@
+"""The syscall seam and the KVM / TDX handles built on it.
+
+The seam is three calls, the only way kvmtdx reaches a kernel:
+`open(path, flags) -> fd`, `ioctl(fd, request, arg) -> int` and `close(fd)`.
+`arg` is an immediate or the address of memory the callee reads and writes;
+a failure raises OSError carrying the errno.  `RealSeam` calls libc; the
+simulated host (`kvmtdx.sim`) is another seam; a user can plug in their own.
+
+Handles own their file descriptors and close them on every path (context
+managers, and close() is idempotent).  Every handle counts what it did, so
+benchmarks and reports can state ioctls and TD creations, not only seconds.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Protocol, runtime_checkable
+
+from kvmtdx import uapi
+from kvmtdx.outcome import Outcome
+from kvmtdx.structs import Capabilities, CpuidEntry, InitVm, TdxCmd
+
+DEFAULT_KVM_PATH = "/dev/kvm"
+
+
+@runtime_checkable
+class Seam(Protocol):
+    def open(self, path: str, flags: int) -> int: ...
+
+    def ioctl(self, fd: int, request: int, arg: int) -> int: ...
+
+    def close(self, fd: int) -> None: ...
+
+
+class RealSeam:
+    """The real kernel, through libc."""
+
+    def open(self, path: str, flags: int) -> int:
+        return uapi.sys_open(path, flags)
+
+    def ioctl(self, fd: int, request: int, arg: int) -> int:
+        return uapi.sys_ioctl(fd, request, arg)
+
+    def close(self, fd: int) -> None:
+        uapi.sys_close(fd)
+
+
+@dataclass
+class Counters:
+    """What went through the seam: deterministic numbers for reports and benchmarks."""
+
+    opens: int = 0
+    closes: int = 0
+    ioctls: int = 0
+    vms_created: int = 0
+    tds_created: int = 0
+    init_vm_calls: int = 0
+
+
+class KvmError(Exception):
+    """/dev/kvm or TDX is not usable here.  `skip` means "not present" (exit 4), else a failure."""
+
+    def __init__(self, reason: str, *, skip: bool, errno_: int = 0) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.skip = skip
+        self.errno = errno_
+
+
+def open_error(path: str, err: OSError) -> KvmError:
+    if err.errno in (errno.ENOENT, errno.ENODEV, errno.ENXIO):
+        return KvmError(
+            f"no {path}: KVM is not available on this host (load kvm_intel, or check that "
+            "virtualization is enabled)",
+            skip=True,
+            errno_=err.errno,
+        )
+    if err.errno in (errno.EACCES, errno.EPERM):
+        return KvmError(
+            f"cannot open {path}: permission denied; run as root or add this user to the "
+            f"group that owns {path} (usually 'kvm': sudo usermod -aG kvm $USER, then log in again)",
+            skip=False,
+            errno_=err.errno,
+        )
+    return KvmError(f"cannot open {path}: {os.strerror(err.errno or 0)}", skip=False,
+                    errno_=err.errno or 0)
+
+
+def no_tdx_reason(vm_types: int) -> str:
+    names = ", ".join(
+        uapi.VM_TYPE_NAMES.get(t, str(t)) for t in range(64) if vm_types >> t & 1
+    ) or "none"
+    return (
+        f"KVM on this host does not offer KVM_X86_TDX_VM (VM types: {names}); "
+        "TDX needs a TDX-enabled CPU, BIOS and kernel (kvm_intel.tdx=1)"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class CmdResult:
+    """One KVM_MEMORY_ENCRYPT_OP as the caller sees it afterwards."""
+
+    errno: int
+    ret: int
+    cmd: TdxCmd
+    data: bytes
+
+    @property
+    def ok(self) -> bool:
+        return self.errno == 0
+
+
+class Vm:
+    """A VM file descriptor.  Closing it releases everything KVM holds for the VM."""
+
+    def __init__(self, seam: Seam, fd: int, vm_type: int, counters: Counters) -> None:
+        self._seam = seam
+        self.fd: int | None = fd
+        self.vm_type = vm_type
+        self.counters = counters
+
+    def __enter__(self) -> Vm:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, v: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            self.counters.closes += 1
+            self._seam.close(fd)
+
+    def _fd(self) -> int:
+        if self.fd is None:
+            raise ValueError("VM handle is closed")
+        return self.fd
+
+    def ioctl(self, request: int, arg: int) -> int:
+        self.counters.ioctls += 1
+        return self._seam.ioctl(self._fd(), request, arg)
+
+    def memory_encrypt_op(self, cmd: TdxCmd, data: bytes | None, *,
+                          cmd_address: int | None = None) -> CmdResult:
+        """Send one KVM_MEMORY_ENCRYPT_OP; `data`, when given, is placed in memory
+        and its address replaces cmd.data.  `cmd_address` sends a raw address instead
+        of a kvm_tdx_cmd (to prove EFAULT handling)."""
+        buf = uapi.Memory(data) if data is not None else None
+        if buf is not None:
+            cmd = TdxCmd(id=cmd.id, flags=cmd.flags, data=buf.address, hw_error=cmd.hw_error)
+        cmd_mem = uapi.Memory(uapi.pack_cmd(cmd))
+        err, ret = 0, 0
+        try:
+            ret = self.ioctl(uapi.KVM_MEMORY_ENCRYPT_OP,
+                             cmd_mem.address if cmd_address is None else cmd_address)
+        except OSError as e:
+            err = e.errno or errno.EIO
+        return CmdResult(
+            errno=err,
+            ret=ret,
+            cmd=uapi.unpack_cmd(cmd_mem.read()),
+            data=buf.read() if buf is not None else b"",
+        )
+
+
+class TdxVm(Vm):
+    """A VM of type KVM_X86_TDX_VM: KVM_TDX_CAPABILITIES and KVM_TDX_INIT_VM."""
+
+    def capabilities_raw(self, nent: int, *, flags: int = 0, hw_error: int = 0,
+                         fill: bytes | None = None) -> CmdResult:
+        """One KVM_TDX_CAPABILITIES with a buffer of room for `nent` entries.
+
+        `fill` gives the buffer's bytes before the call (to see what KVM leaves
+        untouched); its nent word is set to `nent` unless fill is that long already.
+        """
+        size = uapi.caps_size(nent)
+        if fill is None:
+            data = uapi.pack_capabilities(Capabilities(nent=nent), nent_room=nent)
+        else:
+            data = (fill + bytes(size))[:size] if len(fill) < size else fill
+        return self.memory_encrypt_op(
+            TdxCmd(id=uapi.KVM_TDX_CAPABILITIES, flags=flags, hw_error=hw_error), data
+        )
+
+    def capabilities(self, start_nent: int = 6, max_nent: int = uapi.KVM_MAX_CPUID_ENTRIES
+                     ) -> Capabilities:
+        """Grow and retry: KVM answers E2BIG without saying how much room it needs."""
+        nent = start_nent
+        while True:
+            res = self.capabilities_raw(nent)
+            if res.ok:
+                return uapi.unpack_capabilities(res.data)
+            if res.errno != errno.E2BIG or nent >= max_nent:
+                raise OSError(res.errno, f"KVM_TDX_CAPABILITIES: {os.strerror(res.errno)}")
+            nent = min(nent * 2, max_nent)
+
+    def init_vm_raw(self, request: InitVm | bytes, *, flags: int = 0,
+                    hw_error: int = 0) -> CmdResult:
+        data = request if isinstance(request, bytes) else uapi.pack_init_vm(request)
+        self.counters.init_vm_calls += 1
+        return self.memory_encrypt_op(
+            TdxCmd(id=uapi.KVM_TDX_INIT_VM, flags=flags, hw_error=hw_error), data
+        )
+
+    def init_vm(self, request: InitVm | bytes, *, flags: int = 0, hw_error: int = 0) -> Outcome:
+        res = self.init_vm_raw(request, flags=flags, hw_error=hw_error)
+        return Outcome.classify(res.errno, res.cmd.hw_error)
+
+
+class Kvm:
+    """The KVM system handle (/dev/kvm)."""
+
+    def __init__(self, seam: Seam | None = None, path: str = DEFAULT_KVM_PATH) -> None:
+        self._seam: Seam = seam if seam is not None else RealSeam()
+        self.path = path
+        self.counters = Counters()
+        try:
+            self.fd: int | None = self._seam.open(path, uapi.O_RDWR | uapi.O_CLOEXEC)
+        except OSError as e:
+            raise open_error(path, e) from None
+        self.counters.opens += 1
+
+    def __enter__(self) -> Kvm:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, v: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            self.counters.closes += 1
+            self._seam.close(fd)
+
+    def _ioctl(self, request: int, arg: int) -> int:
+        if self.fd is None:
+            raise ValueError("KVM handle is closed")
+        self.counters.ioctls += 1
+        return self._seam.ioctl(self.fd, request, arg)
+
+    def api_version(self) -> int:
+        return self._ioctl(uapi.KVM_GET_API_VERSION, 0)
+
+    def check_extension(self, cap: int) -> int:
+        return self._ioctl(uapi.KVM_CHECK_EXTENSION, cap)
+
+    def vm_types(self) -> int:
+        """The KVM_CAP_VM_TYPES bitmask (bit 0 alone on kernels without the capability)."""
+        mask = self.check_extension(uapi.KVM_CAP_VM_TYPES)
+        return mask if mask > 0 else 1 << uapi.KVM_X86_DEFAULT_VM
+
+    def has_tdx(self) -> bool:
+        return bool(self.vm_types() >> uapi.KVM_X86_TDX_VM & 1)
+
+    def supported_cpuid(self, start_nent: int = 64) -> tuple[CpuidEntry, ...]:
+        nent = start_nent
+        while True:
+            mem = uapi.Memory(uapi.pack_cpuid2((), nent=nent, room=nent))
+            try:
+                self._ioctl(uapi.KVM_GET_SUPPORTED_CPUID, mem.address)
+            except OSError as e:
+                if e.errno == errno.E2BIG and nent < uapi.KVM_MAX_CPUID_ENTRIES * 4:
+                    nent *= 2
+                    continue
+                raise
+            return uapi.unpack_cpuid2(mem.read())[1]
+
+    def create_vm(self, vm_type: int = uapi.KVM_X86_DEFAULT_VM) -> Vm:
+        fd = self._ioctl(uapi.KVM_CREATE_VM, vm_type)
+        self.counters.vms_created += 1
+        self.counters.opens += 1
+        if vm_type == uapi.KVM_X86_TDX_VM:
+            self.counters.tds_created += 1
+            return TdxVm(self._seam, fd, vm_type, self.counters)
+        return Vm(self._seam, fd, vm_type, self.counters)
+
+    def create_td(self) -> TdxVm:
+        """A fresh TD, or KvmError(skip=True) when KVM does not offer the TDX VM type."""
+        if not self.has_tdx():
+            raise KvmError(no_tdx_reason(self.vm_types()), skip=True)
+        vm = self.create_vm(uapi.KVM_X86_TDX_VM)
+        assert isinstance(vm, TdxVm)
+        return vm
+
+
+@dataclass(frozen=True, slots=True)
+class TdxStatus:
+    """Whether TDX is usable through a seam, and if not exactly why."""
+
+    available: bool
+    reason: str
+    skip: bool
+    kvm_api_version: int | None
+    vm_types: int
+
+
+def tdx_status(seam: Seam | None = None, path: str = DEFAULT_KVM_PATH) -> TdxStatus:
+    try:
+        kvm = Kvm(seam, path)
+    except KvmError as e:
+        return TdxStatus(False, e.reason, e.skip, None, 0)
+    with kvm:
+        version = kvm.api_version()
+        if version != uapi.KVM_API_VERSION:
+            return TdxStatus(False, f"unexpected KVM API version {version} (want 12)", False,
+                             version, 0)
+        types = kvm.vm_types()
+        if not types >> uapi.KVM_X86_TDX_VM & 1:
+            return TdxStatus(False, no_tdx_reason(types), True, version, types)
+        return TdxStatus(True, "KVM offers KVM_X86_TDX_VM", False, version, types)

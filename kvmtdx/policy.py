@@ -1,0 +1,199 @@
+"""Kernel policies and the allowlist, as data.
+
+A policy names how a kernel version (or a proposed series) treats TDX
+configurable CPUID: what KVM_TDX_CAPABILITIES writes, and which INIT_VM
+requests KVM refuses itself.  The mirror reads these facts to predict, the
+simulated host reads them to behave; each interprets them on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from kvmtdx.profiles import DataError, bundled_json, load_json, parse_int
+from kvmtdx.structs import REGISTERS
+
+FULL = 0xFFFFFFFF
+ANY = -1  # wildcard sub-leaf / register in allowlist keys
+
+
+@dataclass(frozen=True, slots=True)
+class Allowlist:
+    """Which directly configurable bits KVM supports, per (leaf, KVM index, register).
+
+    Rows report their "no sub-leaf" index as 0 here, as KVM does.  Registers
+    in `passthrough` are never filtered; a register with neither an allowed
+    entry nor a passthrough is denied whole.
+    """
+
+    name: str
+    provenance: str
+    allowed: dict[tuple[int, int, str], int]
+    passthrough: frozenset[tuple[int, int, str]]  # sub-leaf / register may be ANY
+    names: dict[tuple[int, int, str, int], str]
+
+    def is_passthrough(self, leaf: int, index: int, register: str) -> bool:
+        p = self.passthrough
+        return any(
+            (leaf, s, r) in p for s in (index, ANY) for r in (register, "*")
+        )
+
+    def mask(self, leaf: int, index: int, register: str) -> int:
+        """The bits KVM allows in this register of this row."""
+        if self.is_passthrough(leaf, index, register):
+            return FULL
+        return self.allowed.get((leaf, index, register), 0)
+
+
+def _sub(value: Any, where: str) -> int:
+    if value == "*":
+        return ANY
+    if value is None or value == "none":
+        return 0
+    n = parse_int(value, where, 32)
+    return 0 if n == 0xFFFFFFFF else n
+
+
+def allowlist_from_json(data: Any, origin: str) -> Allowlist:
+    if not isinstance(data, dict):
+        raise DataError(f"{origin}: an allowlist must be a JSON object")
+    allowed: dict[tuple[int, int, str], int] = {}
+    names: dict[tuple[int, int, str, int], str] = {}
+    entries = data.get("allowed")
+    if not isinstance(entries, list):
+        raise DataError(f"{origin}: field 'allowed' must be a list")
+    for i, e in enumerate(entries):
+        w = f"{origin}: allowed[{i}]"
+        if not isinstance(e, dict):
+            raise DataError(f"{w}: must be an object")
+        leaf = parse_int(e.get("leaf"), f"{w}.leaf", 32)
+        sub = _sub(e.get("subleaf"), f"{w}.subleaf")
+        reg = e.get("register")
+        if reg not in REGISTERS:
+            raise DataError(f"{w}.register: must be one of {', '.join(REGISTERS)}")
+        bits = e.get("bits")
+        mask = 0
+        if isinstance(bits, dict):
+            for b, nm in bits.items():
+                bit = parse_int(b, f"{w}.bits key", 5)
+                mask |= 1 << bit
+                names[(leaf, sub, str(reg), bit)] = str(nm)
+        elif isinstance(bits, list):
+            for j, b in enumerate(bits):
+                mask |= 1 << parse_int(b, f"{w}.bits[{j}]", 5)
+        elif "mask" in e:
+            mask = parse_int(e["mask"], f"{w}.mask", 32)
+        else:
+            raise DataError(f"{w}: needs 'bits' (object or list of bit numbers) or 'mask'")
+        key = (leaf, sub, str(reg))
+        allowed[key] = allowed.get(key, 0) | mask
+    passthrough: set[tuple[int, int, str]] = set()
+    pt = data.get("passthrough", [])
+    if not isinstance(pt, list):
+        raise DataError(f"{origin}: field 'passthrough' must be a list")
+    for i, e in enumerate(pt):
+        w = f"{origin}: passthrough[{i}]"
+        if not isinstance(e, dict):
+            raise DataError(f"{w}: must be an object")
+        reg = e.get("register", "*")
+        if reg != "*" and reg not in REGISTERS:
+            raise DataError(f"{w}.register: must be '*' or one of {', '.join(REGISTERS)}")
+        passthrough.add(
+            (parse_int(e.get("leaf"), f"{w}.leaf", 32), _sub(e.get("subleaf"), f"{w}.subleaf"),
+             str(reg))
+        )
+    name = data.get("name", origin)
+    return Allowlist(
+        name=str(name),
+        provenance=str(data.get("provenance", f"loaded from {origin}")),
+        allowed=allowed,
+        passthrough=frozenset(passthrough),
+        names=names,
+    )
+
+
+def allowlist_to_json(a: Allowlist) -> dict[str, Any]:
+    def sub(s: int) -> Any:
+        return "*" if s == ANY else s
+
+    return {
+        "schema": 1,
+        "name": a.name,
+        "provenance": a.provenance,
+        "passthrough": [
+            {"leaf": f"0x{leaf:x}", "subleaf": sub(s), "register": r}
+            for leaf, s, r in sorted(a.passthrough)
+        ],
+        "allowed": [
+            {
+                "leaf": f"0x{leaf:x}",
+                "subleaf": sub(s),
+                "register": r,
+                "bits": {
+                    str(b): a.names.get((leaf, s, r, b), f"bit{b}")
+                    for b in range(32) if m >> b & 1
+                },
+            }
+            for (leaf, s, r), m in sorted(a.allowed.items())
+        ],
+    }
+
+
+def bundled_allowlist() -> Allowlist:
+    return allowlist_from_json(bundled_json("allowlist-rfc-v2.json"), "bundled rfc-v2 allowlist")
+
+
+def load_allowlist(path: str) -> Allowlist:
+    return allowlist_from_json(load_json(path), path)
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """How one kernel treats TDX configurable CPUID (spec sections 3, 4 and 6)."""
+
+    name: str
+    kernels: str
+    description: str
+    # Linux 6.16 copies the caller's whole capabilities header in and echoes
+    # every field it does not set; later kernels read only cpuid.nent.
+    caps_echoes_caller: bool
+    # Linux 6.16 writes struct kvm_tdx_cmd back after KVM_TDX_CAPABILITIES.
+    caps_writes_cmd_back: bool
+    user_tdvmcallinfo_1_r11: int
+    # HLE/RTM/WAITPKG denylist (upstream) versus the allowlist (the series).
+    denylist: bool
+    allowlist: Allowlist | None
+
+    @property
+    def allowlist_name(self) -> str | None:
+        return self.allowlist.name if self.allowlist else None
+
+
+POLICY_NAMES: tuple[str, ...] = ("upstream-6.16", "upstream", "rfc-v2")
+
+
+def get_policy(name: str, allowlist: Allowlist | None = None) -> Policy:
+    """A kernel policy by name; `allowlist` replaces the bundled table of rfc-v2."""
+    if name == "upstream-6.16":
+        return Policy(
+            name=name, kernels="Linux 6.16",
+            description="HLE/RTM/WAITPKG denylist; capabilities echo the caller's header",
+            caps_echoes_caller=True, caps_writes_cmd_back=True, user_tdvmcallinfo_1_r11=0x3,
+            denylist=True, allowlist=None,
+        )
+    if name == "upstream":
+        return Policy(
+            name=name, kernels="Linux 6.19 to 7.3",
+            description="HLE/RTM/WAITPKG denylist",
+            caps_echoes_caller=False, caps_writes_cmd_back=False, user_tdvmcallinfo_1_r11=0x2,
+            denylist=True, allowlist=None,
+        )
+    if name == "rfc-v2":
+        return Policy(
+            name=name, kernels="Linux 7.x with the TDX configurable CPUID allowlist series v2",
+            description="allowlist filters capabilities and is enforced in KVM_TDX_INIT_VM",
+            caps_echoes_caller=False, caps_writes_cmd_back=False, user_tdvmcallinfo_1_r11=0x2,
+            denylist=False, allowlist=allowlist if allowlist is not None else bundled_allowlist(),
+        )
+    raise DataError(f"unknown kernel policy {name!r}: use one of {', '.join(POLICY_NAMES)}")

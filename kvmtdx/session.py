@@ -1,0 +1,102 @@
+"""Choosing what a command talks to: the real device, the simulated host, or a plug-in seam.
+
+Every command goes through `open_backend`, so `--simulate` and `--backend`
+mean the same everywhere.  The simulated host is imported only when asked
+for, keeping the real path free of it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from kvmtdx.device import DEFAULT_KVM_PATH, RealSeam, Seam
+from kvmtdx.policy import POLICY_NAMES, Allowlist, Policy, get_policy
+from kvmtdx.profiles import BUNDLED_MODULES, MAX_HOST, DataError, Host, ModuleProfile, load_profile
+
+DEFAULT_SIM_POLICY = "upstream"
+
+
+@dataclass
+class Backend:
+    seam: Seam
+    label: str
+    simulated: bool
+    path: str = DEFAULT_KVM_PATH
+    # What the simulated host was built from; None for the real device and plug-ins.
+    module: ModuleProfile | None = None
+    policy: Policy | None = None
+    host: Host | None = None
+    mutant: str | None = None
+
+
+@dataclass(frozen=True)
+class SimSpec:
+    module: str
+    policy: str
+    mutant: str | None
+
+
+def parse_simulate(spec: str) -> SimSpec:
+    """MODULE[:POLICY[:MUTANT]]; MODULE may be a bundled name or a profile JSON file."""
+    parts = spec.split(":")
+    if not parts[0] or len(parts) > 3:
+        raise DataError(
+            f"--simulate {spec!r}: expected MODULE[:POLICY[:MUTANT]], e.g. 2.0:rfc-v2 "
+            f"(modules: {', '.join(BUNDLED_MODULES)}; policies: {', '.join(POLICY_NAMES)})"
+        )
+    policy = parts[1] if len(parts) > 1 and parts[1] else DEFAULT_SIM_POLICY
+    mutant = parts[2] if len(parts) > 2 and parts[2] else None
+    return SimSpec(parts[0], policy, mutant)
+
+
+def load_plugin(target: str) -> Seam:
+    """`package.module:factory` -> the seam the factory returns."""
+    mod_name, sep, attr = target.partition(":")
+    if not sep or not mod_name or not attr:
+        raise DataError(f"--backend {target!r}: expected package.module:factory")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise DataError(f"--backend {target!r}: cannot import {mod_name}: {e}") from None
+    factory = getattr(mod, attr, None)
+    if not callable(factory):
+        raise DataError(f"--backend {target!r}: {mod_name} has no callable {attr!r}")
+    seam = factory()
+    if not isinstance(seam, Seam):
+        raise DataError(
+            f"--backend {target!r}: the factory must return an object with "
+            "open(path, flags), ioctl(fd, request, arg) and close(fd)"
+        )
+    return seam
+
+
+def open_backend(
+    simulate: str | None = None,
+    backend: str | None = None,
+    host: Host | None = None,
+    allowlist: Allowlist | None = None,
+    key_ids: int | None = None,
+) -> Backend:
+    if simulate and backend:
+        raise DataError("--simulate and --backend exclude each other")
+    if backend:
+        return Backend(seam=load_plugin(backend), label=f"backend {backend}", simulated=False)
+    if simulate:
+        from kvmtdx import sim  # only simulated runs need it
+
+        spec = parse_simulate(simulate)
+        module = load_profile(spec.module)
+        policy = get_policy(spec.policy, allowlist)
+        if spec.mutant is not None and spec.mutant not in sim.MUTANTS:
+            raise DataError(
+                f"unknown mutant {spec.mutant!r}: see 'kvmtdx verify --simulate list'"
+            )
+        the_host = host if host is not None else MAX_HOST
+        kwargs = {} if key_ids is None else {"key_ids": key_ids}
+        seam = sim.SimulatedHost(module, the_host, policy, mutant=spec.mutant, **kwargs)
+        label = f"simulated TDX host (module {module.name}, policy {policy.name}"
+        label += f", host {the_host.name}" + (f", mutant {spec.mutant})" if spec.mutant else ")")
+        return Backend(seam=seam, label=label, simulated=True, module=module, policy=policy,
+                       host=the_host, mutant=spec.mutant)
+    return Backend(seam=RealSeam(), label=f"real {DEFAULT_KVM_PATH}", simulated=False)
