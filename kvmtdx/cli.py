@@ -19,7 +19,10 @@ EXIT_FAIL = 1
 EXIT_USAGE = 2
 EXIT_SKIP = 4
 
-SIM_HINT = "run the same against the simulated host with --simulate MODULE[:POLICY] (see --simulate list)"
+SIM_HINT = (
+    "run the same against the simulated host with --simulate MODULE[:POLICY] "
+    "(see --simulate list)"
+)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -81,7 +81,8 @@ def open_error(path: str, err: OSError) -> KvmError:
     if err.errno in (errno.EACCES, errno.EPERM):
         return KvmError(
             f"cannot open {path}: permission denied; run as root or add this user to the "
-            f"group that owns {path} (usually 'kvm': sudo usermod -aG kvm $USER, then log in again)",
+            f"group that owns {path} (usually 'kvm': sudo usermod -aG kvm $USER, "
+            "then log in again)",
             skip=False,
             errno_=err.errno,
         )

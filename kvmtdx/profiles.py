@@ -63,7 +63,9 @@ def load_json(path: str | Path) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise DataError(f"{p}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+        raise DataError(
+            f"{p}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
+        ) from None
 
 
 def bundled_json(name: str) -> Any:
@@ -257,8 +259,10 @@ def profile_from_json(data: Any, origin: str) -> ModuleProfile:
         rows=tuple(rows),
         attributes_fixed0=parse_int(data.get("attributes_fixed0", "0xffffffffffffffff"),
                                     f"{origin}: attributes_fixed0"),
-        attributes_fixed1=parse_int(data.get("attributes_fixed1", 0), f"{origin}: attributes_fixed1"),
-        xfam_fixed0=parse_int(data.get("xfam_fixed0", "0xffffffffffffffff"), f"{origin}: xfam_fixed0"),
+        attributes_fixed1=parse_int(data.get("attributes_fixed1", 0),
+                                    f"{origin}: attributes_fixed1"),
+        xfam_fixed0=parse_int(data.get("xfam_fixed0", "0xffffffffffffffff"),
+                              f"{origin}: xfam_fixed0"),
         xfam_fixed1=parse_int(data.get("xfam_fixed1", 0), f"{origin}: xfam_fixed1"),
         xfam_gates=tuple(gates),
         unknown=tuple(unknown) if any(any(u) for u in unknown) else (),

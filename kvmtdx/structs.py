@@ -45,7 +45,14 @@ class CpuidEntry:
     def with_reg(self, name: str, value: int) -> CpuidEntry:
         if name not in REGISTERS:
             raise ValueError(f"not a CPUID register: {name}")
-        return replace(self, **{name: value & 0xFFFFFFFF})
+        v = value & 0xFFFFFFFF
+        if name == "eax":
+            return replace(self, eax=v)
+        if name == "ebx":
+            return replace(self, ebx=v)
+        if name == "ecx":
+            return replace(self, ecx=v)
+        return replace(self, edx=v)
 
     @property
     def significant_index(self) -> bool:

@@ -218,19 +218,19 @@ def _read_entry(c: Any) -> CpuidEntry:
 
 
 def pack_entry(e: CpuidEntry) -> bytes:
-    c = ffi.new("struct kvm_cpuid_entry2 *")
+    c: Any = ffi.new("struct kvm_cpuid_entry2 *")
     _fill_entry(c, e)
     return bytes(ffi.buffer(c))
 
 
 def unpack_entry(data: bytes) -> CpuidEntry:
-    c = ffi.new("struct kvm_cpuid_entry2 *")
+    c: Any = ffi.new("struct kvm_cpuid_entry2 *")
     ffi.memmove(c, data[:SIZEOF_CPUID_ENTRY2], SIZEOF_CPUID_ENTRY2)
     return _read_entry(c)
 
 
 def pack_cmd(cmd: TdxCmd) -> bytes:
-    c = ffi.new("struct kvm_tdx_cmd *")
+    c: Any = ffi.new("struct kvm_tdx_cmd *")
     c.id = _u32(cmd.id)
     c.flags = _u32(cmd.flags)
     c.data = _u64(cmd.data)
@@ -239,7 +239,7 @@ def pack_cmd(cmd: TdxCmd) -> bytes:
 
 
 def unpack_cmd(data: bytes) -> TdxCmd:
-    c = ffi.new("struct kvm_tdx_cmd *")
+    c: Any = ffi.new("struct kvm_tdx_cmd *")
     ffi.memmove(c, data[:SIZEOF_TDX_CMD], SIZEOF_TDX_CMD)
     return TdxCmd(id=int(c.id), flags=int(c.flags), data=int(c.data), hw_error=int(c.hw_error))
 
@@ -248,8 +248,8 @@ def _entries_in(data: bytes, header: int, nent: int) -> tuple[CpuidEntry, ...]:
     room = max(0, (len(data) - header) // SIZEOF_CPUID_ENTRY2)
     n = min(nent, room)
     return tuple(
-        unpack_entry(data[header + i * SIZEOF_CPUID_ENTRY2 : header + (i + 1) * SIZEOF_CPUID_ENTRY2])
-        for i in range(n)
+        unpack_entry(data[off : off + SIZEOF_CPUID_ENTRY2])
+        for off in range(header, header + n * SIZEOF_CPUID_ENTRY2, SIZEOF_CPUID_ENTRY2)
     )
 
 
@@ -258,8 +258,8 @@ def pack_capabilities(caps: Capabilities, nent_room: int | None = None) -> bytes
     room = len(caps.entries) if nent_room is None else nent_room
     if room < len(caps.entries):
         raise ValueError("more entries than room for them")
-    raw = ffi.new("char[]", caps_size(room))
-    c = ffi.cast("struct kvm_tdx_capabilities *", raw)
+    raw: Any = ffi.new("char[]", caps_size(room))
+    c: Any = ffi.cast("struct kvm_tdx_capabilities *", raw)
     c.supported_attrs = _u64(caps.supported_attrs)
     c.supported_xfam = _u64(caps.supported_xfam)
     c.kernel_tdvmcallinfo_1_r11 = _u64(caps.kernel_tdvmcallinfo_1_r11)
@@ -281,9 +281,9 @@ def unpack_capabilities(data: bytes) -> Capabilities:
     """Read a capabilities buffer: the header, then min(nent, room) entries."""
     if len(data) < SIZEOF_CAPS_HEADER:
         raise ValueError("buffer shorter than struct kvm_tdx_capabilities")
-    raw = ffi.new("char[]", SIZEOF_CAPS_HEADER)
+    raw: Any = ffi.new("char[]", SIZEOF_CAPS_HEADER)
     ffi.memmove(raw, data[:SIZEOF_CAPS_HEADER], SIZEOF_CAPS_HEADER)
-    c = ffi.cast("struct kvm_tdx_capabilities *", raw)
+    c: Any = ffi.cast("struct kvm_tdx_capabilities *", raw)
     nent = int(c.cpuid.nent)
     return Capabilities(
         supported_attrs=int(c.supported_attrs),
@@ -300,8 +300,8 @@ def unpack_capabilities(data: bytes) -> Capabilities:
 
 
 def pack_init_vm(req: InitVm) -> bytes:
-    raw = ffi.new("char[]", init_vm_size(len(req.entries)))
-    c = ffi.cast("struct kvm_tdx_init_vm *", raw)
+    raw: Any = ffi.new("char[]", init_vm_size(len(req.entries)))
+    c: Any = ffi.cast("struct kvm_tdx_init_vm *", raw)
     c.attributes = _u64(req.attributes)
     c.xfam = _u64(req.xfam)
     for name, words, n in (
@@ -326,9 +326,9 @@ def unpack_init_vm(data: bytes) -> InitVm:
     """Read an init_vm buffer: the header, then min(nent, room) entries."""
     if len(data) < SIZEOF_INIT_VM_HEADER:
         raise ValueError("buffer shorter than struct kvm_tdx_init_vm")
-    raw = ffi.new("char[]", SIZEOF_INIT_VM_HEADER)
+    raw: Any = ffi.new("char[]", SIZEOF_INIT_VM_HEADER)
     ffi.memmove(raw, data[:SIZEOF_INIT_VM_HEADER], SIZEOF_INIT_VM_HEADER)
-    c = ffi.cast("struct kvm_tdx_init_vm *", raw)
+    c: Any = ffi.cast("struct kvm_tdx_init_vm *", raw)
     nent = int(c.cpuid.nent)
     entries = _entries_in(data, SIZEOF_INIT_VM_HEADER, nent)
     return InitVm(
@@ -348,8 +348,8 @@ def pack_cpuid2(entries: tuple[CpuidEntry, ...], nent: int | None = None,
                 room: int | None = None) -> bytes:
     """struct kvm_cpuid2 with `room` entries of space (default: len(entries))."""
     space = len(entries) if room is None else room
-    raw = ffi.new("char[]", cpuid2_size(space))
-    c = ffi.cast("struct kvm_cpuid2 *", raw)
+    raw: Any = ffi.new("char[]", cpuid2_size(space))
+    c: Any = ffi.cast("struct kvm_cpuid2 *", raw)
     c.nent = _u32(len(entries) if nent is None else nent)
     for i, e in enumerate(entries):
         _fill_entry(c.entries[i], e)
@@ -358,9 +358,10 @@ def pack_cpuid2(entries: tuple[CpuidEntry, ...], nent: int | None = None,
 
 def unpack_cpuid2(data: bytes) -> tuple[int, tuple[CpuidEntry, ...]]:
     """(nent, the entries that fit) of a struct kvm_cpuid2 buffer."""
-    raw = ffi.new("char[]", SIZEOF_CPUID2)
+    raw: Any = ffi.new("char[]", SIZEOF_CPUID2)
     ffi.memmove(raw, data[:SIZEOF_CPUID2], SIZEOF_CPUID2)
-    nent = int(ffi.cast("struct kvm_cpuid2 *", raw).nent)
+    hdr: Any = ffi.cast("struct kvm_cpuid2 *", raw)
+    nent = int(hdr.nent)
     return nent, _entries_in(data, SIZEOF_CPUID2, nent)
 
 
