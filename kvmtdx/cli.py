@@ -135,7 +135,25 @@ def cmd_caps(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    raise NotImplementedError("predict")
+    from kvmtdx import mirror
+    from kvmtdx.native import host_by_name
+    from kvmtdx.policy import get_policy, load_allowlist
+    from kvmtdx.profiles import load_profile
+    from kvmtdx.report import emit
+    from kvmtdx.report import predict as render
+    from kvmtdx.requests import load_request
+
+    if not args.module:
+        raise DataError("predict needs --module: 1.5.01, 1.5-late, 2.0 or a module JSON file")
+    module = load_profile(args.module)
+    host = host_by_name(args.host)
+    policy = get_policy(args.policy, load_allowlist(args.allowlist) if args.allowlist else None)
+    request = load_request(args.request) if args.request else None
+    caps = mirror.predict_capabilities(module, host, policy, len(module.rows))
+    outcome = None if request is None else mirror.predict_init_vm(module, host, policy, request)
+    fmt = render.render_json if args.format == "json" else render.render_text
+    emit(fmt(module, host, policy, caps, outcome), args.output)
+    return EXIT_PASS
 
 
 def cmd_init_vm(args: argparse.Namespace) -> int:
