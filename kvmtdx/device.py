@@ -209,7 +209,10 @@ class TdxVm(Vm):
 
     def init_vm(self, request: InitVm | bytes, *, flags: int = 0, hw_error: int = 0) -> Outcome:
         res = self.init_vm_raw(request, flags=flags, hw_error=hw_error)
-        return Outcome.classify(res.errno, res.cmd.hw_error)
+        # KVM refuses a non-zero hw_error before writing kvm_tdx_cmd back, so
+        # the caller's own value still sitting there is not a module status.
+        reported = 0 if hw_error and res.cmd.hw_error == hw_error else res.cmd.hw_error
+        return Outcome.classify(res.errno, reported)
 
 
 class Kvm:
