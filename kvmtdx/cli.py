@@ -9,10 +9,14 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from kvmtdx import __version__
 from kvmtdx.device import KvmError
 from kvmtdx.profiles import DataError
+
+if TYPE_CHECKING:
+    from kvmtdx.session import Backend
 
 EXIT_PASS = 0
 EXIT_FAIL = 1
@@ -126,12 +130,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _session(args: argparse.Namespace) -> Backend:
+    """The seam a command talks to, from --simulate / --backend / --host / --allowlist."""
+    from kvmtdx.native import host_by_name
+    from kvmtdx.policy import load_allowlist
+    from kvmtdx.session import open_backend
+
+    host_arg = getattr(args, "host", None)
+    allow_arg = getattr(args, "allowlist", None)
+    return open_backend(
+        simulate=args.simulate,
+        backend=args.backend,
+        host=host_by_name(host_arg) if host_arg else None,
+        allowlist=load_allowlist(allow_arg) if allow_arg else None,
+    )
+
+
 def cmd_info(args: argparse.Namespace) -> int:
-    raise NotImplementedError("info")
+    from kvmtdx.hostinfo import gather_info
+    from kvmtdx.report import emit
+    from kvmtdx.report import info as render
+
+    info = gather_info(_session(args))
+    emit((render.render_json if args.format == "json" else render.render_text)(info),
+         args.output)
+    if info.tdx_available:
+        return EXIT_PASS
+    if info.skip:
+        sys.stderr.write(f"kvmtdx: skip: {info.reason}; {SIM_HINT}\n")
+        return EXIT_SKIP
+    sys.stderr.write(f"kvmtdx: error: {info.reason}\n")
+    return EXIT_FAIL
 
 
 def cmd_caps(args: argparse.Namespace) -> int:
-    raise NotImplementedError("caps")
+    from kvmtdx.hostinfo import read_capabilities
+    from kvmtdx.report import caps as render
+    from kvmtdx.report import emit
+
+    backend = _session(args)
+    reading = read_capabilities(backend)  # KvmError(skip) without TDX: main() exits 4
+    fmt = render.render_json if args.format == "json" else render.render_text
+    emit(fmt(reading.caps, backend.label, reading.counters), args.output)
+    return EXIT_PASS
 
 
 def cmd_predict(args: argparse.Namespace) -> int:

@@ -17,7 +17,7 @@ import errno
 import os
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 from kvmtdx import uapi
 from kvmtdx.outcome import Outcome
@@ -114,6 +114,9 @@ class CmdResult:
         return self.errno == 0
 
 
+_VmT = TypeVar("_VmT", bound="Vm")
+
+
 class Vm:
     """A VM file descriptor.  Closing it releases everything KVM holds for the VM."""
 
@@ -123,7 +126,7 @@ class Vm:
         self.vm_type = vm_type
         self.counters = counters
 
-    def __enter__(self) -> Vm:
+    def __enter__(self: _VmT) -> _VmT:
         return self
 
     def __exit__(self, t: type[BaseException] | None, v: BaseException | None,
