@@ -1,0 +1,97 @@
+"""Rendering of `kvmtdx diff`: changed bits by name, as text or JSON."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kvmtdx.diff import BitRef, FileDiff, PolicyDiff, RegKey
+from kvmtdx.report import to_json
+
+
+def _reg_label(rk: RegKey) -> str:
+    return f"0x{rk[0]:x}.{rk[1]} {rk[2]}"
+
+
+def file_diff_json(d: FileDiff) -> dict[str, Any]:
+    return {
+        "schema": 1,
+        "kind": "diff",
+        "a": {"file": d.a.origin, "kind": d.a.kind},
+        "b": {"file": d.b.origin, "kind": d.b.kind},
+        "differences": len(d.changes) + len(d.only_a) + len(d.only_b),
+        "changes": [c.to_json() for c in d.changes],
+        "only_a": [{"leaf": k[0], "subleaf": k[1], "register": k[2]} for k in d.only_a],
+        "only_b": [{"leaf": k[0], "subleaf": k[1], "register": k[2]} for k in d.only_b],
+    }
+
+
+def file_diff_text(d: FileDiff) -> str:
+    out = [f"a: {d.a.origin} ({d.a.kind})", f"b: {d.b.origin} ({d.b.kind})", ""]
+    # One line per bit: a bit that changed class usually changed reported state too.
+    lines: dict[tuple[str, int, int, str, int], tuple[str, list[str]]] = {}
+    for c in d.changes:
+        if c.what in ("attribute", "xfam"):
+            where = f"{'ATTRIBUTES' if c.what == 'attribute' else 'XFAM'} bit {c.bit}"
+            what = "supported"
+        else:
+            where = f"0x{c.leaf:x}.{c.subleaf} {c.register.upper()}[{c.bit}]"
+            what = c.what
+        key = (c.what if c.what in ("attribute", "xfam") else "", c.leaf, c.subleaf,
+               c.register, c.bit)
+        lines.setdefault(key, (f"{where:<26}{c.name:<24}", []))[1].append(
+            f"{what}: {c.a} -> {c.b}")
+    out.extend(head + "; ".join(parts) for head, parts in lines.values())
+    for rk in d.only_a:
+        out.append(f"{_reg_label(rk):<26}listed only in a")
+    for rk in d.only_b:
+        out.append(f"{_reg_label(rk):<26}listed only in b")
+    n = len(d.changes) + len(d.only_a) + len(d.only_b)
+    out.append("" if n else "no differences")
+    if n:
+        out.append(f"{n} difference{'s' if n != 1 else ''}")
+    return "\n".join(out).lstrip("\n") + "\n"
+
+
+def _ref_label(b: BitRef) -> str:
+    sub = "" if b.subleaf is None else f".{b.subleaf}"
+    return f"0x{b.leaf:x}{sub} {b.register.upper()}[{b.bit}]"
+
+
+def policy_diff_json(d: PolicyDiff) -> dict[str, Any]:
+    def allow(p: Any) -> Any:
+        a = p.allowlist
+        return None if a is None else {"name": a.name, "provenance": a.provenance}
+
+    return {
+        "schema": 1,
+        "kind": "policy-diff",
+        "module": d.module,
+        "host": d.host,
+        "a": {"policy": d.a.name, "allowlist": allow(d.a)},
+        "b": {"policy": d.b.name, "allowlist": allow(d.b)},
+        "no_longer_available": [b.to_json() for b in d.no_longer],
+        "newly_available": [b.to_json() for b in d.newly],
+    }
+
+
+def policy_diff_text(d: PolicyDiff) -> str:
+    out = [f"module {d.module}, host {d.host}: policy {d.a.name} -> {d.b.name}"]
+    for p in (d.a, d.b):
+        if p.allowlist is not None:
+            out.append(f"allowlist of {p.name}: {p.allowlist.name} ({p.allowlist.provenance})")
+    out.append("")
+    out.append(f"TDs can no longer be given ({len(d.no_longer)}):")
+    out.extend(f"  {_ref_label(b):<22}{b.name}" for b in d.no_longer)
+    if not d.no_longer:
+        out.append("  (none)")
+    out.append(f"TDs can newly be given ({len(d.newly)}):")
+    out.extend(f"  {_ref_label(b):<22}{b.name}" for b in d.newly)
+    if not d.newly:
+        out.append("  (none)")
+    return "\n".join(out) + "\n"
+
+
+def render(d: FileDiff | PolicyDiff, fmt: str) -> str:
+    if isinstance(d, PolicyDiff):
+        return to_json(policy_diff_json(d)) if fmt == "json" else policy_diff_text(d)
+    return to_json(file_diff_json(d)) if fmt == "json" else file_diff_text(d)
