@@ -109,17 +109,39 @@ def build_parser() -> argparse.ArgumentParser:
     _model_opts(p, "auto", auto=True)
     _output_opts(p, ("text", "json", "ktap", "junit"))
 
-    p = sub.add_parser("probe", help="classify every configurable bit by real INIT_VM outcomes")
+    p = sub.add_parser(
+        "probe", help="classify every configurable bit by real INIT_VM outcomes",
+        description="Classify every bit of every row KVM_TDX_CAPABILITIES lists by real "
+                    "KVM_TDX_INIT_VM outcomes: REPORTED_ACCEPTED, REPORTED_REJECTED, "
+                    "HIDDEN_KVM_REJECTED, HIDDEN_MODULE_REJECTED, HIDDEN_ACCEPTED.  Reported "
+                    "bits are tried in groups, hidden bits one per TD.",
+        epilog="exit codes: 0 every probed bit behaves as it should, 1 a REPORTED_REJECTED "
+               "no module coupling explains or a HIDDEN_ACCEPTED (or the probe could not go "
+               "on), 2 usage or input error, 4 no TDX here.  A run cut short by --max-tds "
+               "is reported incomplete and judged on the bits it tried.")
     _backend_opts(p)
     _model_opts(p, "auto", auto=True)
-    p.add_argument("--exhaustive", action="store_true", help="every bit of every listed row")
-    p.add_argument("--max-tds", type=int, metavar="N", help="create at most N TDs")
-    p.add_argument("--jobs", type=int, default=1, metavar="N", help="TDs in parallel")
+    p.add_argument("--exhaustive", action="store_true",
+                   help="every bit of every listed row (the default without a module profile; "
+                        "with one, the default tries the bits whose class can differ between "
+                        "policies or between KVM and the module, plus a fixed sample)")
+    p.add_argument("--max-tds", type=int, metavar="N",
+                   help="create at most N TDs (the report says when it is incomplete)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="TDs in parallel (real device; the simulated host runs one ioctl at a "
+                        "time)")
     p.add_argument("--emit-allowlist", metavar="FILE",
                    help="write the effective allowlist, loadable with --allowlist")
     _output_opts(p, ("text", "json"))
 
-    p = sub.add_parser("diff", help="what changed between two runs, or two policies")
+    p = sub.add_parser(
+        "diff", help="what changed between two runs, or two policies",
+        description="kvmtdx diff A.json B.json: the bits whose class or reported state "
+                    "changed between two probe, verify or caps JSON files.  "
+                    "kvmtdx diff --module M --policy A --policy B: the bits TDs can no longer "
+                    "be given under B, and those they newly can, by the mirror.",
+        epilog="exit codes, as diff(1): 0 no differences, 1 differences, 2 usage or input "
+               "error (an unreadable or wrong-shaped file)")
     p.add_argument("files", nargs="*", metavar="A.json B.json")
     p.add_argument("--module", metavar="NAME|FILE")
     p.add_argument("--policy", action="append", metavar="P",
@@ -206,11 +228,84 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    raise NotImplementedError("probe")
+    import datetime
+
+    from kvmtdx import probe
+    from kvmtdx.device import RealSeam
+    from kvmtdx.native import host_by_name
+    from kvmtdx.policy import get_policy, load_allowlist
+    from kvmtdx.profiles import MAX_HOST, load_profile
+    from kvmtdx.report import emit
+    from kvmtdx.report import probe as render
+    from kvmtdx.session import open_backend
+
+    if args.jobs < 1:
+        raise DataError("--jobs must be at least 1")
+    allowlist = load_allowlist(args.allowlist) if args.allowlist else None
+    backend = open_backend(args.simulate, args.backend,
+                           host_by_name(args.host) if args.host and args.simulate else None,
+                           allowlist)
+    model: probe.Model | None = None
+    if backend.module is not None and backend.host is not None:
+        model = probe.Model(backend.module, backend.host, backend.policy)
+    elif args.module:
+        policy = None if args.policy in (None, "auto") else get_policy(args.policy, allowlist)
+        model = probe.Model(load_profile(args.module),
+                            host_by_name(args.host) if args.host else MAX_HOST, policy)
+    tty = sys.stderr.isatty()
+
+    def progress(tds: int) -> None:
+        sys.stderr.write(f"\rkvmtdx probe: {tds} TDs")
+        sys.stderr.flush()
+
+    options = probe.ProbeOptions(exhaustive=args.exhaustive or model is None,
+                                 max_tds=args.max_tds, jobs=args.jobs,
+                                 progress=progress if tty else None)
+    try:
+        result = probe.probe(backend.seam, options, label=backend.label, model=model,
+                             serialize=not isinstance(backend.seam, RealSeam))
+    except probe.ProbeError as e:
+        sys.stderr.write(("\n" if tty else "") + f"kvmtdx: error: {e}\n")
+        return EXIT_FAIL
+    if tty:
+        sys.stderr.write("\n")
+    if args.emit_allowlist:
+        emit(render.allowlist_text(result, datetime.date.today().isoformat()),
+             args.emit_allowlist)
+    emit(render.render_json(result) if args.format == "json" else render.render_text(result),
+         args.output)
+    return EXIT_FAIL if result.failures else EXIT_PASS
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    raise NotImplementedError("diff")
+    from kvmtdx import diff
+    from kvmtdx.native import host_by_name
+    from kvmtdx.policy import get_policy, load_allowlist
+    from kvmtdx.profiles import load_profile
+    from kvmtdx.report import diff as render
+    from kvmtdx.report import emit
+
+    result: diff.FileDiff | diff.PolicyDiff
+    if args.policy or args.module:
+        if args.files:
+            raise DataError("diff takes either two JSON files or --module M --policy A --policy B")
+        if not args.module or not args.policy or len(args.policy) != 2:
+            raise DataError("a policy diff needs --module M and --policy given twice "
+                            "(e.g. --policy upstream --policy rfc-v2)")
+        allowlist = load_allowlist(args.allowlist) if args.allowlist else None
+        result = diff.diff_policies(load_profile(args.module), host_by_name(args.host),
+                                    get_policy(args.policy[0], allowlist),
+                                    get_policy(args.policy[1], allowlist))
+        differs = result.differs
+    else:
+        if len(args.files) != 2:
+            raise DataError("diff needs two JSON files (probe, verify or caps reports), "
+                            "or --module M --policy A --policy B")
+        result = diff.diff_files(diff.load_snapshot(args.files[0]),
+                                 diff.load_snapshot(args.files[1]))
+        differs = bool(result.changes or result.only_a or result.only_b)
+    emit(render.render(result, args.format), args.output)
+    return EXIT_FAIL if differs else EXIT_PASS
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
