@@ -1129,6 +1129,10 @@ def _hidden_bits(ctx: _Ctx, ebx: int, ecx: int) -> tuple[BitRef, ...] | str:
         i = k.module.row_index(7, 0)
         if i is None:
             return "the module lists no leaf 7.0 row"
+        unknown = k.module.unknown_mask(i)
+        if unknown[1] & ebx or unknown[2] & ecx:
+            return (f"{_labels(refs)} unknown to the module profile (saved under a policy "
+                    "that hides them)")
         listed = enumerated(k.module, k.host)[i]
         if listed[1] & ebx != ebx or listed[2] & ecx != ecx:
             return f"the module would not take {_labels(refs)} on this host: nothing hidden"

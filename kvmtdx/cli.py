@@ -17,6 +17,7 @@ from kvmtdx.profiles import DataError
 
 if TYPE_CHECKING:
     from kvmtdx.session import Backend
+    from kvmtdx.structs import Capabilities
 
 EXIT_PASS = 0
 EXIT_FAIL = 1
@@ -190,11 +191,32 @@ def cmd_caps(args: argparse.Namespace) -> int:
     from kvmtdx.report import caps as render
     from kvmtdx.report import emit
 
+    if args.save_module and not args.policy:
+        raise DataError("--save-module needs --policy: the policy of the running kernel "
+                        "(upstream-6.16, upstream or rfc-v2) says which bits it hides")
     backend = _session(args)
     reading = read_capabilities(backend)  # KvmError(skip) without TDX: main() exits 4
     fmt = render.render_json if args.format == "json" else render.render_text
     emit(fmt(reading.caps, backend.label, reading.counters), args.output)
+    if args.save_module:
+        _save_module(args, reading.caps, backend.label)
     return EXIT_PASS
+
+
+def _save_module(args: argparse.Namespace, caps: Capabilities, label: str) -> None:
+    from kvmtdx.infer import module_from_capabilities
+    from kvmtdx.policy import get_policy, load_allowlist
+    from kvmtdx.profiles import load_profile, profile_to_json
+    from kvmtdx.report import emit, to_json
+
+    policy = get_policy(args.policy, load_allowlist(args.allowlist) if args.allowlist else None)
+    base = load_profile(args.module) if args.module else None
+    profile = module_from_capabilities(
+        caps, policy, base=base, name=f"saved-{policy.name}",
+        source=f"kvmtdx caps --save-module on {label}, policy {policy.name}"
+        + (f", hidden bits filled from module {base.name}" if base else
+           ", bits the policy hides marked unknown"))
+    emit(to_json(profile_to_json(profile)), args.save_module)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -224,7 +246,54 @@ def cmd_init_vm(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    raise NotImplementedError("verify")
+    from dataclasses import replace
+
+    from kvmtdx.checks import run_verify
+    from kvmtdx.native import host_by_name
+    from kvmtdx.policy import load_allowlist
+    from kvmtdx.profiles import load_profile
+    from kvmtdx.report import emit
+    from kvmtdx.report import verify as render
+
+    backend = _session(args)
+    module = load_profile(args.module) if args.module else backend.module
+    if backend.simulated:
+        host, host_source = backend.host, "the simulated host's"
+    elif args.host:
+        host, host_source = host_by_name(args.host), f"--host {args.host}"
+    else:
+        host, host_source = None, ""
+    report = run_verify(
+        backend.seam, backend_label=backend.label, simulated=backend.simulated,
+        module=module, module_given=args.module, host=host, host_source=host_source,
+        host_exact=host is not None, policy=args.policy,
+        allowlist=load_allowlist(args.allowlist) if args.allowlist else None,
+        allowlist_given=args.allowlist, sim_policy=backend.policy,
+        progress=_progress() if sys.stderr.isatty() else None,
+    )
+    if sys.stderr.isatty():
+        sys.stderr.write("\r\033[K")
+    if report.skip_reason is not None:
+        report = replace(report, skip_reason=f"{report.skip_reason}; {SIM_HINT}")
+        if args.format != "text" or args.output:
+            sys.stderr.write(f"kvmtdx: skip: {report.skip_reason}\n")
+    emit(render.render(report, args.format), args.output)
+    return render.exit_code(report)
+
+
+def _progress() -> Callable[[int, int, int], None]:
+    """Checks done / total and TDs created, redrawn on stderr at most ten times a second."""
+    import time
+
+    last = [0.0]
+
+    def show(done: int, total: int, tds: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= 0.1 or done == total:
+            last[0] = now
+            sys.stderr.write(f"\rverify: {done}/{total} checks, {tds} TDs created")
+            sys.stderr.flush()
+    return show
 
 
 def cmd_probe(args: argparse.Namespace) -> int:

@@ -1,0 +1,225 @@
+"""`kvmtdx verify` reports: text for people, KTAP v1 for kselftest runners, JSON, JUnit XML.
+
+Every format carries the same facts: the verdict, the counts, what the run
+judged by (policy, module, allowlist, each with where it came from), the
+backend, how many TDs and ioctls it took, and per check its id, status, one
+line of detail, expected versus actual and the bits by name.  A run that found
+no TDX is a skip in every format, with the reason.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from typing import Any
+
+from kvmtdx import __version__
+from kvmtdx.checks import FAIL, GROUPS, PASS, SKIP, CheckResult, VerifyReport
+from kvmtdx.report import to_json
+
+JSON_SCHEMA = 1
+
+# kselftest exit codes (tools/testing/selftests/kselftest.h).
+KSFT_PASS = 0
+KSFT_FAIL = 1
+KSFT_SKIP = 4
+
+
+def exit_code(report: VerifyReport) -> int:
+    if report.skip_reason is not None:
+        return KSFT_SKIP
+    return KSFT_FAIL if report.summary.failed else KSFT_PASS
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _first_sentence(text: str) -> str:
+    """Provenance can run to a paragraph; reports keep its first sentence (JSON keeps it all)."""
+    head, dot, _rest = text.partition(". ")
+    return head + ("...)" if dot and head.count("(") > head.count(")") else "")
+
+
+def _facts(report: VerifyReport) -> list[tuple[str, str]]:
+    k = report.knowledge
+    s = report.summary
+    rows = [("backend", report.backend)]
+    if k is not None:
+        rows += [
+            ("policy", f"{k.policy.name if k.policy else 'unknown'} ({k.policy_reason})"),
+            ("module", k.module_source),
+            ("host", f"{k.host.name} ({k.host_source})" if k.host else k.host_source),
+            ("allowlist", _first_sentence(k.allowlist_source)),
+        ]
+    rows.append(("work", f"{s.tds_created} TDs created, {s.ioctls} ioctls, "
+                         f"{s.init_vm_calls} INIT_VM calls"))
+    return rows
+
+
+def _counts(report: VerifyReport) -> str:
+    s = report.summary
+    return f"{s.passed} passed, {s.failed} failed, {s.skipped} skipped of {s.total} checks"
+
+
+# ---------------------------------------------------------------------------
+# text
+
+
+def render_text(report: VerifyReport) -> str:
+    if report.skip_reason is not None:
+        return (f"kvmtdx verify: SKIP: {report.skip_reason}\n"
+                f"backend: {report.backend}\n")
+    out = [f"kvmtdx verify: {report.verdict.upper()} ({_counts(report)})"]
+    width = max(len(k) for k, _ in _facts(report))
+    out += [f"  {k:<{width}}  {v}" for k, v in _facts(report)]
+    per_group = []
+    for g in GROUPS:
+        cs = [c for c in report.checks if c.group == g]
+        if cs:
+            ok = sum(c.status == PASS for c in cs)
+            bad = sum(c.status == FAIL for c in cs)
+            per_group.append(f"{g} {ok}/{len(cs)}" + (f" ({bad} FAILED)" if bad else ""))
+    out.append(f"  {'groups':<{width}}  " + ", ".join(per_group))
+    fails = report.failures()
+    if fails:
+        out += ["", "Failures:"]
+        for c in fails:
+            out.append(f"  FAIL {c.id} [{c.group}]")
+            out.append(f"    {c.detail}")
+            if c.expected or c.actual:
+                out.append(f"    expected: {c.expected}")
+                out.append(f"    actual:   {c.actual}")
+            if c.bits:
+                shown = ", ".join(b.label() for b in c.bits[:8])
+                more = f" (+{len(c.bits) - 8} more)" if len(c.bits) > 8 else ""
+                out.append(f"    bits:     {shown}{more}")
+    skips = [c for c in report.checks if c.status == SKIP]
+    if skips:
+        out += ["", "Skipped:"]
+        out += [f"  {c.id}: {c.detail}" for c in skips]
+    return "\n".join(out) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# KTAP v1 (Documentation/dev-tools/ktap.rst)
+
+
+def _ktap_text(text: str) -> str:
+    # A '#' would start a directive inside a result line; keep diagnostics plain.
+    return _one_line(text).replace("#", "no.")
+
+
+def render_ktap(report: VerifyReport) -> str:
+    out = ["KTAP version 1"]
+    if report.skip_reason is not None:
+        out.append(f"1..0 # SKIP {_ktap_text(report.skip_reason)}")
+        return "\n".join(out) + "\n"
+    out.append(f"# kvmtdx {__version__} verify: {_counts(report)}")
+    out += [f"# {k}: {_ktap_text(v)}" for k, v in _facts(report)]
+    out.append(f"1..{len(report.checks)}")
+    for n, c in enumerate(report.checks, 1):
+        if c.status == FAIL:
+            out.append(f"# {c.id}: {_ktap_text(c.detail)}")
+            if c.expected or c.actual:
+                out.append(f"# expected: {_ktap_text(c.expected)}")
+                out.append(f"# actual: {_ktap_text(c.actual)}")
+            out.append(f"not ok {n} {c.id}")
+        elif c.status == SKIP:
+            out.append(f"ok {n} {c.id} # SKIP {_ktap_text(c.detail)}")
+        else:
+            out.append(f"ok {n} {c.id}")
+    s = report.summary
+    out.append(f"# Totals: pass:{s.passed} fail:{s.failed} xfail:0 xpass:0 skip:{s.skipped} "
+               "error:0")
+    return "\n".join(out) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# JSON (schema documented in README.md, "kvmtdx verify")
+
+
+def report_to_json(report: VerifyReport) -> dict[str, Any]:
+    k = report.knowledge
+    out: dict[str, Any] = {
+        "schema": JSON_SCHEMA,
+        "kvmtdx": __version__,
+        "verdict": report.verdict,
+        "backend": report.backend,
+        "policy": k.policy.name if k is not None and k.policy is not None else None,
+        "policy_reason": k.policy_reason if k is not None else None,
+        "module": k.module.name if k is not None and k.module is not None else None,
+        "module_source": k.module_source if k is not None else None,
+        "host": k.host.name if k is not None and k.host is not None else None,
+        "host_source": k.host_source if k is not None else None,
+        "allowlist": (k.policy.allowlist.name if k is not None and k.policy is not None
+                      and k.policy.allowlist is not None else None),
+        "allowlist_source": k.allowlist_source if k is not None else None,
+        "summary": report.summary.to_json(),
+        "checks": [c.to_json() for c in report.checks],
+    }
+    if report.skip_reason is not None:
+        out["summary"]["verdict"] = SKIP
+        out["skip"] = {"reason": report.skip_reason}
+    return out
+
+
+def render_json(report: VerifyReport) -> str:
+    return to_json(report_to_json(report))
+
+
+# ---------------------------------------------------------------------------
+# JUnit XML (the Jenkins / GitLab dialect: testsuites > testsuite > testcase)
+
+
+def _case(parent: ET.Element, c: CheckResult) -> None:
+    tc = ET.SubElement(parent, "testcase", name=c.id, classname=f"kvmtdx.verify.{c.group}")
+    if c.status == FAIL:
+        f = ET.SubElement(tc, "failure", message=_one_line(c.detail), type="mismatch")
+        lines = [c.detail, f"expected: {c.expected}", f"actual: {c.actual}"]
+        lines += [f"bit: {b.label()}" for b in c.bits]
+        f.text = "\n".join(lines)
+    elif c.status == SKIP:
+        ET.SubElement(tc, "skipped", message=_one_line(c.detail))
+    elif c.detail:
+        ET.SubElement(tc, "system-out").text = c.detail
+
+
+def render_junit(report: VerifyReport) -> str:
+    root = ET.Element("testsuites", name="kvmtdx verify")
+    s = report.summary
+    if report.skip_reason is not None:
+        suite = ET.SubElement(root, "testsuite", name="kvmtdx.verify.availability", tests="1",
+                              failures="0", errors="0", skipped="1")
+        tc = ET.SubElement(suite, "testcase", name="tdx_available",
+                           classname="kvmtdx.verify.availability")
+        ET.SubElement(tc, "skipped", message=_one_line(report.skip_reason))
+        root.set("tests", "1")
+        root.set("failures", "0")
+        root.set("skipped", "1")
+    else:
+        root.set("tests", str(s.total))
+        root.set("failures", str(s.failed))
+        root.set("skipped", str(s.skipped))
+        for g in GROUPS:
+            cs = [c for c in report.checks if c.group == g]
+            if not cs:
+                continue
+            suite = ET.SubElement(
+                root, "testsuite", name=f"kvmtdx.verify.{g}", tests=str(len(cs)),
+                failures=str(sum(c.status == FAIL for c in cs)), errors="0",
+                skipped=str(sum(c.status == SKIP for c in cs)))
+            props = ET.SubElement(suite, "properties")
+            for key, value in _facts(report):
+                ET.SubElement(props, "property", name=key, value=value)
+            for c in cs:
+                _case(suite, c)
+    ET.indent(root)
+    return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"
+
+
+RENDERERS = {"text": render_text, "ktap": render_ktap, "json": render_json,
+             "junit": render_junit}
+
+
+def render(report: VerifyReport, fmt: str) -> str:
+    return RENDERERS[fmt](report)
