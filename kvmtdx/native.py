@@ -43,7 +43,8 @@ def _open(path: str) -> int:
     try:
         return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
-        if not Path(path).parent.exists() and any(Path("/dev/cpu").glob("*/cpuid")):
+        in_dev = Path(path).parent.parent == Path("/dev/cpu")
+        if in_dev and not Path(path).parent.exists() and any(Path("/dev/cpu").glob("*/cpuid")):
             raise DataError(f"{path}: no such CPU") from None
         raise DataError(f"{path}: no such device: {LOAD_HINT}") from None
     except PermissionError:

@@ -2,35 +2,15 @@
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
+from kvmtdx import catalog
 from kvmtdx.mirror import CapsPrediction, is_value_register
 from kvmtdx.outcome import Outcome, errno_name
 from kvmtdx.policy import Policy
 from kvmtdx.profiles import Host, ModuleProfile
 from kvmtdx.report import hx, to_json
 from kvmtdx.structs import REGISTERS, Capabilities, CpuidEntry
-
-BitNamer = Callable[[int, "int | None", str, int], str]
-
-
-def _fallback_bit_name(leaf: int, subleaf: int | None, register: str, bit: int) -> str:
-    return f"bit{bit}"
-
-
-def bit_namer() -> BitNamer:
-    """kvmtdx.catalog.bit_name when the catalog is installed, else "bitN".
-
-    Looked up at run time so this renderer works before (and without) the catalog.
-    """
-    try:
-        catalog = importlib.import_module("kvmtdx.catalog")
-    except ImportError:
-        return _fallback_bit_name
-    fn = getattr(catalog, "bit_name", None)
-    return cast(BitNamer, fn) if callable(fn) else _fallback_bit_name
 
 
 def entry_to_json(e: CpuidEntry) -> dict[str, int]:
@@ -71,17 +51,13 @@ def render_json(module: ModuleProfile, host: Host, policy: Policy, caps: CapsPre
     return to_json(doc)
 
 
-def _bits(mask: int) -> list[int]:
-    return [b for b in range(32) if mask >> b & 1]
-
-
 def _row_subleaf(module: ModuleProfile, i: int) -> int | None:
     return module.rows[i].subleaf if i < len(module.rows) else None
 
 
 def render_text(module: ModuleProfile, host: Host, policy: Policy, caps: CapsPrediction,
                 outcome: Outcome | None) -> str:
-    name = bit_namer()
+    name = catalog.bit_name
     out = [
         f"module  {module.name}  ({module.source})",
         f"policy  {policy.name}  ({policy.kernels}: {policy.description})",
@@ -95,9 +71,10 @@ def render_text(module: ModuleProfile, host: Host, policy: Policy, caps: CapsPre
     else:
         c = caps.caps
         out.append(f"KVM_TDX_CAPABILITIES: {c.nent} entries")
-        out.append(f"  supported_attrs  {hx(c.supported_attrs, 16)}")
-        out.append(f"  supported_xfam   {hx(c.supported_xfam, 16)}  bits "
-                   + " ".join(str(b) for b in range(64) if c.supported_xfam >> b & 1))
+        out.append(f"  supported_attrs  {hx(c.supported_attrs, 16)}  "
+                   + " ".join(catalog.attribute_names(c.supported_attrs)))
+        out.append(f"  supported_xfam   {hx(c.supported_xfam, 16)}  "
+                   + " ".join(catalog.xfam_names(c.supported_xfam)))
         out.append(f"  user_tdvmcallinfo_1_r11 {hx(c.user_tdvmcallinfo_1_r11, 1)}")
         for i, e in enumerate(c.entries):
             sub = _row_subleaf(module, i)
@@ -106,11 +83,9 @@ def render_text(module: ModuleProfile, host: Host, policy: Policy, caps: CapsPre
             for r, v in zip(REGISTERS, e.regs(), strict=True):
                 if not v:
                     continue
-                if is_value_register(e.function, sub, r):
-                    out.append(f"    {r} {hx(v)}  (value field)")
-                else:
-                    names = " ".join(name(e.function, sub, r, b) for b in _bits(v))
-                    out.append(f"    {r} {hx(v)}  {names}")
+                kind = "fields" if is_value_register(e.function, sub, r) else "features"
+                names = " ".join(catalog.describe(e.function, sub, r, v))
+                out.append(f"    {r} {hx(v)}  {kind}: {names}")
     if outcome is not None:
         out.append("")
         out.append(f"KVM_TDX_INIT_VM: {outcome.describe()}")
