@@ -1,0 +1,377 @@
+"""The mirror and the simulated host, written independently from the same contract, must agree.
+
+Hypothesis draws module / host combinations and thousands of requests: valid
+full requests with bits flipped, find() traps (unflagged, duplicated,
+reordered entries), malformed headers, lying nent, non-zero cmd words.
+Capabilities must match byte for byte (the caller's whole buffer afterwards),
+INIT_VM on outcome kind, errno and hw_error.  A disagreement means one of the
+two readings of the contract is wrong.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import replace
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kvmtdx import mirror, uapi
+from kvmtdx.device import Kvm
+from kvmtdx.outcome import Outcome
+from kvmtdx.policy import Policy, get_policy
+from kvmtdx.profiles import BUNDLED_MODULES, MAX_HOST, Host, ModuleProfile, load_profile
+from kvmtdx.requests import Request
+from kvmtdx.sim import SimulatedHost
+from kvmtdx.structs import FLAG_SIGNIFICANT_INDEX, REGISTERS, Capabilities, CpuidEntry, InitVm
+
+# Each example checks a batch of requests on one module/host combination: the
+# per-example cost of hypothesis itself is what bounds the run time.
+BATCH = 3
+CASES_PER_POLICY = 2100
+SETTINGS = settings(
+    max_examples=CASES_PER_POLICY // BATCH,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+# A host with some features, 4-level EPT only, no TSX_CTRL and a narrow XFAM.
+_PARTIAL_NATIVE = {
+    (1, None): (0x000906EA, 0x00100800, 0x7FFAFBBF, 0xBFEBFBFF),
+    (7, 0): (0, 0x029C6FBF, 0x40000000, 0xBC000400),
+    (7, 1): (0x00000010, 0, 0, 0),
+    (0x80000008, None): (0x00003027, 0x00000200, 0, 0),
+}
+HOSTS: dict[str, Host] = {
+    "max": MAX_HOST,
+    "partial": Host(name="partial", native=_PARTIAL_NATIVE, xfam_supported=0x2E7),
+    # Lacks an XFAM bit every module fixes to 1: KVM reports nothing (EIO).
+    "no-x87": Host(name="no-x87", native=_PARTIAL_NATIVE, xfam_supported=0x2E6,
+                   ept_5level=True, tsx_ctrl=True),
+}
+
+
+@functools.cache
+def combo(module: str, host: str, policy: str) -> tuple[ModuleProfile, Host, SimulatedHost]:
+    m, h = load_profile(module), HOSTS[host]
+    return m, h, SimulatedHost(m, h, get_policy(policy), key_ids=4)
+
+
+@functools.cache
+def base_request(module: str, host: str, policy: str) -> Request:
+    m, h, _ = combo(module, host, policy)
+    return mirror.full_request(m, h, get_policy(policy))
+
+
+# Strategies are built once: constructing them inside the composite costs more
+# than the simulated kernel and the mirror together.
+u32 = st.integers(0, 0xFFFFFFFF)
+u64 = st.integers(0, 2**64 - 1)
+bit = st.integers(0, 31)
+pick = st.integers(0, 2**16)  # an index, taken modulo the length at hand
+OPS = st.lists(st.sampled_from([
+    "flip", "flip", "flip", "flip", "module_bit", "module_bit", "module_bit", "deny",
+    "module_row", "flag", "index", "function",
+    "drop", "dup", "trap", "swap", "bypass", "attributes", "xfam", "gpaw", "fms",
+    "reserved", "padding", "entry_padding", "mr", "flags", "hw_error",
+]), max_size=4)
+ENTRY_OPS = frozenset({"flip", "module_bit", "deny", "module_row", "flag", "index", "function",
+                       "drop", "dup", "swap", "entry_padding"})
+REG = st.sampled_from(REGISTERS)
+INDEX = st.sampled_from([0, 1, 2, 5, 0xFFFFFFFF])
+FUNCTION = st.sampled_from([0, 1, 4, 7, 0xD, 0x1E, 0x24, 0x80000001, 0x80000008])
+TRAP_INDEX = st.sampled_from([0, 1, 3, 5])
+TRAP_FLAGS = st.sampled_from([0, FLAG_SIGNIFICANT_INDEX])
+TSX = st.sampled_from([0, 1 << 4, 1 << 11, 1 << 4 | 1 << 11])
+WAITPKG = st.sampled_from([0, 1 << 5])
+ATTRIBUTES = st.one_of(st.sampled_from([0, 1 << 28, 1 << 30, 1 << 28 | 1 << 30, 1, 1 << 63]),
+                       st.integers(0, 63).map(lambda b: 1 << b))
+BIT64 = st.integers(0, 63)
+GPAW = st.sampled_from([48, 52, 0, 39, 57, 0xFF])
+LIE = st.sampled_from([None] * 8 + ["down", "up", "huge"])
+HUGE = st.sampled_from([257, 1000, 0xFFFFFFFF])
+NONZERO64 = st.integers(1, 2**64 - 1)
+NONZERO32 = st.integers(1, 0xFFFFFFFF)
+
+
+@st.composite
+def requests(draw: st.DrawFn, module: str, host: str, policy: str) -> tuple[Request, bytes]:
+    """A request and the exact bytes sent (a lying nent gets zeroed room behind it)."""
+    m, h, _ = combo(module, host, policy)
+    base = base_request(module, host, policy)
+    iv = base.init_vm
+    entries = list(iv.entries)
+    flags, hw_error = 0, 0
+    for op in draw(OPS):
+        if op in ENTRY_OPS and not entries:
+            continue
+        i = draw(pick) % max(1, len(entries))
+        if op == "flip":
+            r = draw(REG)
+            e = entries[i]
+            entries[i] = e.with_reg(r, e.reg(r) ^ 1 << draw(bit))
+        elif op == "module_bit":
+            # A bit the module takes in this entry's row: reported or hidden by KVM.
+            e = entries[i]
+            k = m.row_index(e.function, None if e.function in (1, 0xA, 0x1C, 0x19, 0x80000008)
+                            else e.index)
+            if k is not None:
+                r = draw(REG)
+                allowed = m.rows[k].module_allows()[REGISTERS.index(r)]
+                bits = [b for b in range(32) if allowed >> b & 1]
+                if bits:
+                    entries[i] = e.with_reg(r, e.reg(r) | 1 << bits[draw(pick) % len(bits)])
+        elif op == "deny":
+            hit = [k for k, x in enumerate(entries) if x.function == 7]
+            if hit:
+                e = entries[hit[0]]
+                entries[hit[0]] = replace(e, ebx=e.ebx | draw(TSX), ecx=e.ecx | draw(WAITPKG))
+        elif op == "module_row":
+            row = m.rows[draw(pick) % len(m.rows)]
+            a, b, c, d = row.module_allows()
+            entries[i] = replace(entries[i], function=row.leaf, index=row.kvm_index,
+                                 eax=a, ebx=b, ecx=c, edx=d)
+        elif op == "flag":
+            entries[i] = replace(entries[i], flags=entries[i].flags ^ FLAG_SIGNIFICANT_INDEX)
+        elif op == "index":
+            entries[i] = replace(entries[i], index=draw(INDEX))
+        elif op == "function":
+            entries[i] = replace(entries[i], function=draw(FUNCTION))
+        elif op == "drop":
+            del entries[i]
+        elif op == "dup":
+            entries.insert(draw(pick) % (len(entries) + 1), entries[i])
+        elif op == "trap":
+            # An unflagged leaf 7 entry matches every leaf 7 row it reaches first.
+            entries.insert(draw(pick) % (len(entries) + 1), CpuidEntry(
+                function=7, index=draw(TRAP_INDEX), flags=draw(TRAP_FLAGS),
+                ebx=draw(TSX), ecx=draw(WAITPKG), edx=draw(u32) & draw(u32)))
+        elif op == "swap":
+            j = draw(pick) % len(entries)
+            entries[i], entries[j] = entries[j], entries[i]
+        elif op == "bypass":
+            # Spec section 4: flagged 7.1 and 7.2 first, then an unflagged index 5 with
+            # WAITPKG or HLE+RTM, which lands on row 7.0 behind the denylist's back.
+            entries = [e for e in entries if e.function != 7]
+            entries[0:0] = [
+                CpuidEntry(function=7, index=1, flags=FLAG_SIGNIFICANT_INDEX),
+                CpuidEntry(function=7, index=2, flags=FLAG_SIGNIFICANT_INDEX),
+                CpuidEntry(function=7, index=5, ebx=draw(TSX), ecx=draw(WAITPKG)),
+            ]
+        elif op == "attributes":
+            iv = replace(iv, attributes=draw(ATTRIBUTES))
+        elif op == "xfam":
+            iv = replace(iv, xfam=iv.xfam ^ 1 << draw(BIT64))
+        elif op == "gpaw":
+            g = draw(GPAW)
+            hit = [k for k, x in enumerate(entries) if x.function == 0x80000008]
+            if hit:
+                e = entries[hit[0]]
+                entries[hit[0]] = replace(e, eax=(e.eax & ~0xFF0000) | g << 16)
+        elif op == "fms":
+            hit = [k for k, x in enumerate(entries) if x.function == 1]
+            if hit:
+                fms = (0, h.native_fms(), 0x000806F8, 0x00050654)[draw(pick) % 4]
+                entries[hit[0]] = replace(entries[hit[0]], eax=fms)
+        elif op == "reserved":
+            words = list(iv.reserved)
+            words[draw(pick) % 12] = draw(NONZERO64)
+            iv = replace(iv, reserved=tuple(words))
+        elif op == "padding":
+            iv = replace(iv, cpuid_padding=draw(NONZERO32))
+        elif op == "entry_padding":
+            entries[i] = replace(entries[i], padding=(draw(u32), 0, 0))
+        elif op == "mr":
+            iv = replace(iv, mrowner=(draw(u64),) * 6)
+        elif op == "flags":
+            flags = draw(NONZERO32)
+        elif op == "hw_error":
+            hw_error = draw(NONZERO64)
+    iv = replace(iv, entries=tuple(entries))
+    lie = draw(LIE)
+    if lie == "down" and entries:
+        iv = replace(iv, nent=draw(pick) % len(entries))
+    elif lie == "up":
+        iv = replace(iv, nent=len(entries) + 1 + draw(pick) % (256 - len(entries)))
+    elif lie == "huge":
+        iv = replace(iv, nent=draw(HUGE))
+    data = uapi.pack_init_vm(iv)
+    if iv.nent is not None and len(entries) < iv.nent <= uapi.KVM_MAX_CPUID_ENTRIES:
+        # The kernel reads nent entries; the mirror models the room as zeroed.
+        data += bytes((iv.nent - len(entries)) * uapi.SIZEOF_CPUID_ENTRY2)
+    return Request(init_vm=iv, flags=flags, hw_error=hw_error), data
+
+
+def _answer(sim: SimulatedHost, data: bytes, req: Request, second: bool) -> Outcome:
+    with Kvm(sim) as kvm, kvm.create_td() as td:
+        if second:
+            first = td.init_vm(base_request(*_key(sim)).init_vm)
+            assert first.kind.value == "ACCEPTED", first
+        return td.init_vm(data, flags=req.flags, hw_error=req.hw_error)
+
+
+def _key(sim: SimulatedHost) -> tuple[str, str, str]:
+    return sim.module.name, sim.host.name, sim.policy.name
+
+
+Case = tuple[str, str, str, Request, bytes, bool]
+MODULE = st.sampled_from(BUNDLED_MODULES)
+HOST = st.sampled_from(sorted(HOSTS))
+SECOND = st.integers(0, 15)
+
+
+@st.composite
+def init_vm_cases(draw: st.DrawFn, policy: str) -> list[Case]:
+    module = draw(MODULE)
+    host = draw(HOST)
+    out: list[Case] = []
+    for _ in range(BATCH):
+        req, data = draw(requests(module, host, policy))
+        # Now and then the request goes to a TD that a valid INIT_VM initialised.
+        second = host == "max" and draw(SECOND) == 15
+        out.append((module, host, policy, req, data, second))
+    return out
+
+
+@functools.cache
+def policy_named(name: str) -> Policy:
+    return get_policy(name)
+
+
+def check_init_vm(cases: list[Case]) -> None:
+    for module, host, policy, req, data, second in cases:
+        m, h, sim = combo(module, host, policy)
+        predicted = mirror.predict_init_vm(m, h, policy_named(policy), req,
+                                           td_initialized=second)
+        got = _answer(sim, data, req, second)
+        assert got.same_answer(predicted), (
+            f"{module}/{host}/{policy}: sim {got.describe()} but mirror {predicted.describe()}"
+        )
+        assert sim.live_tds == 0 and sim.free_key_ids == 4
+
+
+@SETTINGS
+@given(init_vm_cases("upstream"))
+def test_init_vm_agrees_upstream(cases: list[Case]) -> None:
+    check_init_vm(cases)
+
+
+@SETTINGS
+@given(init_vm_cases("upstream-6.16"))
+def test_init_vm_agrees_upstream_6_16(cases: list[Case]) -> None:
+    check_init_vm(cases)
+
+
+@SETTINGS
+@given(init_vm_cases("rfc-v2"))
+def test_init_vm_agrees_rfc_v2(cases: list[Case]) -> None:
+    check_init_vm(cases)
+
+
+# ---------------------------------------------------------------------------
+# KVM_TDX_CAPABILITIES, byte for byte.
+
+
+@st.composite
+def caller_buffers(draw: st.DrawFn) -> tuple[int, bytes, int, int]:
+    """(nent, the caller's buffer before the call, cmd.flags, cmd.hw_error)."""
+    nent = draw(st.sampled_from([0, 1, 6, 11, 12, 13, 27, 28, 29, 40, 256]))
+    garbage = draw(st.booleans())
+    word = st.integers(0, 2**64 - 1) if garbage else st.just(0)
+    room_entries = tuple(
+        CpuidEntry(function=draw(u32), eax=draw(u32), padding=(draw(u32), 0, 0))
+        for _ in range(min(nent, 3) if garbage else 0)
+    )
+    caller = Capabilities(
+        supported_attrs=draw(word), supported_xfam=draw(word),
+        kernel_tdvmcallinfo_1_r11=draw(word), user_tdvmcallinfo_1_r11=draw(word),
+        kernel_tdvmcallinfo_1_r12=draw(word), user_tdvmcallinfo_1_r12=draw(word),
+        reserved=tuple(draw(word) if k % 97 == 0 else 0 for k in range(250)),
+        nent=nent, cpuid_padding=draw(word) & 0xFFFFFFFF, entries=room_entries,
+    )
+    buf = uapi.pack_capabilities(caller, nent_room=nent)
+    flags = draw(st.sampled_from([0] * 6 + [1, 0x80000000]))
+    hw_error = draw(st.sampled_from([0] * 6 + [1, 2**63]))
+    return nent, buf, flags, hw_error
+
+
+CapsCase = tuple[str, str, str, list[tuple[int, bytes, int, int]]]
+
+
+@st.composite
+def caps_cases(draw: st.DrawFn, policy: str) -> CapsCase:
+    return (draw(MODULE), draw(HOST), policy, [draw(caller_buffers()) for _ in range(BATCH)])
+
+
+def check_caps(case: CapsCase) -> None:
+    module, host, policy, buffers = case
+    m, h, sim = combo(module, host, policy)
+    for nent, buf, flags, hw_error in buffers:
+        predicted = mirror.predict_capabilities(m, h, policy_named(policy), nent, flags=flags,
+                                                hw_error=hw_error, caller=buf)
+        with Kvm(sim) as kvm, kvm.create_td() as td:
+            got = td.capabilities_raw(nent, flags=flags, hw_error=hw_error, fill=buf)
+        want = buf if predicted.buffer is None else predicted.buffer
+        assert got.errno == predicted.errno, f"{module}/{host}/{policy} nent {nent}"
+        assert got.data == want, f"{module}/{host}/{policy} nent {nent}: buffers differ"
+        assert got.cmd.hw_error == hw_error  # CAPABILITIES never reports a module status
+        assert sim.live_tds == 0
+
+
+CAPS_SETTINGS = settings(max_examples=600 // BATCH, deadline=None,
+                         suppress_health_check=[HealthCheck.too_slow,
+                                                HealthCheck.data_too_large])
+
+
+@CAPS_SETTINGS
+@given(caps_cases("upstream"))
+def test_capabilities_agree_upstream(case: CapsCase) -> None:
+    check_caps(case)
+
+
+@CAPS_SETTINGS
+@given(caps_cases("upstream-6.16"))
+def test_capabilities_agree_upstream_6_16(case: CapsCase) -> None:
+    check_caps(case)
+
+
+@CAPS_SETTINGS
+@given(caps_cases("rfc-v2"))
+def test_capabilities_agree_rfc_v2(case: CapsCase) -> None:
+    check_caps(case)
+
+
+def test_the_draws_reach_every_kind_of_answer() -> None:
+    """The generator is not stuck on one outcome: each kind occurs across a sample."""
+    kinds: set[str] = set()
+    checks: set[str] = set()
+
+    @settings(max_examples=150, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(init_vm_cases("upstream"))
+    def sample(cases: list[Case]) -> None:
+        for module, host, policy, req, _, second in cases:
+            m, h, _ = combo(module, host, policy)
+            o = mirror.predict_init_vm(m, h, policy_named(policy), req, td_initialized=second)
+            kinds.add(o.kind.value)
+            checks.add(o.check or "")
+
+    sample()
+    assert kinds == {"ACCEPTED", "KVM_REJECTED", "MODULE_REJECTED", "ERROR"}, kinds
+    assert len(checks) >= 10, checks
+
+
+def test_init_vm_bypass_request_is_accepted_by_both_on_upstream() -> None:
+    """The spec's worked example, end to end through both readings."""
+    m, h, sim = combo("2.0", "max", "upstream")
+    base = base_request("2.0", "max", "upstream").init_vm
+    rest = tuple(e for e in base.entries if e.function != 7)
+    iv = InitVm(attributes=base.attributes, xfam=base.xfam, entries=(
+        CpuidEntry(function=7, index=1, flags=FLAG_SIGNIFICANT_INDEX),
+        CpuidEntry(function=7, index=2, flags=FLAG_SIGNIFICANT_INDEX),
+        CpuidEntry(function=7, index=5, ecx=1 << 5),
+        *rest,
+    ))
+    req = Request(init_vm=iv)
+    assert mirror.predict_init_vm(m, h, get_policy("upstream"), req).kind.value == "ACCEPTED"
+    assert _answer(sim, uapi.pack_init_vm(iv), req, False).kind.value == "ACCEPTED"
