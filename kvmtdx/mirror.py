@@ -378,6 +378,8 @@ def full_request(module: ModuleProfile, host: Host, policy: Policy) -> Request:
     attributes say (off), XFAM-gated bits only when XFAM has the state; leaf 1
     EAX 0 (native FMS), leaf 1 EBX and leaves 4, 0x18, 0x1F zero, GPAW 48.
     Rows with a sub-leaf carry the significant-index flag so find() is unambiguous.
+    Meaningful only where KVM_TDX_CAPABILITIES succeeds (supported attrs and XFAM
+    non-zero); otherwise the request is built from zeros and is refused.
     """
     attrs = supported_attrs(module)
     xfam = supported_xfam(module, host)
