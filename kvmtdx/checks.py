@@ -230,6 +230,17 @@ def infer_host(module: ModuleProfile, caps: Capabilities, policy: Policy) -> Hos
                 xfam_supported=caps.supported_xfam, ept_5level=False, tsx_ctrl=True)
 
 
+def _missing_features(module: ModuleProfile, caps: Capabilities, policy: Policy) -> int:
+    """How many allow_direct bits the CPU would lack if `policy` produced `caps`."""
+    host = infer_host(module, caps, policy)
+    n = 0
+    for row in module.rows:
+        native = host.native_regs(row.leaf, row.subleaf)
+        n += sum(bin(ad & ~nat & ~cd).count("1") for ad, nat, cd in
+                 zip(row.allow_direct, native, row.config_direct, strict=True))
+    return n
+
+
 def _policy_by_release(release: str) -> str | None:
     m = re.match(r"(\d+)\.(\d+)", release)
     if not m:
@@ -269,6 +280,20 @@ def choose_policy(requested: str, allowlist: Allowlist | None, module: ModulePro
                     f"auto: {matches[0]}, the only policy whose predicted capabilities match "
                     f"the kernel's (module {module.name})")
         by_release = _policy_by_release(release)
+        if matches and host is None:
+            # With the host inferred, every policy can explain the report by a CPU
+            # that lacks what the policy would not hide; the likeliest reading is
+            # the one whose CPU lacks the fewest features the module allows.
+            missing = {n: _missing_features(module, caps, get_policy(n, allowlist))
+                       for n in matches}
+            fewest = min(missing.values())
+            best = [n for n in matches if missing[n] == fewest]
+            if len(best) == 1 and len(matches) > 1:
+                return (get_policy(best[0], allowlist),
+                        f"auto: {best[0]}: of the policies whose predictions match "
+                        f"({', '.join(matches)}), it needs the fewest features missing from "
+                        f"the CPU ({fewest}) to explain the kernel's capabilities")
+            matches = best
         if matches:
             pick = by_release if by_release in matches else matches[0]
             return (get_policy(pick, allowlist),
