@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("init-vm", help="one KVM_TDX_INIT_VM on a fresh TD; outcome as JSON")
     _backend_opts(p)
     p.add_argument("--allowlist", metavar="FILE", help="allowlist of the simulated rfc-v2 kernel")
-    p.add_argument("--request", metavar="FILE", required=True, help="the request (JSON)")
+    # Required, but checked in the handler so that --simulate list works here too.
+    p.add_argument("--request", metavar="FILE", help="the request (JSON); required")
     _output_opts(p, ("json", "text"))
     p.set_defaults(format="json")
 
@@ -242,7 +243,28 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_init_vm(args: argparse.Namespace) -> int:
-    raise NotImplementedError("init-vm")
+    from kvmtdx.report import emit
+    from kvmtdx.report import sim as render
+    from kvmtdx.requests import load_request
+    from kvmtdx.session import init_vm_once
+
+    if not args.request:
+        raise DataError("init-vm needs --request FILE (a KVM_TDX_INIT_VM request as JSON)")
+    request = load_request(args.request)
+    run = init_vm_once(_session(args), request)  # KvmError(skip) without TDX: exit 4
+    emit((render.init_vm_json if args.format == "json" else render.init_vm_text)(run),
+         args.output)
+    return EXIT_PASS
+
+
+def _simulate_list(args: argparse.Namespace) -> int:
+    from kvmtdx import sim
+    from kvmtdx.report import emit
+    from kvmtdx.report import sim as render
+
+    fmt = render.choices_json if getattr(args, "format", "text") == "json" else render.choices_text
+    emit(fmt(sim.choices()), getattr(args, "output", None))
+    return EXIT_PASS
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -391,6 +413,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "simulate", None) == "list":
+            return _simulate_list(args)
         return COMMANDS[args.command](args)
     except DataError as e:
         sys.stderr.write(f"kvmtdx: error: {e}\n")

@@ -10,9 +10,13 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-from kvmtdx.device import DEFAULT_KVM_PATH, RealSeam, Seam
+from kvmtdx import uapi
+from kvmtdx.device import DEFAULT_KVM_PATH, Counters, Kvm, RealSeam, Seam
+from kvmtdx.outcome import Outcome
 from kvmtdx.policy import POLICY_NAMES, Allowlist, Policy, get_policy
 from kvmtdx.profiles import BUNDLED_MODULES, MAX_HOST, DataError, Host, ModuleProfile, load_profile
+from kvmtdx.requests import Request
+from kvmtdx.structs import InitVm
 
 DEFAULT_SIM_POLICY = "upstream"
 
@@ -100,3 +104,36 @@ def open_backend(
         return Backend(seam=seam, label=label, simulated=True, module=module, policy=policy,
                        host=the_host, mutant=spec.mutant)
     return Backend(seam=RealSeam(), label=f"real {DEFAULT_KVM_PATH}", simulated=False)
+
+
+def init_vm_bytes(init_vm: InitVm) -> bytes:
+    """The bytes KVM reads for a request; one that claims more entries than it carries
+    gets zeroed room behind them, so the kernel reads zeros rather than whatever
+    follows the buffer (the mirror models the same)."""
+    data = uapi.pack_init_vm(init_vm)
+    nent = init_vm.effective_nent
+    if len(init_vm.entries) < nent <= uapi.KVM_MAX_CPUID_ENTRIES:
+        data += bytes((nent - len(init_vm.entries)) * uapi.SIZEOF_CPUID_ENTRY2)
+    return data
+
+
+@dataclass(frozen=True)
+class InitVmRun:
+    """One KVM_TDX_INIT_VM as `kvmtdx init-vm` sent it."""
+
+    outcome: Outcome
+    backend: str
+    counters: Counters
+
+
+def init_vm_once(backend: Backend, request: Request) -> InitVmRun:
+    """KVM_TDX_INIT_VM on a fresh TD with the request's cmd.flags and hw_error; all fds closed.
+
+    Raises KvmError(skip=True) when the seam offers no TDX.
+    """
+    with Kvm(backend.seam, backend.path) as kvm:
+        td = kvm.create_td()
+        with td:
+            outcome = td.init_vm(init_vm_bytes(request.init_vm), flags=request.flags,
+                                 hw_error=request.hw_error)
+    return InitVmRun(outcome=outcome, backend=backend.label, counters=kvm.counters)

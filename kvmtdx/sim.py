@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import os
 from dataclasses import dataclass, replace
+from typing import Any
 
 from kvmtdx import uapi
 from kvmtdx.outcome import (
@@ -31,8 +32,14 @@ from kvmtdx.outcome import (
     TDX_OPERAND_INVALID,
     operand_invalid,
 )
-from kvmtdx.policy import Policy
-from kvmtdx.profiles import Host, ModuleProfile, effective_xfam_fixed0, enumerated
+from kvmtdx.policy import POLICY_NAMES, Policy
+from kvmtdx.profiles import (
+    BUNDLED_MODULES,
+    Host,
+    ModuleProfile,
+    effective_xfam_fixed0,
+    enumerated,
+)
 from kvmtdx.structs import REGISTERS, Capabilities, CpuidEntry, TdxCmd
 
 # Seeded kernel bugs: name -> one line.  The bracket names the policies whose
@@ -81,6 +88,17 @@ MUTANTS: dict[str, str] = {
     "caps_header_not_echoed":
         "[upstream-6.16] capabilities zero the header words 6.16 echoes from the caller",
 }
+
+
+
+def choices() -> dict[str, Any]:
+    """What `--simulate MODULE[:POLICY[:MUTANT]]` accepts (`--simulate list`)."""
+    return {
+        "modules": list(BUNDLED_MODULES),
+        "policies": list(POLICY_NAMES),
+        "mutants": [{"name": n, "description": d} for n, d in MUTANTS.items()],
+    }
+
 
 # Addresses the simulated kernel can reach: nothing in the first 64 KiB
 # (mmap_min_addr), nothing above the x86-64 4-level user address space.

@@ -1,0 +1,55 @@
+"""Rendering for the simulated host: `--simulate list` and the outcome of `kvmtdx init-vm`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kvmtdx.policy import get_policy
+from kvmtdx.report import to_json
+from kvmtdx.session import DEFAULT_SIM_POLICY, InitVmRun
+
+
+def choices_json(choices: dict[str, Any]) -> str:
+    return to_json(choices)
+
+
+def choices_text(choices: dict[str, Any]) -> str:
+    lines = ["kvmtdx --simulate MODULE[:POLICY[:MUTANT]]", "", "modules (or a module JSON file):"]
+    lines += [f"  {m}" for m in choices["modules"]]
+    lines += ["", f"policies (default {DEFAULT_SIM_POLICY}):"]
+    for name in choices["policies"]:
+        p = get_policy(name)
+        lines.append(f"  {name:<15} {p.kernels}: {p.description}")
+    lines += ["", "mutants (seeded kernel bugs; [...] names the policies they change):"]
+    width = max((len(m["name"]) for m in choices["mutants"]), default=0)
+    lines += [f"  {m['name']:<{width}}  {m['description']}" for m in choices["mutants"]]
+    return "\n".join(lines) + "\n"
+
+
+def init_vm_to_json(run: InitVmRun) -> dict[str, Any]:
+    """The keys of `predict`'s init_vm, plus the module status decoded."""
+    o = run.outcome
+    hw = o.hw
+    doc = o.to_json()
+    doc["hw_error_decoded"] = None if not o.hw_error else {
+        "status": hw.status_name,
+        "operand": hw.operand,
+        "operand_name": hw.operand_name,
+    }
+    return doc
+
+
+def init_vm_json(run: InitVmRun) -> str:
+    return to_json(init_vm_to_json(run))
+
+
+def init_vm_text(run: InitVmRun) -> str:
+    o = run.outcome
+    lines = [
+        f"KVM_TDX_INIT_VM on a fresh TD ({run.backend})",
+        f"  outcome   {o.kind.value}",
+        f"  errno     {o.errno_name or 0}",
+        f"  hw_error  {o.hw}",
+        f"  ioctls    {run.counters.ioctls}, TDs created {run.counters.tds_created}",
+    ]
+    return "\n".join(lines) + "\n"
