@@ -64,6 +64,14 @@ class FileDiff:
     only_a: list[RegKey]  # registers one file lists and the other does not
     only_b: list[RegKey]
 
+    @property
+    def count(self) -> int:
+        """Differences: bits (one per bit, whether its class, reported state or both changed),
+        attribute and XFAM bits, and registers only one side lists."""
+        bits = {(c.what in ("attribute", "xfam") and c.what, c.leaf, c.subleaf, c.register,
+                 c.bit) for c in self.changes}
+        return len(bits) + len(self.only_a) + len(self.only_b)
+
 
 def _int(value: Any, where: str, bits: int = 64) -> int:
     return parse_int(value, where, bits)

@@ -260,8 +260,8 @@ def _layout(caps: Capabilities, model: Model | None) -> _Layout:
     gpaw_row = next((i for i, e in enumerate(rows) if e.function == GPAW_LEAF and e.index == 0),
                     None)
     if gpaw_row is None:
-        raise ProbeError("KVM_TDX_CAPABILITIES lists no leaf 0x80000008 row, so no INIT_VM "
-                         "request can carry the GPAW KVM requires")
+        raise ProbeError("KVM_TDX_CAPABILITIES lists no leaf 0x80000008 row at index 0, so "
+                         "no INIT_VM request can carry the GPAW KVM requires")
     flags: list[int] = []
     value_regs: set[tuple[int, str]] = set()
     for i, e in enumerate(rows):
@@ -356,16 +356,18 @@ class DeviceOracle:
         self._progress = progress
         self._lock = threading.Lock()
         self._live = 0
-        self.tds = 0
+        self._reserved = 0
+        self.tds = 0  # TDs actually created
         self.budget_spent = False
         self.cache: dict[InitVm, Outcome] = {}
 
     def reserve(self) -> bool:
+        """Claim one TD of the --max-tds budget (claimed in request order, for determinism)."""
         with self._lock:
-            if self._max is not None and self.tds >= self._max:
+            if self._max is not None and self._reserved >= self._max:
                 self.budget_spent = True
                 return False
-            self.tds += 1
+            self._reserved += 1
             return True
 
     def capabilities(self) -> Capabilities:
@@ -381,6 +383,8 @@ class DeviceOracle:
     def _create(self) -> TdxVm:
         try:
             vm = self._kvm.create_vm(uapi.KVM_X86_TDX_VM)
+            with self._lock:
+                self.tds += 1
         except OSError as e:
             if e.errno == errno.ENOSPC:
                 raise ProbeError(_EXHAUSTED.format(tds=self.tds)) from None
@@ -826,8 +830,9 @@ def probe(seam: Seam, options: ProbeOptions, *, label: str, model: Model | None 
         cls, out, why = got.bits[key]
         if cls is BitClass.HIDDEN_ACCEPTED and why is None:
             why = _explain_hidden(model, layout, key)
-        if cls is BitClass.REPORTED_REJECTED and why is None and model is not None:
-            why = _mirror_reason(model, caps, layout, key, out)
+        if cls is BitClass.REPORTED_REJECTED and model is not None and model.policy is not None:
+            # With the kernel's policy known, only the mirror may excuse a rejection.
+            why = _mirror_reason(model, model.policy, caps, layout, key, out)
         bits.append(BitResult(key[0], key[1], key[2], key[3], bit_name(*key), cls, out, why,
                               expected.get(key)))
     fields = [
@@ -865,21 +870,23 @@ def _order(layout: _Layout) -> Callable[[BitKey], tuple[int, int, int, int]]:
     return key
 
 
-def _mirror_reason(model: Model, caps: Capabilities, layout: _Layout, key: BitKey,
-                   out: Outcome | None) -> str | None:
-    """A module coupling the mirror names for this bit alone on the minimal request."""
+def _mirror_reason(model: Model, policy: Policy, caps: Capabilities, layout: _Layout,
+                   key: BitKey, out: Outcome | None) -> str | None:
+    """The module coupling the mirror names for this bit, if the mirror also has the kernel
+    report it and the module refuse it alone; else None (a kernel bug)."""
     pos = layout.position(key[0], key[1])
-    if pos is None or out is None:
-        return None
-    policy = model.policy
-    if policy is None:
+    predicted = {(e.function, e.index): e
+                 for e in mirror.reported_entries(model.module, model.host, policy)}
+    e = predicted.get((key[0], key[1]))
+    if pos is None or e is None or not e.reg(key[2]) >> key[3] & 1:
         return None
     iv = layout.request([Unit(((pos, key[2], 1 << key[3]),))], xfam=caps.supported_xfam)
     pred = mirror.predict_init_vm(model.module, model.host, policy, iv)
-    if pred.kind is not Kind.ACCEPTED and pred.check and pred.check.startswith("module_") \
-            and pred.same_answer(out):
-        return f"module coupling ({pred.check})"
-    return None
+    if pred.kind is Kind.ACCEPTED or not (pred.check or "").startswith("module_"):
+        return None
+    if out is not None and not pred.same_answer(out):
+        return None
+    return f"module coupling named by the mirror ({pred.check})"
 
 
 # ---------------------------------------------------------------------------

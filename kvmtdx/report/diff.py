@@ -18,7 +18,7 @@ def file_diff_json(d: FileDiff) -> dict[str, Any]:
         "kind": "diff",
         "a": {"file": d.a.origin, "kind": d.a.kind},
         "b": {"file": d.b.origin, "kind": d.b.kind},
-        "differences": len(d.changes) + len(d.only_a) + len(d.only_b),
+        "differences": d.count,
         "changes": [c.to_json() for c in d.changes],
         "only_a": [{"leaf": k[0], "subleaf": k[1], "register": k[2]} for k in d.only_a],
         "only_b": [{"leaf": k[0], "subleaf": k[1], "register": k[2]} for k in d.only_b],
@@ -45,7 +45,7 @@ def file_diff_text(d: FileDiff) -> str:
         out.append(f"{_reg_label(rk):<26}listed only in a")
     for rk in d.only_b:
         out.append(f"{_reg_label(rk):<26}listed only in b")
-    n = len(d.changes) + len(d.only_a) + len(d.only_b)
+    n = d.count
     out.append("" if n else "no differences")
     if n:
         out.append(f"{n} difference{'s' if n != 1 else ''}")
