@@ -1131,14 +1131,6 @@ def _pol_core(ctx: _Ctx) -> _V:
 # adversarial: spec section 4's find() traps
 
 
-@dataclass(frozen=True, slots=True)
-class _Trap:
-    id: str
-    about: str
-    hidden: tuple[BitRef, ...]
-    request: Request
-
-
 def _hidden_bits(ctx: _Ctx, ebx: int, ecx: int) -> tuple[BitRef, ...] | str:
     """The leaf 7.0 bits a trap smuggles, if KVM hides them and the module would take them."""
     e = _leaf7(ctx)
@@ -1448,9 +1440,3 @@ def _failed_start(label: str, reason: str, fds: int, rss: int,
     r = CheckResult("tdx_available", "availability", FAIL, reason)
     s = _empty_summary(fds, rss, counters)
     return VerifyReport(label, None, (r,), replace(s, total=1, failed=1))
-
-
-def skip_report(label: str, reason: str) -> VerifyReport:
-    """The report of a run that never started: TDX is not present."""
-    fds, rss = _proc_numbers()
-    return VerifyReport(label, None, (), _empty_summary(fds, rss), skip_reason=reason)
