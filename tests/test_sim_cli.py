@@ -1,0 +1,215 @@
+"""`kvmtdx init-vm`, `--simulate list` on every command, and `--backend` with a simulated host.
+
+The factories below are loaded the way a user's are (`--backend module:factory`);
+pytest puts tests/ on sys.path, so this module is importable by its name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from kvmtdx import cli, mirror
+from kvmtdx.policy import get_policy
+from kvmtdx.profiles import MAX_HOST, load_profile
+from kvmtdx.requests import Request, request_to_json
+from kvmtdx.session import load_plugin, open_backend
+from kvmtdx.sim import MUTANTS, SimulatedHost
+from kvmtdx.structs import CpuidEntry
+
+THIS = __name__
+MODULE = load_profile("2.0")
+LAST: list[SimulatedHost] = []
+
+
+def rfc_host() -> SimulatedHost:
+    """A plug-in backend: the simulated host, built by user code."""
+    sim = SimulatedHost(MODULE, MAX_HOST, get_policy("rfc-v2"), key_ids=1)
+    LAST.append(sim)
+    return sim
+
+
+class Absent:
+    def open(self, path: str, flags: int) -> int:
+        raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+
+    def ioctl(self, fd: int, request: int, arg: int) -> int:
+        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+
+    def close(self, fd: int) -> None:
+        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    rc = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def write_request(tmp_path: Path, request: Request, name: str = "req.json") -> str:
+    path = tmp_path / name
+    path.write_text(json.dumps(request_to_json(request)))
+    return str(path)
+
+
+def full(policy: str) -> Request:
+    return mirror.full_request(MODULE, MAX_HOST, get_policy(policy))
+
+
+def with_entry_reg(req: Request, leaf: int, index: int, reg: str, value: int) -> Request:
+    iv = req.init_vm
+    entries = tuple(e.with_reg(reg, value) if (e.function, e.index) == (leaf, index) else e
+                    for e in iv.entries)
+    return Request(init_vm=replace(iv, entries=entries))
+
+
+def entry(req: Request, leaf: int, index: int) -> CpuidEntry:
+    return next(e for e in req.init_vm.entries if (e.function, e.index) == (leaf, index))
+
+
+OUTCOME_KEYS = ["outcome", "errno", "hw_error", "check", "leaf", "subleaf", "register", "bit"]
+
+
+def test_init_vm_accepts_a_valid_request(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                         no_fd_leak: object) -> None:
+    rc, out, err = run(capsys, "init-vm", "--simulate", "2.0:rfc-v2", "--request",
+                       write_request(tmp_path, full("rfc-v2")))
+    assert (rc, err) == (0, "")
+    doc = json.loads(out)
+    assert list(doc) == [*OUTCOME_KEYS, "hw_error_decoded"]
+    assert doc["outcome"] == "ACCEPTED" and doc["errno"] is None
+    assert doc["check"] is None and doc["hw_error_decoded"] is None
+
+
+def test_init_vm_reports_kvm_and_module_rejections(capsys: pytest.CaptureFixture[str],
+                                                    tmp_path: Path) -> None:
+    # 7.0 EDX PCONFIG: the module takes it, rfc-v2's allowlist does not.
+    hidden = with_entry_reg(full("rfc-v2"), 7, 0, "edx", entry(full("rfc-v2"), 7, 0).edx | 1 << 18)
+    rc, out, _ = run(capsys, "init-vm", "--simulate", "2.0:rfc-v2", "--request",
+                     write_request(tmp_path, hidden))
+    assert rc == 0
+    assert json.loads(out)["outcome"] == "KVM_REJECTED"
+    # Same request on a kernel whose allowlist check forgets 7.0 EDX: accepted.
+    rc, out, _ = run(capsys, "init-vm", "--simulate", "2.0:rfc-v2:allowlist_skips_7_0_edx",
+                     "--request", write_request(tmp_path, hidden))
+    assert json.loads(out)["outcome"] == "ACCEPTED"
+    bad_fms = with_entry_reg(full("upstream"), 1, 0, "eax", 0x12345)
+    rc, out, _ = run(capsys, "init-vm", "--simulate", "2.0", "--request",
+                     write_request(tmp_path, bad_fms))
+    doc = json.loads(out)
+    assert rc == 0 and doc["outcome"] == "MODULE_REJECTED" and doc["errno"] == "EINVAL"
+    assert doc["hw_error"] == 0xC000010000000045
+    assert doc["hw_error_decoded"] == {"status": "TDX_OPERAND_INVALID", "operand": 69,
+                                       "operand_name": "CPUID_CONFIG"}
+    rc, out, _ = run(capsys, "init-vm", "--simulate", "2.0", "--request",
+                     write_request(tmp_path, bad_fms), "--format", "text")
+    assert rc == 0
+    assert "MODULE_REJECTED" in out and "CPUID_CONFIG" in out and "TDs created 1" in out
+
+
+def test_init_vm_with_the_callers_hw_error_is_a_kvm_rejection(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    req = Request(init_vm=full("upstream").init_vm, hw_error=5)
+    rc, out, _ = run(capsys, "init-vm", "--simulate", "2.0", "--request",
+                     write_request(tmp_path, req))
+    doc = json.loads(out)
+    assert (rc, doc["outcome"], doc["hw_error"]) == (0, "KVM_REJECTED", 0)
+
+
+def test_init_vm_with_a_lying_nent_reads_zeroed_room(capsys: pytest.CaptureFixture[str],
+                                                     tmp_path: Path) -> None:
+    iv = full("upstream").init_vm
+    req = Request(init_vm=replace(iv, nent=len(iv.entries) + 3))
+    rc, out, _ = run(capsys, "init-vm", "--simulate", "2.0", "--request",
+                     write_request(tmp_path, req))
+    predicted = mirror.predict_init_vm(MODULE, MAX_HOST, get_policy("upstream"), req)
+    assert rc == 0 and json.loads(out)["outcome"] == predicted.kind.value == "KVM_REJECTED"
+
+
+def test_init_vm_through_a_plugin_backend(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                          no_fd_leak: object) -> None:
+    assert isinstance(load_plugin(f"{THIS}:rfc_host"), SimulatedHost)
+    path = write_request(tmp_path, full("rfc-v2"))
+    out_file = tmp_path / "out.json"
+    rc, out, err = run(capsys, "init-vm", "--backend", f"{THIS}:rfc_host", "--request", path,
+                       "--output", str(out_file))
+    assert (rc, out, err) == (0, "", "")
+    assert json.loads(out_file.read_text())["outcome"] == "ACCEPTED"
+    sim = LAST[-1]
+    # The TD was closed, so its key ID came back, and no simulated fd is left open.
+    assert sim.open_fds == () and sim.free_key_ids == 1 and sim.live_tds == 0
+
+
+def test_init_vm_input_errors_exit_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"attributes": 0, "xfam": "zero", "cpuid": []}')
+    rc, out, err = run(capsys, "init-vm", "--simulate", "2.0", "--request", str(bad))
+    assert rc == 2 and out == "" and "xfam" in err and str(bad) in err
+    assert len(err.strip().splitlines()) == 1
+    rc, _, err = run(capsys, "init-vm", "--simulate", "2.0")
+    assert rc == 2 and "--request" in err
+    rc, _, err = run(capsys, "init-vm", "--simulate", "2.0:rfc-v2:no_such_bug", "--request",
+                     write_request(tmp_path, full("rfc-v2")))
+    assert rc == 2 and "no_such_bug" in err
+    rc, _, err = run(capsys, "init-vm", "--simulate", "9.9", "--request",
+                     write_request(tmp_path, full("rfc-v2")))
+    assert rc == 2 and "9.9" in err
+
+
+def test_init_vm_without_tdx_skips(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    rc, out, err = run(capsys, "init-vm", "--backend", f"{THIS}:Absent", "--request",
+                       write_request(tmp_path, full("upstream")))
+    assert rc == 4 and out == ""
+    assert err.startswith("kvmtdx: skip:") and "--simulate" in err
+
+
+def commands_with_simulate() -> list[str]:
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sorted(name for name, p in sub.choices.items()
+                  if any("--simulate" in a.option_strings for a in p._actions))
+
+
+def test_simulate_is_offered_where_a_kernel_is_talked_to() -> None:
+    assert commands_with_simulate() == ["caps", "info", "init-vm", "probe", "verify"]
+
+
+@pytest.mark.parametrize("command", commands_with_simulate())
+def test_simulate_list_from_every_command(command: str,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, err = run(capsys, command, "--simulate", "list", "--format", "json")
+    assert (rc, err) == (0, "")
+    doc = json.loads(out)
+    assert doc["modules"] == ["1.5.01", "1.5-late", "2.0"]
+    assert doc["policies"] == ["upstream-6.16", "upstream", "rfc-v2"]
+    assert doc["mutants"] == [{"name": n, "description": d} for n, d in MUTANTS.items()]
+    rc, out, _ = run(capsys, command, "--simulate", "list")
+    assert rc == 0
+    assert "rfc-v2" in out and all(n in out for n in MUTANTS)
+
+
+def test_every_listed_choice_opens(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, _ = run(capsys, "verify", "--simulate", "list", "--format", "json")
+    assert rc == 0
+    doc = json.loads(out)
+    for module in doc["modules"]:
+        for policy in doc["policies"]:
+            assert open_backend(simulate=f"{module}:{policy}").simulated
+    for m in doc["mutants"]:
+        backend = open_backend(simulate=f"2.0:rfc-v2:{m['name']}")
+        assert backend.mutant == m["name"] and m["name"] in backend.label
+
+
+def test_caps_on_the_simulated_rfc_v2_kernel(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, err = run(capsys, "caps", "--simulate", "2.0:rfc-v2", "--format", "json")
+    assert (rc, err) == (0, "")
+    doc = json.loads(out)
+    assert doc["nent"] == len(MODULE.rows) and doc["tds_created"] == 1
+    leaf7 = next(e for e in doc["cpuid"] if (e["function"], e["index"]) == (7, 0))
+    assert leaf7["edx"] & 1 << 30 and not leaf7["edx"] & 1 << 18  # CORE_CAPABILITIES, PCONFIG
