@@ -232,3 +232,19 @@ def test_cdefs_load_from_an_installed_wheel(tmp_path: Path) -> None:
     assert Path(uapi_file).is_relative_to(site)
     assert Path(cdefs_file).is_relative_to(site)
     assert numbers == f"2056 {0xC008AEBA}"
+    # Every subpackage and data file of the source tree must ship too, and the
+    # installed tool must run its main job from the wheel alone.
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for path in (ROOT / "kvmtdx").rglob("*"):
+        if "__pycache__" in path.parts or path.is_dir():
+            continue
+        if path.suffix in (".py", ".json", ".typed"):
+            rel = path.relative_to(ROOT).as_posix()
+            assert rel in names, f"{rel} is missing from the wheel"
+    res = subprocess.run(
+        [sys.executable, "-m", "kvmtdx", "verify", "--simulate", "1.5.01:rfc-v2",
+         "--format", "ktap"],
+        capture_output=True, text=True, check=False, cwd=elsewhere, env=env,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.startswith("KTAP version 1")
