@@ -482,6 +482,23 @@ class _Prober:
         self.xfam = caps.supported_xfam
         self.notes: list[str] = []
         self.complete = True
+        self.suspects = self._suspects()
+
+    def _suspects(self) -> frozenset[BitKey]:
+        """Reported bits the mirror says this kernel should hide.  Each is tried alone: a
+        likely refusal inside the group would only cost halvings to find again."""
+        m = self.model
+        if m is None or m.policy is None:
+            return frozenset()
+        predicted = {(e.function, e.index): e
+                     for e in mirror.reported_entries(m.module, m.host, m.policy)}
+        out: set[BitKey] = set()
+        for row, register in self._feature_regs():
+            e = self.layout.rows[row]
+            p = predicted.get((e.function, e.index))
+            extra = self._reported(row, register) & ~(p.reg(register) if p is not None else 0)
+            out.update(self.layout.key(row, register, b) for b in range(32) if extra >> b & 1)
+        return frozenset(out)
 
     # -- units ---------------------------------------------------------------
 
@@ -600,7 +617,7 @@ class _Prober:
         field_units = {f: Unit(((f.row, f.register, f.value),)) for f in fields}
         # Reported feature bits, as units that respect the couplings.
         units: list[Unit] = []
-        lone: list[tuple[Unit, str]] = []
+        lone: list[tuple[Unit, str | None]] = []
         unit_bits: dict[Unit, list[BitKey]] = {}
         hle_rtm: list[tuple[int, str, int]] = []
         for row, register in self._feature_regs():
@@ -616,13 +633,19 @@ class _Prober:
                     unit_bits[u] = [key]
                 elif key in (HLE, RTM):
                     hle_rtm.append((row, register, bit))
+                elif key in self.suspects:
+                    lone.append((u, None))
+                    unit_bits[u] = [key]
                 else:
                     units.append(u)
                     unit_bits[u] = [key]
         if hle_rtm:
             u = Unit(tuple((r, g, 1 << b) for r, g, b in hle_rtm))
-            units.append(u)
             unit_bits[u] = [lay.key(r, g, b) for r, g, b in hle_rtm]
+            if self.suspects & set(unit_bits[u]):
+                lone.append((u, None))
+            else:
+                units.append(u)
         group = units + list(field_units.values())
 
         def build(us: Iterable[Unit]) -> InitVm:
@@ -650,7 +673,8 @@ class _Prober:
                                       "request instead")
                     accepted = []
         base_units = list(accepted)
-        # Reported bits whose coupling cannot be met: alone, on top of what was accepted.
+        # Reported bits tried alone (a coupling cannot be met, or the mirror says the kernel
+        # should hide them), on top of what was accepted.
         lone_outs = self._ask([build([*base_units, u]) for u, _ in lone])
         for (u, reason), out in zip(lone, lone_outs, strict=True):
             for key in unit_bits[u]:
@@ -659,10 +683,12 @@ class _Prober:
                 if out.kind is Kind.ACCEPTED:
                     bits[key] = (BitClass.REPORTED_ACCEPTED, out, None)
                 else:
-                    bits[key] = (BitClass.REPORTED_REJECTED, out, reason)
+                    bits[key] = (BitClass.REPORTED_REJECTED, out,
+                                 reason or self._explain_rejected(key, out))
+        accepted_out = Outcome.classify(0, 0)
         for u in accepted:
             for key in unit_bits.get(u, []):
-                bits[key] = (BitClass.REPORTED_ACCEPTED, base_out, None)
+                bits[key] = (BitClass.REPORTED_ACCEPTED, accepted_out, None)
         for u, out in rejected.items():
             for key in unit_bits.get(u, []):
                 bits[key] = (BitClass.REPORTED_REJECTED, out, self._explain_rejected(key, out))
@@ -671,7 +697,7 @@ class _Prober:
             if u in rejected:
                 field_results.append((f, FieldClass.FIELD_REJECTED, rejected[u]))
             elif u in accepted:
-                field_results.append((f, FieldClass.FIELD_ACCEPTED, base_out))
+                field_results.append((f, FieldClass.FIELD_ACCEPTED, accepted_out))
         # Hidden bits, one per TD.
         hidden = self._hidden_targets()
         reqs = [build([*base_units, self._unit(row, register, bit)])

@@ -13,6 +13,7 @@ from kvmtdx.policy import POLICY_NAMES, Policy, allowlist_from_json, allowlist_t
 from kvmtdx.probe import (
     BitClass,
     BitKey,
+    BitResult,
     Model,
     ProbeOptions,
     ProbeResult,
@@ -278,3 +279,33 @@ def test_max_tds_bounds_the_run_and_says_it_is_incomplete() -> None:
     assert not result.complete
     assert any("--max-tds 10" in n for n in result.notes)
     assert sim.live_tds == 0
+
+
+# ---------------------------------------------------------------------------
+# Without the policy (binary splitting does the work) and without any profile.
+
+
+def test_binary_splitting_finds_every_refused_reported_bit() -> None:
+    m, p = load_profile("2.0"), get_policy("rfc-v2")
+    sim = SimulatedHost(m, MAX_HOST, p, mutant="caps_allowlist_unapplied")
+    # No policy: nothing marks the suspects, so the base request fails and is split.
+    result = probe(sim, ProbeOptions(), label="sim", model=Model(m, MAX_HOST, None),
+                   serialize=True)
+    refused = {b.key for b in result.bits if b.cls is BitClass.REPORTED_REJECTED}
+    assert refused == SERIES_HIDDEN
+    assert {b.key for b in result.failures if isinstance(b, BitResult)} == SERIES_HIDDEN
+    accepted = [b for b in result.bits if b.cls is BitClass.REPORTED_ACCEPTED]
+    assert len(accepted) == 57  # the allowlisted bits the module lists on this host
+    assert all(b.outcome is not None and b.outcome.kind is Kind.ACCEPTED for b in accepted)
+    # splitting costs more than trying the suspects alone, but far less than one TD a bit
+    assert 104 < result.tds < 104 + 4 * len(SERIES_HIDDEN)
+    assert sim.live_tds == 0
+
+
+def test_probe_without_any_profile_is_exhaustive_and_matches_the_mirror() -> None:
+    m, p = load_profile("1.5.01"), get_policy("upstream")
+    sim = SimulatedHost(m, MAX_HOST, p)
+    result = probe(sim, ProbeOptions(exhaustive=True), label="sim", model=None, serialize=True)
+    assert result.untested == 0 and not result.failures
+    assert all(b.cls is mirror_class(m, MAX_HOST, p, b.key) for b in result.bits)
+    assert all(b.expected is None for b in result.bits)
