@@ -309,3 +309,19 @@ def test_probe_without_any_profile_is_exhaustive_and_matches_the_mirror() -> Non
     assert result.untested == 0 and not result.failures
     assert all(b.cls is mirror_class(m, MAX_HOST, p, b.key) for b in result.bits)
     assert all(b.expected is None for b in result.bits)
+
+
+@pytest.mark.parametrize("with_policy", [True, False])
+def test_xfam_gated_bits_kvm_reports_but_cannot_give_are_put_down_to_the_module(
+        with_policy: bool) -> None:
+    # A host KVM without AVX-512 state: the module's XFAM gate refuses every AVX-512 bit
+    # KVM reports.  A REPORTED_REJECTED, named as the module's coupling, not a kernel bug.
+    m, p = load_profile("2.0"), get_policy("upstream")
+    host = dataclasses.replace(MAX_HOST, name="no-avx512-state", xfam_supported=0x207)
+    sim = SimulatedHost(m, host, p)
+    result = probe(sim, ProbeOptions(), label="sim",
+                   model=Model(m, host, p if with_policy else None), serialize=True)
+    refused = [b for b in result.bits if b.cls is BitClass.REPORTED_REJECTED]
+    assert {b.name for b in refused} >= {"AVX512F", "AVX512VL", "AVX512_VNNI"}
+    assert all(b.explained and ("xfam" in b.explained.lower()) for b in refused)
+    assert not result.failures
