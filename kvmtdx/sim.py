@@ -154,7 +154,7 @@ Regs = tuple[int, int, int, int]
 _ZERO: Regs = (0, 0, 0, 0)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Row:
     """What the simulated kernel precomputes of one module row."""
 
@@ -243,6 +243,10 @@ class SimulatedHost:
         self._supported_xfam = self._get_supported_xfam()
         self._caps_entries = tuple(self._caps_entry(i) for i in range(self._n))
         self._rows = self._init_vm_rows()
+        rows_of: dict[int, list[tuple[int, int]]] = {}
+        for k, row in enumerate(self._rows):
+            rows_of.setdefault(row.leaf, []).append((k, row.index))
+        self._rows_of_function = {f: tuple(v) for f, v in rows_of.items()}
         self._allowlist_errno = errno.EIO if mutant == "allowlist_reject_eio" else errno.EINVAL
         self._caps_bytes = uapi.pack_capabilities(Capabilities(
             supported_attrs=self._supported_attrs,
@@ -382,7 +386,9 @@ class SimulatedHost:
             return self._write_back(arg, cmd, err)
         if cmd.id == uapi.KVM_TDX_INIT_VM:
             err, hw_error = self._td_init(vm, cmd)
-            return self._write_back(arg, replace(cmd, hw_error=hw_error), err)
+            back = cmd if hw_error == cmd.hw_error else TdxCmd(cmd.id, cmd.flags, cmd.data,
+                                                                hw_error)
+            return self._write_back(arg, back, err)
         if cmd.id == uapi.KVM_TDX_FINALIZE_VM:
             return self._write_back(arg, cmd, self._td_finalize(vm))
         # INIT_VCPU and GET_CPUID are vCPU ioctls; INIT_MEM_REGION needs a
@@ -540,20 +546,21 @@ class SimulatedHost:
             return errno.EINVAL, 0
         if init_vm.xfam & ~self._supported_xfam:
             return errno.EINVAL, 0
-        entries = init_vm.entries
-        by_function: dict[int, list[CpuidEntry]] = {}
-        for entry in entries:
-            by_function.setdefault(entry.function, []).append(entry)
-
-        def find(function: int, index: int) -> CpuidEntry | None:
-            # KVM's kvm_find_cpuid_entry2: the first in array order.
-            for candidate in by_function.get(function, ()):
-                if (not candidate.flags & uapi.KVM_CPUID_FLAG_SIGNIFCANT_INDEX
-                        or candidate.index == index):
-                    return candidate
-            return None
-
-        gpaw_entry = find(_GPAW_LEAF, 0)
+        # KVM's kvm_find_cpuid_entry2 for the GPAW lookup and for every row: the
+        # first entry in array order whose function matches and that either lacks
+        # the significant-index flag or has the index.  One pass over the array
+        # gives every row its first match.
+        matched: list[CpuidEntry | None] = [None] * self._n
+        gpaw_entry: CpuidEntry | None = None
+        rows_of = self._rows_of_function
+        for entry in init_vm.entries:
+            loose = not entry.flags & uapi.KVM_CPUID_FLAG_SIGNIFCANT_INDEX
+            if gpaw_entry is None and entry.function == _GPAW_LEAF and (
+                    loose or entry.index == 0):
+                gpaw_entry = entry
+            for k, index in rows_of.get(entry.function, ()):
+                if matched[k] is None and (loose or entry.index == index):
+                    matched[k] = entry
         if gpaw_entry is None:
             return errno.EINVAL, 0
         gpaw = (gpaw_entry.eax & _GPAW_FIELD) >> 16
@@ -562,8 +569,7 @@ class SimulatedHost:
 
         values: list[Regs] = []
         count = 0
-        for row in self._rows:
-            e = find(row.leaf, row.index)
+        for row, e in zip(self._rows, matched, strict=True):
             if e is None:
                 values.append(_ZERO)
                 continue
