@@ -114,19 +114,18 @@ class CmdResult:
         return self.errno == 0
 
 
-_VmT = TypeVar("_VmT", bound="Vm")
+_HandleT = TypeVar("_HandleT", bound="_FdHandle")
 
 
-class Vm:
-    """A VM file descriptor.  Closing it releases everything KVM holds for the VM."""
+class _FdHandle:
+    """An owned file descriptor on a seam: closed once, on every path out of a with-block."""
 
-    def __init__(self, seam: Seam, fd: int, vm_type: int, counters: Counters) -> None:
+    def __init__(self, seam: Seam, fd: int | None, counters: Counters) -> None:
         self._seam = seam
-        self.fd: int | None = fd
-        self.vm_type = vm_type
+        self.fd = fd
         self.counters = counters
 
-    def __enter__(self: _VmT) -> _VmT:
+    def __enter__(self: _HandleT) -> _HandleT:
         return self
 
     def __exit__(self, t: type[BaseException] | None, v: BaseException | None,
@@ -139,14 +138,19 @@ class Vm:
             self.counters.closes += 1
             self._seam.close(fd)
 
-    def _fd(self) -> int:
-        if self.fd is None:
-            raise ValueError("VM handle is closed")
-        return self.fd
-
     def ioctl(self, request: int, arg: int) -> int:
+        if self.fd is None:
+            raise ValueError(f"{type(self).__name__} handle is closed")
         self.counters.ioctls += 1
-        return self._seam.ioctl(self._fd(), request, arg)
+        return self._seam.ioctl(self.fd, request, arg)
+
+
+class Vm(_FdHandle):
+    """A VM file descriptor.  Closing it releases everything KVM holds for the VM."""
+
+    def __init__(self, seam: Seam, fd: int, vm_type: int, counters: Counters) -> None:
+        super().__init__(seam, fd, counters)
+        self.vm_type = vm_type
 
     def memory_encrypt_op(self, cmd: TdxCmd, data: bytes | None, *,
                           cmd_address: int | None = None) -> CmdResult:
@@ -218,43 +222,24 @@ class TdxVm(Vm):
         return Outcome.classify(res.errno, reported)
 
 
-class Kvm:
+class Kvm(_FdHandle):
     """The KVM system handle (/dev/kvm)."""
 
     def __init__(self, seam: Seam | None = None, path: str = DEFAULT_KVM_PATH) -> None:
-        self._seam: Seam = seam if seam is not None else RealSeam()
+        the_seam: Seam = seam if seam is not None else RealSeam()
         self.path = path
-        self.counters = Counters()
         try:
-            self.fd: int | None = self._seam.open(path, uapi.O_RDWR | uapi.O_CLOEXEC)
+            fd = the_seam.open(path, uapi.O_RDWR | uapi.O_CLOEXEC)
         except OSError as e:
             raise open_error(path, e) from None
+        super().__init__(the_seam, fd, Counters())
         self.counters.opens += 1
 
-    def __enter__(self) -> Kvm:
-        return self
-
-    def __exit__(self, t: type[BaseException] | None, v: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
-
-    def close(self) -> None:
-        fd, self.fd = self.fd, None
-        if fd is not None:
-            self.counters.closes += 1
-            self._seam.close(fd)
-
-    def _ioctl(self, request: int, arg: int) -> int:
-        if self.fd is None:
-            raise ValueError("KVM handle is closed")
-        self.counters.ioctls += 1
-        return self._seam.ioctl(self.fd, request, arg)
-
     def api_version(self) -> int:
-        return self._ioctl(uapi.KVM_GET_API_VERSION, 0)
+        return self.ioctl(uapi.KVM_GET_API_VERSION, 0)
 
     def check_extension(self, cap: int) -> int:
-        return self._ioctl(uapi.KVM_CHECK_EXTENSION, cap)
+        return self.ioctl(uapi.KVM_CHECK_EXTENSION, cap)
 
     def vm_types(self) -> int:
         """The KVM_CAP_VM_TYPES bitmask (bit 0 alone on kernels without the capability)."""
@@ -269,7 +254,7 @@ class Kvm:
         while True:
             mem = uapi.Memory(uapi.pack_cpuid2((), nent=nent, room=nent))
             try:
-                self._ioctl(uapi.KVM_GET_SUPPORTED_CPUID, mem.address)
+                self.ioctl(uapi.KVM_GET_SUPPORTED_CPUID, mem.address)
             except OSError as e:
                 if e.errno == errno.E2BIG and nent < uapi.KVM_MAX_CPUID_ENTRIES * 4:
                     nent *= 2
@@ -278,7 +263,7 @@ class Kvm:
             return uapi.unpack_cpuid2(mem.read())[1]
 
     def create_vm(self, vm_type: int = uapi.KVM_X86_DEFAULT_VM) -> Vm:
-        fd = self._ioctl(uapi.KVM_CREATE_VM, vm_type)
+        fd = self.ioctl(uapi.KVM_CREATE_VM, vm_type)
         self.counters.vms_created += 1
         self.counters.opens += 1
         if vm_type == uapi.KVM_X86_TDX_VM:
