@@ -18,7 +18,6 @@ kselftest logs key on them.  Every TD a check creates is closed on every path.
 from __future__ import annotations
 
 import errno
-import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -29,9 +28,10 @@ import psutil
 
 from kvmtdx import catalog, mirror, uapi
 from kvmtdx.device import Counters, Kvm, KvmError, Seam, TdxVm, no_tdx_reason
+from kvmtdx.knowledge import Given, Knowledge, caps_equal, complete
 from kvmtdx.outcome import OPERAND_CPUID_CONFIG, Kind, Outcome
-from kvmtdx.policy import POLICY_NAMES, Allowlist, Policy, get_policy
-from kvmtdx.profiles import Host, ModuleProfile, Regs
+from kvmtdx.policy import Policy
+from kvmtdx.profiles import ModuleProfile, Regs
 from kvmtdx.requests import Request
 from kvmtdx.structs import (
     FLAG_SIGNIFICANT_INDEX,
@@ -94,24 +94,6 @@ class CheckResult:
         return {"id": self.id, "group": self.group, "status": self.status,
                 "detail": self.detail, "expected": self.expected, "actual": self.actual,
                 "bits": [b.to_json() for b in self.bits]}
-
-
-@dataclass(frozen=True, slots=True)
-class Knowledge:
-    """What the run knows about the kernel under test, and where each fact came from."""
-
-    module: ModuleProfile | None
-    module_source: str
-    host: Host | None
-    host_source: str
-    host_exact: bool  # a real --host file or the simulated host, not inferred
-    policy: Policy | None
-    policy_reason: str
-    allowlist_source: str
-
-    @property
-    def exact(self) -> bool:
-        return self.module is not None and self.host is not None and self.policy is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,7 +174,7 @@ def _labels(bits: Sequence[BitRef], limit: int = 4) -> str:
 
 
 # ---------------------------------------------------------------------------
-# Knowledge: module, host and policy, with provenance.
+# Naming rows.
 
 
 def _subleaf_of(module: ModuleProfile | None, leaf: int, index: int) -> int | None:
@@ -201,118 +183,6 @@ def _subleaf_of(module: ModuleProfile | None, leaf: int, index: int) -> int | No
             if r.leaf == leaf and r.kvm_index == index:
                 return r.subleaf
     return index
-
-
-def infer_host(module: ModuleProfile, caps: Capabilities, policy: Policy) -> Host:
-    """The host a real run predicts against when no --host is given.
-
-    A reported allow_direct bit proves the CPU has it; a bit the policy hides is
-    assumed present (the public TDX hosts have HLE, RTM and WAITPKG); leaf 1 EAX
-    is 0, which the module reads as "native FMS"; XFAM is what KVM reported.
-    """
-    native: dict[tuple[int, int | None], Regs] = {}
-    for row, e in zip(module.rows, caps.entries, strict=False):
-        regs = list(_regs(e))
-        for i, r in enumerate(REGISTERS):
-            hidden = row.allow_direct[i] & ~regs[i]
-            if policy.allowlist is not None:
-                hidden &= ~policy.allowlist.mask(row.leaf, row.kvm_index, r)
-            elif policy.denylist and row.leaf == 7 and row.kvm_index == 0:
-                hidden &= mirror.DENYLIST.get(r, 0)
-            else:
-                hidden = 0
-            regs[i] |= hidden
-        if row.leaf == 1:
-            regs[0] = 0
-        a, b, c, d = regs
-        native[(row.leaf, row.subleaf)] = (a, b, c, d)
-    return Host(name="inferred from KVM_TDX_CAPABILITIES", native=native,
-                xfam_supported=caps.supported_xfam, ept_5level=False, tsx_ctrl=True)
-
-
-def _missing_features(module: ModuleProfile, caps: Capabilities, policy: Policy) -> int:
-    """How many allow_direct bits the CPU would lack if `policy` produced `caps`."""
-    host = infer_host(module, caps, policy)
-    n = 0
-    for row in module.rows:
-        native = host.native_regs(row.leaf, row.subleaf)
-        n += sum(bin(ad & ~nat & ~cd).count("1") for ad, nat, cd in
-                 zip(row.allow_direct, native, row.config_direct, strict=True))
-    return n
-
-
-def _policy_by_release(release: str) -> str | None:
-    m = re.match(r"(\d+)\.(\d+)", release)
-    if not m:
-        return None
-    major, minor = int(m.group(1)), int(m.group(2))
-    if (major, minor) == (6, 16):
-        return "upstream-6.16"
-    if (major == 6 and minor >= 19) or major == 7:
-        return "upstream"
-    return None
-
-
-def _caps_equal(a: Capabilities, b: Capabilities, *, entry_flags: bool) -> bool:
-    if not entry_flags:
-        a = replace(a, entries=tuple(replace(e, flags=0, padding=(0, 0, 0)) for e in a.entries))
-        b = replace(b, entries=tuple(replace(e, flags=0, padding=(0, 0, 0)) for e in b.entries))
-    return a == b
-
-
-def choose_policy(requested: str, allowlist: Allowlist | None, module: ModuleProfile | None,
-                  host: Host | None, caps: Capabilities, release: str,
-                  fallback: Policy | None = None) -> tuple[Policy | None, str]:
-    """The policy to judge by, and why (`--policy auto` picks; anything else is given)."""
-    if requested != "auto":
-        return get_policy(requested, allowlist), f"--policy {requested} (given)"
-    if module is not None:
-        matches: list[str] = []
-        for name in POLICY_NAMES:
-            p = get_policy(name, allowlist)
-            h = host if host is not None else infer_host(module, caps, p)
-            pred = mirror.predict_capabilities(module, h, p, len(module.rows))
-            if pred.caps is not None and _caps_equal(
-                    pred.caps, caps, entry_flags=not p.caps_echoes_caller):
-                matches.append(name)
-        if len(matches) == 1:
-            return (get_policy(matches[0], allowlist),
-                    f"auto: {matches[0]}, the only policy whose predicted capabilities match "
-                    f"the kernel's (module {module.name})")
-        by_release = _policy_by_release(release)
-        if matches and host is None:
-            # With the host inferred, every policy can explain the report by a CPU
-            # that lacks what the policy would not hide; the likeliest reading is
-            # the one whose CPU lacks the fewest features the module allows.
-            missing = {n: _missing_features(module, caps, get_policy(n, allowlist))
-                       for n in matches}
-            fewest = min(missing.values())
-            best = [n for n in matches if missing[n] == fewest]
-            if len(best) == 1 and len(matches) > 1:
-                return (get_policy(best[0], allowlist),
-                        f"auto: {best[0]}: of the policies whose predictions match "
-                        f"({', '.join(matches)}), it needs the fewest features missing from "
-                        f"the CPU ({fewest}) to explain the kernel's capabilities")
-            matches = best
-        if matches:
-            pick = by_release if by_release in matches else matches[0]
-            return (get_policy(pick, allowlist),
-                    f"auto: predicted capabilities of {', '.join(matches)} all match the "
-                    f"kernel's; chose {pick}"
-                    + (f" by kernel release {release}" if pick == by_release else ""))
-        why = "auto: no policy's predicted capabilities match the kernel's"
-    else:
-        why = "auto: no module profile to compare predictions with"
-    if caps.user_tdvmcallinfo_1_r11 == 0x3:
-        return (get_policy("upstream-6.16", allowlist),
-                f"{why}; upstream-6.16: user_tdvmcallinfo_1_r11 = 3, as only Linux 6.16 reports")
-    if fallback is not None:
-        return fallback, f"{why}; {fallback.name}, the simulated host's policy"
-    by_release = _policy_by_release(release)
-    if by_release is not None:
-        return get_policy(by_release, allowlist), f"{why}; {by_release} by kernel release {release}"
-    return None, (f"{why}, and kernel release {release} is not a known TDX kernel; "
-                  "checks that need a policy skip (give --policy)")
 
 
 # ---------------------------------------------------------------------------
@@ -659,7 +529,7 @@ def _caps_twice(ctx: _Ctx) -> _V:
     with ctx.td() as td:
         again = td.capabilities()
     echo = ctx.know.policy is not None and ctx.know.policy.caps_echoes_caller
-    if _caps_equal(again, ctx.caps, entry_flags=not echo):
+    if caps_equal(again, ctx.caps, entry_flags=not echo):
         return _ok("equal")
     return _bad("a second KVM_TDX_CAPABILITIES reported something else")
 
@@ -1313,33 +1183,20 @@ def _proc_numbers() -> tuple[int, int]:
     return p.num_fds(), int(p.memory_info().rss)
 
 
-def _module_source(module: ModuleProfile | None, given: str | None, simulated: bool) -> str:
-    if module is None:
-        return "none: checks that need exact predictions skip"
-    if given:
-        return f"--module {given} ({module.source})"
-    return f"the simulated host's module {module.name}" if simulated else module.name
-
-
 def _empty_summary(fds: int, rss: int, counters: Counters | None = None) -> Summary:
     c = counters or Counters()
     return Summary(0, 0, 0, 0, c.tds_created, c.ioctls, c.init_vm_calls, fds, fds, rss, rss)
 
 
-def run_verify(seam: Seam, *, backend_label: str, simulated: bool = False,
-               module: ModuleProfile | None = None, module_given: str | None = None,
-               host: Host | None = None, host_source: str = "", host_exact: bool = False,
-               policy: str = "auto", allowlist: Allowlist | None = None,
-               allowlist_given: str | None = None, sim_policy: Policy | None = None,
+def run_verify(seam: Seam, *, backend_label: str, given: Given | None = None,
                kernel_release: str | None = None, only: Sequence[str] | None = None,
                progress: Progress | None = None) -> VerifyReport:
     """Run the suite over `seam`; nothing here prints.
 
-    `module`/`host` are what is known (a --module, a --host, or the simulated
-    host's own); `sim_policy` is the simulated host's policy, used by `auto` only
-    when no prediction matches.  `only` limits the run to those check ids.
+    `given` is what is known before the kernel is asked (kvmtdx.knowledge.given);
+    the policy and host are completed from the capabilities as `probe` does.
+    `only` limits the run to those check ids.
     """
-    release = kernel_release if kernel_release is not None else os.uname().release
     fds0, rss0 = _proc_numbers()
     specs = [s for s in CHECKS if only is None or s.id in only]
     try:
@@ -1364,19 +1221,7 @@ def run_verify(seam: Seam, *, backend_label: str, simulated: bool = False,
         except OSError as e:
             return _failed_start(backend_label, f"KVM_TDX_CAPABILITIES failed: {e}", fds0, rss0,
                                  kvm.counters)
-        chosen, reason = choose_policy(policy, allowlist, module, host, caps, release,
-                                       fallback=sim_policy)
-        the_host, hsrc, exact_host = host, host_source, host_exact
-        if the_host is None and module is not None and chosen is not None:
-            the_host = infer_host(module, caps, chosen)
-            hsrc, exact_host = "inferred from the reported capabilities", False
-        if chosen is None or chosen.allowlist is None:
-            asrc = "none (the policy has no allowlist)" if chosen is not None else "unknown"
-        else:
-            asrc = (f"--allowlist {allowlist_given}" if allowlist_given else "bundled") + \
-                f": {chosen.allowlist.name} ({chosen.allowlist.provenance})"
-        know = Knowledge(module, _module_source(module, module_given, simulated), the_host,
-                         hsrc or "none", exact_host, chosen, reason, asrc)
+        know = complete(given if given is not None else Given(), caps, kernel_release)
         ctx = _Ctx(kvm=kvm, seam=seam, know=know, caps=caps)
         free = getattr(seam, "free_key_ids", None)
         ctx.key_ids_before = free if isinstance(free, int) else None

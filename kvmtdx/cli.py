@@ -16,6 +16,7 @@ from kvmtdx.device import KvmError
 from kvmtdx.profiles import DataError
 
 if TYPE_CHECKING:
+    from kvmtdx.knowledge import Given
     from kvmtdx.session import Backend
     from kvmtdx.structs import Capabilities
 
@@ -170,6 +171,14 @@ def _session(args: argparse.Namespace) -> Backend:
     )
 
 
+def _given(args: argparse.Namespace, backend: Backend) -> Given:
+    """What --module, --host, --policy and --allowlist tell verify and probe."""
+    from kvmtdx.knowledge import given
+
+    return given(backend, module=args.module, host=args.host, policy=args.policy,
+                 allowlist=args.allowlist)
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from kvmtdx.hostinfo import gather_info
     from kvmtdx.report import emit
@@ -271,28 +280,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from kvmtdx.checks import run_verify
-    from kvmtdx.native import host_by_name
-    from kvmtdx.policy import load_allowlist
-    from kvmtdx.profiles import load_profile
     from kvmtdx.report import emit
     from kvmtdx.report import verify as render
 
     backend = _session(args)
-    module = load_profile(args.module) if args.module else backend.module
-    if backend.simulated:
-        host, host_source = backend.host, "the simulated host's"
-    elif args.host:
-        host, host_source = host_by_name(args.host), f"--host {args.host}"
-    else:
-        host, host_source = None, ""
-    report = run_verify(
-        backend.seam, backend_label=backend.label, simulated=backend.simulated,
-        module=module, module_given=args.module, host=host, host_source=host_source,
-        host_exact=host is not None, policy=args.policy,
-        allowlist=load_allowlist(args.allowlist) if args.allowlist else None,
-        allowlist_given=args.allowlist, sim_policy=backend.policy,
-        progress=_progress() if sys.stderr.isatty() else None,
-    )
+    report = run_verify(backend.seam, backend_label=backend.label, given=_given(args, backend),
+                        progress=_progress() if sys.stderr.isatty() else None)
     if sys.stderr.isatty():
         sys.stderr.write("\r\033[K")
     if report.skip_reason is not None:
@@ -322,39 +315,23 @@ def cmd_probe(args: argparse.Namespace) -> int:
     import datetime
 
     from kvmtdx import probe
-    from kvmtdx.device import RealSeam
-    from kvmtdx.native import host_by_name
-    from kvmtdx.policy import get_policy, load_allowlist
-    from kvmtdx.profiles import MAX_HOST, load_profile
     from kvmtdx.report import emit
     from kvmtdx.report import probe as render
-    from kvmtdx.session import open_backend
 
     if args.jobs < 1:
         raise DataError("--jobs must be at least 1")
-    allowlist = load_allowlist(args.allowlist) if args.allowlist else None
-    backend = open_backend(args.simulate, args.backend,
-                           host_by_name(args.host) if args.host and args.simulate else None,
-                           allowlist)
-    model: probe.Model | None = None
-    if backend.module is not None and backend.host is not None:
-        model = probe.Model(backend.module, backend.host, backend.policy)
-    elif args.module:
-        policy = None if args.policy in (None, "auto") else get_policy(args.policy, allowlist)
-        model = probe.Model(load_profile(args.module),
-                            host_by_name(args.host) if args.host else MAX_HOST, policy)
+    backend = _session(args)
+    known = _given(args, backend)
     tty = sys.stderr.isatty()
 
     def progress(tds: int) -> None:
         sys.stderr.write(f"\rkvmtdx probe: {tds} TDs")
         sys.stderr.flush()
 
-    options = probe.ProbeOptions(exhaustive=args.exhaustive or model is None,
-                                 max_tds=args.max_tds, jobs=args.jobs,
-                                 progress=progress if tty else None)
+    options = probe.ProbeOptions(exhaustive=args.exhaustive, max_tds=args.max_tds,
+                                 jobs=args.jobs, progress=progress if tty else None)
     try:
-        result = probe.probe(backend.seam, options, label=backend.label, model=model,
-                             serialize=not isinstance(backend.seam, RealSeam))
+        result = probe.probe(backend.seam, options, label=backend.label, given=known)
     except probe.ProbeError as e:
         sys.stderr.write(("\n" if tty else "") + f"kvmtdx: error: {e}\n")
         return EXIT_FAIL

@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from kvmtdx import catalog, mirror, uapi
-from kvmtdx.device import Kvm, KvmError, Seam, TdxVm, no_tdx_reason
+from kvmtdx.device import Kvm, KvmError, RealSeam, Seam, TdxVm, no_tdx_reason
+from kvmtdx.knowledge import Given, Knowledge, complete
 from kvmtdx.outcome import Kind, Outcome
 from kvmtdx.policy import Allowlist, Policy
 from kvmtdx.profiles import BUNDLED_MODULES, Host, ModuleProfile, load_profile
@@ -133,6 +134,7 @@ class ProbeResult:
     module: str | None = None
     policy: str | None = None
     notes: list[str] = field(default_factory=list)
+    knowledge: Knowledge | None = None  # what the run was judged by, and why
 
     @property
     def failures(self) -> list[BitResult | FieldResult]:
@@ -180,11 +182,19 @@ def _field_spans(leaf: int, subleaf: int, register: str, mask: int) -> list[tupl
 
 @dataclass(frozen=True)
 class Model:
-    """A module profile and host (and, optionally, the policy the kernel should follow)."""
+    """A module profile, with the host and the kernel's policy when they are known."""
 
     module: ModuleProfile
-    host: Host
+    host: Host | None = None
     policy: Policy | None = None
+
+    @staticmethod
+    def of(know: Knowledge) -> Model | None:
+        return None if know.module is None else Model(know.module, know.host, know.policy)
+
+    def exact(self) -> tuple[Host, Policy] | None:
+        """The host and policy, when both are known: what the mirror needs to predict."""
+        return None if self.host is None or self.policy is None else (self.host, self.policy)
 
     def row_index(self, leaf: int, index: int) -> int | None:
         for i, row in enumerate(self.module.rows):
@@ -436,9 +446,9 @@ class DeviceOracle:
         return [self.cache.get(r) for r in requests]
 
 
-def mirror_oracle(model: Model, policy: Policy) -> Oracle:
+def mirror_oracle(module: ModuleProfile, host: Host, policy: Policy) -> Oracle:
     def run(requests: Sequence[InitVm]) -> list[Outcome | None]:
-        return [mirror.predict_init_vm(model.module, model.host, policy, r) for r in requests]
+        return [mirror.predict_init_vm(module, host, policy, r) for r in requests]
     return run
 
 
@@ -487,11 +497,11 @@ class _Prober:
     def _suspects(self) -> frozenset[BitKey]:
         """Reported bits the mirror says this kernel should hide.  Each is tried alone: a
         likely refusal inside the group would only cost halvings to find again."""
-        m = self.model
-        if m is None or m.policy is None:
+        exact = self.model.exact() if self.model is not None else None
+        if self.model is None or exact is None:
             return frozenset()
         predicted = {(e.function, e.index): e
-                     for e in mirror.reported_entries(m.module, m.host, m.policy)}
+                     for e in mirror.reported_entries(self.model.module, *exact)}
         out: set[BitKey] = set()
         for row, register in self._feature_regs():
             e = self.layout.rows[row]
@@ -795,20 +805,20 @@ def classify(caps: Capabilities, oracle: Oracle, model: Model | None, *, exhaust
     return _Prober(caps, oracle, model, exhaustive=exhaustive, native_fms=native_fms).run()
 
 
-def expected_classes(model: Model, policy: Policy, *, exhaustive: bool = True
-                     ) -> dict[BitKey, BitClass]:
+def expected_classes(module: ModuleProfile, host: Host, policy: Policy, *,
+                     exhaustive: bool = True) -> dict[BitKey, BitClass]:
     """The classes the mirror says a kernel of `policy` gives (the same algorithm, the mirror
     as oracle, on the capabilities the mirror predicts)."""
-    pred = mirror.predict_capabilities(model.module, model.host, policy, len(model.module.rows))
+    pred = mirror.predict_capabilities(module, host, policy, len(module.rows))
     if pred.caps is None:
         return {}
-    got = classify(pred.caps, mirror_oracle(model, policy), model, exhaustive=exhaustive,
-                   native_fms=model.host.native_fms())
+    got = classify(pred.caps, mirror_oracle(module, host, policy), Model(module, host, policy),
+                   exhaustive=exhaustive, native_fms=host.native_fms())
     return {k: v[0] for k, v in got.bits.items()}
 
 
 def _native_fms(kvm: Kvm, model: Model | None) -> int | None:
-    if model is not None:
+    if model is not None and model.host is not None:
         return model.host.native_fms() or None
     try:
         for e in kvm.supported_cpuid():
@@ -820,7 +830,7 @@ def _native_fms(kvm: Kvm, model: Model | None) -> int | None:
 
 
 def _explain_hidden(model: Model | None, layout: _Layout, key: BitKey) -> str | None:
-    if model is None:
+    if model is None or model.host is None:
         return None
     mi = model.row_index(key[0], key[1])
     if mi is None:
@@ -830,13 +840,15 @@ def _explain_hidden(model: Model | None, layout: _Layout, key: BitKey) -> str | 
     return None
 
 
-def probe(seam: Seam, options: ProbeOptions, *, label: str, model: Model | None = None,
-          serialize: bool = False) -> ProbeResult:
-    """Probe the kernel behind `seam`.  `serialize` runs one ioctl at a time (for seams
-    that are not thread-safe, like the simulated host)."""
+def probe(seam: Seam, options: ProbeOptions, *, label: str, given: Given | None = None,
+          kernel_release: str | None = None) -> ProbeResult:
+    """Probe the kernel behind `seam`, judged by what is `given` (kvmtdx.knowledge.given),
+    completed from the capabilities as `verify` does.  Seams other than the real device
+    are driven one ioctl at a time: kvmtdx cannot know that they are thread-safe."""
     start = time.monotonic()
     if options.max_tds is not None and options.max_tds < 1:
         raise ProbeError("--max-tds must be at least 1")
+    serialize = not isinstance(seam, RealSeam)
     counting = _CountingSeam(seam, serialize)
     with Kvm(counting) as kvm:
         if not kvm.has_tdx():
@@ -844,21 +856,25 @@ def probe(seam: Seam, options: ProbeOptions, *, label: str, model: Model | None 
         oracle = DeviceOracle(kvm, jobs=options.jobs, max_tds=options.max_tds,
                               progress=options.progress)
         caps = oracle.capabilities()
-        exhaustive = options.exhaustive
+        know = complete(given if given is not None else Given(), caps, kernel_release)
+        model = Model.of(know)
+        # Without a module profile nothing says which hidden bits matter: try them all.
+        exhaustive = options.exhaustive or model is None
         got = classify(caps, oracle, model, exhaustive=exhaustive,
                        native_fms=_native_fms(kvm, model))
+    exact = model.exact() if model is not None else None
     expected: dict[BitKey, BitClass] = {}
-    if model is not None and model.policy is not None:
-        expected = expected_classes(model, model.policy, exhaustive=True)
+    if model is not None and exact is not None:
+        expected = expected_classes(model.module, *exact, exhaustive=True)
     layout = _layout(caps, model)
     bits: list[BitResult] = []
     for key in sorted(got.bits, key=_order(layout)):
         cls, out, why = got.bits[key]
         if cls is BitClass.HIDDEN_ACCEPTED and why is None:
             why = _explain_hidden(model, layout, key)
-        if cls is BitClass.REPORTED_REJECTED and model is not None and model.policy is not None:
+        if cls is BitClass.REPORTED_REJECTED and model is not None and exact is not None:
             # With the kernel's policy known, only the mirror may excuse a rejection.
-            why = _mirror_reason(model, model.policy, caps, layout, key, out)
+            why = _mirror_reason(model.module, *exact, caps, layout, key, out)
         bits.append(BitResult(key[0], key[1], key[2], key[3], bit_name(*key), cls, out, why,
                               expected.get(key)))
     fields = [
@@ -886,6 +902,7 @@ def probe(seam: Seam, options: ProbeOptions, *, label: str, model: Model | None 
         module=model.module.name if model is not None else None,
         policy=model.policy.name if model is not None and model.policy is not None else None,
         notes=notes,
+        knowledge=know,
     )
 
 
@@ -896,18 +913,18 @@ def _order(layout: _Layout) -> Callable[[BitKey], tuple[int, int, int, int]]:
     return key
 
 
-def _mirror_reason(model: Model, policy: Policy, caps: Capabilities, layout: _Layout,
-                   key: BitKey, out: Outcome | None) -> str | None:
+def _mirror_reason(module: ModuleProfile, host: Host, policy: Policy, caps: Capabilities,
+                   layout: _Layout, key: BitKey, out: Outcome | None) -> str | None:
     """The module coupling the mirror names for this bit, if the mirror also has the kernel
     report it and the module refuse it alone; else None (a kernel bug)."""
     pos = layout.position(key[0], key[1])
     predicted = {(e.function, e.index): e
-                 for e in mirror.reported_entries(model.module, model.host, policy)}
+                 for e in mirror.reported_entries(module, host, policy)}
     e = predicted.get((key[0], key[1]))
     if pos is None or e is None or not e.reg(key[2]) >> key[3] & 1:
         return None
     iv = layout.request([Unit(((pos, key[2], 1 << key[3]),))], xfam=caps.supported_xfam)
-    pred = mirror.predict_init_vm(model.module, model.host, policy, iv)
+    pred = mirror.predict_init_vm(module, host, policy, iv)
     if pred.kind is Kind.ACCEPTED or not (pred.check or "").startswith("module_"):
         return None
     if out is not None and not pred.same_answer(out):

@@ -87,23 +87,26 @@ def open_backend(
     if backend:
         return Backend(seam=load_plugin(backend), label=f"backend {backend}", simulated=False)
     if simulate:
-        from kvmtdx import sim  # only simulated runs need it
-
         spec = parse_simulate(simulate)
-        module = load_profile(spec.module)
-        policy = get_policy(spec.policy, allowlist)
-        if spec.mutant is not None and spec.mutant not in sim.MUTANTS:
-            raise DataError(
-                f"unknown mutant {spec.mutant!r}: see 'kvmtdx verify --simulate list'"
-            )
-        the_host = host if host is not None else MAX_HOST
-        kwargs = {} if key_ids is None else {"key_ids": key_ids}
-        seam = sim.SimulatedHost(module, the_host, policy, mutant=spec.mutant, **kwargs)
-        label = f"simulated TDX host (module {module.name}, policy {policy.name}"
-        label += f", host {the_host.name}" + (f", mutant {spec.mutant})" if spec.mutant else ")")
-        return Backend(seam=seam, label=label, simulated=True, module=module, policy=policy,
-                       host=the_host, mutant=spec.mutant)
+        return simulated_backend(load_profile(spec.module), host if host is not None else MAX_HOST,
+                                 get_policy(spec.policy, allowlist), mutant=spec.mutant,
+                                 key_ids=key_ids)
     return Backend(seam=RealSeam(), label=f"real {DEFAULT_KVM_PATH}", simulated=False)
+
+
+def simulated_backend(module: ModuleProfile, host: Host, policy: Policy, *,
+                      mutant: str | None = None, key_ids: int | None = None) -> Backend:
+    """The simulated host running `module` on `host` under `policy`, as a backend."""
+    from kvmtdx import sim  # only simulated runs need it
+
+    if mutant is not None and mutant not in sim.MUTANTS:
+        raise DataError(f"unknown mutant {mutant!r}: see 'kvmtdx verify --simulate list'")
+    kwargs = {} if key_ids is None else {"key_ids": key_ids}
+    seam = sim.SimulatedHost(module, host, policy, mutant=mutant, **kwargs)
+    label = f"simulated TDX host (module {module.name}, policy {policy.name}"
+    label += f", host {host.name}" + (f", mutant {mutant})" if mutant else ")")
+    return Backend(seam=seam, label=label, simulated=True, module=module, policy=policy,
+                   host=host, mutant=mutant)
 
 
 def init_vm_bytes(init_vm: InitVm) -> bytes:

@@ -35,8 +35,9 @@ import sys
 import time
 from dataclasses import dataclass
 
+from kvmtdx.knowledge import Given
 from kvmtdx.policy import POLICY_NAMES, get_policy
-from kvmtdx.probe import BitClass, Model, ProbeOptions, ProbeResult, probe
+from kvmtdx.probe import BitClass, ProbeOptions, ProbeResult, probe
 from kvmtdx.profiles import BUNDLED_MODULES, MAX_HOST, load_profile
 from kvmtdx.sim import SimulatedHost
 
@@ -53,8 +54,8 @@ def _run(module: str, policy: str, mutant: str | None, exhaustive: bool) -> Run:
     m, p = load_profile(module), get_policy(policy)
     sim = SimulatedHost(m, MAX_HOST, p, mutant=mutant)
     start = time.perf_counter()
-    r = probe(sim, ProbeOptions(exhaustive=exhaustive), label="sim", model=Model(m, MAX_HOST, p),
-              serialize=True)
+    r = probe(sim, ProbeOptions(exhaustive=exhaustive), label="sim",
+              given=Given(module=m, host=MAX_HOST, policy=policy))
     return Run(r, time.perf_counter() - start)
 
 

@@ -15,9 +15,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kvmtdx import checks, sim
+from kvmtdx import checks
+from kvmtdx.knowledge import given
 from kvmtdx.policy import POLICY_NAMES, get_policy
 from kvmtdx.profiles import BUNDLED_MODULES, MAX_HOST, load_profile
+from kvmtdx.session import simulated_backend
 
 
 def main() -> int:
@@ -30,11 +32,11 @@ def main() -> int:
           f"{'INIT_VM':>7}  verdict")
     for name in args.module or BUNDLED_MODULES:
         for pol in args.policy or POLICY_NAMES:
-            module, policy = load_profile(name), get_policy(pol)
-            seam = sim.SimulatedHost(module, MAX_HOST, policy, mutant=args.mutant)
+            backend = simulated_backend(load_profile(name), MAX_HOST, get_policy(pol),
+                                        mutant=args.mutant)
             t0 = time.perf_counter()
-            r = checks.run_verify(seam, backend_label="sim", simulated=True, module=module,
-                                  host=MAX_HOST, host_exact=True, policy=pol)
+            r = checks.run_verify(backend.seam, backend_label="sim",
+                                  given=given(backend, policy=pol))
             dt = time.perf_counter() - t0
             s = r.summary
             print(f"{name:9} {pol:14} {dt:8.3f} {s.tds_created:6} {s.ioctls:7} "

@@ -8,13 +8,13 @@ import errno
 import pytest
 
 from kvmtdx import mirror
+from kvmtdx.knowledge import Given
 from kvmtdx.outcome import Kind, Outcome
 from kvmtdx.policy import POLICY_NAMES, Policy, allowlist_from_json, allowlist_to_json, get_policy
 from kvmtdx.probe import (
     BitClass,
     BitKey,
     BitResult,
-    Model,
     ProbeOptions,
     ProbeResult,
     effective_allowlist,
@@ -34,7 +34,7 @@ def run(module: str, policy: str, mutant: str | None = None, *, host: Host = MAX
     m, p = load_profile(module), get_policy(policy)
     sim = SimulatedHost(m, host, p, mutant=mutant, key_ids=key_ids)
     result = probe(sim, ProbeOptions(exhaustive=exhaustive, jobs=jobs, max_tds=max_tds),
-                   label="sim", model=Model(m, host, p), serialize=True)
+                   label="sim", given=Given(module=m, host=host, policy=policy))
     return result, sim
 
 
@@ -257,7 +257,8 @@ def test_supply_exhausted_by_another_holder_fails_cleanly() -> None:
             assert td.init_vm(mirror.full_request(m, MAX_HOST, p).init_vm).kind is Kind.ACCEPTED
         assert sim.free_key_ids == 0
         with pytest.raises(ProbeError, match=r"key IDs exhausted.*all are closed"):
-            probe(sim, ProbeOptions(), label="sim", model=Model(m, MAX_HOST, p), serialize=True)
+            probe(sim, ProbeOptions(), label="sim",
+                  given=Given(module=m, host=MAX_HOST, policy="upstream"))
         assert sim.live_tds == 2  # only the holder's TDs are left
     finally:
         for td in held:
@@ -289,8 +290,8 @@ def test_binary_splitting_finds_every_refused_reported_bit() -> None:
     m, p = load_profile("2.0"), get_policy("rfc-v2")
     sim = SimulatedHost(m, MAX_HOST, p, mutant="caps_allowlist_unapplied")
     # No policy: nothing marks the suspects, so the base request fails and is split.
-    result = probe(sim, ProbeOptions(), label="sim", model=Model(m, MAX_HOST, None),
-                   serialize=True)
+    result = probe(sim, ProbeOptions(), label="sim",
+                   given=Given(module=m, host=MAX_HOST, policy=None))
     refused = {b.key for b in result.bits if b.cls is BitClass.REPORTED_REJECTED}
     assert refused == SERIES_HIDDEN
     assert {b.key for b in result.failures if isinstance(b, BitResult)} == SERIES_HIDDEN
@@ -305,7 +306,7 @@ def test_binary_splitting_finds_every_refused_reported_bit() -> None:
 def test_probe_without_any_profile_is_exhaustive_and_matches_the_mirror() -> None:
     m, p = load_profile("1.5.01"), get_policy("upstream")
     sim = SimulatedHost(m, MAX_HOST, p)
-    result = probe(sim, ProbeOptions(exhaustive=True), label="sim", model=None, serialize=True)
+    result = probe(sim, ProbeOptions(exhaustive=True), label="sim", given=Given(policy=None))
     assert result.untested == 0 and not result.failures
     assert all(b.cls is mirror_class(m, MAX_HOST, p, b.key) for b in result.bits)
     assert all(b.expected is None for b in result.bits)
@@ -320,7 +321,7 @@ def test_xfam_gated_bits_kvm_reports_but_cannot_give_are_put_down_to_the_module(
     host = dataclasses.replace(MAX_HOST, name="no-avx512-state", xfam_supported=0x207)
     sim = SimulatedHost(m, host, p)
     result = probe(sim, ProbeOptions(), label="sim",
-                   model=Model(m, host, p if with_policy else None), serialize=True)
+                   given=Given(module=m, host=host, policy=p.name if with_policy else None))
     refused = [b for b in result.bits if b.cls is BitClass.REPORTED_REJECTED]
     assert {b.name for b in refused} >= {"AVX512F", "AVX512VL", "AVX512_VNNI"}
     assert all(b.explained and ("xfam" in b.explained.lower()) for b in refused)

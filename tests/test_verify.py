@@ -20,9 +20,11 @@ import pytest
 from kvmtdx import checks, cli, sim
 from kvmtdx.device import Kvm, tdx_status
 from kvmtdx.infer import module_from_capabilities
+from kvmtdx.knowledge import given
 from kvmtdx.policy import get_policy
 from kvmtdx.profiles import BUNDLED_MODULES, MAX_HOST, load_profile
 from kvmtdx.report import verify as render
+from kvmtdx.session import Backend, simulated_backend
 
 ROOT = Path(__file__).resolve().parent.parent
 BYPASS_PREFIX = "adversarial_denylist_bypass_"
@@ -157,9 +159,8 @@ _BASELINE: dict[str, set[str]] = {}
 def baseline_failures(policy: str) -> set[str]:
     if policy not in _BASELINE:
         m, p = load_profile("2.0"), get_policy(policy)
-        r = checks.run_verify(sim.SimulatedHost(m, MAX_HOST, p), backend_label="sim",
-                              simulated=True, module=m, host=MAX_HOST, host_exact=True,
-                              policy=policy)
+        b = simulated_backend(m, MAX_HOST, p)
+        r = checks.run_verify(b.seam, backend_label="sim", given=given(b, policy=policy))
         _BASELINE[policy] = {c.id for c in r.checks if c.status == "fail"}
     return _BASELINE[policy]
 
@@ -229,9 +230,8 @@ def test_real_device_without_tdx_skips_in_every_format(capsys: pytest.CaptureFix
 @pytest.fixture(scope="module")
 def upstream_report() -> checks.VerifyReport:
     m, p = load_profile("1.5.01"), get_policy("upstream")
-    return checks.run_verify(sim.SimulatedHost(m, MAX_HOST, p), backend_label="sim",
-                             simulated=True, module=m, host=MAX_HOST, host_exact=True,
-                             policy="auto")
+    b = simulated_backend(m, MAX_HOST, p)
+    return checks.run_verify(b.seam, backend_label="sim", given=given(b, policy="auto"))
 
 
 def test_ktap_parses_strictly(upstream_report: checks.VerifyReport) -> None:
@@ -310,8 +310,9 @@ def test_kselftest_wrapper_smoke() -> None:
 @pytest.mark.parametrize("policy", ["rfc-v2", "upstream"])
 def test_without_a_module_only_the_invariant_runs(policy: str) -> None:
     m = load_profile("2.0")
-    r = checks.run_verify(sim.SimulatedHost(m, MAX_HOST, get_policy(policy)),
-                          backend_label="plug-in", policy="auto", kernel_release="7.3.0")
+    plugin = Backend(sim.SimulatedHost(m, MAX_HOST, get_policy(policy)), "plug-in", False)
+    r = checks.run_verify(plugin.seam, backend_label="plug-in", given=given(plugin),
+                          kernel_release="7.3.0")
     status = {c.id: c for c in r.checks}
     assert status["caps_entries_match_prediction"].status == "skip"
     assert "--module" in status["caps_entries_match_prediction"].detail
@@ -326,8 +327,9 @@ def test_without_a_module_only_the_invariant_runs(policy: str) -> None:
 
 def test_module_without_host_infers_it() -> None:
     m = load_profile("2.0")
-    r = checks.run_verify(sim.SimulatedHost(m, MAX_HOST, get_policy("rfc-v2")),
-                          backend_label="plug-in", module=m, module_given="2.0", policy="auto")
+    plugin = Backend(sim.SimulatedHost(m, MAX_HOST, get_policy("rfc-v2")), "plug-in", False)
+    r = checks.run_verify(plugin.seam, backend_label="plug-in",
+                          given=given(plugin, module="2.0", policy="auto"))
     assert r.failures() == ()
     assert r.knowledge is not None and r.knowledge.policy is not None
     assert r.knowledge.policy.name == "rfc-v2" and not r.knowledge.host_exact
@@ -378,9 +380,11 @@ def test_save_module_with_a_base_restores_the_table() -> None:
 def test_progress_and_hygiene(no_fd_leak: object) -> None:
     seen: list[tuple[int, int, int]] = []
     m = load_profile("1.5.01")
-    seam = sim.SimulatedHost(m, MAX_HOST, get_policy("rfc-v2"))
-    r = checks.run_verify(seam, backend_label="sim", simulated=True, module=m, host=MAX_HOST,
-                          host_exact=True, progress=lambda d, t, n: seen.append((d, t, n)))
+    b = simulated_backend(m, MAX_HOST, get_policy("rfc-v2"))
+    seam = b.seam
+    assert isinstance(seam, sim.SimulatedHost)
+    r = checks.run_verify(seam, backend_label="sim", given=given(b),
+                          progress=lambda d, t, n: seen.append((d, t, n)))
     assert seen[-1][0] == seen[-1][1] == r.summary.total
     assert [s[0] for s in seen] == sorted(s[0] for s in seen)
     assert seen[-1][2] == r.summary.tds_created > 500
