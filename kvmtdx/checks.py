@@ -277,12 +277,11 @@ class _Ctx:
                     regs[i] = 0
             if e.function == GPAW_LEAF:
                 regs[0] = 48 << 16
-            if e.function == 7 and e.index == 0:
-                # Couplings the module enforces: HLE with RTM; PKS only with the
-                # PKS attribute, which KVM never offers.
-                if regs[1] & (HLE | RTM) != HLE | RTM:
-                    regs[1] &= ~(HLE | RTM)
-                regs[2] &= ~mirror.LEAF7_ECX_PKS
+            for rule in mirror.MODULE_COUPLINGS:
+                # The request has attributes 0; the host's TSX_CTRL is not known here.
+                if (rule.leaf, rule.subleaf or 0) == (e.function, e.index):
+                    i = REGISTERS.index(rule.register)
+                    regs[i] = rule.met(regs[i], 0)
             a, b, c, d = regs
             entries.append(CpuidEntry(e.function, e.index, FLAG_SIGNIFICANT_INDEX, a, b, c, d))
         return Request(init_vm=InitVm(attributes=0, xfam=self.caps.supported_xfam,

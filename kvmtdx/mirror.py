@@ -57,6 +57,48 @@ GPAW_VALUES = (48, 52)
 # What KVM's denylist clears and refuses in leaf 7 index 0 (upstream kernels).
 DENYLIST: dict[str, int] = {"ebx": LEAF7_EBX_HLE | LEAF7_EBX_RTM, "ecx": LEAF7_ECX_WAITPKG}
 
+
+
+@dataclass(frozen=True)
+class Coupling:
+    """A rule of TDH.MNG.INIT that ties CPUID bits of one register together or to a TD
+    attribute (public TDX module sources; XFAM gates are per module, in its profile).
+
+    With `attribute` 0 the bits of `mask` must be all set or all clear; otherwise
+    they must be set exactly when the TD has `attribute`.  `tsx_ctrl`: set, they
+    also need the host's TSX_CTRL MSR, or the module fails the call (-EIO).
+    """
+
+    leaf: int
+    subleaf: int | None
+    register: str
+    mask: int
+    check: str  # the Outcome check naming a break
+    why: str
+    attribute: int = 0
+    tsx_ctrl: bool = False
+
+    def broken(self, value: int, td_attributes: int) -> bool:
+        bits = value & self.mask
+        if self.attribute:
+            return bool(bits) != bool(td_attributes & self.attribute)
+        return bits not in (0, self.mask)
+
+    def met(self, value: int, attributes: int, *, tsx_ctrl: bool = True) -> int:
+        """`value` with the coupled bits cleared unless the request can carry them."""
+        bits = value & self.mask
+        keep = (bool(attributes & self.attribute) if self.attribute else bits == self.mask)
+        return value if keep and (tsx_ctrl or not self.tsx_ctrl) else value & ~self.mask
+
+
+# Every coupling the mirror, the checks and the prober respect; a new one goes here.
+MODULE_COUPLINGS: tuple[Coupling, ...] = (
+    Coupling(7, 0, "ebx", LEAF7_EBX_HLE | LEAF7_EBX_RTM, "module_hle_rtm",
+             "HLE and RTM must be equal", tsx_ctrl=True),
+    Coupling(7, 0, "ecx", LEAF7_ECX_PKS, "module_pks", "PKS needs ATTRIBUTES.PKS",
+             attribute=ATTR_PKS),
+)
+
 # Registers that carry values (counts, topology, FMS, address widths), not
 # feature bits (spec section 6).  They pass rfc-v2's filter and a request
 # gives them a value, not "every bit".
@@ -290,23 +332,23 @@ def _module_init(module: ModuleProfile, host: Host, attributes: int, xfam: int,
     fms = value(1, None, "eax")
     if fms and fms != host.native_fms():
         return _module(OPERAND_CPUID_CONFIG, "module_fms", leaf=1, register="eax")
-    ebx7 = value(7, 0, "ebx")
-    if bool(ebx7 & LEAF7_EBX_HLE) != bool(ebx7 & LEAF7_EBX_RTM):
-        return _module(OPERAND_CPUID_CONFIG, "module_hle_rtm", leaf=7, subleaf=0, register="ebx",
-                       bit=_lowest_bit(ebx7 & (LEAF7_EBX_HLE | LEAF7_EBX_RTM)))
     td_attributes = attributes | module.attributes_fixed1
-    if bool(value(7, 0, "ecx") & LEAF7_ECX_PKS) != bool(td_attributes & ATTR_PKS):
-        return _module(OPERAND_CPUID_CONFIG, "module_pks", leaf=7, subleaf=0, register="ecx",
-                       bit=31)
+    for c in MODULE_COUPLINGS:
+        v = value(c.leaf, c.subleaf, c.register)
+        if c.broken(v, td_attributes):
+            return _module(OPERAND_CPUID_CONFIG, c.check, leaf=c.leaf, subleaf=c.subleaf,
+                           register=c.register, bit=_lowest_bit(v & c.mask or c.mask))
     for g in module.xfam_gates:
         gated = value(g.leaf, g.subleaf, g.register) & g.mask
         if td_xfam & g.xfam != g.xfam and gated:
             return _module(OPERAND_CPUID_CONFIG, "module_xfam_gate", leaf=g.leaf,
                            subleaf=g.subleaf, register=g.register, bit=_lowest_bit(gated))
-    if ebx7 & LEAF7_EBX_HLE and not host.tsx_ctrl:
-        # TDX_INCORRECT_MSR_VALUE is not an operand error: KVM says -EIO, hw_error 0.
-        return Outcome.classify(errno.EIO, 0, check="module_tsx_ctrl", leaf=7, subleaf=0,
-                                register="ebx", bit=4)
+    for c in MODULE_COUPLINGS:
+        v = value(c.leaf, c.subleaf, c.register) & c.mask
+        if c.tsx_ctrl and v and not host.tsx_ctrl:
+            # TDX_INCORRECT_MSR_VALUE is not an operand error: KVM says -EIO, hw_error 0.
+            return Outcome.classify(errno.EIO, 0, check="module_tsx_ctrl", leaf=c.leaf,
+                                    subleaf=c.subleaf, register=c.register, bit=_lowest_bit(v))
     # Allow_direct bits the host lacks are dropped here without complaint.
     return Outcome.classify(0, 0, check="accepted")
 
@@ -392,11 +434,10 @@ def full_request(module: ModuleProfile, host: Host, policy: Policy) -> Request:
                 regs[i] = 0
         if row.leaf == GPAW_LEAF:
             regs[0] = 48 << GPAW_SHIFT
-        if row.leaf == 7 and row.kvm_index == 0:
-            tsx = LEAF7_EBX_HLE | LEAF7_EBX_RTM
-            if not host.tsx_ctrl or regs[1] & tsx != tsx:
-                regs[1] &= ~tsx
-            regs[2] &= ~LEAF7_ECX_PKS
+        for c in MODULE_COUPLINGS:
+            if (c.leaf, c.subleaf) == (row.leaf, row.subleaf):
+                i = REGISTERS.index(c.register)
+                regs[i] = c.met(regs[i], attrs, tsx_ctrl=host.tsx_ctrl)
         for g in module.xfam_gates:
             if (g.leaf, g.subleaf) == (row.leaf, row.subleaf) and td_xfam & g.xfam != g.xfam:
                 regs[REGISTERS.index(g.register)] &= ~g.mask

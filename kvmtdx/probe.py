@@ -12,8 +12,9 @@ pages and several SEAMCALLs, so the prober spends TDs carefully:
   group of hidden bits says nothing about each member, and every hidden bit
   is expected to be rejected.
 - Couplings the TDX module enforces are respected, so a coupling does not pass
-  for a kernel bug: HLE goes with RTM, PKS with ATTRIBUTES.PKS, and XFAM-gated
-  bits with XFAM = everything KVM supports.  A reported bit whose coupling
+  for a kernel bug: HLE goes with RTM, PKS with ATTRIBUTES.PKS (the mirror's
+  MODULE_COUPLINGS), and XFAM-gated bits (the module profile's gates) with
+  XFAM = everything KVM supports.  A reported bit whose coupling
   cannot be met is tried alone and its rejection is put down to that coupling.
 
 Value registers (leaf 1 EAX/EBX, leaves 4, 0x18, 0x1F, 0x80000008 EAX) hold
@@ -46,9 +47,9 @@ from kvmtdx.structs import FLAG_SIGNIFICANT_INDEX, REGISTERS, Capabilities, Cpui
 
 GPAW_LEAF = mirror.GPAW_LEAF
 GPAW_FIELD = mirror.GPAW_FIELD
-HLE = (7, 0, "ebx", 4)
-RTM = (7, 0, "ebx", 11)
-PKS = (7, 0, "ecx", 31)
+# Without a module profile its XFAM gates come from this bundled one: every public
+# module gates the same AVX/AVX-512/AMX bits on XFAM.
+STAND_IN_MODULE = "2.0"
 # A deterministic sample of the hidden bits targeted mode would otherwise skip.
 SAMPLE_PER_REGISTER = 2
 
@@ -289,27 +290,12 @@ def _layout(caps: Capabilities, model: Model | None) -> _Layout:
     return _Layout(caps, rows, tuple(flags), frozenset(value_regs), gpaw_row)
 
 
-@dataclass(frozen=True)
-class _Gate:
-    xfam: int
-    leaf: int
-    index: int
-    register: str
-    mask: int
-    why: str
-
-
-def _gates(model: Model | None) -> tuple[_Gate, ...]:
-    # Without a profile, the bundled modules' gates stand in: every public
-    # module gates the same AVX/AVX-512/AMX bits on XFAM.
-    profiles = [model.module] if model is not None else [load_profile(n) for n in BUNDLED_MODULES]
-    out: dict[tuple[int, int, int, str, int], _Gate] = {}
-    for p in profiles:
-        for g in p.xfam_gates:
-            index = 0 if g.subleaf is None else g.subleaf
-            out.setdefault((g.xfam, g.leaf, index, g.register, g.mask),
-                           _Gate(g.xfam, g.leaf, index, g.register, g.mask, g.why))
-    return tuple(out.values())
+def _coupling(key: BitKey) -> mirror.Coupling | None:
+    """The module's rule (mirror.MODULE_COUPLINGS) that ties this bit to others, if any."""
+    for c in mirror.MODULE_COUPLINGS:
+        if (c.leaf, c.subleaf or 0, c.register) == key[:3] and c.mask >> key[3] & 1:
+            return c
+    return None
 
 
 # ---------------------------------------------------------------------------
@@ -487,10 +473,15 @@ class _Prober:
         self.model = model
         self.exhaustive = exhaustive
         self.layout = _layout(caps, model)
-        self.gates = _gates(model)
         self.native_fms = native_fms
         self.xfam = caps.supported_xfam
         self.notes: list[str] = []
+        if model is not None:
+            self.gates = model.module.xfam_gates
+        else:
+            self.gates = load_profile(STAND_IN_MODULE).xfam_gates
+            self.notes.append(f"no module profile: the module's XFAM couplings are taken from "
+                              f"the bundled {STAND_IN_MODULE} profile")
         self.complete = True
         self.suspects = self._suspects()
 
@@ -522,34 +513,31 @@ class _Prober:
     def _coupling_unmet(self, row: int, register: str, bit: int) -> str | None:
         """A module coupling that no request within the capabilities can meet for this bit."""
         key = self.layout.key(row, register, bit)
-        if key == PKS and not self.caps.supported_attrs & mirror.ATTR_PKS:
-            return "module coupling: PKS needs ATTRIBUTES.PKS, which KVM does not offer"
+        c = _coupling(key)
+        if c is not None and c.attribute and not self.caps.supported_attrs & c.attribute:
+            return f"module coupling: {c.why}, which KVM does not offer"
         for g in self.gates:
-            if (g.leaf, g.index, g.register) == key[:3] and g.mask >> bit & 1 \
+            if (g.leaf, g.subleaf or 0, g.register) == key[:3] and g.mask >> bit & 1 \
                     and self.xfam & g.xfam != g.xfam:
                 return (f"module coupling: needs XFAM 0x{g.xfam:x}, which KVM does not offer "
                         f"({g.why})")
-        if key in (HLE, RTM):
-            other = RTM if key == HLE else HLE
-            pos = self.layout.position(7, 0)
-            if pos is not None and not self._reported(pos, "ebx") >> other[3] & 1:
-                return "module coupling: HLE and RTM must be equal, and the other is not reported"
+        if c is not None and not c.attribute:
+            partners = c.mask & ~(1 << bit)
+            if self._reported(row, register) & partners != partners:
+                return f"module coupling: {c.why}, and the other is not reported"
         return None
 
     def _unit(self, row: int, register: str, bit: int) -> Unit:
-        parts = [(row, register, 1 << bit)]
-        attrs = 0
-        key = self.layout.key(row, register, bit)
-        if key == PKS and self.caps.supported_attrs & mirror.ATTR_PKS:
-            attrs = mirror.ATTR_PKS
-        return Unit(tuple(parts), attrs)
+        c = _coupling(self.layout.key(row, register, bit))
+        # 0 when the coupling is not to an attribute, or KVM does not offer it
+        attrs = self.caps.supported_attrs & c.attribute if c is not None else 0
+        return Unit(((row, register, 1 << bit),), attrs)
 
     def _partner(self, row: int, register: str, bit: int) -> Unit | None:
-        key = self.layout.key(row, register, bit)
-        if key not in (HLE, RTM):
+        c = _coupling(self.layout.key(row, register, bit))
+        if c is None or c.attribute:
             return None
-        other = RTM if key == HLE else HLE
-        return Unit(((row, register, 1 << other[3]),))
+        return Unit(((row, register, c.mask & ~(1 << bit)),))
 
     def _fields(self) -> list[_Field]:
         out: list[_Field] = []
@@ -629,7 +617,7 @@ class _Prober:
         units: list[Unit] = []
         lone: list[tuple[Unit, str | None]] = []
         unit_bits: dict[Unit, list[BitKey]] = {}
-        hle_rtm: list[tuple[int, str, int]] = []
+        coupled: dict[mirror.Coupling, list[tuple[int, str, int]]] = {}
         for row, register in self._feature_regs():
             rep = self._reported(row, register)
             for bit in range(32):
@@ -638,20 +626,22 @@ class _Prober:
                 key = lay.key(row, register, bit)
                 reason = self._coupling_unmet(row, register, bit)
                 u = self._unit(row, register, bit)
+                c = _coupling(key)
                 if reason is not None:
                     lone.append((u, reason))
                     unit_bits[u] = [key]
-                elif key in (HLE, RTM):
-                    hle_rtm.append((row, register, bit))
+                elif c is not None and not c.attribute:
+                    coupled.setdefault(c, []).append((row, register, bit))
                 elif key in self.suspects:
                     lone.append((u, None))
                     unit_bits[u] = [key]
                 else:
                     units.append(u)
                     unit_bits[u] = [key]
-        if hle_rtm:
-            u = Unit(tuple((r, g, 1 << b) for r, g, b in hle_rtm))
-            unit_bits[u] = [lay.key(r, g, b) for r, g, b in hle_rtm]
+        for members in coupled.values():
+            # Bits the module wants equal go in together, one unit.
+            u = Unit(tuple((r, g, 1 << b) for r, g, b in members))
+            unit_bits[u] = [lay.key(r, g, b) for r, g, b in members]
             if self.suspects & set(unit_bits[u]):
                 lone.append((u, None))
             else:
@@ -728,7 +718,7 @@ class _Prober:
             cls = _hidden_class(out)
             partner = self._partner(row, register, bit)
             if cls is BitClass.HIDDEN_MODULE_REJECTED and partner is not None:
-                # Alone it trips the module's HLE == RTM rule; with its partner the
+                # Alone it trips a rule like HLE == RTM; with its partners the
                 # module may take it, and only then is it a hazard.
                 pair_asks.append((key, build([*base_units, self._unit(row, register, bit),
                                                partner])))
@@ -741,9 +731,12 @@ class _Prober:
         return _Classified(bits, field_results, total - len(bits), self.complete, self.notes)
 
     def _explain_rejected(self, key: BitKey, out: Outcome | None) -> str | None:
+        c = _coupling(key)
         if out is not None and out.kind is Kind.ERROR and out.errno == errno.EIO \
-                and key in (HLE, RTM):
-            return "module check: HLE needs TSX_CTRL on the host (the module refused with EIO)"
+                and c is not None and c.tsx_ctrl:
+            first = (c.mask & -c.mask).bit_length() - 1
+            return (f"module check: {bit_name(key[0], key[1], key[2], first)} needs TSX_CTRL "
+                    "on the host (the module refused with EIO)")
         return None
 
     def _hidden_targets(self) -> list[tuple[int, str, int]]:

@@ -310,6 +310,27 @@ def test_probe_without_any_profile_is_exhaustive_and_matches_the_mirror() -> Non
     assert result.untested == 0 and not result.failures
     assert all(b.cls is mirror_class(m, MAX_HOST, p, b.key) for b in result.bits)
     assert all(b.expected is None for b in result.bits)
+    assert any("bundled 2.0 profile" in n for n in result.notes)
+
+
+def test_the_mirrors_couplings_are_what_the_prober_keeps() -> None:
+    hle_rtm, pks = mirror.MODULE_COUPLINGS
+    both = 1 << 4 | 1 << 11
+    assert hle_rtm.broken(1 << 4, 0) and not hle_rtm.broken(both, 0)
+    assert hle_rtm.met(both, 0) == both and hle_rtm.met(both, 0, tsx_ctrl=False) == 0
+    assert hle_rtm.met(1 << 11 | 1, 0) == 1
+    assert pks.broken(1 << 31, 0) and not pks.broken(1 << 31, mirror.ATTR_PKS)
+    assert pks.met(1 << 31, 0) == 0 and pks.met(1 << 31, mirror.ATTR_PKS) == 1 << 31
+    # A kernel that reports RTM but hides HLE: without the policy, nothing but the coupling
+    # explains why the module refuses RTM, and the prober names it.
+    m = load_profile("2.0")
+    sim = SimulatedHost(m, MAX_HOST, get_policy("upstream"), mutant="denylist_hle_not_rtm")
+    result = probe(sim, ProbeOptions(), label="sim", given=Given(module=m, policy=None))
+    rtm = next(b for b in result.bits if b.key == RTM)
+    assert rtm.cls is BitClass.REPORTED_REJECTED
+    assert rtm.explained == ("module coupling: HLE and RTM must be equal, and the other is "
+                             "not reported")
+    assert rtm not in result.failures
 
 
 @pytest.mark.parametrize("with_policy", [True, False])
