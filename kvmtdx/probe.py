@@ -305,27 +305,20 @@ def _coupling(key: BitKey) -> mirror.Coupling | None:
 Oracle = Callable[[Sequence[InitVm]], list[Outcome | None]]
 
 
-class _CountingSeam:
-    """The seam, counted, and serialised when the backend is not known to be thread-safe."""
+class _SerialSeam:
+    """A seam not known to be thread-safe, driven one call at a time by --jobs threads."""
 
-    def __init__(self, inner: Seam, serialize: bool) -> None:
+    def __init__(self, inner: Seam) -> None:
         self._inner = inner
-        self._serialize = serialize
         self._lock = threading.Lock()
-        self.ioctls = 0
 
     def open(self, path: str, flags: int) -> int:
         with self._lock:
             return self._inner.open(path, flags)
 
     def ioctl(self, fd: int, request: int, arg: int) -> int:
-        if self._serialize:
-            with self._lock:
-                self.ioctls += 1
-                return self._inner.ioctl(fd, request, arg)
         with self._lock:
-            self.ioctls += 1
-        return self._inner.ioctl(fd, request, arg)
+            return self._inner.ioctl(fd, request, arg)
 
     def close(self, fd: int) -> None:
         with self._lock:
@@ -353,9 +346,13 @@ class DeviceOracle:
         self._lock = threading.Lock()
         self._live = 0
         self._reserved = 0
-        self.tds = 0  # TDs actually created
         self.budget_spent = False
         self.cache: dict[InitVm, Outcome] = {}
+
+    @property
+    def tds(self) -> int:
+        """TDs actually created (the device's count)."""
+        return self._kvm.counters.tds_created
 
     def reserve(self) -> bool:
         """Claim one TD of the --max-tds budget (claimed in request order, for determinism)."""
@@ -379,8 +376,6 @@ class DeviceOracle:
     def _create(self) -> TdxVm:
         try:
             vm = self._kvm.create_vm(uapi.KVM_X86_TDX_VM)
-            with self._lock:
-                self.tds += 1
         except OSError as e:
             if e.errno == errno.ENOSPC:
                 raise ProbeError(_EXHAUSTED.format(tds=self.tds)) from None
@@ -842,8 +837,7 @@ def probe(seam: Seam, options: ProbeOptions, *, label: str, given: Given | None 
     if options.max_tds is not None and options.max_tds < 1:
         raise ProbeError("--max-tds must be at least 1")
     serialize = not isinstance(seam, RealSeam)
-    counting = _CountingSeam(seam, serialize)
-    with Kvm(counting) as kvm:
+    with Kvm(_SerialSeam(seam) if serialize else seam) as kvm:
         if not kvm.has_tdx():
             raise KvmError(no_tdx_reason(kvm.vm_types()), skip=True)
         oracle = DeviceOracle(kvm, jobs=options.jobs, max_tds=options.max_tds,
@@ -885,8 +879,8 @@ def probe(seam: Seam, options: ProbeOptions, *, label: str, given: Given | None 
         backend=label,
         mode="exhaustive" if exhaustive else "targeted",
         complete=got.complete and not oracle.budget_spent,
-        tds=oracle.tds,
-        ioctls=counting.ioctls,
+        tds=kvm.counters.tds_created,
+        ioctls=kvm.counters.ioctls,
         seconds=time.monotonic() - start,
         caps=caps,
         bits=bits,

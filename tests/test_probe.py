@@ -7,7 +7,7 @@ import errno
 
 import pytest
 
-from kvmtdx import mirror
+from kvmtdx import mirror, uapi
 from kvmtdx.knowledge import Given
 from kvmtdx.outcome import Kind, Outcome
 from kvmtdx.policy import POLICY_NAMES, Policy, allowlist_from_json, allowlist_to_json, get_policy
@@ -242,6 +242,38 @@ def test_parallel_jobs_on_a_small_supply_retry_instead_of_failing() -> None:
     assert [(b.key, b.cls) for b in parallel.bits] == [(b.key, b.cls) for b in serial.bits]
     assert sim.live_tds == 0 and sim.free_key_ids == 2
     assert any("--jobs 4" in n for n in parallel.notes)
+
+
+class _Tally:
+    """The seam as the probe sees it, counted from outside the device layer."""
+
+    def __init__(self, inner: SimulatedHost) -> None:
+        self.inner = inner
+        self.ioctls = 0
+        self.tds = 0
+
+    def open(self, path: str, flags: int) -> int:
+        return self.inner.open(path, flags)
+
+    def ioctl(self, fd: int, request: int, arg: int) -> int:
+        self.ioctls += 1  # the probe serialises seams other than the real device
+        ret = self.inner.ioctl(fd, request, arg)
+        if request == uapi.KVM_CREATE_VM and arg == uapi.KVM_X86_TDX_VM:
+            self.tds += 1
+        return ret
+
+    def close(self, fd: int) -> None:
+        self.inner.close(fd)
+
+
+@pytest.mark.parametrize("jobs", [1, 4])
+def test_counts_are_the_device_layers_and_match_what_reached_the_seam(jobs: int) -> None:
+    m, p = load_profile("2.0"), get_policy("upstream")
+    tally = _Tally(SimulatedHost(m, MAX_HOST, p, key_ids=3))
+    result = probe(tally, ProbeOptions(jobs=jobs), label="sim",
+                   given=Given(module=m, host=MAX_HOST, policy="upstream"))
+    assert (result.ioctls, result.tds) == (tally.ioctls, tally.tds)
+    assert result.tds > 50 and result.ioctls > 2 * result.tds
 
 
 def test_supply_exhausted_by_another_holder_fails_cleanly() -> None:
