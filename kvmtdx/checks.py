@@ -466,7 +466,7 @@ def _caps_reserved(ctx: _Ctx) -> _V:
     if p is None:
         return _skip("needs the kernel policy (give --policy)")
     if p.caps_echoes_caller:
-        return _skip(f"{p.name} echoes the caller's header words (spec section 3); "
+        return _skip(f"{p.name} echoes the caller's header words (as Linux 6.16 does); "
                      "caps_buffer_matches_prediction checks the echo")
     _fill, data, err = _pattern_caps(ctx)
     if err:
@@ -1046,7 +1046,8 @@ def _smuggle(ctx: _Ctx, kind: str, ebx: int, ecx: int, what: str) -> _V:
                                   "module, which refused them"}.get(
         actual.kind, f"{_describe(actual)}: past KVM's check")
     return _bad(f"{what}: {_labels(list(hidden))} never reported, yet {past} "
-                "(spec section 4)", "KVM_REJECTED", _describe(actual), hidden)
+                "(KVM matched the row by its CPUID lookup, not by the entry's own index)",
+                "KVM_REJECTED", _describe(actual), hidden)
 
 
 def _trap_request(ctx: _Ctx, kind: str, ebx: int, ecx: int) -> Request:

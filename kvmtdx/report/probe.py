@@ -131,8 +131,9 @@ def render_text(r: ProbeResult) -> str:
     if r.mismatches:
         out.append(f"{len(r.mismatches)} bits differ from the mirror's prediction for policy "
                    f"{r.policy}")
-    out.append(f"FAIL: {len(fails)} bits break the invariant of spec section 5" if fails
-               else "PASS: every probed bit behaves as spec section 5 requires")
+    out.append(f"FAIL: {len(fails)} bits break the rule that a kernel accepts what it "
+               "reports and nothing it hides" if fails
+               else "PASS: every probed bit is accepted if reported and refused if hidden")
     return "\n".join(out) + "\n"
 
 
