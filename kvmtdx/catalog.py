@@ -50,10 +50,24 @@ class Field:
 
 @dataclass(frozen=True, slots=True)
 class BitRef:
+    """One CPUID bit of a row (subleaf None: the row has no sub-leaves), named on demand."""
+
     leaf: int
     subleaf: int | None
     register: str
     bit: int
+
+    @property
+    def name(self) -> str:
+        return bit_name(self.leaf, self.subleaf, self.register, self.bit)
+
+    def label(self) -> str:
+        sub = "" if self.subleaf is None else f".{self.subleaf}"
+        return f"0x{self.leaf:x}{sub} {self.register.upper()}[{self.bit}] {self.name}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"leaf": f"0x{self.leaf:x}", "subleaf": self.subleaf, "register": self.register,
+                "bit": self.bit, "name": self.name}
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,8 @@ from typing import Any
 
 import psutil
 
-from kvmtdx import catalog, mirror, uapi
+from kvmtdx import mirror, uapi
+from kvmtdx.catalog import BitRef
 from kvmtdx.device import Counters, Kvm, KvmError, Seam, TdxVm, no_tdx_reason
 from kvmtdx.knowledge import Given, Knowledge, caps_equal, complete
 from kvmtdx.outcome import OPERAND_CPUID_CONFIG, Kind, Outcome
@@ -59,25 +60,6 @@ NEEDS_MODULE = ("needs a TDX module profile: give --module NAME|FILE "
 
 # ---------------------------------------------------------------------------
 # Results.
-
-
-@dataclass(frozen=True, slots=True)
-class BitRef:
-    """One CPUID bit a result is about, with its feature name."""
-
-    leaf: int
-    subleaf: int | None
-    register: str
-    bit: int
-    name: str
-
-    def label(self) -> str:
-        sub = "" if self.subleaf is None else f".{self.subleaf}"
-        return f"0x{self.leaf:x}{sub} {self.register.upper()}[{self.bit}] {self.name}"
-
-    def to_json(self) -> dict[str, Any]:
-        return {"leaf": f"0x{self.leaf:x}", "subleaf": self.subleaf, "register": self.register,
-                "bit": self.bit, "name": self.name}
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +128,7 @@ class VerifyReport:
 
 
 def bitref(leaf: int, subleaf: int | None, register: str, bit: int) -> BitRef:
-    return BitRef(leaf, subleaf, register, bit, catalog.bit_name(leaf, subleaf, register, bit))
+    return BitRef(leaf, subleaf, register, bit)
 
 
 def _bits_of(mask: int) -> Iterator[int]:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvmtdx import catalog, mirror
+from kvmtdx.catalog import BitRef
 from kvmtdx.policy import Policy
 from kvmtdx.profiles import DataError, Host, ModuleProfile, load_json, parse_int
 from kvmtdx.structs import REGISTERS, CpuidEntry
@@ -230,19 +231,6 @@ def _key_order(k: Key) -> tuple[int, int, int, int]:
 # Two policies, one module.
 
 
-@dataclass(frozen=True)
-class BitRef:
-    leaf: int
-    subleaf: int | None  # None: the row has no sub-leaves
-    register: str
-    bit: int
-    name: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {"leaf": self.leaf, "subleaf": self.subleaf, "register": self.register,
-                "bit": self.bit, "name": self.name}
-
-
 @dataclass
 class PolicyDiff:
     module: str
@@ -268,8 +256,7 @@ def diff_policies(module: ModuleProfile, host: Host, a: Policy, b: Policy) -> Po
             va, vb = _regs(x)[r], _regs(y)[r]
             for bit in range(32):
                 if (va ^ vb) >> bit & 1:
-                    ref = BitRef(row.leaf, row.subleaf, r, bit,
-                                 catalog.bit_name(row.leaf, row.subleaf, r, bit))
+                    ref = BitRef(row.leaf, row.subleaf, r, bit)
                     (lost if va >> bit & 1 else gained).append(ref)
     return PolicyDiff(module.name, host.name, a, b, lost, gained)
 

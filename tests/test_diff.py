@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from kvmtdx import diff
+from kvmtdx.catalog import BitRef
 from kvmtdx.cli import main
 from kvmtdx.policy import get_policy
 from kvmtdx.profiles import MAX_HOST, DataError, load_profile
@@ -30,7 +31,7 @@ SERIES_HIDES = {
 DENYLIST = {(7, "ebx", 4), (7, "ebx", 11), (7, "ecx", 5)}
 
 
-def _short(b: diff.BitRef) -> tuple[int, str, int]:
+def _short(b: BitRef) -> tuple[int, str, int]:
     leaf = 0x71 if (b.leaf, b.subleaf) == (7, 1) else b.leaf
     return (leaf, b.register, b.bit)
 

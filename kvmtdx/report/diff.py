@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from kvmtdx.diff import BitRef, FileDiff, PolicyDiff, RegKey
+from kvmtdx.catalog import BitRef
+from kvmtdx.diff import FileDiff, PolicyDiff, RegKey
 from kvmtdx.report import to_json
 
 
