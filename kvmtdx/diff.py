@@ -52,8 +52,9 @@ class Change:
     b: str
 
     def to_json(self) -> dict[str, Any]:
-        return {"leaf": self.leaf, "subleaf": self.subleaf, "register": self.register,
-                "bit": self.bit, "name": self.name, "what": self.what, "a": self.a,
+        return {"leaf": f"0x{self.leaf:x}", "subleaf": self.subleaf,
+                "register": self.register, "bit": self.bit, "name": self.name,
+                "what": self.what, "a": self.a,
                 "b": self.b}
 
 

@@ -182,3 +182,35 @@ def test_bad_files_are_one_line_errors_naming_the_file(
 
 def test_diff_needs_two_files(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["diff", "only-one.json"]) == 2
+
+
+def test_every_json_report_writes_leaves_as_hex_strings(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """probe, diff (files and policies) and verify agree on how a leaf is spelled."""
+    import re
+
+    hexleaf = re.compile(r"0x[0-9a-f]+")
+    a, b = _probe(tmp_path, "2.0:upstream"), _probe(tmp_path, "2.0:rfc-v2")
+    capsys.readouterr()
+    docs = [json.loads(a.read_text())]
+    main(["diff", str(a), str(b), "--format", "json"])
+    docs.append(json.loads(capsys.readouterr().out))
+    main(["diff", "--module", "2.0", "--policy", "upstream", "--policy", "rfc-v2",
+          "--format", "json"])
+    docs.append(json.loads(capsys.readouterr().out))
+    main(["verify", "--simulate", "2.0:upstream", "--format", "json"])
+    docs.append(json.loads(capsys.readouterr().out))
+
+    def leaves(node: object) -> list[object]:
+        if isinstance(node, dict):
+            own = [node["leaf"]] if "leaf" in node else []
+            return own + [x for v in node.values() for x in leaves(v)]
+        if isinstance(node, list):
+            return [x for v in node for x in leaves(v)]
+        return []
+
+    for doc in docs:
+        found = leaves(doc)
+        assert found, doc.get("kind")
+        bad = [x for x in found if not (isinstance(x, str) and hexleaf.fullmatch(x))]
+        assert not bad, f"{doc.get('kind')}: leaves not written as hex strings: {bad[:5]}"

@@ -43,7 +43,7 @@ def test_probe_json_has_the_documented_schema(capsys: pytest.CaptureFixture[str]
     assert isinstance(doc["ioctls"], int) and doc["ioctls"] > doc["tds"]
     bit = next(b for b in doc["bits"] if b["name"] == "MWAIT")
     assert (bit["leaf"], bit["subleaf"], bit["register"], bit["bit"], bit["class"]) == \
-        (1, 0, "ecx", 3, "HIDDEN_KVM_REJECTED")
+        ("0x1", 0, "ecx", 3, "HIDDEN_KVM_REJECTED")
     assert {"leaf", "subleaf", "register", "lo", "hi", "name", "value", "class"} <= \
         set(doc["fields"][0])
     assert err == ""  # progress goes to a terminal only

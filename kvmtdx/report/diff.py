@@ -21,8 +21,8 @@ def file_diff_json(d: FileDiff) -> dict[str, Any]:
         "b": {"file": d.b.origin, "kind": d.b.kind},
         "differences": d.count,
         "changes": [c.to_json() for c in d.changes],
-        "only_a": [{"leaf": k[0], "subleaf": k[1], "register": k[2]} for k in d.only_a],
-        "only_b": [{"leaf": k[0], "subleaf": k[1], "register": k[2]} for k in d.only_b],
+        "only_a": [{"leaf": f"0x{k[0]:x}", "subleaf": k[1], "register": k[2]} for k in d.only_a],
+        "only_b": [{"leaf": f"0x{k[0]:x}", "subleaf": k[1], "register": k[2]} for k in d.only_b],
     }
 
 

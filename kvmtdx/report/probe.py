@@ -49,7 +49,7 @@ def result_to_json(r: ProbeResult) -> dict[str, Any]:
         "notes": r.notes,
         "bits": [
             {
-                "leaf": b.leaf, "subleaf": b.subleaf, "register": b.register, "bit": b.bit,
+                "leaf": f"0x{b.leaf:x}", "subleaf": b.subleaf, "register": b.register, "bit": b.bit,
                 "name": b.name, "class": b.cls.value, "reported": b.reported,
                 "result": _outcome_json(b.outcome), "explained": b.explained,
                 "expected": b.expected.value if b.expected is not None else None,
@@ -58,7 +58,7 @@ def result_to_json(r: ProbeResult) -> dict[str, Any]:
         ],
         "fields": [
             {
-                "leaf": f.leaf, "subleaf": f.subleaf, "register": f.register,
+                "leaf": f"0x{f.leaf:x}", "subleaf": f.subleaf, "register": f.register,
                 "lo": f.lo, "hi": f.hi, "name": f.name, "value": f.value,
                 "class": f.cls.value, "informational": f.informational,
                 "result": _outcome_json(f.outcome),
