@@ -8,6 +8,7 @@ simulated host reads them to behave; each interprets them on its own.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,6 +141,8 @@ def allowlist_to_json(a: Allowlist) -> dict[str, Any]:
     }
 
 
+# Parsed once per process: every rfc-v2 Policy without a user table shares it.
+@functools.cache
 def bundled_allowlist() -> Allowlist:
     return allowlist_from_json(bundled_json("allowlist-rfc-v2.json"), "bundled rfc-v2 allowlist")
 

@@ -9,6 +9,7 @@ Combining the two gives the masks the module hands KVM for each row
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -300,9 +301,17 @@ def profile_to_json(p: ModuleProfile) -> dict[str, Any]:
     }
 
 
-def bundled_profiles() -> dict[str, ModuleProfile]:
+# Parsed once per process: profiles are frozen, and verify, probe and the
+# tests ask for the same bundled tables thousands of times.
+@functools.cache
+def _bundled_profiles() -> tuple[tuple[str, ModuleProfile], ...]:
     data = bundled_json("modules.json")
-    return {m["name"]: profile_from_json(m, f"bundled module {m['name']}") for m in data["modules"]}
+    return tuple((m["name"], profile_from_json(m, f"bundled module {m['name']}"))
+                 for m in data["modules"])
+
+
+def bundled_profiles() -> dict[str, ModuleProfile]:
+    return dict(_bundled_profiles())
 
 
 BUNDLED_MODULES: tuple[str, ...] = ("1.5.01", "1.5-late", "2.0")

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import bypass_request
 
 from kvmtdx.cli import main
 from kvmtdx.mirror import full_request
@@ -30,18 +31,6 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 def write(path: Path, data: Any) -> str:
     path.write_text(data if isinstance(data, str) else json.dumps(data))
     return str(path)
-
-
-def bypass_request() -> dict[str, Any]:
-    return {
-        "attributes": 0, "xfam": "0x3",
-        "cpuid": [
-            {"function": 7, "index": 1, "flags": 1},
-            {"function": 7, "index": 2, "flags": 1},
-            {"function": 7, "index": 5, "flags": 0, "ecx": "0x20"},
-            {"function": "0x80000008", "index": 0, "flags": 0, "eax": "0x300000"},
-        ],
-    }
 
 
 def test_text(capsys: pytest.CaptureFixture[str]) -> None:

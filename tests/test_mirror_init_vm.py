@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import errno
-import functools
 from dataclasses import replace
 
 import pytest
 
-from kvmtdx import policy as _policy
-from kvmtdx import profiles as _profiles
 from kvmtdx.mirror import (
     find,
     full_request,
@@ -18,22 +15,10 @@ from kvmtdx.mirror import (
     silently_cleared,
 )
 from kvmtdx.outcome import Kind, Outcome
-from kvmtdx.policy import POLICY_NAMES, Policy
-from kvmtdx.profiles import BUNDLED_MODULES, MAX_HOST, Host, ModuleProfile, enumerated
+from kvmtdx.policy import POLICY_NAMES, get_policy
+from kvmtdx.profiles import BUNDLED_MODULES, MAX_HOST, Host, ModuleProfile, enumerated, load_profile
 from kvmtdx.requests import Request
 from kvmtdx.structs import REGISTERS, CpuidEntry, InitVm
-
-
-# Parsed once: the mirror is pure, so sharing the loaded data between tests is safe.
-@functools.lru_cache
-def load_profile(name: str) -> ModuleProfile:
-    return _profiles.load_profile(name)
-
-
-@functools.lru_cache
-def get_policy(name: str) -> Policy:
-    return _policy.get_policy(name)
-
 
 CPUID_CONFIG_INVALID = 0xC000010000000045
 SIG = 1  # KVM_CPUID_FLAG_SIGNIFCANT_INDEX

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import functools
 import random
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvmtdx import policy as _policy
-from kvmtdx import profiles as _profiles
 from kvmtdx.mirror import (
     is_value_register,
     predict_init_vm,
@@ -18,8 +15,8 @@ from kvmtdx.mirror import (
     supported_xfam,
 )
 from kvmtdx.outcome import Kind
-from kvmtdx.policy import POLICY_NAMES, Policy
-from kvmtdx.profiles import BUNDLED_MODULES, Host, ModuleProfile
+from kvmtdx.policy import POLICY_NAMES, get_policy
+from kvmtdx.profiles import BUNDLED_MODULES, Host, load_profile
 from kvmtdx.requests import Request
 from kvmtdx.structs import REGISTERS, CpuidEntry, InitVm
 
@@ -27,14 +24,6 @@ HLE_RTM = (1 << 4) | (1 << 11)
 PKS = 1 << 31
 
 
-@functools.lru_cache
-def load_profile(name: str) -> ModuleProfile:
-    return _profiles.load_profile(name)
-
-
-@functools.lru_cache
-def get_policy(name: str) -> Policy:
-    return _policy.get_policy(name)
 
 
 u32 = st.integers(min_value=0, max_value=0xFFFFFFFF)
