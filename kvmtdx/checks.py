@@ -26,14 +26,15 @@ from typing import Any
 
 import psutil
 
-from kvmtdx import mirror, uapi
-from kvmtdx.catalog import BitRef
+from kvmtdx import uapi
 from kvmtdx.device import Counters, Kvm, KvmError, Seam, TdxVm, no_tdx_reason
 from kvmtdx.knowledge import Given, Knowledge, caps_equal, complete
+from kvmtdx.model import mirror
+from kvmtdx.model.catalog import BitRef
+from kvmtdx.model.policy import Policy
+from kvmtdx.model.profiles import ModuleProfile, Regs
+from kvmtdx.model.requests import Request
 from kvmtdx.outcome import OPERAND_CPUID_CONFIG, Kind, Outcome
-from kvmtdx.policy import Policy
-from kvmtdx.profiles import ModuleProfile, Regs
-from kvmtdx.requests import Request
 from kvmtdx.structs import (
     FLAG_SIGNIFICANT_INDEX,
     REGISTERS,
@@ -936,7 +937,7 @@ def _pol_values(ctx: _Ctx) -> _V:
     k = ctx.know
     if k.module is None or k.host is None:
         return _skip(NEEDS_MODULE)
-    from kvmtdx.profiles import enumerated
+    from kvmtdx.model.profiles import enumerated
     bad: list[BitRef] = []
     for row, listed, e in zip(k.module.rows, enumerated(k.module, k.host), ctx.caps.entries,
                               strict=False):
@@ -962,7 +963,7 @@ def _pol_core(ctx: _Ctx) -> _V:
     k = ctx.know
     if k.module is None or k.host is None:
         return _skip(NEEDS_MODULE)
-    from kvmtdx.profiles import enumerated
+    from kvmtdx.model.profiles import enumerated
     i = k.module.row_index(7, 0)
     e = _leaf7(ctx)
     if i is None or e is None:
@@ -993,7 +994,7 @@ def _hidden_bits(ctx: _Ctx, ebx: int, ecx: int) -> tuple[BitRef, ...] | str:
         return f"{_labels(refs)} reported by this kernel: nothing to smuggle"
     k = ctx.know
     if k.module is not None and k.host is not None:
-        from kvmtdx.profiles import enumerated
+        from kvmtdx.model.profiles import enumerated
         i = k.module.row_index(7, 0)
         if i is None:
             return "the module lists no leaf 7.0 row"

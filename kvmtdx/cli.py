@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from kvmtdx import __version__
 from kvmtdx.device import KvmError
-from kvmtdx.profiles import DataError
+from kvmtdx.model.profiles import DataError
 
 if TYPE_CHECKING:
     from kvmtdx.knowledge import Given
@@ -157,8 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _session(args: argparse.Namespace) -> Backend:
     """The seam a command talks to, from --simulate / --backend / --host / --allowlist."""
+    from kvmtdx.model.policy import load_allowlist
     from kvmtdx.native import host_by_name
-    from kvmtdx.policy import load_allowlist
     from kvmtdx.session import open_backend
 
     host_arg = getattr(args, "host", None)
@@ -214,9 +214,9 @@ def cmd_caps(args: argparse.Namespace) -> int:
 
 
 def _save_module(args: argparse.Namespace, caps: Capabilities, label: str) -> None:
-    from kvmtdx.infer import module_from_capabilities
-    from kvmtdx.policy import get_policy, load_allowlist
-    from kvmtdx.profiles import load_profile, profile_to_json
+    from kvmtdx.model.infer import module_from_capabilities
+    from kvmtdx.model.policy import get_policy, load_allowlist
+    from kvmtdx.model.profiles import load_profile, profile_to_json
     from kvmtdx.report import emit, to_json
 
     policy = get_policy(args.policy, load_allowlist(args.allowlist) if args.allowlist else None)
@@ -230,13 +230,13 @@ def _save_module(args: argparse.Namespace, caps: Capabilities, label: str) -> No
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from kvmtdx import mirror
+    from kvmtdx.model import mirror
+    from kvmtdx.model.policy import get_policy, load_allowlist
+    from kvmtdx.model.profiles import load_profile
+    from kvmtdx.model.requests import load_request
     from kvmtdx.native import host_by_name
-    from kvmtdx.policy import get_policy, load_allowlist
-    from kvmtdx.profiles import load_profile
     from kvmtdx.report import emit
     from kvmtdx.report import predict as render
-    from kvmtdx.requests import load_request
 
     if not args.module:
         raise DataError("predict needs --module: 1.5.01, 1.5-late, 2.0 or a module JSON file")
@@ -252,9 +252,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_init_vm(args: argparse.Namespace) -> int:
+    from kvmtdx.model.requests import load_request
     from kvmtdx.report import emit
     from kvmtdx.report import sim as render
-    from kvmtdx.requests import load_request
     from kvmtdx.session import init_vm_once
 
     if not args.request:
@@ -347,9 +347,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 def cmd_diff(args: argparse.Namespace) -> int:
     from kvmtdx import diff
+    from kvmtdx.model.policy import get_policy, load_allowlist
+    from kvmtdx.model.profiles import load_profile
     from kvmtdx.native import host_by_name
-    from kvmtdx.policy import get_policy, load_allowlist
-    from kvmtdx.profiles import load_profile
     from kvmtdx.report import diff as render
     from kvmtdx.report import emit
 

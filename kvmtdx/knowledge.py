@@ -21,9 +21,9 @@ import os
 import re
 from dataclasses import dataclass, replace
 
-from kvmtdx import mirror
-from kvmtdx.policy import POLICY_NAMES, Allowlist, Policy, get_policy, load_allowlist
-from kvmtdx.profiles import Host, ModuleProfile, Regs, load_profile
+from kvmtdx.model import mirror
+from kvmtdx.model.policy import POLICY_NAMES, Allowlist, Policy, get_policy, load_allowlist
+from kvmtdx.model.profiles import Host, ModuleProfile, Regs, load_profile
 from kvmtdx.session import Backend
 from kvmtdx.structs import REGISTERS, Capabilities
 

@@ -37,12 +37,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
 
-from kvmtdx import catalog, mirror, uapi
+from kvmtdx import uapi
 from kvmtdx.device import Kvm, KvmError, RealSeam, Seam, TdxVm, no_tdx_reason
 from kvmtdx.knowledge import Given, Knowledge, complete
+from kvmtdx.model import catalog, mirror
+from kvmtdx.model.policy import Allowlist, Policy
+from kvmtdx.model.profiles import BUNDLED_MODULES, Host, ModuleProfile, load_profile
 from kvmtdx.outcome import Kind, Outcome
-from kvmtdx.policy import Allowlist, Policy
-from kvmtdx.profiles import BUNDLED_MODULES, Host, ModuleProfile, load_profile
 from kvmtdx.structs import FLAG_SIGNIFICANT_INDEX, REGISTERS, Capabilities, CpuidEntry, InitVm
 
 GPAW_LEAF = mirror.GPAW_LEAF

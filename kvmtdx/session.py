@@ -12,10 +12,17 @@ from dataclasses import dataclass
 
 from kvmtdx import uapi
 from kvmtdx.device import DEFAULT_KVM_PATH, Counters, Kvm, RealSeam, Seam
+from kvmtdx.model.policy import POLICY_NAMES, Allowlist, Policy, get_policy
+from kvmtdx.model.profiles import (
+    BUNDLED_MODULES,
+    MAX_HOST,
+    DataError,
+    Host,
+    ModuleProfile,
+    load_profile,
+)
+from kvmtdx.model.requests import Request
 from kvmtdx.outcome import Outcome
-from kvmtdx.policy import POLICY_NAMES, Allowlist, Policy, get_policy
-from kvmtdx.profiles import BUNDLED_MODULES, MAX_HOST, DataError, Host, ModuleProfile, load_profile
-from kvmtdx.requests import Request
 from kvmtdx.structs import InitVm
 
 DEFAULT_SIM_POLICY = "upstream"

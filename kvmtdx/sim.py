@@ -7,7 +7,7 @@ arch/x86/kvm/vmx/tdx.c and cpuid.c; the behaviour contract, sections 3 and 4),
 reads and writes the caller's memory at the addresses it is handed, and keeps
 per-VM state (initialised or not, the TDX key ID a TD holds).
 
-It deliberately knows nothing of `kvmtdx.mirror`: the mirror predicts, this
+It deliberately knows nothing of `kvmtdx.model.mirror`: the mirror predicts, this
 module behaves, and the test suite holds each to the other.  Both start from
 the same facts (module profile, host, policy, allowlist) and nothing more.
 
@@ -23,6 +23,14 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from kvmtdx import uapi
+from kvmtdx.model.policy import POLICY_NAMES, Policy
+from kvmtdx.model.profiles import (
+    BUNDLED_MODULES,
+    Host,
+    ModuleProfile,
+    effective_xfam_fixed0,
+    enumerated,
+)
 from kvmtdx.outcome import (
     OPERAND_ATTRIBUTES,
     OPERAND_CPUID_CONFIG,
@@ -31,14 +39,6 @@ from kvmtdx.outcome import (
     TDX_INCORRECT_MSR_VALUE,
     TDX_OPERAND_INVALID,
     operand_invalid,
-)
-from kvmtdx.policy import POLICY_NAMES, Policy
-from kvmtdx.profiles import (
-    BUNDLED_MODULES,
-    Host,
-    ModuleProfile,
-    effective_xfam_fixed0,
-    enumerated,
 )
 from kvmtdx.structs import REGISTERS, Capabilities, CpuidEntry, TdxCmd
 

@@ -36,9 +36,9 @@ import time
 from dataclasses import dataclass
 
 from kvmtdx.knowledge import Given
-from kvmtdx.policy import POLICY_NAMES, get_policy
+from kvmtdx.model.policy import POLICY_NAMES, get_policy
+from kvmtdx.model.profiles import BUNDLED_MODULES, MAX_HOST, load_profile
 from kvmtdx.probe import BitClass, ProbeOptions, ProbeResult, probe
-from kvmtdx.profiles import BUNDLED_MODULES, MAX_HOST, load_profile
 from kvmtdx.sim import SimulatedHost
 
 EXTRA = (("2.0", "rfc-v2", "caps_allowlist_unapplied"), ("2.0", "upstream", "denylist_hle_not_rtm"))

@@ -25,10 +25,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kvmtdx import mirror
 from kvmtdx.device import Kvm
-from kvmtdx.policy import POLICY_NAMES, get_policy
-from kvmtdx.profiles import MAX_HOST, load_profile
+from kvmtdx.model import mirror
+from kvmtdx.model.policy import POLICY_NAMES, get_policy
+from kvmtdx.model.profiles import MAX_HOST, load_profile
 from kvmtdx.sim import SimulatedHost
 from kvmtdx.structs import REGISTERS, InitVm
 

@@ -17,8 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kvmtdx import checks
 from kvmtdx.knowledge import given
-from kvmtdx.policy import POLICY_NAMES, get_policy
-from kvmtdx.profiles import BUNDLED_MODULES, MAX_HOST, load_profile
+from kvmtdx.model.policy import POLICY_NAMES, get_policy
+from kvmtdx.model.profiles import BUNDLED_MODULES, MAX_HOST, load_profile
 from kvmtdx.session import simulated_backend
 
 

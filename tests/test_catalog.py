@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from kvmtdx import catalog
-from kvmtdx.policy import bundled_allowlist
-from kvmtdx.profiles import BUNDLED_MODULES, MAX_HOST, bundled_json, enumerated, load_profile
+from kvmtdx.model import catalog
+from kvmtdx.model.policy import bundled_allowlist
+from kvmtdx.model.profiles import BUNDLED_MODULES, MAX_HOST, bundled_json, enumerated, load_profile
 from kvmtdx.structs import REGISTERS
 
 VALUE_REGISTERS = {(1, "eax"), (1, "ebx"), (0x80000008, "eax")}

@@ -169,7 +169,7 @@ def test_caps_on_this_host_exits_4_naming_simulate() -> None:
 
 DROP_THEN_RUN = """
 import os, sys
-import kvmtdx.cli, kvmtdx.hostinfo, kvmtdx.native, kvmtdx.policy, kvmtdx.session
+import kvmtdx.cli, kvmtdx.hostinfo, kvmtdx.native, kvmtdx.model.policy, kvmtdx.session
 import kvmtdx.report.info
 uid, gid = int(sys.argv[1]), int(sys.argv[2])
 os.setgroups([]); os.setgid(gid); os.setuid(uid)

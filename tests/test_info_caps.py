@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from kvmtdx import catalog, cli, uapi
+from kvmtdx import cli, uapi
 from kvmtdx.hostinfo import read_capabilities
+from kvmtdx.model import catalog
 from kvmtdx.session import open_backend
 from kvmtdx.sim import SimulatedHost
 from kvmtdx.structs import REGISTERS

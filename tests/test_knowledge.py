@@ -6,10 +6,11 @@ import json
 
 import pytest
 
-from kvmtdx import checks, cli, mirror, probe
+from kvmtdx import checks, cli, probe
 from kvmtdx.knowledge import INFERRED_HOST, SIMULATED_HOST, Given, complete, given
-from kvmtdx.policy import POLICY_NAMES, get_policy
-from kvmtdx.profiles import MAX_HOST, load_profile
+from kvmtdx.model import mirror
+from kvmtdx.model.policy import POLICY_NAMES, get_policy
+from kvmtdx.model.profiles import MAX_HOST, load_profile
 from kvmtdx.session import Backend, simulated_backend
 from kvmtdx.sim import SimulatedHost
 from kvmtdx.structs import Capabilities

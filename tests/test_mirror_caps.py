@@ -8,9 +8,9 @@ import struct
 import pytest
 
 from kvmtdx import uapi
-from kvmtdx.mirror import is_value_register, predict_capabilities, reported_entries
-from kvmtdx.policy import POLICY_NAMES, get_policy
-from kvmtdx.profiles import BUNDLED_MODULES, MAX_HOST, Host, enumerated, load_profile
+from kvmtdx.model.mirror import is_value_register, predict_capabilities, reported_entries
+from kvmtdx.model.policy import POLICY_NAMES, get_policy
+from kvmtdx.model.profiles import BUNDLED_MODULES, MAX_HOST, Host, enumerated, load_profile
 from kvmtdx.structs import NO_SUBLEAF, REGISTERS, CpuidEntry
 
 HLE, RTM, WAITPKG, MWAIT, CORE_CAPABILITIES = 1 << 4, 1 << 11, 1 << 5, 1 << 3, 1 << 30

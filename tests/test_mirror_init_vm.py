@@ -7,17 +7,24 @@ from dataclasses import replace
 
 import pytest
 
-from kvmtdx.mirror import (
+from kvmtdx.model.mirror import (
     find,
     full_request,
     predict_init_vm,
     reported_entries,
     silently_cleared,
 )
+from kvmtdx.model.policy import POLICY_NAMES, get_policy
+from kvmtdx.model.profiles import (
+    BUNDLED_MODULES,
+    MAX_HOST,
+    Host,
+    ModuleProfile,
+    enumerated,
+    load_profile,
+)
+from kvmtdx.model.requests import Request
 from kvmtdx.outcome import Kind, Outcome
-from kvmtdx.policy import POLICY_NAMES, get_policy
-from kvmtdx.profiles import BUNDLED_MODULES, MAX_HOST, Host, ModuleProfile, enumerated, load_profile
-from kvmtdx.requests import Request
 from kvmtdx.structs import REGISTERS, CpuidEntry, InitVm
 
 CPUID_CONFIG_INVALID = 0xC000010000000045

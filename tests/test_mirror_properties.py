@@ -7,17 +7,17 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvmtdx.mirror import (
+from kvmtdx.model.mirror import (
     is_value_register,
     predict_init_vm,
     reported_entries,
     supported_attrs,
     supported_xfam,
 )
+from kvmtdx.model.policy import POLICY_NAMES, get_policy
+from kvmtdx.model.profiles import BUNDLED_MODULES, Host, load_profile
+from kvmtdx.model.requests import Request
 from kvmtdx.outcome import Kind
-from kvmtdx.policy import POLICY_NAMES, get_policy
-from kvmtdx.profiles import BUNDLED_MODULES, Host, load_profile
-from kvmtdx.requests import Request
 from kvmtdx.structs import REGISTERS, CpuidEntry, InitVm
 
 HLE_RTM = (1 << 4) | (1 << 11)

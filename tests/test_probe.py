@@ -7,10 +7,18 @@ import errno
 
 import pytest
 
-from kvmtdx import mirror, uapi
+from kvmtdx import uapi
 from kvmtdx.knowledge import Given
+from kvmtdx.model import mirror
+from kvmtdx.model.policy import (
+    POLICY_NAMES,
+    Policy,
+    allowlist_from_json,
+    allowlist_to_json,
+    get_policy,
+)
+from kvmtdx.model.profiles import BUNDLED_MODULES, MAX_HOST, Host, ModuleProfile, load_profile
 from kvmtdx.outcome import Kind, Outcome
-from kvmtdx.policy import POLICY_NAMES, Policy, allowlist_from_json, allowlist_to_json, get_policy
 from kvmtdx.probe import (
     BitClass,
     BitKey,
@@ -20,7 +28,6 @@ from kvmtdx.probe import (
     effective_allowlist,
     probe,
 )
-from kvmtdx.profiles import BUNDLED_MODULES, MAX_HOST, Host, ModuleProfile, load_profile
 from kvmtdx.sim import SimulatedHost
 from kvmtdx.structs import REGISTERS, InitVm
 

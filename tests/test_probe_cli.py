@@ -10,7 +10,7 @@ import pytest
 
 from kvmtdx import uapi
 from kvmtdx.cli import main
-from kvmtdx.policy import load_allowlist
+from kvmtdx.model.policy import load_allowlist
 
 
 class NoTdxSeam:

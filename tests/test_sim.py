@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from kvmtdx import mirror, uapi
+from kvmtdx import uapi
 from kvmtdx.device import Kvm, KvmError, TdxVm
+from kvmtdx.model import mirror
+from kvmtdx.model.policy import get_policy
+from kvmtdx.model.profiles import MAX_HOST, Host, load_profile
+from kvmtdx.model.requests import Request
 from kvmtdx.outcome import Kind
-from kvmtdx.policy import get_policy
-from kvmtdx.profiles import MAX_HOST, Host, load_profile
-from kvmtdx.requests import Request
 from kvmtdx.sim import MUTANTS, SimulatedHost, choices
 from kvmtdx.structs import FLAG_SIGNIFICANT_INDEX, Capabilities, CpuidEntry, InitVm, TdxCmd
 

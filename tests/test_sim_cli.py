@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from kvmtdx import cli, mirror
-from kvmtdx.policy import get_policy
-from kvmtdx.profiles import MAX_HOST, load_profile
-from kvmtdx.requests import Request, request_to_json
+from kvmtdx import cli
+from kvmtdx.model import mirror
+from kvmtdx.model.policy import get_policy
+from kvmtdx.model.profiles import MAX_HOST, load_profile
+from kvmtdx.model.requests import Request, request_to_json
 from kvmtdx.session import load_plugin, open_backend
 from kvmtdx.sim import MUTANTS, SimulatedHost
 from kvmtdx.structs import CpuidEntry

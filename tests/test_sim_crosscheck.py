@@ -16,12 +16,13 @@ from dataclasses import replace
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvmtdx import mirror, uapi
+from kvmtdx import uapi
 from kvmtdx.device import Kvm
+from kvmtdx.model import mirror
+from kvmtdx.model.policy import Policy, get_policy
+from kvmtdx.model.profiles import BUNDLED_MODULES, MAX_HOST, Host, ModuleProfile, load_profile
+from kvmtdx.model.requests import Request
 from kvmtdx.outcome import Outcome
-from kvmtdx.policy import Policy, get_policy
-from kvmtdx.profiles import BUNDLED_MODULES, MAX_HOST, Host, ModuleProfile, load_profile
-from kvmtdx.requests import Request
 from kvmtdx.sim import SimulatedHost
 from kvmtdx.structs import FLAG_SIGNIFICANT_INDEX, REGISTERS, Capabilities, CpuidEntry, InitVm
 

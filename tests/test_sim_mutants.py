@@ -14,10 +14,11 @@ from dataclasses import dataclass, replace
 
 import pytest
 
-from kvmtdx import mirror, uapi
+from kvmtdx import uapi
 from kvmtdx.device import Kvm
-from kvmtdx.policy import get_policy
-from kvmtdx.profiles import MAX_HOST, load_profile
+from kvmtdx.model import mirror
+from kvmtdx.model.policy import get_policy
+from kvmtdx.model.profiles import MAX_HOST, load_profile
 from kvmtdx.sim import MUTANTS, SimulatedHost
 from kvmtdx.structs import FLAG_SIGNIFICANT_INDEX, REGISTERS, Capabilities, CpuidEntry, InitVm
 

@@ -19,10 +19,10 @@ import pytest
 
 from kvmtdx import checks, cli, sim
 from kvmtdx.device import Kvm, tdx_status
-from kvmtdx.infer import module_from_capabilities
 from kvmtdx.knowledge import given
-from kvmtdx.policy import get_policy
-from kvmtdx.profiles import BUNDLED_MODULES, MAX_HOST, load_profile
+from kvmtdx.model.infer import module_from_capabilities
+from kvmtdx.model.policy import get_policy
+from kvmtdx.model.profiles import BUNDLED_MODULES, MAX_HOST, load_profile
 from kvmtdx.report import verify as render
 from kvmtdx.session import Backend, simulated_backend
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from kvmtdx import catalog
 from kvmtdx.device import Counters
+from kvmtdx.model import catalog
 from kvmtdx.report import hx, to_json
 from kvmtdx.report.predict import capabilities_to_json
 from kvmtdx.structs import FLAG_SIGNIFICANT_INDEX, REGISTERS, Capabilities, CpuidEntry

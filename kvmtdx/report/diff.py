@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from kvmtdx.catalog import BitRef
 from kvmtdx.diff import FileDiff, PolicyDiff, RegKey
+from kvmtdx.model.catalog import BitRef
 from kvmtdx.report import to_json
 
 

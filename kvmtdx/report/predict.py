@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from kvmtdx import catalog
-from kvmtdx.mirror import CapsPrediction, is_value_register
+from kvmtdx.model import catalog
+from kvmtdx.model.mirror import CapsPrediction, is_value_register
+from kvmtdx.model.policy import Policy
+from kvmtdx.model.profiles import Host, ModuleProfile
 from kvmtdx.outcome import Outcome, errno_name
-from kvmtdx.policy import Policy
-from kvmtdx.profiles import Host, ModuleProfile
 from kvmtdx.report import hx, to_json
 from kvmtdx.structs import REGISTERS, Capabilities, CpuidEntry
 

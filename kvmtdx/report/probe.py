@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+from kvmtdx.model.policy import allowlist_to_json
 from kvmtdx.outcome import Outcome
-from kvmtdx.policy import allowlist_to_json
 from kvmtdx.probe import BitClass, BitResult, ProbeResult, effective_allowlist
 from kvmtdx.report import hx, to_json
 from kvmtdx.report.predict import capabilities_to_json

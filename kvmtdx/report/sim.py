@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kvmtdx.policy import get_policy
+from kvmtdx.model.policy import get_policy
 from kvmtdx.report import to_json
 from kvmtdx.session import DEFAULT_SIM_POLICY, InitVmRun
 

@@ -16,9 +16,9 @@ allow_direct (the module clears them silently on a host that lacks them).
 
 from __future__ import annotations
 
-from kvmtdx import mirror
-from kvmtdx.policy import Policy
-from kvmtdx.profiles import CpuidRow, ModuleProfile, Regs
+from kvmtdx.model import mirror
+from kvmtdx.model.policy import Policy
+from kvmtdx.model.profiles import CpuidRow, ModuleProfile, Regs
 from kvmtdx.structs import REGISTERS, Capabilities, CpuidEntry
 
 FULL = 0xFFFFFFFF

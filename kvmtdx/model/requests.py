@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kvmtdx.profiles import DataError, load_json, parse_int
+from kvmtdx.model.profiles import DataError, load_json, parse_int
 from kvmtdx.structs import REGISTERS, CpuidEntry, InitVm
 
 

@@ -12,7 +12,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
-from kvmtdx.profiles import DataError, bundled_json, load_json, parse_int
+from kvmtdx.model.profiles import DataError, bundled_json, load_json, parse_int
 from kvmtdx.structs import REGISTERS
 
 FULL = 0xFFFFFFFF

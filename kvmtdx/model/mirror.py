@@ -27,11 +27,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from kvmtdx import uapi
+from kvmtdx.model.policy import Policy
+from kvmtdx.model.profiles import CpuidRow, Host, ModuleProfile, Regs, enumerated
+from kvmtdx.model.requests import Request
 from kvmtdx.outcome import OPERAND_ATTRIBUTES, OPERAND_CPUID_CONFIG, OPERAND_XFAM, Outcome
 from kvmtdx.outcome import operand_invalid as _operand_invalid
-from kvmtdx.policy import Policy
-from kvmtdx.profiles import CpuidRow, Host, ModuleProfile, Regs, enumerated
-from kvmtdx.requests import Request
 from kvmtdx.structs import (
     FLAG_SIGNIFICANT_INDEX,
     KVM_MAX_CPUID_ENTRIES,
