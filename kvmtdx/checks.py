@@ -26,15 +26,17 @@ from typing import Any
 
 import psutil
 
-from kvmtdx import uapi
-from kvmtdx.device import Counters, Kvm, KvmError, Seam, TdxVm, no_tdx_reason
+from kvmtdx import layout, uapi
+from kvmtdx.device import Counters, Kvm, Seam, TdxVm, no_tdx_reason
+from kvmtdx.errors import KvmError
 from kvmtdx.knowledge import Given, Knowledge, caps_equal, complete
-from kvmtdx.model import mirror
+from kvmtdx.model import mirror, rules
 from kvmtdx.model.catalog import BitRef
 from kvmtdx.model.policy import Policy
 from kvmtdx.model.profiles import ModuleProfile, Regs
 from kvmtdx.model.requests import Request
-from kvmtdx.outcome import OPERAND_CPUID_CONFIG, Kind, Outcome
+from kvmtdx.outcome import Kind, Outcome
+from kvmtdx.status import Operand, errno_name
 from kvmtdx.structs import (
     FLAG_SIGNIFICANT_INDEX,
     REGISTERS,
@@ -42,16 +44,17 @@ from kvmtdx.structs import (
     CpuidEntry,
     InitVm,
 )
+from kvmtdx.verdict import Status
 
 GROUPS: tuple[str, ...] = (
     "availability", "capabilities", "init_vm_structure", "init_vm_content", "policy",
     "adversarial", "hygiene",
 )
-PASS, FAIL, SKIP = "pass", "fail", "skip"
+PASS, FAIL, SKIP = Status.PASS, Status.FAIL, Status.SKIP
 
-GPAW_LEAF = mirror.GPAW_LEAF
-GPAW_FIELD = mirror.GPAW_FIELD
-HLE, RTM, WAITPKG = mirror.LEAF7_EBX_HLE, mirror.LEAF7_EBX_RTM, mirror.LEAF7_ECX_WAITPKG
+GPAW_LEAF = rules.GPAW_LEAF
+GPAW_FIELD = rules.GPAW_FIELD
+HLE, RTM, WAITPKG = rules.LEAF7_EBX_HLE, rules.LEAF7_EBX_RTM, rules.LEAF7_ECX_WAITPKG
 CORE_CAPABILITIES = 1 << 30  # CPUID 7.0 EDX, cpufeatures.h 18*32+30
 # A leaf no TDX module lists (legacy cache descriptors): KVM must count it as a stray.
 STRAY_LEAF = 0x2
@@ -67,7 +70,7 @@ NEEDS_MODULE = ("needs a TDX module profile: give --module NAME|FILE "
 class CheckResult:
     id: str
     group: str
-    status: str  # pass | fail | skip
+    status: Status
     detail: str  # one line
     expected: str = ""
     actual: str = ""
@@ -94,7 +97,7 @@ class Summary:
     rss_after: int
 
     @property
-    def verdict(self) -> str:
+    def verdict(self) -> Status:
         if self.failed:
             return FAIL
         return PASS if self.total else SKIP
@@ -117,7 +120,7 @@ class VerifyReport:
     skip_reason: str | None = None  # TDX not present: the whole suite skipped
 
     @property
-    def verdict(self) -> str:
+    def verdict(self) -> Status:
         return SKIP if self.skip_reason is not None else self.summary.verdict
 
     def failures(self) -> tuple[CheckResult, ...]:
@@ -256,11 +259,11 @@ class _Ctx:
         for e in self.caps.entries:
             regs = list(_regs(e))
             for i, r in enumerate(REGISTERS):
-                if mirror.is_value_register(e.function, e.index, r):
+                if rules.is_value_register(e.function, e.index, r):
                     regs[i] = 0
             if e.function == GPAW_LEAF:
                 regs[0] = 48 << 16
-            for rule in mirror.MODULE_COUPLINGS:
+            for rule in rules.MODULE_COUPLINGS:
                 # The request has attributes 0; the host's TSX_CTRL is not known here.
                 if (rule.leaf, rule.subleaf or 0) == (e.function, e.index):
                     i = REGISTERS.index(rule.register)
@@ -284,7 +287,7 @@ class _Ctx:
 class _V:
     """A check's verdict before the registry stamps its id and group on it."""
 
-    status: str
+    status: Status
     detail: str
     expected: str = ""
     actual: str = ""
@@ -377,9 +380,9 @@ def _caps_grow(ctx: _Ctx) -> _V:
 
 def _caps_fill(nent: int, pattern: int = 0xA5) -> bytes:
     """A caller buffer of a byte pattern, with a valid nent word."""
-    size = uapi.caps_size(nent)
+    size = layout.caps_size(nent)
     data = bytearray([pattern]) * size
-    data[uapi.OFFSET_CAPS_NENT:uapi.OFFSET_CAPS_NENT + 4] = nent.to_bytes(4, "little")
+    data[layout.OFFSET_CAPS_NENT:layout.OFFSET_CAPS_NENT + 4] = nent.to_bytes(4, "little")
     return bytes(data)
 
 
@@ -387,13 +390,13 @@ def _caps_errno(ctx: _Ctx, what: str, want: int, *, flags: int = 0, hw_error: in
     n = len(ctx.caps.entries)
     with ctx.td() as td:
         res = td.capabilities_raw(n, flags=flags, hw_error=hw_error)
-    got = uapi.errno_name(res.errno) if res.errno else "success"
-    exp = uapi.errno_name(want)
+    got = errno_name(res.errno) if res.errno else "success"
+    exp = errno_name(want)
     k = ctx.know
     if k.module is not None and k.host is not None and k.policy is not None:
         pred = mirror.predict_capabilities(k.module, k.host, k.policy, n, flags=flags,
                                            hw_error=hw_error)
-        exp = uapi.errno_name(pred.errno) if pred.errno else "success"
+        exp = errno_name(pred.errno) if pred.errno else "success"
         want = pred.errno
     if res.errno != want:
         return _bad(f"{what}: {got}, expected {exp}", exp, got)
@@ -422,7 +425,7 @@ def _caps_e2big(ctx: _Ctx) -> _V:
     fill = _caps_fill(short)
     with ctx.td() as td:
         res = td.capabilities_raw(short, fill=fill)
-    got = uapi.errno_name(res.errno) if res.errno else "success"
+    got = errno_name(res.errno) if res.errno else "success"
     if res.errno != errno.E2BIG:
         return _bad(f"nent {short} (N = {n}): {got}, expected E2BIG", "E2BIG", got)
     if res.data != fill:
@@ -453,9 +456,9 @@ def _caps_reserved(ctx: _Ctx) -> _V:
                      "caps_buffer_matches_prediction checks the echo")
     _fill, data, err = _pattern_caps(ctx)
     if err:
-        return _bad(f"capabilities over a patterned buffer: {uapi.errno_name(err)}",
-                    "success", uapi.errno_name(err))
-    c = uapi.unpack_capabilities(data)
+        return _bad(f"capabilities over a patterned buffer: {errno_name(err)}",
+                    "success", errno_name(err))
+    c = layout.unpack_capabilities(data)
     dirty = [f"reserved[{i}]" for i, w in enumerate(c.reserved) if w]
     for name in ("kernel_tdvmcallinfo_1_r11", "kernel_tdvmcallinfo_1_r12",
                  "user_tdvmcallinfo_1_r12", "cpuid_padding"):
@@ -474,7 +477,7 @@ def _entries_only(data: bytes, n: int) -> bytes:
     """The buffer with entry flags and padding blanked (undefined under 6.16)."""
     out = bytearray(data)
     for i in range(n):
-        off = uapi.SIZEOF_CAPS_HEADER + i * uapi.SIZEOF_CPUID_ENTRY2
+        off = layout.SIZEOF_CAPS_HEADER + i * layout.SIZEOF_CPUID_ENTRY2
         out[off + 8:off + 12] = bytes(4)  # flags
         out[off + 28:off + 40] = bytes(12)  # padding[3]
     return bytes(out)
@@ -490,8 +493,8 @@ def _caps_buffer(ctx: _Ctx) -> _V:
     n = len(ctx.caps.entries)
     pred = mirror.predict_capabilities(k.module, k.host, k.policy, n, caller=fill)
     if err != pred.errno:
-        return _bad(f"{uapi.errno_name(err) or 'success'}, expected "
-                    f"{uapi.errno_name(pred.errno) or 'success'}")
+        return _bad(f"{errno_name(err) or 'success'}, expected "
+                    f"{errno_name(pred.errno) or 'success'}")
     want = pred.buffer if pred.buffer is not None else fill
     if k.policy.caps_echoes_caller:
         data, want = _entries_only(data, n), _entries_only(want, n)
@@ -499,8 +502,8 @@ def _caps_buffer(ctx: _Ctx) -> _V:
         return _ok(f"{len(data)} bytes as predicted")
     diff = [i for i, (a, b) in enumerate(zip(data, want, strict=False)) if a != b]
     first = diff[0] if diff else min(len(data), len(want))
-    where = "header" if first < uapi.SIZEOF_CAPS_HEADER else (
-        f"entry {(first - uapi.SIZEOF_CAPS_HEADER) // uapi.SIZEOF_CPUID_ENTRY2}")
+    where = "header" if first < layout.SIZEOF_CAPS_HEADER else (
+        f"entry {(first - layout.SIZEOF_CAPS_HEADER) // layout.SIZEOF_CPUID_ENTRY2}")
     return _bad(f"{len(diff)} bytes differ, first at offset {first} ({where})",
                 f"byte 0x{want[first]:02x}" if first < len(want) else "end",
                 f"byte 0x{data[first]:02x}" if first < len(data) else "end")
@@ -524,8 +527,8 @@ def _caps_header(ctx: _Ctx) -> _V:
         return _skip(NEEDS_MODULE)
     pred = mirror.predict_capabilities(k.module, k.host, k.policy, len(k.module.rows))
     if pred.caps is None:
-        return _bad(f"the mirror predicts {uapi.errno_name(pred.errno)}, the kernel reported",
-                    uapi.errno_name(pred.errno), "success")
+        return _bad(f"the mirror predicts {errno_name(pred.errno)}, the kernel reported",
+                    errno_name(pred.errno), "success")
     bad = []
     for name in ("supported_attrs", "supported_xfam", "kernel_tdvmcallinfo_1_r11",
                  "user_tdvmcallinfo_1_r11", "kernel_tdvmcallinfo_1_r12",
@@ -602,7 +605,7 @@ def _iv_hw_error(ctx: _Ctx) -> _V:
     req = ctx.base(cmd_hw_error=1)
     with ctx.td() as td:
         res = td.init_vm_raw(req.init_vm, hw_error=1)
-    got = uapi.errno_name(res.errno) if res.errno else "success"
+    got = errno_name(res.errno) if res.errno else "success"
     if res.errno != errno.EINVAL:
         return _bad(f"hw_error 1: {got}, expected EINVAL", "EINVAL", got)
     if res.cmd.hw_error != 1:
@@ -720,7 +723,7 @@ def _module_refused_bit(ctx: _Ctx) -> tuple[int, CpuidEntry, BitRef] | None:
         return None
     for i, row in enumerate(m.rows):
         for r, ok in zip(REGISTERS, row.module_allows(), strict=True):
-            if mirror.is_value_register(row.leaf, row.subleaf, r) or row.leaf == 7:
+            if rules.is_value_register(row.leaf, row.subleaf, r) or row.leaf == 7:
                 continue
             free = ~ok & ~m.unknown_mask(i)[REGISTERS.index(r)] & 0xFFFFFFFF
             if free:
@@ -741,7 +744,7 @@ def _iv_status(ctx: _Ctx) -> _V:
     req = ctx.base((e,))
     actual = ctx.attempt(req)
     v = _judge(ctx, req, actual, None, f"{ref.label()} (not configurable)", bits=(ref,))
-    if v.status == PASS and actual.hw.operand != OPERAND_CPUID_CONFIG:
+    if v.status == PASS and actual.hw.operand != Operand.CPUID_CONFIG:
         return _bad(f"hw_error {actual.hw}, expected operand CPUID_CONFIG", v.expected,
                     v.actual, (ref,))
     return v
@@ -781,7 +784,7 @@ def _outside_reported(ctx: _Ctx, req: Request) -> list[BitRef]:
     for e in req.init_vm.entries:
         r = rep.get((e.function, e.index))
         for i, reg in enumerate(REGISTERS):
-            if mirror.is_value_register(e.function, e.index, reg):
+            if rules.is_value_register(e.function, e.index, reg):
                 continue
             have = _regs(r)[i] if r is not None else 0
             for b in _bits_of(_regs(e)[i] & ~have):
@@ -802,7 +805,7 @@ def _unreported_bits(ctx: _Ctx) -> Iterator[tuple[CpuidEntry, int | None, str, i
     for e in ctx.caps.entries:
         row = ctx.row_of(e)
         for i, r in enumerate(REGISTERS):
-            if mirror.is_value_register(e.function, e.index, r):
+            if rules.is_value_register(e.function, e.index, r):
                 continue
             for b in _bits_of(~_regs(e)[i] & 0xFFFFFFFF):
                 yield e, row, r, b
@@ -942,7 +945,7 @@ def _pol_values(ctx: _Ctx) -> _V:
     for row, listed, e in zip(k.module.rows, enumerated(k.module, k.host), ctx.caps.entries,
                               strict=False):
         for i, r in enumerate(REGISTERS):
-            if not mirror.is_value_register(row.leaf, row.subleaf, r):
+            if not rules.is_value_register(row.leaf, row.subleaf, r):
                 continue
             want = listed[i]
             if row.leaf == GPAW_LEAF and r == "eax":
@@ -1248,7 +1251,7 @@ def _availability(kvm: Kvm) -> tuple[str, bool] | None:
     if version != uapi.KVM_API_VERSION:
         return f"unexpected KVM API version {version} (want {uapi.KVM_API_VERSION})", False
     types = kvm.vm_types()
-    if not types >> uapi.KVM_X86_TDX_VM & 1:
+    if not types >> uapi.VmType.KVM_X86_TDX_VM & 1:
         return no_tdx_reason(types), True
     return None
 

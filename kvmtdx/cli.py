@@ -12,18 +12,12 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from kvmtdx import __version__
-from kvmtdx.device import KvmError
-from kvmtdx.model.profiles import DataError
+from kvmtdx.errors import DataError, ExitCode, KvmError, ProbeError
 
 if TYPE_CHECKING:
     from kvmtdx.knowledge import Given
     from kvmtdx.session import Backend
     from kvmtdx.structs import Capabilities
-
-EXIT_PASS = 0
-EXIT_FAIL = 1
-EXIT_USAGE = 2
-EXIT_SKIP = 4
 
 SIM_HINT = (
     "run the same against the simulated host with --simulate MODULE[:POLICY] "
@@ -36,7 +30,7 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         sys.stderr.write(f"kvmtdx: error: {message} (see kvmtdx --help)\n")
-        raise SystemExit(EXIT_USAGE)
+        raise SystemExit(ExitCode.USAGE)
 
 
 def _backend_opts(p: argparse.ArgumentParser) -> None:
@@ -188,12 +182,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     emit((render.render_json if args.format == "json" else render.render_text)(info),
          args.output)
     if info.tdx_available:
-        return EXIT_PASS
+        return ExitCode.PASS
     if info.skip:
         sys.stderr.write(f"kvmtdx: skip: {info.reason}; {SIM_HINT}\n")
-        return EXIT_SKIP
+        return ExitCode.SKIP
     sys.stderr.write(f"kvmtdx: error: {info.reason}\n")
-    return EXIT_FAIL
+    return ExitCode.FAIL
 
 
 def cmd_caps(args: argparse.Namespace) -> int:
@@ -210,7 +204,7 @@ def cmd_caps(args: argparse.Namespace) -> int:
     emit(fmt(reading.caps, backend.label, reading.counters), args.output)
     if args.save_module:
         _save_module(args, reading.caps, backend.label)
-    return EXIT_PASS
+    return ExitCode.PASS
 
 
 def _save_module(args: argparse.Namespace, caps: Capabilities, label: str) -> None:
@@ -248,7 +242,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     outcome = None if request is None else mirror.predict_init_vm(module, host, policy, request)
     fmt = render.render_json if args.format == "json" else render.render_text
     emit(fmt(module, host, policy, caps, outcome), args.output)
-    return EXIT_PASS
+    return ExitCode.PASS
 
 
 def cmd_init_vm(args: argparse.Namespace) -> int:
@@ -263,7 +257,7 @@ def cmd_init_vm(args: argparse.Namespace) -> int:
     run = init_vm_once(_session(args), request)  # KvmError(skip) without TDX: exit 4
     emit((render.init_vm_json if args.format == "json" else render.init_vm_text)(run),
          args.output)
-    return EXIT_PASS
+    return ExitCode.PASS
 
 
 def _simulate_list(args: argparse.Namespace) -> int:
@@ -273,7 +267,7 @@ def _simulate_list(args: argparse.Namespace) -> int:
 
     fmt = render.choices_json if getattr(args, "format", "text") == "json" else render.choices_text
     emit(fmt(sim.choices()), getattr(args, "output", None))
-    return EXIT_PASS
+    return ExitCode.PASS
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -332,9 +326,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
                                  jobs=args.jobs, progress=progress if tty else None)
     try:
         result = probe.probe(backend.seam, options, label=backend.label, given=known)
-    except probe.ProbeError as e:
+    except ProbeError as e:
         sys.stderr.write(("\n" if tty else "") + f"kvmtdx: error: {e}\n")
-        return EXIT_FAIL
+        return ExitCode.FAIL
     if tty:
         sys.stderr.write("\n")
     if args.emit_allowlist:
@@ -342,7 +336,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
              args.emit_allowlist)
     emit(render.render_json(result) if args.format == "json" else render.render_text(result),
          args.output)
-    return EXIT_FAIL if result.failures else EXIT_PASS
+    return ExitCode.FAIL if result.failures else ExitCode.PASS
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
@@ -373,7 +367,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
                                  diff.load_snapshot(args.files[1]))
         differs = bool(result.changes or result.only_a or result.only_b)
     emit(render.render(result, args.format), args.output)
-    return EXIT_FAIL if differs else EXIT_PASS
+    return ExitCode.FAIL if differs else ExitCode.PASS
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
@@ -395,14 +389,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except DataError as e:
         sys.stderr.write(f"kvmtdx: error: {e}\n")
-        return EXIT_USAGE
+        return ExitCode.USAGE
     except KvmError as e:
         sys.stderr.write(f"kvmtdx: {'skip' if e.skip else 'error'}: {e.reason}"
                          + (f"; {SIM_HINT}" if e.skip else "") + "\n")
-        return EXIT_SKIP if e.skip else EXIT_FAIL
+        return ExitCode.SKIP if e.skip else ExitCode.FAIL
     except OSError as e:
         sys.stderr.write(f"kvmtdx: error: {e}\n")
-        return EXIT_FAIL
+        return ExitCode.FAIL
     except KeyboardInterrupt:
         sys.stderr.write("kvmtdx: interrupted\n")
         return 130

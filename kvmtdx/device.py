@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol, TypeVar, runtime_checkable
 
-from kvmtdx import uapi
+from kvmtdx import layout, uapi
+from kvmtdx.errors import KvmError
 from kvmtdx.outcome import Outcome
-from kvmtdx.structs import Capabilities, CpuidEntry, InitVm, TdxCmd
+from kvmtdx.structs import KVM_MAX_CPUID_ENTRIES, Capabilities, CpuidEntry, InitVm, TdxCmd
 
 DEFAULT_KVM_PATH = "/dev/kvm"
 
@@ -60,16 +61,6 @@ class Counters:
     init_vm_calls: int = 0
 
 
-class KvmError(Exception):
-    """/dev/kvm or TDX is not usable here.  `skip` means "not present" (exit 4), else a failure."""
-
-    def __init__(self, reason: str, *, skip: bool, errno_: int = 0) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.skip = skip
-        self.errno = errno_
-
-
 def open_error(path: str, err: OSError) -> KvmError:
     if err.errno in (errno.ENOENT, errno.ENODEV, errno.ENXIO):
         return KvmError(
@@ -92,7 +83,7 @@ def open_error(path: str, err: OSError) -> KvmError:
 
 def no_tdx_reason(vm_types: int) -> str:
     names = ", ".join(
-        uapi.VM_TYPE_NAMES.get(t, str(t)) for t in range(64) if vm_types >> t & 1
+        uapi.vm_type_name(t) for t in range(64) if vm_types >> t & 1
     ) or "none"
     return (
         f"KVM on this host does not offer KVM_X86_TDX_VM (VM types: {names}); "
@@ -160,17 +151,17 @@ class Vm(_FdHandle):
         buf = uapi.Memory(data) if data is not None else None
         if buf is not None:
             cmd = TdxCmd(id=cmd.id, flags=cmd.flags, data=buf.address, hw_error=cmd.hw_error)
-        cmd_mem = uapi.Memory(uapi.pack_cmd(cmd))
+        cmd_mem = uapi.Memory(layout.pack_cmd(cmd))
         err, ret = 0, 0
         try:
-            ret = self.ioctl(uapi.KVM_MEMORY_ENCRYPT_OP,
+            ret = self.ioctl(uapi.Ioctl.KVM_MEMORY_ENCRYPT_OP,
                              cmd_mem.address if cmd_address is None else cmd_address)
         except OSError as e:
             err = e.errno or errno.EIO
         return CmdResult(
             errno=err,
             ret=ret,
-            cmd=uapi.unpack_cmd(cmd_mem.read()),
+            cmd=layout.unpack_cmd(cmd_mem.read()),
             data=buf.read() if buf is not None else b"",
         )
 
@@ -185,33 +176,33 @@ class TdxVm(Vm):
         `fill` gives the buffer's bytes before the call (to see what KVM leaves
         untouched); its nent word is set to `nent` unless fill is that long already.
         """
-        size = uapi.caps_size(nent)
+        size = layout.caps_size(nent)
         if fill is None:
-            data = uapi.pack_capabilities(Capabilities(nent=nent), nent_room=nent)
+            data = layout.pack_capabilities(Capabilities(nent=nent), nent_room=nent)
         else:
             data = (fill + bytes(size))[:size] if len(fill) < size else fill
         return self.memory_encrypt_op(
-            TdxCmd(id=uapi.KVM_TDX_CAPABILITIES, flags=flags, hw_error=hw_error), data
+            TdxCmd(id=uapi.TdxCommand.KVM_TDX_CAPABILITIES, flags=flags, hw_error=hw_error), data
         )
 
-    def capabilities(self, start_nent: int = 6, max_nent: int = uapi.KVM_MAX_CPUID_ENTRIES
+    def capabilities(self, start_nent: int = 6, max_nent: int = KVM_MAX_CPUID_ENTRIES
                      ) -> Capabilities:
         """Grow and retry: KVM answers E2BIG without saying how much room it needs."""
         nent = start_nent
         while True:
             res = self.capabilities_raw(nent)
             if res.ok:
-                return uapi.unpack_capabilities(res.data)
+                return layout.unpack_capabilities(res.data)
             if res.errno != errno.E2BIG or nent >= max_nent:
                 raise OSError(res.errno, f"KVM_TDX_CAPABILITIES: {os.strerror(res.errno)}")
             nent = min(nent * 2, max_nent)
 
     def init_vm_raw(self, request: InitVm | bytes, *, flags: int = 0,
                     hw_error: int = 0) -> CmdResult:
-        data = request if isinstance(request, bytes) else uapi.pack_init_vm(request)
+        data = request if isinstance(request, bytes) else layout.pack_init_vm(request)
         self.counters.init_vm_calls += 1
         return self.memory_encrypt_op(
-            TdxCmd(id=uapi.KVM_TDX_INIT_VM, flags=flags, hw_error=hw_error), data
+            TdxCmd(id=uapi.TdxCommand.KVM_TDX_INIT_VM, flags=flags, hw_error=hw_error), data
         )
 
     def init_vm(self, request: InitVm | bytes, *, flags: int = 0, hw_error: int = 0) -> Outcome:
@@ -236,37 +227,37 @@ class Kvm(_FdHandle):
         self.counters.opens += 1
 
     def api_version(self) -> int:
-        return self.ioctl(uapi.KVM_GET_API_VERSION, 0)
+        return self.ioctl(uapi.Ioctl.KVM_GET_API_VERSION, 0)
 
     def check_extension(self, cap: int) -> int:
-        return self.ioctl(uapi.KVM_CHECK_EXTENSION, cap)
+        return self.ioctl(uapi.Ioctl.KVM_CHECK_EXTENSION, cap)
 
     def vm_types(self) -> int:
         """The KVM_CAP_VM_TYPES bitmask (bit 0 alone on kernels without the capability)."""
         mask = self.check_extension(uapi.KVM_CAP_VM_TYPES)
-        return mask if mask > 0 else 1 << uapi.KVM_X86_DEFAULT_VM
+        return mask if mask > 0 else 1 << uapi.VmType.KVM_X86_DEFAULT_VM
 
     def has_tdx(self) -> bool:
-        return bool(self.vm_types() >> uapi.KVM_X86_TDX_VM & 1)
+        return bool(self.vm_types() >> uapi.VmType.KVM_X86_TDX_VM & 1)
 
     def supported_cpuid(self, start_nent: int = 64) -> tuple[CpuidEntry, ...]:
         nent = start_nent
         while True:
-            mem = uapi.Memory(uapi.pack_cpuid2((), nent=nent, room=nent))
+            mem = uapi.Memory(layout.pack_cpuid2((), nent=nent, room=nent))
             try:
-                self.ioctl(uapi.KVM_GET_SUPPORTED_CPUID, mem.address)
+                self.ioctl(uapi.Ioctl.KVM_GET_SUPPORTED_CPUID, mem.address)
             except OSError as e:
-                if e.errno == errno.E2BIG and nent < uapi.KVM_MAX_CPUID_ENTRIES * 4:
+                if e.errno == errno.E2BIG and nent < KVM_MAX_CPUID_ENTRIES * 4:
                     nent *= 2
                     continue
                 raise
-            return uapi.unpack_cpuid2(mem.read())[1]
+            return layout.unpack_cpuid2(mem.read())[1]
 
-    def create_vm(self, vm_type: int = uapi.KVM_X86_DEFAULT_VM) -> Vm:
-        fd = self.ioctl(uapi.KVM_CREATE_VM, vm_type)
+    def create_vm(self, vm_type: int = uapi.VmType.KVM_X86_DEFAULT_VM) -> Vm:
+        fd = self.ioctl(uapi.Ioctl.KVM_CREATE_VM, vm_type)
         self.counters.vms_created += 1
         self.counters.opens += 1
-        if vm_type == uapi.KVM_X86_TDX_VM:
+        if vm_type == uapi.VmType.KVM_X86_TDX_VM:
             self.counters.tds_created += 1
             return TdxVm(self._seam, fd, vm_type, self.counters)
         return Vm(self._seam, fd, vm_type, self.counters)
@@ -275,7 +266,7 @@ class Kvm(_FdHandle):
         """A fresh TD, or KvmError(skip=True) when KVM does not offer the TDX VM type."""
         if not self.has_tdx():
             raise KvmError(no_tdx_reason(self.vm_types()), skip=True)
-        vm = self.create_vm(uapi.KVM_X86_TDX_VM)
+        vm = self.create_vm(uapi.VmType.KVM_X86_TDX_VM)
         assert isinstance(vm, TdxVm)
         return vm
 
@@ -302,6 +293,6 @@ def tdx_status(seam: Seam | None = None, path: str = DEFAULT_KVM_PATH) -> TdxSta
             return TdxStatus(False, f"unexpected KVM API version {version} (want 12)", False,
                              version, 0)
         types = kvm.vm_types()
-        if not types >> uapi.KVM_X86_TDX_VM & 1:
+        if not types >> uapi.VmType.KVM_X86_TDX_VM & 1:
             return TdxStatus(False, no_tdx_reason(types), True, version, types)
         return TdxStatus(True, "KVM offers KVM_X86_TDX_VM", False, version, types)

@@ -17,10 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvmtdx.errors import DataError
 from kvmtdx.model import catalog, mirror
 from kvmtdx.model.catalog import BitRef
 from kvmtdx.model.policy import Policy
-from kvmtdx.model.profiles import DataError, Host, ModuleProfile, load_json, parse_int
+from kvmtdx.model.profiles import Host, ModuleProfile, load_json, parse_int
 from kvmtdx.structs import REGISTERS, CpuidEntry
 
 Key = tuple[int, int, str, int]

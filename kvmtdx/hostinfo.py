@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvmtdx import uapi
-from kvmtdx.device import Counters, Kvm, KvmError, tdx_status
+from kvmtdx.device import Counters, Kvm, tdx_status
+from kvmtdx.errors import KvmError
 from kvmtdx.native import CPUID_DEVICE, CPUINFO, LOAD_HINT
 from kvmtdx.session import Backend
 from kvmtdx.structs import Capabilities

@@ -134,14 +134,7 @@ def infer_host(module: ModuleProfile, caps: Capabilities, policy: Policy) -> Hos
     for row, e in zip(module.rows, caps.entries, strict=False):
         regs = [e.reg(r) for r in REGISTERS]
         for i, r in enumerate(REGISTERS):
-            hidden = row.allow_direct[i] & ~regs[i]
-            if policy.allowlist is not None:
-                hidden &= ~policy.allowlist.mask(row.leaf, row.kvm_index, r)
-            elif policy.denylist and row.leaf == 7 and row.kvm_index == 0:
-                hidden &= mirror.DENYLIST.get(r, 0)
-            else:
-                hidden = 0
-            regs[i] |= hidden
+            regs[i] |= row.allow_direct[i] & ~regs[i] & policy.hides(row.leaf, row.kvm_index, r)
         if row.leaf == 1:
             regs[0] = 0
         a, b, c, d = regs

@@ -16,7 +16,8 @@ import os
 import struct
 from pathlib import Path
 
-from kvmtdx.model.profiles import BUNDLED_MODULES, DataError, Host, Regs, load_host, load_profile
+from kvmtdx.errors import DataError
+from kvmtdx.model.profiles import BUNDLED_MODULES, Host, Regs, load_host, load_profile
 
 CPUID_DEVICE = "/dev/cpu/{cpu}/cpuid"
 MSR_DEVICE = "/dev/cpu/{cpu}/msr"

@@ -38,25 +38,22 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from kvmtdx import uapi
-from kvmtdx.device import Kvm, KvmError, RealSeam, Seam, TdxVm, no_tdx_reason
+from kvmtdx.device import Kvm, RealSeam, Seam, TdxVm, no_tdx_reason
+from kvmtdx.errors import KvmError, ProbeError
 from kvmtdx.knowledge import Given, Knowledge, complete
-from kvmtdx.model import catalog, mirror
+from kvmtdx.model import catalog, mirror, rules
 from kvmtdx.model.policy import Allowlist, Policy
 from kvmtdx.model.profiles import BUNDLED_MODULES, Host, ModuleProfile, load_profile
 from kvmtdx.outcome import Kind, Outcome
 from kvmtdx.structs import FLAG_SIGNIFICANT_INDEX, REGISTERS, Capabilities, CpuidEntry, InitVm
 
-GPAW_LEAF = mirror.GPAW_LEAF
-GPAW_FIELD = mirror.GPAW_FIELD
+GPAW_LEAF = rules.GPAW_LEAF
+GPAW_FIELD = rules.GPAW_FIELD
 # Without a module profile its XFAM gates come from this bundled one: every public
 # module gates the same AVX/AVX-512/AMX bits on XFAM.
 STAND_IN_MODULE = "2.0"
 # A deterministic sample of the hidden bits targeted mode would otherwise skip.
 SAMPLE_PER_REGISTER = 2
-
-
-class ProbeError(Exception):
-    """The probe cannot go on (a one-line reason; the CLI exits 1)."""
 
 
 class BitClass(str, Enum):
@@ -246,12 +243,12 @@ class _Layout:
 
     def minimal(self) -> list[list[int]]:
         regs = [[0, 0, 0, 0] for _ in self.rows]
-        regs[self.gpaw_row][0] = 48 << mirror.GPAW_SHIFT
+        regs[self.gpaw_row][0] = 48 << rules.GPAW_SHIFT
         return regs
 
     def request(self, units: Iterable[Unit], *, xfam: int, gpaw: int = 48) -> InitVm:
         regs = self.minimal()
-        regs[self.gpaw_row][0] = gpaw << mirror.GPAW_SHIFT
+        regs[self.gpaw_row][0] = gpaw << rules.GPAW_SHIFT
         attributes = 0
         for u in units:
             attributes |= u.attributes
@@ -286,14 +283,14 @@ def _layout(caps: Capabilities, model: Model | None) -> _Layout:
         # flagged, or one entry would match every sub-leaf of its leaf.
         flags.append(0 if model is not None and subleaf is None else FLAG_SIGNIFICANT_INDEX)
         for r in REGISTERS:
-            if mirror.is_value_register(e.function, subleaf, r):
+            if rules.is_value_register(e.function, subleaf, r):
                 value_regs.add((i, r))
     return _Layout(caps, rows, tuple(flags), frozenset(value_regs), gpaw_row)
 
 
-def _coupling(key: BitKey) -> mirror.Coupling | None:
-    """The module's rule (mirror.MODULE_COUPLINGS) that ties this bit to others, if any."""
-    for c in mirror.MODULE_COUPLINGS:
+def _coupling(key: BitKey) -> rules.Coupling | None:
+    """The module's rule (rules.MODULE_COUPLINGS) that ties this bit to others, if any."""
+    for c in rules.MODULE_COUPLINGS:
         if (c.leaf, c.subleaf or 0, c.register) == key[:3] and c.mask >> key[3] & 1:
             return c
     return None
@@ -376,7 +373,7 @@ class DeviceOracle:
 
     def _create(self) -> TdxVm:
         try:
-            vm = self._kvm.create_vm(uapi.KVM_X86_TDX_VM)
+            vm = self._kvm.create_vm(uapi.VmType.KVM_X86_TDX_VM)
         except OSError as e:
             if e.errno == errno.ENOSPC:
                 raise ProbeError(_EXHAUSTED.format(tds=self.tds)) from None
@@ -613,7 +610,7 @@ class _Prober:
         units: list[Unit] = []
         lone: list[tuple[Unit, str | None]] = []
         unit_bits: dict[Unit, list[BitKey]] = {}
-        coupled: dict[mirror.Coupling, list[tuple[int, str, int]]] = {}
+        coupled: dict[rules.Coupling, list[tuple[int, str, int]]] = {}
         for row, register in self._feature_regs():
             rep = self._reported(row, register)
             for bit in range(32):

@@ -10,20 +10,14 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-from kvmtdx import uapi
+from kvmtdx import layout
 from kvmtdx.device import DEFAULT_KVM_PATH, Counters, Kvm, RealSeam, Seam
+from kvmtdx.errors import DataError
 from kvmtdx.model.policy import POLICY_NAMES, Allowlist, Policy, get_policy
-from kvmtdx.model.profiles import (
-    BUNDLED_MODULES,
-    MAX_HOST,
-    DataError,
-    Host,
-    ModuleProfile,
-    load_profile,
-)
+from kvmtdx.model.profiles import BUNDLED_MODULES, MAX_HOST, Host, ModuleProfile, load_profile
 from kvmtdx.model.requests import Request
 from kvmtdx.outcome import Outcome
-from kvmtdx.structs import InitVm
+from kvmtdx.structs import KVM_MAX_CPUID_ENTRIES, InitVm
 
 DEFAULT_SIM_POLICY = "upstream"
 
@@ -120,10 +114,10 @@ def init_vm_bytes(init_vm: InitVm) -> bytes:
     """The bytes KVM reads for a request; one that claims more entries than it carries
     gets zeroed room behind them, so the kernel reads zeros rather than whatever
     follows the buffer (the mirror models the same)."""
-    data = uapi.pack_init_vm(init_vm)
+    data = layout.pack_init_vm(init_vm)
     nent = init_vm.effective_nent
-    if len(init_vm.entries) < nent <= uapi.KVM_MAX_CPUID_ENTRIES:
-        data += bytes((nent - len(init_vm.entries)) * uapi.SIZEOF_CPUID_ENTRY2)
+    if len(init_vm.entries) < nent <= KVM_MAX_CPUID_ENTRIES:
+        data += bytes((nent - len(init_vm.entries)) * layout.SIZEOF_CPUID_ENTRY2)
     return data
 
 

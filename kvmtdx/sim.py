@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass, replace
 from typing import Any
 
-from kvmtdx import uapi
+from kvmtdx import layout, uapi
 from kvmtdx.model.policy import POLICY_NAMES, Policy
 from kvmtdx.model.profiles import (
     BUNDLED_MODULES,
@@ -31,16 +31,15 @@ from kvmtdx.model.profiles import (
     effective_xfam_fixed0,
     enumerated,
 )
-from kvmtdx.outcome import (
-    OPERAND_ATTRIBUTES,
-    OPERAND_CPUID_CONFIG,
-    OPERAND_XFAM,
-    STATUS_MASK,
-    TDX_INCORRECT_MSR_VALUE,
-    TDX_OPERAND_INVALID,
-    operand_invalid,
+from kvmtdx.status import Operand, TdxStatus, operand_invalid, status_class
+from kvmtdx.structs import (
+    FLAG_SIGNIFICANT_INDEX,
+    KVM_MAX_CPUID_ENTRIES,
+    REGISTERS,
+    Capabilities,
+    CpuidEntry,
+    TdxCmd,
 )
-from kvmtdx.structs import REGISTERS, Capabilities, CpuidEntry, TdxCmd
 
 # Seeded kernel bugs: name -> one line.  The bracket names the policies whose
 # answers the bug changes; every mutant can be switched on under any policy.
@@ -117,7 +116,7 @@ _GPAW_FIELD = 0x00FF0000  # CPUID 0x80000008 EAX[23:16]
 _GPAW_LEAF = 0x80000008
 _NO_SUBLEAF = 0xFFFFFFFF
 _API_VERSION = 12
-_VM_TYPES = 1 << uapi.KVM_X86_DEFAULT_VM | 1 << uapi.KVM_X86_TDX_VM
+_VM_TYPES = 1 << uapi.VmType.KVM_X86_DEFAULT_VM | 1 << uapi.VmType.KVM_X86_TDX_VM
 _FIRST_FD = 3
 _FIRST_KEY_ID = 32  # private HKIDs start above the host's shared ones
 
@@ -192,27 +191,27 @@ class _Module:
         td_attributes = attributes | p.attributes_fixed1
         td_xfam = xfam | p.xfam_fixed1
         if td_attributes & ~p.attributes_fixed0:
-            return operand_invalid(OPERAND_ATTRIBUTES)
+            return operand_invalid(Operand.ATTRIBUTES)
         if td_xfam & ~self.xfam_fixed0:
-            return operand_invalid(OPERAND_XFAM)
+            return operand_invalid(Operand.XFAM)
         for (a, b, c, d), (ma, mb, mc, md) in zip(values, self.allows, strict=True):
             if a & ~ma or b & ~mb or c & ~mc or d & ~md:
-                return operand_invalid(OPERAND_CPUID_CONFIG)
+                return operand_invalid(Operand.CPUID_CONFIG)
         leaf1 = _ZERO if self.leaf1 is None else values[self.leaf1]
         leaf7 = _ZERO if self.leaf7 is None else values[self.leaf7]
         # CPUID(1).EAX: 0 asks for the native family/model/stepping.
         if leaf1[0] and leaf1[0] != self.fms:
-            return operand_invalid(OPERAND_CPUID_CONFIG)
+            return operand_invalid(Operand.CPUID_CONFIG)
         if bool(leaf7[1] & _HLE) != bool(leaf7[1] & _RTM):
-            return operand_invalid(OPERAND_CPUID_CONFIG)
+            return operand_invalid(Operand.CPUID_CONFIG)
         if bool(leaf7[2] & _PKS) != bool(td_attributes & _ATTR_PKS):
-            return operand_invalid(OPERAND_CPUID_CONFIG)
+            return operand_invalid(Operand.CPUID_CONFIG)
         for gate_xfam, row, register, mask in self.gates:
             if td_xfam & gate_xfam != gate_xfam and row is not None and (
                     values[row][register] & mask):
-                return operand_invalid(OPERAND_CPUID_CONFIG)
+                return operand_invalid(Operand.CPUID_CONFIG)
         if leaf7[1] & _HLE and not self.host.tsx_ctrl:
-            return TDX_INCORRECT_MSR_VALUE
+            return int(TdxStatus.TDX_INCORRECT_MSR_VALUE)
         # An allow_direct bit the CPU lacks is dropped silently, not refused.
         return 0
 
@@ -248,7 +247,7 @@ class SimulatedHost:
             rows_of.setdefault(row.leaf, []).append((k, row.index))
         self._rows_of_function = {f: tuple(v) for f, v in rows_of.items()}
         self._allowlist_errno = errno.EIO if mutant == "allowlist_reject_eio" else errno.EINVAL
-        self._caps_bytes = uapi.pack_capabilities(Capabilities(
+        self._caps_bytes = layout.pack_capabilities(Capabilities(
             supported_attrs=self._supported_attrs,
             supported_xfam=self._supported_xfam,
             user_tdvmcallinfo_1_r11=policy.user_tdvmcallinfo_1_r11,
@@ -269,7 +268,7 @@ class SimulatedHost:
         """Open VM fds of type KVM_X86_TDX_VM."""
         return sum(
             1 for f in self._files.values()
-            if isinstance(f, _Vm) and f.vm_type == uapi.KVM_X86_TDX_VM
+            if isinstance(f, _Vm) and f.vm_type == uapi.VmType.KVM_X86_TDX_VM
         )
 
     @property
@@ -312,17 +311,17 @@ class SimulatedHost:
     # /dev/kvm
 
     def _system_ioctl(self, request: int, arg: int) -> int:
-        if request == uapi.KVM_GET_API_VERSION:
+        if request == uapi.Ioctl.KVM_GET_API_VERSION:
             if arg:
                 raise _fail(errno.EINVAL)
             return _API_VERSION
-        if request == uapi.KVM_CHECK_EXTENSION:
+        if request == uapi.Ioctl.KVM_CHECK_EXTENSION:
             return self._check_extension(arg)
-        if request == uapi.KVM_CREATE_VM:
-            if arg not in (uapi.KVM_X86_DEFAULT_VM, uapi.KVM_X86_TDX_VM):
+        if request == uapi.Ioctl.KVM_CREATE_VM:
+            if arg not in (uapi.VmType.KVM_X86_DEFAULT_VM, uapi.VmType.KVM_X86_TDX_VM):
                 raise _fail(errno.EINVAL)
             return self._install(_Vm(vm_type=arg))
-        if request == uapi.KVM_GET_SUPPORTED_CPUID:
+        if request == uapi.Ioctl.KVM_GET_SUPPORTED_CPUID:
             return self._get_supported_cpuid(arg)
         raise _fail(errno.ENOTTY)
 
@@ -342,7 +341,7 @@ class SimulatedHost:
             a, b, c, d = self.host.native_regs(leaf, sub)
             out.append(CpuidEntry(
                 function=leaf, index=0 if sub is None else sub,
-                flags=0 if sub is None else uapi.KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+                flags=0 if sub is None else FLAG_SIGNIFICANT_INDEX,
                 eax=a, ebx=b, ecx=c, edx=d,
             ))
         return tuple(out)
@@ -350,32 +349,32 @@ class SimulatedHost:
     def _get_supported_cpuid(self, arg: int) -> int:
         # Linux cpuid.c: the header is read, a too small nent is E2BIG with
         # nothing written back; nent is clamped to KVM_MAX_CPUID_ENTRIES.
-        nent, _ = uapi.unpack_cpuid2(_copy_from_user(arg, uapi.SIZEOF_CPUID2))
+        nent, _ = layout.unpack_cpuid2(_copy_from_user(arg, layout.SIZEOF_CPUID2))
         if nent < 1:
             raise _fail(errno.E2BIG)
-        room = min(nent, uapi.KVM_MAX_CPUID_ENTRIES)
+        room = min(nent, KVM_MAX_CPUID_ENTRIES)
         entries = self._supported_cpuid
         if len(entries) > room:
             raise _fail(errno.E2BIG)
-        packed = uapi.pack_cpuid2(entries)
-        _copy_to_user(arg + uapi.SIZEOF_CPUID2, packed[uapi.SIZEOF_CPUID2:])
+        packed = layout.pack_cpuid2(entries)
+        _copy_to_user(arg + layout.SIZEOF_CPUID2, packed[layout.SIZEOF_CPUID2:])
         # The header goes back with the caller's own padding: only nent changes.
-        _copy_to_user(arg, packed[: uapi.OFFSET_CPUID2_PADDING])
+        _copy_to_user(arg, packed[: layout.OFFSET_CPUID2_PADDING])
         return 0
 
     # ------------------------------------------------------------------
     # VM fds
 
     def _vm_ioctl(self, vm: _Vm, request: int, arg: int) -> int:
-        if request == uapi.KVM_CHECK_EXTENSION:
+        if request == uapi.Ioctl.KVM_CHECK_EXTENSION:
             return self._check_extension(arg)
-        if request != uapi.KVM_MEMORY_ENCRYPT_OP or vm.vm_type != uapi.KVM_X86_TDX_VM:
+        if request != uapi.Ioctl.KVM_MEMORY_ENCRYPT_OP or vm.vm_type != uapi.VmType.KVM_X86_TDX_VM:
             raise _fail(errno.ENOTTY)
-        cmd = uapi.unpack_cmd(_copy_from_user(arg, uapi.SIZEOF_TDX_CMD))
+        cmd = layout.unpack_cmd(_copy_from_user(arg, layout.SIZEOF_TDX_CMD))
         # Userspace never sets hw_error; KVM refuses before anything else.
         if cmd.hw_error:
             raise _fail(errno.EINVAL)
-        if cmd.id == uapi.KVM_TDX_CAPABILITIES:
+        if cmd.id == uapi.TdxCommand.KVM_TDX_CAPABILITIES:
             if not self.policy.caps_writes_cmd_back:
                 return self._get_capabilities(cmd)
             try:
@@ -384,12 +383,12 @@ class SimulatedHost:
             except OSError as e:
                 err = e.errno or errno.EIO
             return self._write_back(arg, cmd, err)
-        if cmd.id == uapi.KVM_TDX_INIT_VM:
+        if cmd.id == uapi.TdxCommand.KVM_TDX_INIT_VM:
             err, hw_error = self._td_init(vm, cmd)
             back = cmd if hw_error == cmd.hw_error else TdxCmd(cmd.id, cmd.flags, cmd.data,
                                                                 hw_error)
             return self._write_back(arg, back, err)
-        if cmd.id == uapi.KVM_TDX_FINALIZE_VM:
+        if cmd.id == uapi.TdxCommand.KVM_TDX_FINALIZE_VM:
             return self._write_back(arg, cmd, self._td_finalize(vm))
         # INIT_VCPU and GET_CPUID are vCPU ioctls; INIT_MEM_REGION needs a
         # vCPU; anything else is unknown: all refused without a write-back.
@@ -397,7 +396,7 @@ class SimulatedHost:
 
     @staticmethod
     def _write_back(arg: int, cmd: TdxCmd, err: int) -> int:
-        _copy_to_user(arg, uapi.pack_cmd(cmd))
+        _copy_to_user(arg, layout.pack_cmd(cmd))
         if err:
             raise _fail(err)
         return 0
@@ -443,7 +442,7 @@ class SimulatedHost:
         index = self._row_index(i)
         if row.leaf == _GPAW_LEAF and self.mutant != "gpaw_not_forced":
             a |= _GPAW_FIELD  # KVM's knob for the guest physical address width
-        if self.policy.denylist and row.leaf == 7 and index == 0:
+        if self.policy.denylist is not None and row.leaf == 7 and index == 0:
             b &= ~(_HLE if self.mutant == "denylist_hle_not_rtm" else _HLE | _RTM)
             c &= ~_WAITPKG
         if self.policy.allowlist is not None and self.mutant != "caps_allowlist_unapplied":
@@ -457,16 +456,16 @@ class SimulatedHost:
         if cmd.flags and self.mutant != "flags_unchecked":
             raise _fail(errno.EINVAL)
         if self.policy.caps_echoes_caller:
-            caller = uapi.unpack_capabilities(
-                _copy_from_user(cmd.data, uapi.SIZEOF_CAPS_HEADER))
+            caller = layout.unpack_capabilities(
+                _copy_from_user(cmd.data, layout.SIZEOF_CAPS_HEADER))
             nent = caller.nent
         else:
             caller = None
-            nent, _ = uapi.unpack_cpuid2(
-                _copy_from_user(cmd.data + uapi.OFFSET_CAPS_NENT, uapi.SIZEOF_CPUID2))
+            nent, _ = layout.unpack_cpuid2(
+                _copy_from_user(cmd.data + layout.OFFSET_CAPS_NENT, layout.SIZEOF_CPUID2))
         if nent < self._n:
             if self.mutant == "e2big_writes_buffer":
-                _copy_to_user(cmd.data, self._caps_bytes[: uapi.SIZEOF_CAPS_HEADER])
+                _copy_to_user(cmd.data, self._caps_bytes[: layout.SIZEOF_CAPS_HEADER])
             raise _fail(errno.E2BIG)
         if not self._supported_attrs or not self._supported_xfam:
             raise _fail(errno.EIO)
@@ -483,7 +482,7 @@ class SimulatedHost:
             nent=self._n,
             entries=self._caps_entries,
         )
-        _copy_to_user(cmd.data, uapi.pack_capabilities(answer))
+        _copy_to_user(cmd.data, layout.pack_capabilities(answer))
         return 0
 
     # ------------------------------------------------------------------
@@ -510,7 +509,7 @@ class SimulatedHost:
             # find() only returns entries of the row's own function, so the
             # denylist (leaf 7 index 0 of the matched entry) can only fire on leaf 7 rows.
             rows.append(_Row(leaf=row.leaf, index=self._row_index(i),
-                             denylist=self.policy.denylist and row.leaf == 7,
+                             denylist=self.policy.denylist is not None and row.leaf == 7,
                              forbidden=forbidden, checks_allowlist=checks))
         return tuple(rows)
 
@@ -526,15 +525,15 @@ class SimulatedHost:
         if cmd.flags and self.mutant != "flags_unchecked":
             return errno.EINVAL, 0
         try:
-            nent, _ = uapi.unpack_cpuid2(
-                _copy_from_user(cmd.data + uapi.OFFSET_INIT_VM_NENT, uapi.SIZEOF_CPUID2))
+            nent, _ = layout.unpack_cpuid2(
+                _copy_from_user(cmd.data + layout.OFFSET_INIT_VM_NENT, layout.SIZEOF_CPUID2))
         except OSError:
             return errno.EFAULT, 0
-        limit = uapi.KVM_MAX_CPUID_ENTRIES - (self.mutant == "nent_limit_off_by_one")
+        limit = KVM_MAX_CPUID_ENTRIES - (self.mutant == "nent_limit_off_by_one")
         if nent > limit:
             return errno.E2BIG, 0
         try:
-            init_vm = uapi.unpack_init_vm(_copy_from_user(cmd.data, uapi.init_vm_size(nent)))
+            init_vm = layout.unpack_init_vm(_copy_from_user(cmd.data, layout.init_vm_size(nent)))
         except OSError:
             return errno.EFAULT, 0
         if any(init_vm.reserved) and self.mutant != "reserved_unchecked":
@@ -554,7 +553,7 @@ class SimulatedHost:
         gpaw_entry: CpuidEntry | None = None
         rows_of = self._rows_of_function
         for entry in init_vm.entries:
-            loose = not entry.flags & uapi.KVM_CPUID_FLAG_SIGNIFCANT_INDEX
+            loose = not entry.flags & FLAG_SIGNIFICANT_INDEX
             if gpaw_entry is None and entry.function == _GPAW_LEAF and (
                     loose or entry.index == 0):
                 gpaw_entry = entry
@@ -596,7 +595,7 @@ class SimulatedHost:
             if self.mutant != "key_id_leak_on_failure":
                 self._release_key(vm.key_id)
             vm.key_id = None
-            if status & STATUS_MASK == TDX_OPERAND_INVALID:
+            if status_class(status) == TdxStatus.TDX_OPERAND_INVALID:
                 return errno.EINVAL, 0 if self.mutant == "hw_error_not_copied" else status
             return errno.EIO, 0
         vm.initialized = True

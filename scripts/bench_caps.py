@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kvmtdx.device import KvmError
+from kvmtdx.errors import KvmError
 from kvmtdx.hostinfo import read_capabilities
 from kvmtdx.report import caps as render
 from kvmtdx.session import open_backend

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 from conftest import FdSnapshot
 
-from kvmtdx import uapi
+from kvmtdx import layout, uapi
 from kvmtdx.device import Kvm, RealSeam, TdxVm, tdx_status
-from kvmtdx.structs import TdxCmd
+from kvmtdx.structs import KVM_MAX_CPUID_ENTRIES, TdxCmd
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,7 +36,7 @@ class RecordingSeam(RealSeam):
         self.cpuid_calls: list[tuple[int, int]] = []
 
     def ioctl(self, fd: int, request: int, arg: int) -> int:
-        if request != uapi.KVM_GET_SUPPORTED_CPUID:
+        if request != uapi.Ioctl.KVM_GET_SUPPORTED_CPUID:
             return super().ioctl(fd, request, arg)
         nent = int.from_bytes(uapi.peek(arg, 4), "little")
         try:
@@ -62,7 +62,7 @@ def test_vm_types_bitmask() -> None:
     with Kvm() as kvm:
         raw = kvm.check_extension(uapi.KVM_CAP_VM_TYPES)
         mask = kvm.vm_types()
-    assert mask & 1 << uapi.KVM_X86_DEFAULT_VM
+    assert mask & 1 << uapi.VmType.KVM_X86_DEFAULT_VM
     assert mask == (raw if raw > 0 else 1)
     assert mask < 1 << 32
 
@@ -71,7 +71,7 @@ def test_create_tdx_vm_refused_and_reported_as_no_tdx() -> None:
     if _has_tdx():
         pytest.skip("this host offers KVM_X86_TDX_VM")
     with Kvm() as kvm, pytest.raises(OSError) as e:
-        kvm.create_vm(uapi.KVM_X86_TDX_VM).close()
+        kvm.create_vm(uapi.VmType.KVM_X86_TDX_VM).close()
     assert e.value.errno == errno.EINVAL
     status = tdx_status()
     assert not status.available and status.skip
@@ -93,7 +93,7 @@ def test_supported_cpuid_grows_from_one_entry() -> None:
     seam = RecordingSeam()
     with Kvm(seam) as kvm:
         grown = kvm.supported_cpuid(start_nent=1)
-        roomy = kvm.supported_cpuid(start_nent=uapi.KVM_MAX_CPUID_ENTRIES)
+        roomy = kvm.supported_cpuid(start_nent=KVM_MAX_CPUID_ENTRIES)
     assert grown == roomy
     first, *_, last = seam.cpuid_calls[:-1]
     assert first == (1, errno.E2BIG)
@@ -104,15 +104,15 @@ def test_supported_cpuid_grows_from_one_entry() -> None:
 
 def test_memory_encrypt_op_on_ordinary_vm_fails_cleanly() -> None:
     with Kvm() as kvm:
-        with kvm.create_vm(uapi.KVM_X86_DEFAULT_VM) as vm:
+        with kvm.create_vm(uapi.VmType.KVM_X86_DEFAULT_VM) as vm:
             assert not isinstance(vm, TdxVm)
-            data = uapi.pack_capabilities(uapi.unpack_capabilities(bytes(uapi.caps_size(1))))
-            cmd = TdxCmd(id=uapi.KVM_TDX_CAPABILITIES, hw_error=0)
+            data = layout.pack_capabilities(layout.unpack_capabilities(bytes(layout.caps_size(1))))
+            cmd = TdxCmd(id=uapi.TdxCommand.KVM_TDX_CAPABILITIES, hw_error=0)
             res = vm.memory_encrypt_op(cmd, data)
         assert kvm.counters.vms_created == 1
     assert res.errno == errno.ENOTTY
     assert res.data == data  # KVM never touched the buffer
-    assert res.cmd.hw_error == 0 and res.cmd.id == uapi.KVM_TDX_CAPABILITIES
+    assert res.cmd.hw_error == 0 and res.cmd.id == uapi.TdxCommand.KVM_TDX_CAPABILITIES
 
 
 def test_closed_handles_refuse_and_close_twice_is_harmless() -> None:

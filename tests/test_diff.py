@@ -9,9 +9,10 @@ import pytest
 
 from kvmtdx import diff
 from kvmtdx.cli import main
+from kvmtdx.errors import DataError
 from kvmtdx.model.catalog import BitRef
 from kvmtdx.model.policy import get_policy
-from kvmtdx.model.profiles import MAX_HOST, DataError, load_profile
+from kvmtdx.model.profiles import MAX_HOST, load_profile
 
 # Spec section 6: what the series hides on a 2.0 module with every feature present.
 SERIES_HIDES = {

@@ -52,11 +52,11 @@ class NoTdxSeam(_Seam):
         return 3
 
     def ioctl(self, fd: int, request: int, arg: int) -> int:
-        if request == uapi.KVM_GET_API_VERSION:
+        if request == uapi.Ioctl.KVM_GET_API_VERSION:
             return 12
-        if request == uapi.KVM_CHECK_EXTENSION and arg == uapi.KVM_CAP_VM_TYPES:
-            return 1 << uapi.KVM_X86_DEFAULT_VM
-        if request == uapi.KVM_CREATE_VM and arg == uapi.KVM_X86_TDX_VM:
+        if request == uapi.Ioctl.KVM_CHECK_EXTENSION and arg == uapi.KVM_CAP_VM_TYPES:
+            return 1 << uapi.VmType.KVM_X86_DEFAULT_VM
+        if request == uapi.Ioctl.KVM_CREATE_VM and arg == uapi.VmType.KVM_X86_TDX_VM:
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
         return super().ioctl(fd, request, arg)
 

@@ -22,7 +22,8 @@ from typing import Any
 
 import pytest
 
-from kvmtdx import uapi
+from kvmtdx import layout, uapi
+from kvmtdx.structs import FLAG_SIGNIFICANT_INDEX, KVM_MAX_CPUID_ENTRIES
 from kvmtdx.uapi import ffi
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,9 +81,29 @@ def _cffi_layout() -> dict[str, int]:
 CFFI_LAYOUT = _cffi_layout()
 
 
+def _pure_layout() -> dict[str, int]:
+    """The same keys as kvmtdx.layout reads them, without cffi."""
+    out: dict[str, int] = {}
+    for name in STRUCTS:
+        s = layout.STRUCTS[name]
+        out[f"sizeof {name}"] = s.size
+        for f in s.fields:
+            out[f"offsetof {name}.{f.name}"] = f.offset
+            if f.count != 0:
+                out[f"sizeof {name}.{f.name}"] = f.size
+    return out
+
+
+PURE_LAYOUT = _pure_layout()
+
+
+def test_pure_layout_reads_the_cdefs_as_cffi_does() -> None:
+    assert PURE_LAYOUT == CFFI_LAYOUT
+
+
 def test_every_cdefs_struct_is_covered() -> None:
     # A struct added to cdefs but not to STRUCTS would escape the comparison.
-    declared = {line.split()[1] for line in uapi._cdefs_text().splitlines()
+    declared = {line.split()[1] for line in layout.cdefs_text().splitlines()
                 if line.startswith("struct ") and line.rstrip().endswith("{")}
     assert declared == set(STRUCTS)
 
@@ -165,12 +186,23 @@ def c_view(tmp_path_factory: pytest.TempPathFactory) -> dict[str, int]:
 @pytest.mark.parametrize("key", sorted(CFFI_LAYOUT))
 def test_struct_layout_matches_header(c_view: dict[str, int], key: str) -> None:
     assert c_view[key] == CFFI_LAYOUT[key], key
+    assert c_view[key] == PURE_LAYOUT[key], key
 
 
 @pytest.mark.parametrize("name", CONSTANTS)
 def test_constant_matches_header(c_view: dict[str, int], name: str) -> None:
-    ours: Any = getattr(uapi, name)
-    assert c_view[f"const {name}"] == ours, name
+    assert c_view[f"const {name}"] == _ours(name), name
+
+
+def _ours(name: str) -> int:
+    """kvmtdx's value for a header constant, wherever its one home is."""
+    for home in (uapi.Ioctl, uapi.VmType, uapi.TdxCommand):
+        if name in home.__members__:
+            return int(home[name])
+    if name == "KVM_CPUID_FLAG_SIGNIFCANT_INDEX":
+        return FLAG_SIGNIFICANT_INDEX
+    value: Any = getattr(uapi, name)
+    return int(value)
 
 
 def test_layout_numbers_match_the_spec() -> None:
@@ -181,10 +213,10 @@ def test_layout_numbers_match_the_spec() -> None:
     assert CFFI_LAYOUT["offsetof kvm_tdx_capabilities.cpuid"] == 2048
     assert CFFI_LAYOUT["sizeof kvm_tdx_init_vm"] == 264
     assert CFFI_LAYOUT["offsetof kvm_tdx_init_vm.cpuid"] == 256
-    assert uapi.KVM_MEMORY_ENCRYPT_OP == 0xC008AEBA
-    assert uapi.KVM_GET_API_VERSION == 0xAE00
+    assert int(uapi.Ioctl.KVM_MEMORY_ENCRYPT_OP) == 0xC008AEBA
+    assert int(uapi.Ioctl.KVM_GET_API_VERSION) == 0xAE00
     # Kernel-internal, absent from the uapi: only the spec value to compare with.
-    assert uapi.KVM_MAX_CPUID_ENTRIES == 256
+    assert KVM_MAX_CPUID_ENTRIES == 256
 
 
 def test_cdefs_load_from_an_installed_wheel(tmp_path: Path) -> None:
@@ -221,7 +253,7 @@ def test_cdefs_load_from_an_installed_wheel(tmp_path: Path) -> None:
     probe = (
         "import kvmtdx.uapi as u, kvmtdx.cdefs as c; "
         "print(u.__file__); print(c.__file__); "
-        "print(u.ffi.sizeof('struct kvm_tdx_capabilities'), u.KVM_MEMORY_ENCRYPT_OP)"
+        "print(u.ffi.sizeof('struct kvm_tdx_capabilities'), u.Ioctl.KVM_MEMORY_ENCRYPT_OP)"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env["PYTHONPATH"] = str(site)

@@ -7,10 +7,11 @@ import struct
 
 import pytest
 
-from kvmtdx import uapi
-from kvmtdx.model.mirror import is_value_register, predict_capabilities, reported_entries
+from kvmtdx import layout
+from kvmtdx.model.mirror import predict_capabilities, reported_entries
 from kvmtdx.model.policy import POLICY_NAMES, get_policy
 from kvmtdx.model.profiles import BUNDLED_MODULES, MAX_HOST, Host, enumerated, load_profile
+from kvmtdx.model.rules import is_value_register
 from kvmtdx.structs import NO_SUBLEAF, REGISTERS, CpuidEntry
 
 HLE, RTM, WAITPKG, MWAIT, CORE_CAPABILITIES = 1 << 4, 1 << 11, 1 << 5, 1 << 3, 1 << 30
@@ -140,7 +141,7 @@ def test_upstream_success_layout_independently() -> None:
 def test_upstream_ignores_caller_header_but_6_16_echoes_it() -> None:
     prof = load_profile("1.5.01")
     n = len(prof.rows)
-    caller = bytearray(uapi.caps_size(n + 1))
+    caller = bytearray(layout.caps_size(n + 1))
     struct.pack_into("<6Q", caller, 0, 11, 22, 33, 44, 55, 66)
     for i in range(250):
         struct.pack_into("<Q", caller, 48 + 8 * i, 0x1000 + i)
@@ -186,4 +187,4 @@ def test_eio_when_the_host_lacks_the_fixed_xfam() -> None:
 def test_caller_nent_must_match() -> None:
     with pytest.raises(ValueError):
         predict_capabilities(load_profile("2.0"), MAX_HOST, get_policy("upstream"), 28,
-                             caller=uapi.caps_size(28) * b"\0")
+                             caller=layout.caps_size(28) * b"\0")

@@ -10,9 +10,10 @@ import pytest
 from conftest import bypass_request
 
 from kvmtdx.cli import main
+from kvmtdx.errors import DataError
 from kvmtdx.model.mirror import full_request
 from kvmtdx.model.policy import get_policy, load_allowlist
-from kvmtdx.model.profiles import MAX_HOST, DataError, load_profile
+from kvmtdx.model.profiles import MAX_HOST, load_profile
 from kvmtdx.model.requests import Request, load_request, request_from_json, request_to_json
 from kvmtdx.structs import CpuidEntry, InitVm
 

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from kvmtdx.errors import DataError
 from kvmtdx.model.mirror import full_request, predict_init_vm
 from kvmtdx.model.policy import get_policy
-from kvmtdx.model.profiles import MAX_HOST, DataError, load_profile
+from kvmtdx.model.profiles import MAX_HOST, load_profile
 from kvmtdx.native import host_by_name, native_host, native_leaves
 from kvmtdx.outcome import Kind
 

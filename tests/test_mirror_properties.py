@@ -8,7 +8,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvmtdx.model.mirror import (
-    is_value_register,
     predict_init_vm,
     reported_entries,
     supported_attrs,
@@ -17,6 +16,7 @@ from kvmtdx.model.mirror import (
 from kvmtdx.model.policy import POLICY_NAMES, get_policy
 from kvmtdx.model.profiles import BUNDLED_MODULES, Host, load_profile
 from kvmtdx.model.requests import Request
+from kvmtdx.model.rules import is_value_register
 from kvmtdx.outcome import Kind
 from kvmtdx.structs import REGISTERS, CpuidEntry, InitVm
 

@@ -9,7 +9,7 @@ import pytest
 
 from kvmtdx import uapi
 from kvmtdx.knowledge import Given
-from kvmtdx.model import mirror
+from kvmtdx.model import mirror, rules
 from kvmtdx.model.policy import (
     POLICY_NAMES,
     Policy,
@@ -102,7 +102,7 @@ def test_exhaustive_probe_classifies_every_bit_as_the_mirror(policy: str) -> Non
     result, sim = run("2.0", policy, exhaustive=True)
     m, p = load_profile("2.0"), get_policy(policy)
     feature_regs = sum(1 for row in m.rows for r in REGISTERS
-                       if not mirror.is_value_register(row.leaf, row.subleaf, r))
+                       if not rules.is_value_register(row.leaf, row.subleaf, r))
     assert len(result.bits) == 32 * feature_regs and result.untested == 0
     assert all(b.cls is mirror_class(m, MAX_HOST, p, b.key) for b in result.bits)
     hidden = sum(1 for b in result.bits if not b.reported)
@@ -265,7 +265,7 @@ class _Tally:
     def ioctl(self, fd: int, request: int, arg: int) -> int:
         self.ioctls += 1  # the probe serialises seams other than the real device
         ret = self.inner.ioctl(fd, request, arg)
-        if request == uapi.KVM_CREATE_VM and arg == uapi.KVM_X86_TDX_VM:
+        if request == uapi.Ioctl.KVM_CREATE_VM and arg == uapi.VmType.KVM_X86_TDX_VM:
             self.tds += 1
         return ret
 
@@ -285,7 +285,7 @@ def test_counts_are_the_device_layers_and_match_what_reached_the_seam(jobs: int)
 
 def test_supply_exhausted_by_another_holder_fails_cleanly() -> None:
     from kvmtdx.device import Kvm
-    from kvmtdx.probe import ProbeError
+    from kvmtdx.errors import ProbeError
 
     m, p = load_profile("2.0"), get_policy("upstream")
     sim = SimulatedHost(m, MAX_HOST, p, key_ids=2)
@@ -307,7 +307,7 @@ def test_supply_exhausted_by_another_holder_fails_cleanly() -> None:
 
 
 def test_leaking_kernel_stops_the_probe_with_one_clear_error() -> None:
-    from kvmtdx.probe import ProbeError
+    from kvmtdx.errors import ProbeError
 
     with pytest.raises(ProbeError, match="ENOSPC"):
         run("2.0", "upstream", "key_id_leak_on_failure", key_ids=4)
@@ -353,13 +353,13 @@ def test_probe_without_any_profile_is_exhaustive_and_matches_the_mirror() -> Non
 
 
 def test_the_mirrors_couplings_are_what_the_prober_keeps() -> None:
-    hle_rtm, pks = mirror.MODULE_COUPLINGS
+    hle_rtm, pks = rules.MODULE_COUPLINGS
     both = 1 << 4 | 1 << 11
     assert hle_rtm.broken(1 << 4, 0) and not hle_rtm.broken(both, 0)
     assert hle_rtm.met(both, 0) == both and hle_rtm.met(both, 0, tsx_ctrl=False) == 0
     assert hle_rtm.met(1 << 11 | 1, 0) == 1
-    assert pks.broken(1 << 31, 0) and not pks.broken(1 << 31, mirror.ATTR_PKS)
-    assert pks.met(1 << 31, 0) == 0 and pks.met(1 << 31, mirror.ATTR_PKS) == 1 << 31
+    assert pks.broken(1 << 31, 0) and not pks.broken(1 << 31, rules.ATTR_PKS)
+    assert pks.met(1 << 31, 0) == 0 and pks.met(1 << 31, rules.ATTR_PKS) == 1 << 31
     # A kernel that reports RTM but hides HLE: without the policy, nothing but the coupling
     # explains why the module refuses RTM, and the prober names it.
     m = load_profile("2.0")

@@ -20,10 +20,10 @@ class NoTdxSeam:
         return 3
 
     def ioctl(self, fd: int, request: int, arg: int) -> int:
-        if request == uapi.KVM_GET_API_VERSION:
+        if request == uapi.Ioctl.KVM_GET_API_VERSION:
             return 12
-        if request == uapi.KVM_CHECK_EXTENSION:
-            return 1 << uapi.KVM_X86_DEFAULT_VM
+        if request == uapi.Ioctl.KVM_CHECK_EXTENSION:
+            return 1 << uapi.VmType.KVM_X86_DEFAULT_VM
         raise OSError(errno.EINVAL, "unexpected ioctl")
 
     def close(self, fd: int) -> None:

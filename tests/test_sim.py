@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from kvmtdx import uapi
-from kvmtdx.device import Kvm, KvmError, TdxVm
+from kvmtdx import layout, uapi
+from kvmtdx.device import Kvm, TdxVm
+from kvmtdx.errors import KvmError
 from kvmtdx.model import mirror
 from kvmtdx.model.policy import get_policy
 from kvmtdx.model.profiles import MAX_HOST, Host, load_profile
@@ -67,8 +68,8 @@ def test_system_ioctls(sim: SimulatedHost) -> None:
         assert kvm.has_tdx()
         assert kvm.check_extension(1) == 0  # other capabilities: not offered
         assert kvm.fd is not None
-        expect_errno(errno.EINVAL, sim.ioctl, kvm.fd, uapi.KVM_GET_API_VERSION, 1)
-        expect_errno(errno.ENOTTY, sim.ioctl, kvm.fd, uapi.KVM_MEMORY_ENCRYPT_OP, 0)
+        expect_errno(errno.EINVAL, sim.ioctl, kvm.fd, uapi.Ioctl.KVM_GET_API_VERSION, 1)
+        expect_errno(errno.ENOTTY, sim.ioctl, kvm.fd, uapi.Ioctl.KVM_MEMORY_ENCRYPT_OP, 0)
         expect_errno(errno.ENOTTY, sim.ioctl, kvm.fd, 0xAEFF, 0)
         for vm_type in (1, 2, 3, 4, 6, 0xFFFF):
             expect_errno(errno.EINVAL, kvm.create_vm, vm_type)
@@ -88,12 +89,12 @@ def test_supported_cpuid_grows_and_e2big_leaves_the_buffer_alone(sim: SimulatedH
         assert leaf7.flags == FLAG_SIGNIFICANT_INDEX and leaf7.eax == 0xFFFFFFFF
         assert kvm.fd is not None
         for nent in (0, 1, len(entries) - 1):
-            before = uapi.pack_cpuid2((CpuidEntry(function=0xAB, eax=7),), nent=nent, room=4)
+            before = layout.pack_cpuid2((CpuidEntry(function=0xAB, eax=7),), nent=nent, room=4)
             mem = uapi.Memory(before)
-            expect_errno(errno.E2BIG, sim.ioctl, kvm.fd, uapi.KVM_GET_SUPPORTED_CPUID,
+            expect_errno(errno.E2BIG, sim.ioctl, kvm.fd, uapi.Ioctl.KVM_GET_SUPPORTED_CPUID,
                          mem.address)
             assert mem.read() == before
-        expect_errno(errno.EFAULT, sim.ioctl, kvm.fd, uapi.KVM_GET_SUPPORTED_CPUID, 0x1000)
+        expect_errno(errno.EFAULT, sim.ioctl, kvm.fd, uapi.Ioctl.KVM_GET_SUPPORTED_CPUID, 0x1000)
 
 
 def test_a_partial_host_lists_its_own_leaves(no_fd_leak: object) -> None:
@@ -116,7 +117,7 @@ def test_fds_look_real_and_are_never_reused_while_open(sim: SimulatedHost) -> No
     assert closed is not None
     vms[2].close()
     expect_errno(errno.EBADF, sim.close, closed)
-    expect_errno(errno.EBADF, sim.ioctl, closed, uapi.KVM_CHECK_EXTENSION, 0)
+    expect_errno(errno.EBADF, sim.ioctl, closed, uapi.Ioctl.KVM_CHECK_EXTENSION, 0)
     expect_errno(errno.EBADF, sim.close, 12345)
     again = kvm.create_vm(5)
     assert again.fd not in [vm.fd for vm in vms if vm.fd is not None] + [kvm.fd]
@@ -132,10 +133,10 @@ def test_fds_look_real_and_are_never_reused_while_open(sim: SimulatedHost) -> No
 def test_memory_encrypt_op_needs_a_td(sim: SimulatedHost) -> None:
     with Kvm(sim) as kvm, kvm.create_vm(0) as vm:
         assert vm.fd is not None
-        cmd = uapi.Memory(uapi.pack_cmd(TdxCmd(id=0)))
-        expect_errno(errno.ENOTTY, sim.ioctl, vm.fd, uapi.KVM_MEMORY_ENCRYPT_OP, cmd.address)
-        expect_errno(errno.ENOTTY, sim.ioctl, vm.fd, uapi.KVM_GET_API_VERSION, 0)
-        assert vm.ioctl(uapi.KVM_CHECK_EXTENSION, uapi.KVM_CAP_VM_TYPES) == 0b100001
+        cmd = uapi.Memory(layout.pack_cmd(TdxCmd(id=0)))
+        expect_errno(errno.ENOTTY, sim.ioctl, vm.fd, uapi.Ioctl.KVM_MEMORY_ENCRYPT_OP, cmd.address)
+        expect_errno(errno.ENOTTY, sim.ioctl, vm.fd, uapi.Ioctl.KVM_GET_API_VERSION, 0)
+        assert vm.ioctl(uapi.Ioctl.KVM_CHECK_EXTENSION, uapi.KVM_CAP_VM_TYPES) == 0b100001
 
 
 @pytest.mark.parametrize("policy", ["upstream-6.16", "upstream", "rfc-v2"])
@@ -163,7 +164,7 @@ def test_capabilities_grow_and_match_the_module(policy: str, no_fd_leak: object)
 def test_capabilities_errors_leave_the_buffer_alone(policy: str, no_fd_leak: object) -> None:
     s = make(policy)
     def garbage(nent: int) -> bytes:
-        return uapi.pack_capabilities(Capabilities(
+        return layout.pack_capabilities(Capabilities(
             supported_attrs=0x5A5A, reserved=(9,) * 250, nent=nent, cpuid_padding=3),
             nent_room=nent)
 
@@ -176,7 +177,7 @@ def test_capabilities_errors_leave_the_buffer_alone(policy: str, no_fd_leak: obj
     assert ok.errno == 0
     assert flagged.errno == errno.EINVAL and hw.errno == errno.EINVAL
     assert hw.cmd.hw_error == 5
-    got = uapi.unpack_capabilities(ok.data)
+    got = layout.unpack_capabilities(ok.data)
     # 6.16 echoes the caller's header words it does not set; later kernels zero them.
     assert got.reserved == ((9,) * 250 if policy == "upstream-6.16" else (0,) * 250)
     assert got.cpuid_padding == (3 if policy == "upstream-6.16" else 0)
@@ -193,7 +194,7 @@ def test_low_addresses_fault(sim: SimulatedHost) -> None:
         for address in (0, 0x1000, 0xFFFF):
             res = td.memory_encrypt_op(TdxCmd(id=1), None, cmd_address=address)
             assert res.errno == errno.EFAULT
-        for sub in (uapi.KVM_TDX_CAPABILITIES, uapi.KVM_TDX_INIT_VM):
+        for sub in (uapi.TdxCommand.KVM_TDX_CAPABILITIES, uapi.TdxCommand.KVM_TDX_INIT_VM):
             res = td.memory_encrypt_op(TdxCmd(id=sub, data=0x100), None)
             assert res.errno == errno.EFAULT
             assert res.cmd == TdxCmd(id=sub, data=0x100)  # INIT_VM wrote it back unchanged
@@ -234,7 +235,7 @@ def test_other_sub_commands_are_einval_without_write_back(sub: int, sim: Simulat
 
 def test_finalize_before_init_vm_is_einval(sim: SimulatedHost) -> None:
     with Kvm(sim) as kvm, kvm.create_td() as td:
-        assert td.memory_encrypt_op(TdxCmd(id=uapi.KVM_TDX_FINALIZE_VM), None).errno == (
+        assert td.memory_encrypt_op(TdxCmd(id=uapi.TdxCommand.KVM_TDX_FINALIZE_VM), None).errno == (
             errno.EINVAL)
 
 
@@ -327,5 +328,5 @@ def test_full_request_bytes_round_trip_through_the_sim(sim: SimulatedHost) -> No
     """A request sent as bytes and as a dataclass is the same request."""
     good = valid()
     with Kvm(sim) as kvm, kvm.create_td() as a, kvm.create_td() as b:
-        assert a.init_vm(good).same_answer(b.init_vm(uapi.pack_init_vm(good)))
+        assert a.init_vm(good).same_answer(b.init_vm(layout.pack_init_vm(good)))
     assert Request(init_vm=good).flags == 0

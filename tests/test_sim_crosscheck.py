@@ -16,7 +16,7 @@ from dataclasses import replace
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvmtdx import uapi
+from kvmtdx import layout
 from kvmtdx.device import Kvm
 from kvmtdx.model import mirror
 from kvmtdx.model.policy import Policy, get_policy
@@ -24,7 +24,14 @@ from kvmtdx.model.profiles import BUNDLED_MODULES, MAX_HOST, Host, ModuleProfile
 from kvmtdx.model.requests import Request
 from kvmtdx.outcome import Outcome
 from kvmtdx.sim import SimulatedHost
-from kvmtdx.structs import FLAG_SIGNIFICANT_INDEX, REGISTERS, Capabilities, CpuidEntry, InitVm
+from kvmtdx.structs import (
+    FLAG_SIGNIFICANT_INDEX,
+    KVM_MAX_CPUID_ENTRIES,
+    REGISTERS,
+    Capabilities,
+    CpuidEntry,
+    InitVm,
+)
 
 # Each example checks a batch of requests on one module/host combination: the
 # per-example cost of hypothesis itself is what bounds the run time.
@@ -196,10 +203,10 @@ def requests(draw: st.DrawFn, module: str, host: str, policy: str) -> tuple[Requ
         iv = replace(iv, nent=len(entries) + 1 + draw(pick) % (256 - len(entries)))
     elif lie == "huge":
         iv = replace(iv, nent=draw(HUGE))
-    data = uapi.pack_init_vm(iv)
-    if iv.nent is not None and len(entries) < iv.nent <= uapi.KVM_MAX_CPUID_ENTRIES:
+    data = layout.pack_init_vm(iv)
+    if iv.nent is not None and len(entries) < iv.nent <= KVM_MAX_CPUID_ENTRIES:
         # The kernel reads nent entries; the mirror models the room as zeroed.
-        data += bytes((iv.nent - len(entries)) * uapi.SIZEOF_CPUID_ENTRY2)
+        data += bytes((iv.nent - len(entries)) * layout.SIZEOF_CPUID_ENTRY2)
     return Request(init_vm=iv, flags=flags, hw_error=hw_error), data
 
 
@@ -290,7 +297,7 @@ def caller_buffers(draw: st.DrawFn) -> tuple[int, bytes, int, int]:
         reserved=tuple(draw(word) if k % 97 == 0 else 0 for k in range(250)),
         nent=nent, cpuid_padding=draw(word) & 0xFFFFFFFF, entries=room_entries,
     )
-    buf = uapi.pack_capabilities(caller, nent_room=nent)
+    buf = layout.pack_capabilities(caller, nent_room=nent)
     flags = draw(st.sampled_from([0] * 6 + [1, 0x80000000]))
     hw_error = draw(st.sampled_from([0] * 6 + [1, 2**63]))
     return nent, buf, flags, hw_error
@@ -375,4 +382,4 @@ def test_init_vm_bypass_request_is_accepted_by_both_on_upstream() -> None:
     ))
     req = Request(init_vm=iv)
     assert mirror.predict_init_vm(m, h, get_policy("upstream"), req).kind.value == "ACCEPTED"
-    assert _answer(sim, uapi.pack_init_vm(iv), req, False).kind.value == "ACCEPTED"
+    assert _answer(sim, layout.pack_init_vm(iv), req, False).kind.value == "ACCEPTED"

@@ -14,9 +14,9 @@ from dataclasses import dataclass, replace
 
 import pytest
 
-from kvmtdx import uapi
+from kvmtdx import layout
 from kvmtdx.device import Kvm
-from kvmtdx.model import mirror
+from kvmtdx.model import mirror, rules
 from kvmtdx.model.policy import get_policy
 from kvmtdx.model.profiles import MAX_HOST, load_profile
 from kvmtdx.sim import MUTANTS, SimulatedHost
@@ -91,12 +91,12 @@ def leak_then_init(sim: SimulatedHost) -> Observation:
 
 def nent_256(sim: SimulatedHost) -> Observation:
     iv = replace(full("upstream"), nent=256)
-    data = uapi.pack_init_vm(iv) + bytes((256 - len(iv.entries)) * uapi.SIZEOF_CPUID_ENTRY2)
+    data = layout.pack_init_vm(iv) + bytes((256 - len(iv.entries)) * layout.SIZEOF_CPUID_ENTRY2)
     return init_vm(data)(sim)
 
 
 def garbage_header(nent: int = 28) -> bytes:
-    return uapi.pack_capabilities(Capabilities(
+    return layout.pack_capabilities(Capabilities(
         kernel_tdvmcallinfo_1_r11=0x1111, user_tdvmcallinfo_1_r12=0x2222, reserved=(7,) * 250,
         nent=nent, cpuid_padding=0x33), nent_room=nent)
 
@@ -171,7 +171,7 @@ def test_each_mutant_leaves_a_valid_request_alone_elsewhere(mutant: str) -> None
         entries = []
         for e in request.entries:
             r = reported.get((e.function, e.index), e)
-            keep = tuple(v & m if not mirror.is_value_register(e.function, e.index, reg)
+            keep = tuple(v & m if not rules.is_value_register(e.function, e.index, reg)
                          else v for v, m, reg in zip(e.regs(), r.regs(), REGISTERS, strict=True))
             entries.append(replace(e, eax=keep[0], ebx=keep[1], ecx=keep[2], edx=keep[3]))
         out = init_vm(replace(request, entries=tuple(entries)))(sim)

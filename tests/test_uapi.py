@@ -15,7 +15,7 @@ import struct
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvmtdx import uapi
+from kvmtdx import layout, uapi
 from kvmtdx.structs import Capabilities, CpuidEntry, InitVm, TdxCmd
 
 u32 = st.integers(0, 0xFFFFFFFF)
@@ -36,28 +36,28 @@ def words(n: int, values: st.SearchStrategy[int] = u64) -> st.SearchStrategy[tup
 
 @given(entries_st)
 def test_entry_round_trip(e: CpuidEntry) -> None:
-    raw = uapi.pack_entry(e)
-    assert len(raw) == uapi.SIZEOF_CPUID_ENTRY2 == 40
+    raw = layout.pack_entry(e)
+    assert len(raw) == layout.SIZEOF_CPUID_ENTRY2 == 40
     assert raw == struct.pack("<10I", e.function, e.index, e.flags, e.eax, e.ebx, e.ecx,
                               e.edx, *e.padding)
-    assert uapi.unpack_entry(raw) == e
+    assert layout.unpack_entry(raw) == e
 
 
 @given(st.binary(min_size=40, max_size=40))
 def test_entry_bytes_round_trip(raw: bytes) -> None:
-    assert uapi.pack_entry(uapi.unpack_entry(raw)) == raw
+    assert layout.pack_entry(layout.unpack_entry(raw)) == raw
 
 
 @given(st.builds(TdxCmd, id=small_u32, flags=small_u32, data=u64, hw_error=u64))
 def test_cmd_round_trip(cmd: TdxCmd) -> None:
-    raw = uapi.pack_cmd(cmd)
+    raw = layout.pack_cmd(cmd)
     assert raw == struct.pack("<IIQQ", cmd.id, cmd.flags, cmd.data, cmd.hw_error)
-    assert uapi.unpack_cmd(raw) == cmd
+    assert layout.unpack_cmd(raw) == cmd
 
 
 @given(st.binary(min_size=24, max_size=24))
 def test_cmd_bytes_round_trip(raw: bytes) -> None:
-    assert uapi.pack_cmd(uapi.unpack_cmd(raw)) == raw
+    assert layout.pack_cmd(layout.unpack_cmd(raw)) == raw
 
 
 @st.composite
@@ -79,15 +79,15 @@ def capabilities(draw: st.DrawFn) -> tuple[Capabilities, int]:
 @given(capabilities())
 def test_capabilities_round_trip(case: tuple[Capabilities, int]) -> None:
     caps, room = case
-    raw = uapi.pack_capabilities(caps, nent_room=room)
-    assert len(raw) == uapi.caps_size(room)
+    raw = layout.pack_capabilities(caps, nent_room=room)
+    assert len(raw) == layout.caps_size(room)
     head = struct.unpack_from("<256QII", raw)
     assert head[:6] == (caps.supported_attrs, caps.supported_xfam,
                         caps.kernel_tdvmcallinfo_1_r11, caps.user_tdvmcallinfo_1_r11,
                         caps.kernel_tdvmcallinfo_1_r12, caps.user_tdvmcallinfo_1_r12)
     assert head[6:256] == caps.reserved
     assert head[256:] == (caps.nent, caps.cpuid_padding)
-    back = uapi.unpack_capabilities(raw)
+    back = layout.unpack_capabilities(raw)
     # What is read past the header is min(nent, room) entries: a lie cannot overrun.
     readable = min(caps.nent, room)
     padded = caps.entries + (CpuidEntry(0),) * (room - len(caps.entries))
@@ -102,11 +102,12 @@ def test_capabilities_round_trip(case: tuple[Capabilities, int]) -> None:
 
 @given(st.integers(0, 4), st.data())
 def test_capabilities_bytes_round_trip(n: int, data: st.DataObject) -> None:
-    raw = bytearray(data.draw(st.binary(min_size=uapi.caps_size(n), max_size=uapi.caps_size(n))))
-    struct.pack_into("<I", raw, uapi.OFFSET_CAPS_NENT, n)
-    caps = uapi.unpack_capabilities(bytes(raw))
+    size = layout.caps_size(n)
+    raw = bytearray(data.draw(st.binary(min_size=size, max_size=size)))
+    struct.pack_into("<I", raw, layout.OFFSET_CAPS_NENT, n)
+    caps = layout.unpack_capabilities(bytes(raw))
     assert len(caps.entries) == n
-    assert uapi.pack_capabilities(caps) == bytes(raw)
+    assert layout.pack_capabilities(caps) == bytes(raw)
 
 
 @st.composite
@@ -122,14 +123,14 @@ def init_vms(draw: st.DrawFn) -> InitVm:
 
 @given(init_vms())
 def test_init_vm_round_trip(req: InitVm) -> None:
-    raw = uapi.pack_init_vm(req)
-    assert len(raw) == uapi.init_vm_size(len(req.entries))
+    raw = layout.pack_init_vm(req)
+    assert len(raw) == layout.init_vm_size(len(req.entries))
     head = struct.unpack_from("<32QII", raw)
     assert head[:2] == (req.attributes, req.xfam)
     assert head[2:8] == req.mrconfigid and head[8:14] == req.mrowner
     assert head[14:20] == req.mrownerconfig and head[20:32] == req.reserved
     assert head[32:] == (req.effective_nent, req.cpuid_padding)
-    back = uapi.unpack_init_vm(raw)
+    back = layout.unpack_init_vm(raw)
     assert back.effective_nent == req.effective_nent
     assert back.entries == req.entries[:req.effective_nent]
     if req.effective_nent >= len(req.entries):
@@ -139,23 +140,23 @@ def test_init_vm_round_trip(req: InitVm) -> None:
 
 @given(st.integers(0, 4), st.data())
 def test_init_vm_bytes_round_trip(n: int, data: st.DataObject) -> None:
-    size = uapi.init_vm_size(n)
+    size = layout.init_vm_size(n)
     raw = bytearray(data.draw(st.binary(min_size=size, max_size=size)))
-    struct.pack_into("<I", raw, uapi.OFFSET_INIT_VM_NENT, n)
-    req = uapi.unpack_init_vm(bytes(raw))
+    struct.pack_into("<I", raw, layout.OFFSET_INIT_VM_NENT, n)
+    req = layout.unpack_init_vm(bytes(raw))
     assert req.nent is None and len(req.entries) == n
-    assert uapi.pack_init_vm(req) == bytes(raw)
+    assert layout.pack_init_vm(req) == bytes(raw)
 
 
 @given(entry_lists, st.one_of(st.none(), small_u32), st.integers(0, 3))
 def test_cpuid2_round_trip(entries: tuple[CpuidEntry, ...], nent: int | None,
                            extra: int) -> None:
     room = len(entries) + extra
-    raw = uapi.pack_cpuid2(entries, nent=nent, room=room)
-    assert len(raw) == uapi.cpuid2_size(room)
+    raw = layout.pack_cpuid2(entries, nent=nent, room=room)
+    assert len(raw) == layout.cpuid2_size(room)
     stated = len(entries) if nent is None else nent
     assert struct.unpack_from("<II", raw) == (stated, 0)
-    got_nent, got = uapi.unpack_cpuid2(raw)
+    got_nent, got = layout.unpack_cpuid2(raw)
     padded = entries + (CpuidEntry(0),) * extra
     assert got_nent == stated
     assert got == padded[:min(stated, room)]

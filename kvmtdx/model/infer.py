@@ -16,7 +16,7 @@ allow_direct (the module clears them silently on a host that lacks them).
 
 from __future__ import annotations
 
-from kvmtdx.model import mirror
+from kvmtdx.model import rules
 from kvmtdx.model.policy import Policy
 from kvmtdx.model.profiles import CpuidRow, ModuleProfile, Regs
 from kvmtdx.structs import REGISTERS, Capabilities, CpuidEntry
@@ -27,15 +27,6 @@ FULL = 0xFFFFFFFF
 SUBLEAF_LEAVES = frozenset({0x4, 0x7, 0xB, 0xD, 0xF, 0x10, 0x12, 0x14, 0x17, 0x18, 0x1D,
                             0x1E, 0x1F, 0x20, 0x23, 0x24})
 X87_SSE = 0x3  # XFAM bits every TD has
-
-
-def hidden_by(policy: Policy, leaf: int, index: int, register: str) -> int:
-    """The bits of one reported register that `policy` may have hidden."""
-    if policy.allowlist is not None:
-        return ~policy.allowlist.mask(leaf, index, register) & FULL
-    if policy.denylist and leaf == 7 and index == 0:
-        return mirror.DENYLIST.get(register, 0)
-    return 0
 
 
 def _regs(v: list[int]) -> Regs:
@@ -65,9 +56,9 @@ def module_from_capabilities(caps: Capabilities, policy: Policy, *,
         cds, ads, unks = [], [], []
         for i, r in enumerate(REGISTERS):
             reported = e.regs()[i]
-            if e.function == mirror.GPAW_LEAF and r == "eax":
-                reported &= ~mirror.GPAW_FIELD  # KVM's own knob, never the module's
-            hidden = hidden_by(policy, e.function, e.index, r) & ~reported
+            if e.function == rules.GPAW_LEAF and r == "eax":
+                reported &= ~rules.GPAW_FIELD  # KVM's own knob, never the module's
+            hidden = policy.hides(e.function, e.index, r) & ~reported
             if b is None:
                 cds.append(reported)
                 ads.append(0)

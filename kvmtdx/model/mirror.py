@@ -26,12 +26,23 @@ import errno
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from kvmtdx import uapi
+from kvmtdx import layout
 from kvmtdx.model.policy import Policy
 from kvmtdx.model.profiles import CpuidRow, Host, ModuleProfile, Regs, enumerated
 from kvmtdx.model.requests import Request
-from kvmtdx.outcome import OPERAND_ATTRIBUTES, OPERAND_CPUID_CONFIG, OPERAND_XFAM, Outcome
-from kvmtdx.outcome import operand_invalid as _operand_invalid
+from kvmtdx.model.rules import (
+    GPAW_FIELD,
+    GPAW_LEAF,
+    GPAW_SHIFT,
+    GPAW_VALUES,
+    MODULE_COUPLINGS,
+    SEPT_VE_DISABLE,
+    is_value_register,
+    lowest_bit,
+)
+from kvmtdx.outcome import Outcome
+from kvmtdx.status import Operand
+from kvmtdx.status import operand_invalid as _operand_invalid
 from kvmtdx.structs import (
     FLAG_SIGNIFICANT_INDEX,
     KVM_MAX_CPUID_ENTRIES,
@@ -40,69 +51,6 @@ from kvmtdx.structs import (
     CpuidEntry,
     InitVm,
 )
-
-# Bit numbers, as in Linux arch/x86/include/asm/cpufeatures.h.
-SEPT_VE_DISABLE = 1 << 28  # TD attribute (TDX module ABI)
-ATTR_PKS = 1 << 30  # TD attribute PKS
-LEAF7_EBX_HLE = 1 << 4
-LEAF7_EBX_RTM = 1 << 11
-LEAF7_ECX_WAITPKG = 1 << 5
-LEAF7_ECX_PKS = 1 << 31
-
-GPAW_LEAF = 0x80000008
-GPAW_SHIFT = 16
-GPAW_FIELD = 0xFF << GPAW_SHIFT  # EAX bits 23:16, KVM's GPAW knob
-GPAW_VALUES = (48, 52)
-
-# What KVM's denylist clears and refuses in leaf 7 index 0 (upstream kernels).
-DENYLIST: dict[str, int] = {"ebx": LEAF7_EBX_HLE | LEAF7_EBX_RTM, "ecx": LEAF7_ECX_WAITPKG}
-
-
-
-@dataclass(frozen=True)
-class Coupling:
-    """A rule of TDH.MNG.INIT that ties CPUID bits of one register together or to a TD
-    attribute (public TDX module sources; XFAM gates are per module, in its profile).
-
-    With `attribute` 0 the bits of `mask` must be all set or all clear; otherwise
-    they must be set exactly when the TD has `attribute`.  `tsx_ctrl`: set, they
-    also need the host's TSX_CTRL MSR, or the module fails the call (-EIO).
-    """
-
-    leaf: int
-    subleaf: int | None
-    register: str
-    mask: int
-    check: str  # the Outcome check naming a break
-    why: str
-    attribute: int = 0
-    tsx_ctrl: bool = False
-
-    def broken(self, value: int, td_attributes: int) -> bool:
-        bits = value & self.mask
-        if self.attribute:
-            return bool(bits) != bool(td_attributes & self.attribute)
-        return bits not in (0, self.mask)
-
-    def met(self, value: int, attributes: int, *, tsx_ctrl: bool = True) -> int:
-        """`value` with the coupled bits cleared unless the request can carry them."""
-        bits = value & self.mask
-        keep = (bool(attributes & self.attribute) if self.attribute else bits == self.mask)
-        return value if keep and (tsx_ctrl or not self.tsx_ctrl) else value & ~self.mask
-
-
-# Every coupling the mirror, the checks and the prober respect; a new one goes here.
-MODULE_COUPLINGS: tuple[Coupling, ...] = (
-    Coupling(7, 0, "ebx", LEAF7_EBX_HLE | LEAF7_EBX_RTM, "module_hle_rtm",
-             "HLE and RTM must be equal", tsx_ctrl=True),
-    Coupling(7, 0, "ecx", LEAF7_ECX_PKS, "module_pks", "PKS needs ATTRIBUTES.PKS",
-             attribute=ATTR_PKS),
-)
-
-# Registers that carry values (counts, topology, FMS, address widths), not
-# feature bits (spec section 6).  They pass rfc-v2's filter and a request
-# gives them a value, not "every bit".
-_VALUE_LEAVES = frozenset({0x4, 0x18, 0x1F})
 
 
 @dataclass(frozen=True)
@@ -120,15 +68,6 @@ class CapsPrediction:
     caps: Capabilities | None  # decoded on success
 
 
-def is_value_register(leaf: int, subleaf: int | None, register: str) -> bool:
-    """True for registers that hold fields rather than features (spec section 6)."""
-    if leaf in _VALUE_LEAVES:
-        return True
-    if leaf == 1:
-        return register in ("eax", "ebx")
-    return leaf == GPAW_LEAF and register == "eax"
-
-
 def _regs_of(e: CpuidEntry) -> Regs:
     return (e.eax, e.ebx, e.ecx, e.edx)
 
@@ -136,10 +75,6 @@ def _regs_of(e: CpuidEntry) -> Regs:
 def _entry(function: int, index: int, regs: Sequence[int], flags: int = 0) -> CpuidEntry:
     a, b, c, d = regs
     return CpuidEntry(function=function, index=index, flags=flags, eax=a, ebx=b, ecx=c, edx=d)
-
-
-def _lowest_bit(mask: int) -> int:
-    return (mask & -mask).bit_length() - 1
 
 
 # ---------------------------------------------------------------------------
@@ -161,17 +96,10 @@ def supported_xfam(module: ModuleProfile, host: Host) -> int:
 
 
 def _reported_regs(row: CpuidRow, mask: Regs, policy: Policy) -> Regs:
-    index = row.kvm_index
-    regs = list(mask)
-    if policy.allowlist is not None:
-        regs = [v & policy.allowlist.mask(row.leaf, index, r)
-                for v, r in zip(regs, REGISTERS, strict=True)]
+    a, b, c, d = (v & ~policy.hides(row.leaf, row.kvm_index, r)
+                  for v, r in zip(mask, REGISTERS, strict=True))
     if row.leaf == GPAW_LEAF:
-        regs[0] |= GPAW_FIELD
-    if policy.denylist and row.leaf == 7 and index == 0:
-        regs[1] &= ~DENYLIST["ebx"]
-        regs[2] &= ~DENYLIST["ecx"]
-    a, b, c, d = regs
+        a |= GPAW_FIELD
     return (a, b, c, d)
 
 
@@ -188,7 +116,7 @@ def reported_entries(module: ModuleProfile, host: Host, policy: Policy) -> tuple
 
 
 def _default_caller(nent: int) -> bytes:
-    return uapi.pack_capabilities(Capabilities(nent=nent), nent_room=nent)
+    return layout.pack_capabilities(Capabilities(nent=nent), nent_room=nent)
 
 
 def predict_capabilities(module: ModuleProfile, host: Host, policy: Policy, nent: int, *,
@@ -201,9 +129,9 @@ def predict_capabilities(module: ModuleProfile, host: Host, policy: Policy, nent
     entries keeps its tail: KVM writes only what it fills.
     """
     buf = _default_caller(nent) if caller is None else caller
-    if len(buf) < uapi.SIZEOF_CAPS_HEADER:
+    if len(buf) < layout.SIZEOF_CAPS_HEADER:
         raise ValueError("caller buffer shorter than struct kvm_tdx_capabilities")
-    before = uapi.unpack_capabilities(buf[:uapi.SIZEOF_CAPS_HEADER])
+    before = layout.unpack_capabilities(buf[:layout.SIZEOF_CAPS_HEADER])
     if before.nent != nent:
         raise ValueError(f"caller buffer says nent {before.nent}, not {nent}")
     if hw_error:
@@ -218,7 +146,7 @@ def predict_capabilities(module: ModuleProfile, host: Host, policy: Policy, nent
     attrs, xfam = supported_attrs(module), supported_xfam(module, host)
     if not attrs or not xfam:
         return CapsPrediction(errno.EIO, buf, written_back, None)
-    if len(buf) < uapi.caps_size(n):
+    if len(buf) < layout.caps_size(n):
         raise ValueError("caller buffer shorter than its nent says")
     entries = reported_entries(module, host, policy)
     if policy.caps_echoes_caller:
@@ -229,7 +157,7 @@ def predict_capabilities(module: ModuleProfile, host: Host, policy: Policy, nent
         caps = Capabilities(supported_attrs=attrs, supported_xfam=xfam,
                             user_tdvmcallinfo_1_r11=policy.user_tdvmcallinfo_1_r11,
                             nent=n, entries=entries)
-    written = uapi.pack_capabilities(caps, nent_room=n)
+    written = layout.pack_capabilities(caps, nent_room=n)
     after = written + buf[len(written):]
     return CapsPrediction(0, after, written_back, caps)
 
@@ -273,7 +201,7 @@ def _rfc_bad_bits(module: ModuleProfile, policy: Policy, row: CpuidRow, listed: 
         if row.leaf == GPAW_LEAF and r == "eax":
             bad &= ~GPAW_FIELD
         if bad:
-            return r, _lowest_bit(bad)
+            return r, lowest_bit(bad)
     return None
 
 
@@ -288,12 +216,10 @@ def _td_values(module: ModuleProfile, host: Host, policy: Policy,
         if e is None:
             values.append((0, 0, 0, 0))
             continue
-        if policy.denylist and e.function == 7 and e.index == 0:
-            for r in ("ebx", "ecx"):
-                hit = e.reg(r) & DENYLIST[r]
-                if hit:
-                    return _kvm(errno.EINVAL, "denylist", leaf=7, subleaf=0, register=r,
-                                bit=_lowest_bit(hit))
+        denied = policy.denylist.hits(e) if policy.denylist is not None else None
+        if denied is not None:
+            return _kvm(errno.EINVAL, "denylist", leaf=e.function, subleaf=e.index,
+                        register=denied[0], bit=lowest_bit(denied[1]))
         if policy.allowlist is not None:
             bad = _rfc_bad_bits(module, policy, row, listed[i], e)
             if bad is not None:
@@ -314,16 +240,16 @@ def _module_init(module: ModuleProfile, host: Host, attributes: int, xfam: int,
     """TDH.MNG.INIT's own checks (contract step 11, public TDX module sources)."""
     if (attributes | module.attributes_fixed1) & ~module.attributes_fixed0:
         bad = (attributes | module.attributes_fixed1) & ~module.attributes_fixed0
-        return _module(OPERAND_ATTRIBUTES, "module_attributes", bit=_lowest_bit(bad))
+        return _module(Operand.ATTRIBUTES, "module_attributes", bit=lowest_bit(bad))
     td_xfam = xfam | module.xfam_fixed1
     bad = td_xfam & ~(module.xfam_fixed0 & host.xfam_supported)
     if bad:
-        return _module(OPERAND_XFAM, "module_xfam", bit=_lowest_bit(bad))
+        return _module(Operand.XFAM, "module_xfam", bit=lowest_bit(bad))
     for row, regs in zip(module.rows, values, strict=True):
         for r, v, ok in zip(REGISTERS, regs, row.module_allows(), strict=True):
             if v & ~ok:
-                return _module(OPERAND_CPUID_CONFIG, "module_cpuid_config", leaf=row.leaf,
-                               subleaf=row.subleaf, register=r, bit=_lowest_bit(v & ~ok))
+                return _module(Operand.CPUID_CONFIG, "module_cpuid_config", leaf=row.leaf,
+                               subleaf=row.subleaf, register=r, bit=lowest_bit(v & ~ok))
 
     def value(leaf: int, subleaf: int | None, register: str) -> int:
         i = module.row_index(leaf, subleaf)
@@ -331,24 +257,24 @@ def _module_init(module: ModuleProfile, host: Host, attributes: int, xfam: int,
 
     fms = value(1, None, "eax")
     if fms and fms != host.native_fms():
-        return _module(OPERAND_CPUID_CONFIG, "module_fms", leaf=1, register="eax")
+        return _module(Operand.CPUID_CONFIG, "module_fms", leaf=1, register="eax")
     td_attributes = attributes | module.attributes_fixed1
     for c in MODULE_COUPLINGS:
         v = value(c.leaf, c.subleaf, c.register)
         if c.broken(v, td_attributes):
-            return _module(OPERAND_CPUID_CONFIG, c.check, leaf=c.leaf, subleaf=c.subleaf,
-                           register=c.register, bit=_lowest_bit(v & c.mask or c.mask))
+            return _module(Operand.CPUID_CONFIG, c.check, leaf=c.leaf, subleaf=c.subleaf,
+                           register=c.register, bit=lowest_bit(v & c.mask or c.mask))
     for g in module.xfam_gates:
         gated = value(g.leaf, g.subleaf, g.register) & g.mask
         if td_xfam & g.xfam != g.xfam and gated:
-            return _module(OPERAND_CPUID_CONFIG, "module_xfam_gate", leaf=g.leaf,
-                           subleaf=g.subleaf, register=g.register, bit=_lowest_bit(gated))
+            return _module(Operand.CPUID_CONFIG, "module_xfam_gate", leaf=g.leaf,
+                           subleaf=g.subleaf, register=g.register, bit=lowest_bit(gated))
     for c in MODULE_COUPLINGS:
         v = value(c.leaf, c.subleaf, c.register) & c.mask
         if c.tsx_ctrl and v and not host.tsx_ctrl:
             # TDX_INCORRECT_MSR_VALUE is not an operand error: KVM says -EIO, hw_error 0.
             return Outcome.classify(errno.EIO, 0, check="module_tsx_ctrl", leaf=c.leaf,
-                                    subleaf=c.subleaf, register=c.register, bit=_lowest_bit(v))
+                                    subleaf=c.subleaf, register=c.register, bit=lowest_bit(v))
     # Allow_direct bits the host lacks are dropped here without complaint.
     return Outcome.classify(0, 0, check="accepted")
 
@@ -376,10 +302,10 @@ def predict_init_vm(module: ModuleProfile, host: Host, policy: Policy,
         return _kvm(errno.EINVAL, "cpuid_padding")
     bad = iv.attributes & ~supported_attrs(module)
     if bad:
-        return _kvm(errno.EINVAL, "attributes_unsupported", bit=_lowest_bit(bad))
+        return _kvm(errno.EINVAL, "attributes_unsupported", bit=lowest_bit(bad))
     bad = iv.xfam & ~supported_xfam(module, host)
     if bad:
-        return _kvm(errno.EINVAL, "xfam_unsupported", bit=_lowest_bit(bad))
+        return _kvm(errno.EINVAL, "xfam_unsupported", bit=lowest_bit(bad))
     entries = _request_entries(iv)
     gpaw_entry = find(entries, GPAW_LEAF, 0)
     if gpaw_entry is None:

@@ -9,14 +9,22 @@ simulated host reads them to behave; each interprets them on its own.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from kvmtdx.model.profiles import DataError, bundled_json, load_json, parse_int
+from kvmtdx.errors import DataError
+from kvmtdx.model.profiles import bundled_json, load_json, parse_int
+from kvmtdx.model.rules import (
+    ANY,
+    FULL,
+    GPAW_FIELD,
+    GPAW_LEAF,
+    TSX_WAITPKG_DENYLIST,
+    VALUE_REGISTERS,
+    Denylist,
+    key_matches,
+)
 from kvmtdx.structs import REGISTERS
-
-FULL = 0xFFFFFFFF
-ANY = -1  # wildcard sub-leaf / register in allowlist keys
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,8 +32,9 @@ class Allowlist:
     """Which directly configurable bits KVM supports, per (leaf, KVM index, register).
 
     Rows report their "no sub-leaf" index as 0 here, as KVM does.  Registers
-    in `passthrough` are never filtered; a register with neither an allowed
-    entry nor a passthrough is denied whole.
+    in `passthrough` are never filtered (by default the value registers of
+    `rules.VALUE_REGISTERS`); a register with neither an allowed entry nor a
+    passthrough is denied whole.
     """
 
     name: str
@@ -35,10 +44,7 @@ class Allowlist:
     names: dict[tuple[int, int, str, int], str]
 
     def is_passthrough(self, leaf: int, index: int, register: str) -> bool:
-        p = self.passthrough
-        return any(
-            (leaf, s, r) in p for s in (index, ANY) for r in (register, "*")
-        )
+        return key_matches(self.passthrough, leaf, index, register)
 
     def mask(self, leaf: int, index: int, register: str) -> int:
         """The bits KVM allows in this register of this row."""
@@ -89,7 +95,8 @@ def allowlist_from_json(data: Any, origin: str) -> Allowlist:
             raise DataError(f"{w}: needs 'bits' (object or list of bit numbers) or 'mask'")
         key = (leaf, sub, str(reg))
         allowed[key] = allowed.get(key, 0) | mask
-    passthrough: set[tuple[int, int, str]] = set()
+    # Without a list of its own, an allowlist passes the value registers kvmtdx knows.
+    passthrough = set() if "passthrough" in data else set(VALUE_REGISTERS)
     pt = data.get("passthrough", [])
     if not isinstance(pt, list):
         raise DataError(f"{origin}: field 'passthrough' must be a list")
@@ -153,7 +160,12 @@ def load_allowlist(path: str) -> Allowlist:
 
 @dataclass(frozen=True, slots=True)
 class Policy:
-    """How one kernel treats TDX configurable CPUID (spec sections 3, 4 and 6)."""
+    """How one kernel treats TDX configurable CPUID (spec sections 3, 4 and 6), as data.
+
+    Checks and the mirror ask a policy what it has (a denylist, an allowlist)
+    rather than what it is called, so a user's allowlist or a new kernel's
+    policy is a new value here, not new code elsewhere.
+    """
 
     name: str
     kernels: str
@@ -164,39 +176,61 @@ class Policy:
     # Linux 6.16 writes struct kvm_tdx_cmd back after KVM_TDX_CAPABILITIES.
     caps_writes_cmd_back: bool
     user_tdvmcallinfo_1_r11: int
-    # HLE/RTM/WAITPKG denylist (upstream) versus the allowlist (the series).
-    denylist: bool
+    # Upstream's HLE/RTM/WAITPKG denylist, or the series' allowlist (or, in
+    # principle, both): what KVM hides and refuses beyond the module's own rules.
+    denylist: Denylist | None
     allowlist: Allowlist | None
 
     @property
     def allowlist_name(self) -> str | None:
         return self.allowlist.name if self.allowlist else None
 
+    def hides(self, leaf: int, index: int, register: str) -> int:
+        """Bits of a row's register this kernel never reports, whatever the module lists."""
+        hidden = 0
+        if self.allowlist is not None:
+            hidden |= ~self.allowlist.mask(leaf, index, register) & FULL
+        if self.denylist is not None:
+            hidden |= self.denylist.mask(leaf, index, register)
+        if leaf == GPAW_LEAF and register == "eax":
+            hidden &= ~GPAW_FIELD  # GPAW has its own rule: reported as 0xff
+        return hidden
 
+    def with_allowlist(self, allowlist: Allowlist) -> Policy:
+        return replace(self, allowlist=allowlist)
+
+
+POLICIES: tuple[Policy, ...] = (
+    Policy(
+        name="upstream-6.16", kernels="Linux 6.16",
+        description="HLE/RTM/WAITPKG denylist; capabilities echo the caller's header",
+        caps_echoes_caller=True, caps_writes_cmd_back=True, user_tdvmcallinfo_1_r11=0x3,
+        denylist=TSX_WAITPKG_DENYLIST, allowlist=None,
+    ),
+    Policy(
+        name="upstream", kernels="Linux 6.19 to 7.3",
+        description="HLE/RTM/WAITPKG denylist",
+        caps_echoes_caller=False, caps_writes_cmd_back=False, user_tdvmcallinfo_1_r11=0x2,
+        denylist=TSX_WAITPKG_DENYLIST, allowlist=None,
+    ),
+)
 POLICY_NAMES: tuple[str, ...] = ("upstream-6.16", "upstream", "rfc-v2")
+
+
+def _rfc_v2(allowlist: Allowlist) -> Policy:
+    return Policy(
+        name="rfc-v2", kernels="Linux 7.x with the TDX configurable CPUID allowlist series v2",
+        description="allowlist filters capabilities and is enforced in KVM_TDX_INIT_VM",
+        caps_echoes_caller=False, caps_writes_cmd_back=False, user_tdvmcallinfo_1_r11=0x2,
+        denylist=None, allowlist=allowlist,
+    )
 
 
 def get_policy(name: str, allowlist: Allowlist | None = None) -> Policy:
     """A kernel policy by name; `allowlist` replaces the bundled table of rfc-v2."""
-    if name == "upstream-6.16":
-        return Policy(
-            name=name, kernels="Linux 6.16",
-            description="HLE/RTM/WAITPKG denylist; capabilities echo the caller's header",
-            caps_echoes_caller=True, caps_writes_cmd_back=True, user_tdvmcallinfo_1_r11=0x3,
-            denylist=True, allowlist=None,
-        )
-    if name == "upstream":
-        return Policy(
-            name=name, kernels="Linux 6.19 to 7.3",
-            description="HLE/RTM/WAITPKG denylist",
-            caps_echoes_caller=False, caps_writes_cmd_back=False, user_tdvmcallinfo_1_r11=0x2,
-            denylist=True, allowlist=None,
-        )
     if name == "rfc-v2":
-        return Policy(
-            name=name, kernels="Linux 7.x with the TDX configurable CPUID allowlist series v2",
-            description="allowlist filters capabilities and is enforced in KVM_TDX_INIT_VM",
-            caps_echoes_caller=False, caps_writes_cmd_back=False, user_tdvmcallinfo_1_r11=0x2,
-            denylist=False, allowlist=allowlist if allowlist is not None else bundled_allowlist(),
-        )
+        return _rfc_v2(allowlist if allowlist is not None else bundled_allowlist())
+    for p in POLICIES:
+        if p.name == name:
+            return p
     raise DataError(f"unknown kernel policy {name!r}: use one of {', '.join(POLICY_NAMES)}")

@@ -17,17 +17,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from kvmtdx.errors import DataError
 from kvmtdx.structs import NO_SUBLEAF, REGISTERS
 
 Regs = tuple[int, int, int, int]
 ZERO_REGS: Regs = (0, 0, 0, 0)
-
-
-class DataError(ValueError):
-    """A data file (module profile, host, allowlist, request) is unreadable or malformed.
-
-    The message names the file and the field, fit for one line on stderr.
-    """
 
 
 def parse_int(value: Any, where: str, bits: int = 64) -> int:

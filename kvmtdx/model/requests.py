@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kvmtdx.model.profiles import DataError, load_json, parse_int
+from kvmtdx.errors import DataError
+from kvmtdx.model.profiles import load_json, parse_int
 from kvmtdx.structs import REGISTERS, CpuidEntry, InitVm
 
 

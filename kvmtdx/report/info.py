@@ -16,7 +16,7 @@ def info_to_json(info: Info) -> dict[str, Any]:
         "kvm_path": info.kvm_path,
         "kvm_api_version": info.kvm_api_version,
         "vm_types": list(info.vm_types),
-        "vm_type_names": [uapi.VM_TYPE_NAMES.get(t, str(t)) for t in info.vm_types],
+        "vm_type_names": [uapi.vm_type_name(t) for t in info.vm_types],
         "tdx_available": info.tdx_available,
         "reason": info.reason,
         "kernel_release": info.kernel_release,
@@ -36,7 +36,7 @@ def render_json(info: Info) -> str:
 
 def render_text(info: Info) -> str:
     version = "cannot be asked" if info.kvm_api_version is None else str(info.kvm_api_version)
-    types = ", ".join(f"{uapi.VM_TYPE_NAMES.get(t, 'type')} ({t})" for t in info.vm_types)
+    types = ", ".join(f"{uapi.vm_type_name(t)} ({t})" for t in info.vm_types)
     n = info.native_cpuid
     native = f"{n.path} ({'readable' if n.readable else 'present, not readable'})" \
         if n.present else f"{n.path} absent"

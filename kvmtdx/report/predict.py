@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from kvmtdx.model import catalog
-from kvmtdx.model.mirror import CapsPrediction, is_value_register
+from kvmtdx.model.mirror import CapsPrediction
 from kvmtdx.model.policy import Policy
 from kvmtdx.model.profiles import Host, ModuleProfile
-from kvmtdx.outcome import Outcome, errno_name
+from kvmtdx.model.rules import is_value_register
+from kvmtdx.outcome import Outcome
 from kvmtdx.report import hx, to_json
+from kvmtdx.status import errno_name
 from kvmtdx.structs import REGISTERS, Capabilities, CpuidEntry
 
 

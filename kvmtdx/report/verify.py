@@ -12,22 +12,16 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from typing import Any
 
-from kvmtdx import __version__
+from kvmtdx import __version__, verdict
 from kvmtdx.checks import FAIL, GROUPS, PASS, SKIP, CheckResult, VerifyReport
+from kvmtdx.errors import ExitCode
 from kvmtdx.report import to_json
+from kvmtdx.verdict import Status
 
 JSON_SCHEMA = 1
 
-# kselftest exit codes (tools/testing/selftests/kselftest.h).
-KSFT_PASS = 0
-KSFT_FAIL = 1
-KSFT_SKIP = 4
-
-
-def exit_code(report: VerifyReport) -> int:
-    if report.skip_reason is not None:
-        return KSFT_SKIP
-    return KSFT_FAIL if report.summary.failed else KSFT_PASS
+def exit_code(report: VerifyReport) -> ExitCode:
+    return verdict.exit_code(Status(report.verdict))
 
 
 def _one_line(text: str) -> str:

@@ -1,0 +1,147 @@
+"""The kernel's CPUID rules for TDs, each in one place: GPAW, value registers, the denylist,
+the allowlist, and the module couplings a request must meet.
+
+The mirror predicts with these, `verify` and `probe` build requests and judge
+answers with them, and `infer` reads capabilities back with them.  The
+simulated host keeps its own, independent copy of the same facts on purpose
+(it is the second reading of the contract the tests hold this one to).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvmtdx.structs import REGISTERS, CpuidEntry
+
+FULL = 0xFFFFFFFF
+ANY = -1  # a wildcard sub-leaf in register keys
+
+# Bit numbers, as in Linux arch/x86/include/asm/cpufeatures.h and the TDX module ABI.
+SEPT_VE_DISABLE = 1 << 28  # TD attribute; the one KVM 6.16 to 7.3 supports
+ATTR_PKS = 1 << 30  # TD attribute PKS
+LEAF7_EBX_HLE = 1 << 4
+LEAF7_EBX_RTM = 1 << 11
+LEAF7_ECX_WAITPKG = 1 << 5
+LEAF7_ECX_PKS = 1 << 31
+LEAF7_EDX_CORE_CAPABILITIES = 1 << 30
+
+# KVM's knob for the guest physical address width: CPUID 0x80000008 EAX[23:16]
+# carries it in INIT_VM, and KVM_TDX_CAPABILITIES reports the field as 0xff.
+GPAW_LEAF = 0x80000008
+GPAW_SHIFT = 16
+GPAW_FIELD = 0xFF << GPAW_SHIFT
+GPAW_VALUES = (48, 52)
+
+
+def gpaw_of(e: CpuidEntry) -> int:
+    return (e.eax & GPAW_FIELD) >> GPAW_SHIFT
+
+
+def gpaw_entry(gpaw: int = 48, flags: int = 1) -> CpuidEntry:
+    """The INIT_VM entry that carries a GPAW (flagged: find() takes it for index 0 only)."""
+    return CpuidEntry(GPAW_LEAF, 0, flags, eax=gpaw << GPAW_SHIFT)
+
+
+# Registers that carry values (counts, topology, F/M/S, address widths), not
+# feature bits (spec section 6): a request gives them a valid value, never
+# "every bit", and the series' allowlist does not filter them.
+RegisterKey = tuple[int, int, str]  # (leaf, KVM index or ANY, register or "*")
+VALUE_REGISTERS: frozenset[RegisterKey] = frozenset({
+    (0x1, 0, "eax"), (0x1, 0, "ebx"),
+    (0x4, ANY, "*"), (0x18, ANY, "*"), (0x1F, ANY, "*"),
+    (GPAW_LEAF, 0, "eax"),
+})
+
+
+def key_matches(keys: frozenset[RegisterKey], leaf: int, index: int, register: str) -> bool:
+    """Whether (leaf, index, register) is among `keys` (sub-leaf ANY, register '*' match all)."""
+    return any((leaf, s, r) in keys for s in (index, ANY) for r in (register, "*"))
+
+
+def is_value_register(leaf: int, index: int | None, register: str) -> bool:
+    """True for registers that hold fields rather than features (spec section 6)."""
+    return key_matches(VALUE_REGISTERS, leaf, 0 if index is None else index, register)
+
+
+@dataclass(frozen=True, slots=True)
+class Denylist:
+    """Bits KVM hides from capabilities and refuses in INIT_VM, per row (upstream kernels).
+
+    The refusal looks at the entry find() matched, by that entry's own leaf and
+    index (not the row's): the hole the adversarial checks exercise.
+    """
+
+    bits: dict[tuple[int, int], dict[str, int]]
+
+    def mask(self, leaf: int, index: int, register: str) -> int:
+        return self.bits.get((leaf, index), {}).get(register, 0)
+
+    def hits(self, e: CpuidEntry) -> tuple[str, int] | None:
+        """(register, bits) of the first denied bits the entry carries, judged by its own index."""
+        for r in REGISTERS:
+            hit = e.reg(r) & self.mask(e.function, e.index, r)
+            if hit:
+                return r, hit
+        return None
+
+
+# Linux 6.16 to 7.3, arch/x86/kvm/vmx/tdx.c: TSX and WAITPKG in leaf 7 index 0.
+TSX_WAITPKG_DENYLIST = Denylist({(7, 0): {"ebx": LEAF7_EBX_HLE | LEAF7_EBX_RTM,
+                                          "ecx": LEAF7_ECX_WAITPKG}})
+
+
+@dataclass(frozen=True)
+class Coupling:
+    """A rule of TDH.MNG.INIT that ties CPUID bits of one register together or to a TD
+    attribute (public TDX module sources; XFAM gates are per module, in its profile).
+
+    With `attribute` 0 the bits of `mask` must be all set or all clear; otherwise
+    they must be set exactly when the TD has `attribute`.  `tsx_ctrl`: set, they
+    also need the host's TSX_CTRL MSR, or the module fails the call (-EIO).
+    """
+
+    leaf: int
+    subleaf: int | None
+    register: str
+    mask: int
+    check: str  # the Outcome check naming a break
+    why: str
+    attribute: int = 0
+    tsx_ctrl: bool = False
+
+    def broken(self, value: int, td_attributes: int) -> bool:
+        bits = value & self.mask
+        if self.attribute:
+            return bool(bits) != bool(td_attributes & self.attribute)
+        return bits not in (0, self.mask)
+
+    def met(self, value: int, attributes: int, *, tsx_ctrl: bool = True) -> int:
+        """`value` with the coupled bits cleared unless the request can carry them."""
+        bits = value & self.mask
+        keep = (bool(attributes & self.attribute) if self.attribute else bits == self.mask)
+        return value if keep and (tsx_ctrl or not self.tsx_ctrl) else value & ~self.mask
+
+    def covers(self, leaf: int, index: int, register: str, bit: int) -> bool:
+        return ((self.leaf, self.subleaf or 0, self.register) == (leaf, index, register)
+                and bool(self.mask >> bit & 1))
+
+
+# Every coupling the mirror, the checks and the prober respect; a new one goes here.
+MODULE_COUPLINGS: tuple[Coupling, ...] = (
+    Coupling(7, 0, "ebx", LEAF7_EBX_HLE | LEAF7_EBX_RTM, "module_hle_rtm",
+             "HLE and RTM must be equal", tsx_ctrl=True),
+    Coupling(7, 0, "ecx", LEAF7_ECX_PKS, "module_pks", "PKS needs ATTRIBUTES.PKS",
+             attribute=ATTR_PKS),
+)
+
+
+def coupling_of(leaf: int, index: int, register: str, bit: int) -> Coupling | None:
+    return next((c for c in MODULE_COUPLINGS if c.covers(leaf, index, register, bit)), None)
+
+
+def lowest_bit(mask: int) -> int:
+    return (mask & -mask).bit_length() - 1
+
+
+def bits_of(mask: int, width: int = 32) -> list[int]:
+    return [b for b in range(width) if mask >> b & 1]
