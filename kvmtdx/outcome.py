@@ -22,14 +22,26 @@ class Kind(str, Enum):
     ERROR = "ERROR"
 
 
+class Decider(str, Enum):
+    """Who decided a predicted outcome: KVM's own checks or the TDX module's."""
+
+    KVM = "kvm"
+    MODULE = "module"
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """One INIT_VM result.  `errno` is positive (0 when accepted)."""
+    """One INIT_VM result.  `errno` is positive (0 when accepted).
+
+    A prediction also says why: `decider`, the `check` by name and where it
+    applies; an observed outcome carries only kind, errno and hw_error.
+    """
 
     kind: Kind
     errno: int = 0
     hw_error: int = 0
     check: str | None = None
+    decider: Decider | None = None
     leaf: int | None = None
     subleaf: int | None = None
     register: str | None = None

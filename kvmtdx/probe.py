@@ -44,7 +44,7 @@ from kvmtdx.knowledge import Given, Knowledge, complete
 from kvmtdx.model import catalog, mirror, rules
 from kvmtdx.model.policy import Allowlist, Policy
 from kvmtdx.model.profiles import BUNDLED_MODULES, Host, ModuleProfile, load_profile
-from kvmtdx.outcome import Kind, Outcome
+from kvmtdx.outcome import Decider, Kind, Outcome
 from kvmtdx.structs import FLAG_SIGNIFICANT_INDEX, REGISTERS, Capabilities, CpuidEntry, InitVm
 
 GPAW_LEAF = rules.GPAW_LEAF
@@ -910,7 +910,7 @@ def _mirror_reason(module: ModuleProfile, host: Host, policy: Policy, caps: Capa
         return None
     iv = layout.request([Unit(((pos, key[2], 1 << key[3]),))], xfam=caps.supported_xfam)
     pred = mirror.predict_init_vm(module, host, policy, iv)
-    if pred.kind is Kind.ACCEPTED or not (pred.check or "").startswith("module_"):
+    if pred.kind is Kind.ACCEPTED or pred.decider is not Decider.MODULE:
         return None
     if out is not None and not pred.same_answer(out):
         return None

@@ -40,7 +40,7 @@ from kvmtdx.model.rules import (
     is_value_register,
     lowest_bit,
 )
-from kvmtdx.outcome import Outcome
+from kvmtdx.outcome import Decider, Outcome
 from kvmtdx.status import Operand
 from kvmtdx.status import operand_invalid as _operand_invalid
 from kvmtdx.structs import (
@@ -176,11 +176,12 @@ def find(entries: Sequence[CpuidEntry], function: int, index: int) -> CpuidEntry
 
 
 def _kvm(err: int, check: str, **where: int | str | None) -> Outcome:
-    return Outcome.classify(err, 0, check=check, **where)
+    return Outcome.classify(err, 0, check=check, decider=Decider.KVM, **where)
 
 
 def _module(operand: int, check: str, **where: int | str | None) -> Outcome:
-    return Outcome.classify(errno.EINVAL, _operand_invalid(operand), check=check, **where)
+    return Outcome.classify(errno.EINVAL, _operand_invalid(operand), check=check,
+                            decider=Decider.MODULE, **where)
 
 
 def _request_entries(iv: InitVm) -> tuple[CpuidEntry, ...]:
@@ -273,7 +274,8 @@ def _module_init(module: ModuleProfile, host: Host, attributes: int, xfam: int,
         v = value(c.leaf, c.subleaf, c.register) & c.mask
         if c.tsx_ctrl and v and not host.tsx_ctrl:
             # TDX_INCORRECT_MSR_VALUE is not an operand error: KVM says -EIO, hw_error 0.
-            return Outcome.classify(errno.EIO, 0, check="module_tsx_ctrl", leaf=c.leaf,
+            return Outcome.classify(errno.EIO, 0, check="module_tsx_ctrl",
+                                    decider=Decider.MODULE, leaf=c.leaf,
                                     subleaf=c.subleaf, register=c.register, bit=lowest_bit(v))
     # Allow_direct bits the host lacks are dropped here without complaint.
     return Outcome.classify(0, 0, check="accepted")
