@@ -236,7 +236,7 @@ def _td_values(module: ModuleProfile, host: Host, policy: Policy,
     return values
 
 
-def _module_init(module: ModuleProfile, host: Host, attributes: int, xfam: int,
+def module_init(module: ModuleProfile, host: Host, attributes: int, xfam: int,
                  values: list[Regs]) -> Outcome:
     """TDH.MNG.INIT's own checks (contract step 11, public TDX module sources)."""
     if (attributes | module.attributes_fixed1) & ~module.attributes_fixed0:
@@ -320,7 +320,7 @@ def predict_init_vm(module: ModuleProfile, host: Host, policy: Policy,
     values = _td_values(module, host, policy, entries, nent)
     if isinstance(values, Outcome):
         return values
-    return _module_init(module, host, iv.attributes, iv.xfam, values)
+    return module_init(module, host, iv.attributes, iv.xfam, values)
 
 
 # ---------------------------------------------------------------------------
