@@ -57,8 +57,8 @@ def _hidden_bits(ctx: Context, ebx: int, ecx: int) -> tuple[BitRef, ...] | str:
     return tuple(refs)
 
 
-def _past_kvm(kept: invariant.InvariantJudgement, actual: Outcome) -> str:
-    if not kept.kept:
+def _past_kvm(judged: invariant.InvariantJudgement, actual: Outcome) -> str:
+    if not judged.kept:
         return "ACCEPTED: the hidden bits reach the TD"
     if actual.kind == Kind.MODULE_REJECTED:
         return ("MODULE_REJECTED: KVM let the hidden bits through to the module, which "
@@ -76,10 +76,10 @@ def _smuggle(ctx: Context, trap: Trap, ebx: int, ecx: int, what: str) -> Verdict
     if actual.kind == Kind.KVM_REJECTED:
         return ok(f"{what}: KVM refused it ({describe(actual)})", "KVM_REJECTED",
                   describe(actual), hidden)
-    kept = invariant.judge(ctx.caps.entries, req, actual, module=ctx.know.module,
+    judged = invariant.judge(ctx.caps.entries, req, actual, module=ctx.know.module,
                            host=ctx.know.host)
     return bad(f"{what}: {labels(list(hidden))} never reported, yet "
-               f"{_past_kvm(kept, actual)} {WHERE}", "KVM_REJECTED", describe(actual),
+               f"{_past_kvm(judged, actual)} {WHERE}", "KVM_REJECTED", describe(actual),
                hidden)
 
 

@@ -82,11 +82,11 @@ def _try_bit(ctx: Context, t: _BitTally, e: CpuidEntry, register: str, bit: int)
     actual = ctx.attempt(req)
     t.tested += 1
     pred = ctx.predict(req)
-    kept = invariant.judge(ctx.caps.entries, req, actual, module=ctx.know.module,
+    judged = invariant.judge(ctx.caps.entries, req, actual, module=ctx.know.module,
                            host=ctx.know.host)
-    if kept.exempt:
+    if judged.exempt:
         t.exempt += 1
-    elif not kept.kept:
+    elif not judged.kept:
         t.fails.append((ref, REFUSED, "ACCEPTED"))
         return
     elif pred is None and actual.kind not in (Kind.KVM_REJECTED, Kind.MODULE_REJECTED):
