@@ -282,17 +282,24 @@ class TdxStatus:
     vm_types: int
 
 
+def availability(kvm: Kvm) -> TdxStatus:
+    """The one test of whether TDX is usable on an open KVM handle: KVM API version 12
+    (anything else is a failure), then the TDX VM type (missing is a skip: no TDX here)."""
+    version = kvm.api_version()
+    if version != uapi.KVM_API_VERSION:
+        return TdxStatus(False, f"unexpected KVM API version {version} "
+                                f"(want {uapi.KVM_API_VERSION})", False, version, 0)
+    types = kvm.vm_types()
+    if not types >> uapi.VmType.KVM_X86_TDX_VM & 1:
+        return TdxStatus(False, no_tdx_reason(types), True, version, types)
+    return TdxStatus(True, "KVM offers KVM_X86_TDX_VM", False, version, types)
+
+
 def tdx_status(seam: Seam | None = None, path: str = DEFAULT_KVM_PATH) -> TdxStatus:
+    """`availability` of the KVM behind `seam`, the device opened and closed here."""
     try:
         kvm = Kvm(seam, path)
     except KvmError as e:
         return TdxStatus(False, e.reason, e.skip, None, 0)
     with kvm:
-        version = kvm.api_version()
-        if version != uapi.KVM_API_VERSION:
-            return TdxStatus(False, f"unexpected KVM API version {version} (want 12)", False,
-                             version, 0)
-        types = kvm.vm_types()
-        if not types >> uapi.VmType.KVM_X86_TDX_VM & 1:
-            return TdxStatus(False, no_tdx_reason(types), True, version, types)
-        return TdxStatus(True, "KVM offers KVM_X86_TDX_VM", False, version, types)
+        return availability(kvm)

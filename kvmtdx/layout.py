@@ -145,6 +145,7 @@ OFFSET_INIT_VM_NENT: int = STRUCTS["kvm_tdx_init_vm"].field("cpuid").offset
 OFFSET_CPUID2_PADDING: int = STRUCTS["kvm_cpuid2"].field("padding").offset
 # Byte ranges inside one entry, for code that compares buffers field by field.
 OFFSET_ENTRY_FLAGS: int = STRUCTS["kvm_cpuid_entry2"].field("flags").offset
+SIZEOF_ENTRY_FLAGS: int = STRUCTS["kvm_cpuid_entry2"].field("flags").size
 OFFSET_ENTRY_PADDING: int = STRUCTS["kvm_cpuid_entry2"].field("padding").offset
 SIZEOF_ENTRY_PADDING: int = STRUCTS["kvm_cpuid_entry2"].field("padding").size
 

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from kvmtdx import layout
+from kvmtdx.model import builders
 from kvmtdx.model.policy import Policy
 from kvmtdx.model.profiles import CpuidRow, Host, ModuleProfile, Regs, enumerated
 from kvmtdx.model.requests import Request
@@ -37,7 +38,6 @@ from kvmtdx.model.rules import (
     GPAW_VALUES,
     MODULE_COUPLINGS,
     SEPT_VE_DISABLE,
-    is_value_register,
     lowest_bit,
 )
 from kvmtdx.outcome import Decider, Outcome
@@ -351,24 +351,7 @@ def full_request(module: ModuleProfile, host: Host, policy: Policy) -> Request:
     Meaningful only where KVM_TDX_CAPABILITIES succeeds (supported attrs and XFAM
     non-zero); otherwise the request is built from zeros and is refused.
     """
-    attrs = supported_attrs(module)
-    xfam = supported_xfam(module, host)
-    td_xfam = xfam | module.xfam_fixed1
-    out: list[CpuidEntry] = []
-    for row, e in zip(module.rows, reported_entries(module, host, policy), strict=True):
-        regs = list(_regs_of(e))
-        for i, r in enumerate(REGISTERS):
-            if is_value_register(row.leaf, row.subleaf, r):
-                regs[i] = 0
-        if row.leaf == GPAW_LEAF:
-            regs[0] = 48 << GPAW_SHIFT
-        for c in MODULE_COUPLINGS:
-            if (c.leaf, c.subleaf) == (row.leaf, row.subleaf):
-                i = REGISTERS.index(c.register)
-                regs[i] = c.met(regs[i], attrs, tsx_ctrl=host.tsx_ctrl)
-        for g in module.xfam_gates:
-            if (g.leaf, g.subleaf) == (row.leaf, row.subleaf) and td_xfam & g.xfam != g.xfam:
-                regs[REGISTERS.index(g.register)] &= ~g.mask
-        flags = 0 if row.subleaf is None else FLAG_SIGNIFICANT_INDEX
-        out.append(_entry(row.leaf, row.kvm_index, regs, flags))
-    return Request(init_vm=InitVm(attributes=attrs, xfam=xfam, entries=tuple(out)))
+    return builders.full_request(
+        reported_entries(module, host, policy), attributes=supported_attrs(module),
+        xfam=supported_xfam(module, host), subleaves=[row.subleaf for row in module.rows],
+        tsx_ctrl=host.tsx_ctrl, xfam_gates=module.xfam_gates, xfam_fixed1=module.xfam_fixed1)

@@ -1,0 +1,133 @@
+"""adversarial: spec section 4's traps of KVM's CPUID lookup.
+
+Each trap carries leaf-7.0 bits this kernel hides (and the module would take) into row 7.0
+by way of find() rather than by the entry's own index (kvmtdx.model.builders.Trap).  A
+hidden bit the module would take must come back KVM_REJECTED (spec section 5): ACCEPTED
+breaks the invariant, MODULE_REJECTED means KVM let it through.
+"""
+
+from __future__ import annotations
+
+from kvmtdx.checks.context import Context
+from kvmtdx.checks.registry import (
+    NEEDS_MODULE,
+    Verdict,
+    bad,
+    check,
+    describe,
+    labels,
+    ok,
+    predicted_bit,
+    skip,
+)
+from kvmtdx.model import invariant
+from kvmtdx.model.builders import Trap
+from kvmtdx.model.catalog import BitRef
+from kvmtdx.model.profiles import enumerated
+from kvmtdx.model.rules import LEAF7_EBX_HLE, LEAF7_EBX_RTM, LEAF7_ECX_WAITPKG, bits_of
+from kvmtdx.outcome import Kind, Outcome
+from kvmtdx.verdict import Status
+
+GROUP = "adversarial"
+WHERE = "(KVM matched the row by its CPUID lookup, not by the entry's own index)"
+
+
+def _hidden_bits(ctx: Context, ebx: int, ecx: int) -> tuple[BitRef, ...] | str:
+    """The leaf 7.0 bits a trap smuggles, if KVM hides them and the module would take them;
+    else why there is nothing to smuggle."""
+    e = ctx.leaf7()
+    if e is None:
+        return "no leaf 7.0 row listed"
+    refs = [BitRef(7, 0, "ebx", b) for b in bits_of(ebx)]
+    refs += [BitRef(7, 0, "ecx", b) for b in bits_of(ecx)]
+    if e.ebx & ebx or e.ecx & ecx:
+        return f"{labels(refs)} reported by this kernel: nothing to smuggle"
+    k = ctx.know
+    if k.module is not None and k.host is not None:
+        i = k.module.row_index(7, 0)
+        if i is None:
+            return "the module lists no leaf 7.0 row"
+        unknown = k.module.unknown_mask(i)
+        if unknown[1] & ebx or unknown[2] & ecx:
+            return (f"{labels(refs)} unknown to the module profile (saved under a policy "
+                    "that hides them)")
+        listed = enumerated(k.module, k.host)[i]
+        if listed[1] & ebx != ebx or listed[2] & ecx != ecx:
+            return f"the module would not take {labels(refs)} on this host: nothing hidden"
+    return tuple(refs)
+
+
+def _past_kvm(judged: invariant.InvariantJudgement, actual: Outcome) -> str:
+    if not judged.kept:
+        return "ACCEPTED: the hidden bits reach the TD"
+    if actual.kind == Kind.MODULE_REJECTED:
+        return ("MODULE_REJECTED: KVM let the hidden bits through to the module, which "
+                "refused them")
+    return f"{describe(actual)}: past KVM's check"
+
+
+def _smuggle(ctx: Context, trap: Trap, ebx: int, ecx: int, what: str) -> Verdict:
+    hidden = _hidden_bits(ctx, ebx, ecx)
+    if isinstance(hidden, str):
+        return skip(hidden)
+    req = ctx.trap(trap, ebx=ebx, ecx=ecx)
+    actual = ctx.attempt(req)
+    ctx.trap_log.append((f"{trap}: {what}", req, actual))
+    if actual.kind == Kind.KVM_REJECTED:
+        return ok(f"{what}: KVM refused it ({describe(actual)})", "KVM_REJECTED",
+                  describe(actual), hidden)
+    judged = invariant.judge(ctx.caps.entries, req, actual, module=ctx.know.module,
+                           host=ctx.know.host)
+    return bad(f"{what}: {labels(list(hidden))} never reported, yet "
+               f"{_past_kvm(judged, actual)} {WHERE}", "KVM_REJECTED", describe(actual),
+               hidden)
+
+
+def _trap_check(id_: str, about: str, trap: Trap, ebx: int, ecx: int, what: str) -> None:
+    """Register a check that sends one trap request smuggling `ebx`/`ecx` into row 7.0."""
+    check(id_, GROUP, about)(lambda ctx: _smuggle(ctx, trap, ebx, ecx, what))
+
+
+WAITPKG, HLE_RTM = LEAF7_ECX_WAITPKG, LEAF7_EBX_HLE | LEAF7_EBX_RTM
+_trap_check("adversarial_denylist_bypass_waitpkg",
+            "flagged 7.1/7.2 entries first, then an unflagged leaf-7 entry (index 5) carrying "
+            "WAITPKG: KVM must refuse it", Trap.STEER, 0, WAITPKG, "WAITPKG steered to row 7.0")
+_trap_check("adversarial_denylist_bypass_hle_rtm",
+            "the same steering with HLE+RTM: KVM must refuse it",
+            Trap.STEER, HLE_RTM, 0, "HLE+RTM steered to row 7.0")
+_trap_check("adversarial_denylist_bypass_stray_balance",
+            "an unflagged leaf-7 entry (index 5) carrying WAITPKG, counted once per leaf-7 row, "
+            "with stray entries making the count balance: KVM must refuse it",
+            Trap.STRAY, 0, WAITPKG, "WAITPKG with stray entries balancing the count")
+_trap_check("adversarial_unflagged_multi_match",
+            "an unflagged leaf-7 entry carrying WAITPKG matches several rows: KVM must refuse "
+            "it", Trap.MULTI, 0, WAITPKG, "unflagged WAITPKG entry alone")
+
+
+@check("adversarial_duplicate_entries", GROUP,
+       "two 7.0 entries, WAITPKG in the first or the second: KVM must refuse both")
+def adversarial_duplicate_entries(ctx: Context) -> Verdict:
+    a = _smuggle(ctx, Trap.DUP_FIRST, 0, WAITPKG, "duplicate 7.0, WAITPKG first")
+    if a.status is not Status.PASS:
+        return a
+    b = _smuggle(ctx, Trap.DUP_SECOND, 0, WAITPKG, "duplicate 7.0, WAITPKG second")
+    if b.status is not Status.PASS:
+        return b
+    return ok(f"{a.detail}; {b.detail}", a.expected, a.actual, a.bits)
+
+
+@check("adversarial_matches_prediction", GROUP,
+       "every trap request above gets exactly the mirror's answer for this policy")
+def adversarial_matches_prediction(ctx: Context) -> Verdict:
+    if not ctx.exact:
+        return skip(NEEDS_MODULE)
+    if not ctx.trap_log:
+        return skip("no trap request was sent")
+    for what, req, actual in ctx.trap_log:
+        pred = ctx.predict(req)
+        if pred is None:
+            return skip(NEEDS_MODULE)
+        if not actual.same_answer(pred):
+            return bad(f"{what}: {describe(actual)}, expected {describe(pred)}",
+                       pred.describe(), describe(actual), predicted_bit(pred))
+    return ok(f"{len(ctx.trap_log)} trap requests as predicted")

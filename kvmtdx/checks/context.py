@@ -1,0 +1,151 @@
+"""The run context every check is handed: the open KVM handle, what the kernel reported,
+what is known of it, and the few ways a check talks to a TD.
+
+Every TD a check creates goes through `td()` or `attempt()`, so it is closed on every path
+and counted for the progress line; every INIT_VM goes through `send()`, so the hygiene
+checks see each ENOSPC.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from kvmtdx.device import Kvm, Seam, TdxVm
+from kvmtdx.knowledge import Knowledge
+from kvmtdx.model import builders, mirror
+from kvmtdx.model.builders import Trap
+from kvmtdx.model.catalog import BitRef
+from kvmtdx.model.mirror import CapsPrediction
+from kvmtdx.model.policy import Policy
+from kvmtdx.model.profiles import Host, ModuleProfile
+from kvmtdx.model.requests import Request
+from kvmtdx.outcome import Outcome
+from kvmtdx.structs import Capabilities, CpuidEntry
+
+
+@dataclass
+class ProcessNumbers:
+    """The process's open fds and RSS before the run and after the KVM handle closed."""
+
+    fds_before: int = 0
+    fds_after: int = 0
+    rss_before: int = 0
+    rss_after: int = 0
+
+
+@dataclass
+class Context:
+    kvm: Kvm
+    seam: Seam
+    know: Knowledge
+    caps: Capabilities
+    enospc: int = 0
+    key_ids_before: int | None = None
+    on_td: Callable[[], None] = field(default=lambda: None)
+    # Every trap request sent, with its answer, for adversarial_matches_prediction.
+    trap_log: list[tuple[str, Request, Outcome]] = field(default_factory=list)
+    proc: ProcessNumbers = field(default_factory=ProcessNumbers)
+
+    # What is known.
+
+    @property
+    def exact(self) -> bool:
+        return self.know.exact
+
+    def model(self) -> tuple[ModuleProfile, Host, Policy] | None:
+        """Module, host and policy when all three are known: the mirror can predict."""
+        k = self.know
+        if k.module is None or k.host is None or k.policy is None:
+            return None
+        return k.module, k.host, k.policy
+
+    def predict(self, req: Request, *, td_initialized: bool = False) -> Outcome | None:
+        m = self.model()
+        if m is None:
+            return None
+        return mirror.predict_init_vm(*m, req, td_initialized=td_initialized)
+
+    def predict_caps(self, nent: int, *, flags: int = 0, hw_error: int = 0,
+                     caller: bytes | None = None) -> CapsPrediction | None:
+        m = self.model()
+        if m is None:
+            return None
+        return mirror.predict_capabilities(*m, nent, flags=flags, hw_error=hw_error,
+                                           caller=caller)
+
+    # Talking to TDs.
+
+    @contextmanager
+    def td(self) -> Iterator[TdxVm]:
+        vm = self.kvm.create_td()
+        with vm:
+            self.on_td()
+            yield vm
+
+    def send(self, td: TdxVm, req: Request) -> Outcome:
+        res = td.init_vm_raw(req.init_vm, flags=req.flags, hw_error=req.hw_error)
+        if res.errno == errno.ENOSPC:
+            self.enospc += 1
+        return Outcome.classify(res.errno, res.cmd.hw_error)
+
+    def attempt(self, req: Request) -> Outcome:
+        """One INIT_VM on a fresh TD, closed before this returns."""
+        with self.td() as td:
+            return self.send(td, req)
+
+    # Requests (kvmtdx.model.builders, fed what this kernel reported).
+
+    def base(self, entries: Sequence[CpuidEntry] = (), *,
+             gpaw: int | None = builders.DEFAULT_GPAW,
+             attributes: int = 0, xfam: int | None = None,
+             reserved: tuple[int, ...] | None = None, cpuid_padding: int = 0,
+             nent: int | None = None, flags: int = 0, hw_error: int = 0) -> Request:
+        """The minimal request with every reported XFAM bit (see builders.base_request)."""
+        return builders.base_request(
+            self.caps.supported_xfam if xfam is None else xfam, entries, gpaw=gpaw,
+            attributes=attributes, reserved=reserved, cpuid_padding=cpuid_padding, nent=nent,
+            flags=flags, hw_error=hw_error)
+
+    def full_request(self) -> Request:
+        """Every reported feature bit at once: the mirror's, or without a profile one built
+        from the capabilities (attributes 0; the host's TSX_CTRL taken as present)."""
+        m = self.model()
+        if m is not None:
+            return mirror.full_request(*m)
+        return builders.full_request(self.caps.entries, attributes=0,
+                                     xfam=self.caps.supported_xfam)
+
+    def trap(self, trap: Trap, *, ebx: int, ecx: int) -> Request:
+        return builders.trap_request(trap, self.base(), self.caps.entries, ebx=ebx, ecx=ecx)
+
+    # Naming what was reported.
+
+    def row_of(self, e: CpuidEntry) -> int | None:
+        """The module row a reported entry stands for (None without a profile)."""
+        m = self.know.module
+        if m is None:
+            return None
+        for i, r in enumerate(m.rows):
+            if r.leaf == e.function and r.kvm_index == e.index:
+                return i
+        return None
+
+    def subleaf_of(self, leaf: int, index: int) -> int | None:
+        """A row's sub-leaf as reports name it (None: the module lists none); without a
+        profile, KVM's index."""
+        m = self.know.module
+        if m is not None:
+            for r in m.rows:
+                if r.leaf == leaf and r.kvm_index == index:
+                    return r.subleaf
+        return index
+
+    def ref(self, leaf: int, index: int, register: str, bit: int) -> BitRef:
+        """A bit of a reported row (KVM's index), named by the row's sub-leaf."""
+        return BitRef(leaf, self.subleaf_of(leaf, index), register, bit)
+
+    def leaf7(self) -> CpuidEntry | None:
+        return next((e for e in self.caps.entries if e.function == 7 and e.index == 0), None)

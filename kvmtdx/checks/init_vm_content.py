@@ -1,0 +1,126 @@
+"""init_vm_content: spec section 5's invariant on the CPUID bits themselves.
+
+Every reported feature bit together is ACCEPTED; every feature bit of a listed row that was
+not reported, alone on its own TD, is not (kvmtdx.model.invariant), and is refused by KVM
+or the module exactly as the mirror predicts when the module is known.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from kvmtdx.checks.context import Context
+from kvmtdx.checks.registry import Verdict, bad, check, describe, labels, ok, predicted_bit, skip
+from kvmtdx.model import invariant
+from kvmtdx.model.catalog import BitRef
+from kvmtdx.model.rules import bits_of, is_value_register
+from kvmtdx.outcome import Kind
+from kvmtdx.structs import FLAG_SIGNIFICANT_INDEX, REGISTERS, CpuidEntry
+
+GROUP = "init_vm_content"
+REFUSED = "KVM_REJECTED or MODULE_REJECTED"
+
+
+@check("init_vm_all_reported_accepted", GROUP,
+       "one TD with every reported feature bit (couplings met) is ACCEPTED")
+def init_vm_all_reported_accepted(ctx: Context) -> Verdict:
+    req = ctx.full_request()
+    outside = [ctx.ref(*key) for key in
+               invariant.outside_reported(ctx.caps.entries, req.init_vm.entries)]
+    if outside:
+        # The prediction is built from the mirror's capabilities; a kernel that
+        # reports less makes this request carry unreported bits.
+        return skip(f"the request would carry unreported bits ({labels(outside)}); "
+                    "caps_entries_match_prediction reports the difference")
+    actual = ctx.attempt(req)
+    bits = sum(bin(v).count("1") for e in req.init_vm.entries for v in e.regs())
+    if actual.kind == Kind.ACCEPTED:
+        return ok(f"{len(req.init_vm.entries)} entries, {bits} bits set: ACCEPTED",
+                  "ACCEPTED", describe(actual))
+    pred = ctx.predict(req)
+    why = f" (mirror: {pred.describe()})" if pred is not None else ""
+    return bad(f"every reported bit together: {describe(actual)}{why}", "ACCEPTED",
+               describe(actual), predicted_bit(pred))
+
+
+@dataclass
+class _BitTally:
+    tested: int = 0
+    exempt: int = 0
+    unknown: int = 0
+    fails: list[tuple[BitRef, str, str]] = field(default_factory=list)  # bit, expected, actual
+
+    def notes(self, module_known: bool) -> str:
+        notes = []
+        if self.exempt:
+            notes.append(f"{self.exempt} silently cleared by the module (host lacks them)")
+        if self.unknown:
+            notes.append(f"{self.unknown} unknown to the profile, skipped")
+        if not module_known:
+            notes.append("no profile: invariant only")
+        return f" ({'; '.join(notes)})" if notes else ""
+
+
+def _unreported_bits(ctx: Context) -> Iterator[tuple[CpuidEntry, int | None, str, int]]:
+    """Each feature bit of each listed row that was not reported: entry, module row,
+    register, bit."""
+    for e in ctx.caps.entries:
+        row = ctx.row_of(e)
+        for r, value in zip(REGISTERS, e.regs(), strict=True):
+            if is_value_register(e.function, e.index, r):
+                continue
+            for b in bits_of(~value & 0xFFFFFFFF):
+                yield e, row, r, b
+
+
+def _try_bit(ctx: Context, t: _BitTally, e: CpuidEntry, register: str, bit: int) -> None:
+    """One unreported bit alone on a fresh TD, held to the invariant and the prediction."""
+    ref = ctx.ref(e.function, e.index, register, bit)
+    probe = CpuidEntry(e.function, e.index, FLAG_SIGNIFICANT_INDEX).with_reg(register, 1 << bit)
+    req = ctx.base((probe,))
+    actual = ctx.attempt(req)
+    t.tested += 1
+    pred = ctx.predict(req)
+    judged = invariant.judge(ctx.caps.entries, req, actual, module=ctx.know.module,
+                           host=ctx.know.host)
+    if judged.exempt:
+        t.exempt += 1
+    elif not judged.kept:
+        t.fails.append((ref, REFUSED, "ACCEPTED"))
+        return
+    elif pred is None and actual.kind not in (Kind.KVM_REJECTED, Kind.MODULE_REJECTED):
+        t.fails.append((ref, REFUSED, describe(actual)))
+        return
+    if pred is not None and not actual.same_answer(pred):
+        t.fails.append((ref, pred.describe(), describe(actual)))
+
+
+def _tally_verdict(t: _BitTally, module_known: bool) -> Verdict:
+    tail = t.notes(module_known)
+    if not t.fails:
+        if not t.tested:
+            return skip("no unreported feature bit to test" + tail)
+        return ok(f"{t.tested} bits, one TD each, refused as expected{tail}")
+    refs = tuple(f[0] for f in t.fails)
+    accepted = [f[0] for f in t.fails if f[2] == "ACCEPTED"]
+    head = (f"{len(accepted)} unreported bits ACCEPTED: {labels(accepted)}" if accepted else
+            f"{len(t.fails)} of {t.tested} bits answered otherwise: {labels(list(refs))}")
+    first = t.fails[0]
+    return bad(f"{head}{tail}", f"{first[0].label()}: {first[1]}",
+               f"{first[0].label()}: {first[2]}", refs)
+
+
+@check("init_vm_unreported_bits_refused", GROUP,
+       "each feature bit of a listed row that was not reported, alone on its own TD, is "
+       "not ACCEPTED, and is refused by KVM or the module as predicted")
+def init_vm_unreported_bits_refused(ctx: Context) -> Verdict:
+    m = ctx.know.module
+    t = _BitTally()
+    for e, row, r, b in _unreported_bits(ctx):
+        if m is not None and row is not None and \
+                m.unknown_mask(row)[REGISTERS.index(r)] >> b & 1:
+            t.unknown += 1
+            continue
+        _try_bit(ctx, t, e, r, b)
+    return _tally_verdict(t, m is not None)

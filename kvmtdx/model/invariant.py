@@ -1,0 +1,88 @@
+"""Spec section 5's invariant, in one place: a bit outside what KVM_TDX_CAPABILITIES reported
+is never ACCEPTED.
+
+The conformance checks and the prober judge a kernel's answer with it whether or not
+anything else is known of the kernel: it needs only what the kernel reported, the request
+and the outcome.  A module profile and a host, when known, add the one exemption the
+contract has (spec section 4, "silently cleared"): an allow_direct bit the host lacks
+natively is reported by no policy, yet TDH.MNG.INIT drops it instead of refusing, so a
+request carrying it is ACCEPTED by a correct kernel.
+
+A request's bits (in its first nent entries, those KVM reads) are read entry by entry
+against the reported entry of the same function and index: an entry whose function and
+index KVM did not report carries only bits outside what was reported.  Value registers
+hold fields, not features, and are not judged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from kvmtdx.model.mirror import silently_cleared
+from kvmtdx.model.profiles import Host, ModuleProfile
+from kvmtdx.model.requests import Request
+from kvmtdx.model.rules import bits_of, is_value_register
+from kvmtdx.outcome import Kind, Outcome
+from kvmtdx.structs import REGISTERS, CpuidEntry, InitVm
+
+BitKey = tuple[int, int, str, int]  # leaf, KVM index, register, bit (as the prober keys bits)
+
+
+def outside_reported(reported: Sequence[CpuidEntry],
+                     entries: Sequence[CpuidEntry]) -> tuple[BitKey, ...]:
+    """The feature bits of `entries` that `reported` does not have, in entry order."""
+    have = {(e.function, e.index): e for e in reported}
+    out: list[BitKey] = []
+    for e in entries:
+        row = have.get((e.function, e.index))
+        for r in REGISTERS:
+            if is_value_register(e.function, e.index, r):
+                continue
+            extra = e.reg(r) & ~(row.reg(r) if row is not None else 0)
+            out.extend((e.function, e.index, r, b) for b in bits_of(extra))
+    return tuple(out)
+
+
+def _cleared(module: ModuleProfile, host: Host, key: BitKey) -> bool:
+    leaf, index, register, bit = key
+    for i, row in enumerate(module.rows):
+        if row.leaf == leaf and row.kvm_index == index:
+            return bool(silently_cleared(module, host, i, register) >> bit & 1)
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class InvariantJudgement:
+    """One answer held to the invariant.
+
+    `outside`: the request's bits outside what was reported that the module does not
+    drop; `exempt`: those it drops silently (the host lacks them).  `kept` is False
+    exactly when the answer was ACCEPTED and `outside` is not empty.
+    """
+
+    kept: bool
+    outside: tuple[BitKey, ...]
+    exempt: tuple[BitKey, ...]
+
+
+def judge(reported: Sequence[CpuidEntry], request: Request | InitVm, outcome: Outcome, *,
+          module: ModuleProfile | None = None, host: Host | None = None) -> InvariantJudgement:
+    """Whether one INIT_VM answer keeps "a bit outside what was reported is never ACCEPTED".
+
+    `reported` is what KVM_TDX_CAPABILITIES listed; `module` and `host` (both, or the
+    exemption is not applied) say which of the request's unreported bits the module drops
+    silently.  The invariant's other half (every reported bit together is ACCEPTED) needs a
+    request valid beyond its bits, which only its builder knows: see `outside_reported`.
+    """
+    iv = request.init_vm if isinstance(request, Request) else request
+    outside: list[BitKey] = []
+    exempt: list[BitKey] = []
+    # KVM reads nent entries: any beyond them never reach the TD.
+    for key in outside_reported(reported, iv.entries[:iv.effective_nent]):
+        if module is not None and host is not None and _cleared(module, host, key):
+            exempt.append(key)
+        else:
+            outside.append(key)
+    kept = not (outcome.kind is Kind.ACCEPTED and outside)
+    return InvariantJudgement(kept, tuple(outside), tuple(exempt))

@@ -1,0 +1,111 @@
+"""The suite's parts: the registry's order and ownership, the runner's start, and checks that
+choose policy rules by what the policy has."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from kvmtdx import checks, uapi
+from kvmtdx.checks import policy as policy_checks
+from kvmtdx.checks.context import Context
+from kvmtdx.device import Kvm
+from kvmtdx.knowledge import complete, given
+from kvmtdx.model.policy import get_policy
+from kvmtdx.model.profiles import MAX_HOST, load_profile
+from kvmtdx.session import simulated_backend
+from kvmtdx.sim import SimulatedHost
+from kvmtdx.verdict import Status
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_check_order_is_the_readmes_ktap_numbering() -> None:
+    # KTAP numbers checks in registry order; dashboards key on "ok N id".
+    listed = re.findall(r"^(?:not )?ok (\d+) ([a-z0-9_]+)", README.read_text(), re.M)
+    assert [int(n) for n, _ in listed] == list(range(1, len(listed) + 1))
+    assert [s.id for s in checks.CHECKS] == [i for _, i in listed]
+
+
+def test_each_group_module_holds_its_own_checks_in_groups_order() -> None:
+    for s in checks.CHECKS:
+        assert s.fn.__module__ == f"kvmtdx.checks.{s.group}", s.id
+    order = [checks.GROUPS.index(s.group) for s in checks.CHECKS]
+    assert order == sorted(order) and set(order) == set(range(len(checks.GROUPS)))
+
+
+class _Answers:
+    """The simulated TDX host, but KVM answers one system ioctl otherwise."""
+
+    def __init__(self, request: int, arg: int | None, answer: int) -> None:
+        self.host = SimulatedHost(load_profile("2.0"), MAX_HOST, get_policy("rfc-v2"))
+        self.request, self.arg, self.answer = request, arg, answer
+
+    def open(self, path: str, flags: int) -> int:
+        return self.host.open(path, flags)
+
+    def ioctl(self, fd: int, request: int, arg: int) -> int:
+        if request == self.request and self.arg in (None, arg):
+            return self.answer
+        return self.host.ioctl(fd, request, arg)
+
+    def close(self, fd: int) -> None:
+        self.host.close(fd)
+
+
+def test_another_api_version_fails_tdx_available() -> None:
+    seam = _Answers(uapi.Ioctl.KVM_GET_API_VERSION, None, 11)
+    r = checks.run_verify(seam, backend_label="api 11")
+    assert r.verdict is Status.FAIL and r.skip_reason is None
+    assert [(c.id, c.status) for c in r.checks] == [("tdx_available", Status.FAIL)]
+    assert "unexpected KVM API version 11 (want 12)" in r.checks[0].detail
+    assert seam.host.live_tds == 0
+
+
+def test_no_tdx_vm_type_skips_the_suite() -> None:
+    seam = _Answers(uapi.Ioctl.KVM_CHECK_EXTENSION, uapi.KVM_CAP_VM_TYPES, 1)
+    r = checks.run_verify(seam, backend_label="no tdx")
+    assert r.verdict is Status.SKIP and r.checks == ()
+    assert r.skip_reason is not None and "does not offer KVM_X86_TDX_VM" in r.skip_reason
+    assert r.summary.tds_created == 0
+
+
+def _context(policy: str) -> Context:
+    b = simulated_backend(load_profile("2.0"), MAX_HOST, get_policy(policy))
+    kvm = Kvm(b.seam)
+    with kvm.create_td() as td:
+        caps = td.capabilities()
+    return Context(kvm=kvm, seam=b.seam, know=complete(given(b, policy=policy), caps), caps=caps)
+
+
+def test_policy_rules_follow_what_the_policy_has_not_its_name() -> None:
+    ctx = _context("rfc-v2")
+    rfc = ctx.know.policy
+    assert rfc is not None and rfc.allowlist is not None
+    try:
+        # A policy under another name with the same allowlist is judged by the same rules.
+        ctx.know = replace(ctx.know, policy=replace(rfc, name="my-kernel"))
+        assert policy_checks.policy_allowlist_filter(ctx).status is Status.PASS
+        with pytest.raises(checks.registry.Skip, match="my-kernel has no denylist"):
+            policy_checks.policy_denylist_hidden(ctx)
+        # The same name with the upstream denylist instead: the denylist rule runs.
+        denied = replace(rfc, name="my-kernel", allowlist=None,
+                         denylist=get_policy("upstream").denylist)
+        ctx.know = replace(ctx.know, policy=denied)
+        assert policy_checks.policy_denylist_hidden(ctx).detail == "HLE, RTM, WAITPKG hidden"
+        with pytest.raises(checks.registry.Skip, match="my-kernel has no allowlist"):
+            policy_checks.policy_allowlist_filter(ctx)
+    finally:
+        ctx.kvm.close()
+
+
+def test_a_check_that_lacks_knowledge_is_reported_as_a_skip() -> None:
+    b = simulated_backend(load_profile("2.0"), MAX_HOST, get_policy("upstream"))
+    r = checks.run_verify(b.seam, backend_label="sim", given=given(b, policy="upstream"),
+                          only=["tdx_available", "policy_allowlist_filter"])
+    status = {c.id: (c.status, c.detail) for c in r.checks}
+    assert status == {"tdx_available": (Status.PASS, status["tdx_available"][1]),
+                      "policy_allowlist_filter": (Status.SKIP, "upstream has no allowlist")}
