@@ -15,11 +15,11 @@ from kvmtdx import layout, uapi
 from kvmtdx.device import Kvm, TdxVm
 from kvmtdx.errors import KvmError
 from kvmtdx.model import mirror
-from kvmtdx.model.policy import get_policy
+from kvmtdx.model.policy import POLICY_NAMES, get_policy
 from kvmtdx.model.profiles import MAX_HOST, Host, load_profile
 from kvmtdx.model.requests import Request
 from kvmtdx.outcome import Kind
-from kvmtdx.sim import MUTANTS, SimulatedHost, choices
+from kvmtdx.sim import CATALOGUE, MUTANTS, Mutant, SimulatedHost, choices, mutants
 from kvmtdx.structs import FLAG_SIGNIFICANT_INDEX, Capabilities, CpuidEntry, InitVm, TdxCmd
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -347,6 +347,27 @@ def test_mutants_are_named_and_described() -> None:
         assert description.startswith("[") and "\n" not in description
     with pytest.raises(ValueError):
         make(mutant="no_such_bug")
+
+
+def test_a_mutant_names_its_policies_as_data() -> None:
+    assert [m.name for m in CATALOGUE] == list(MUTANTS)
+    for m in CATALOGUE:
+        assert m.policies and set(m.policies) <= set(POLICY_NAMES), m.name
+        tag = "all" if set(m.policies) == set(POLICY_NAMES) else ", ".join(m.policies)
+        assert MUTANTS[m.name] == f"[{tag}] {m.summary}"
+    policies = {m.name: m.policies for m in CATALOGUE}
+    assert policies["caps_allowlist_unapplied"] == ("rfc-v2",)
+    assert policies["denylist_hle_not_rtm"] == ("upstream", "upstream-6.16")
+    assert policies["caps_header_not_echoed"] == ("upstream-6.16",)
+    assert set(policies["flags_unchecked"]) == set(POLICY_NAMES)
+
+
+def test_every_mutant_the_kernel_asks_for_is_in_the_catalogue() -> None:
+    # The kernel code asks for a bug by identity with a module constant, so
+    # each constant must be the catalogue's entry of the same name.
+    constants = {k: v for k, v in vars(mutants).items() if isinstance(v, Mutant)}
+    assert sorted(constants) == sorted(m.name.upper() for m in CATALOGUE)
+    assert all(constants[m.name.upper()] is m for m in CATALOGUE)
 
 
 def test_choices_lists_modules_policies_and_mutants() -> None:
