@@ -15,11 +15,11 @@ from kvmtdx import layout, uapi
 from kvmtdx.device import Kvm, TdxVm
 from kvmtdx.errors import KvmError
 from kvmtdx.model import mirror
-from kvmtdx.model.policy import get_policy
+from kvmtdx.model.policy import POLICY_NAMES, get_policy
 from kvmtdx.model.profiles import MAX_HOST, Host, load_profile
 from kvmtdx.model.requests import Request
 from kvmtdx.outcome import Kind
-from kvmtdx.sim import MUTANTS, SimulatedHost, choices
+from kvmtdx.sim import CATALOGUE, MUTANTS, Mutant, SimulatedHost, choices, mutants
 from kvmtdx.structs import FLAG_SIGNIFICANT_INDEX, Capabilities, CpuidEntry, InitVm, TdxCmd
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -282,27 +282,59 @@ def test_a_failed_module_call_returns_its_key_id_unless_a_mutant_leaks_it(
 # Independence from the mirror, and the catalogue
 
 
-def test_sim_source_never_imports_the_mirror() -> None:
-    tree = ast.parse((ROOT / "kvmtdx" / "sim.py").read_text())
+SIM_PACKAGE = ROOT / "kvmtdx" / "sim"
+# The sim's independent reading must not borrow the mirror's: neither the
+# mirror itself nor the rules and request builders it is made of.
+FORBIDDEN = ("kvmtdx.model.mirror", "kvmtdx.model.rules", "kvmtdx.model.builders")
+FORBIDDEN_NAMES = {"__import__", "import_module", "mirror", "rules", "builders",
+                   "predict_init_vm", "predict_capabilities"}
+
+
+def borrowed(source: str, package: str = "kvmtdx.sim") -> list[str]:
+    """What a sim module imports or names of the mirror's side."""
+    tree = ast.parse(source)
     imported: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             imported.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
+            parts = package.split(".")
+            base = ".".join(parts[:len(parts) - node.level + 1] if node.level else [])
+            base = ".".join(p for p in (base, node.module or "") if p)
             imported.add(base)
             imported.update(f"{base}.{a.name}" for a in node.names)
-    assert not [m for m in imported if "mirror" in m], imported
+    bad = [m for m in imported if any(m == f or m.startswith(f + ".") for f in FORBIDDEN)]
     # Nor reaches it some other way.
     names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
     names |= {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
-    assert not names & {"__import__", "import_module", "mirror", "predict_init_vm",
-                        "predict_capabilities"}
+    return sorted(bad) + sorted(names & FORBIDDEN_NAMES)
+
+
+def test_the_independence_check_sees_a_borrowed_rule() -> None:
+    assert borrowed("from kvmtdx.model import rules") == ["kvmtdx.model.rules"]
+    assert borrowed("from ..model.mirror import predict_init_vm") == [
+        "kvmtdx.model.mirror", "kvmtdx.model.mirror.predict_init_vm"]
+    assert borrowed("import kvmtdx.model.builders as b") == ["kvmtdx.model.builders"]
+    assert borrowed("x = importlib.import_module(name)") == ["import_module"]
+    assert borrowed("mask = rules.GPAW_FIELD") == ["rules"]
+    assert borrowed("from kvmtdx.model.policy import Policy") == []
+
+
+@pytest.mark.parametrize("path", sorted(SIM_PACKAGE.glob("*.py")), ids=lambda p: p.name)
+def test_sim_source_never_imports_the_mirror(path: Path) -> None:
+    assert borrowed(path.read_text()) == []
+
+
+def test_the_independence_check_reads_the_whole_package() -> None:
+    assert {p.name for p in SIM_PACKAGE.glob("*.py")} >= {
+        "__init__.py", "host.py", "kvm.py", "tdx.py", "td_init.py", "tdx_module.py",
+        "mutants.py"}
+    assert not (ROOT / "kvmtdx" / "sim.py").exists()
 
 
 def test_importing_the_sim_does_not_load_the_mirror() -> None:
     code = ("import sys, kvmtdx.sim, kvmtdx.session; "
-            "print(sorted(m for m in sys.modules if 'mirror' in m))")
+            "print(sorted(m for m in sys.modules if 'mirror' in m or 'builders' in m))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]"
@@ -315,6 +347,27 @@ def test_mutants_are_named_and_described() -> None:
         assert description.startswith("[") and "\n" not in description
     with pytest.raises(ValueError):
         make(mutant="no_such_bug")
+
+
+def test_a_mutant_names_its_policies_as_data() -> None:
+    assert [m.name for m in CATALOGUE] == list(MUTANTS)
+    for m in CATALOGUE:
+        assert m.policies and set(m.policies) <= set(POLICY_NAMES), m.name
+        tag = "all" if set(m.policies) == set(POLICY_NAMES) else ", ".join(m.policies)
+        assert MUTANTS[m.name] == f"[{tag}] {m.summary}"
+    policies = {m.name: m.policies for m in CATALOGUE}
+    assert policies["caps_allowlist_unapplied"] == ("rfc-v2",)
+    assert policies["denylist_hle_not_rtm"] == ("upstream", "upstream-6.16")
+    assert policies["caps_header_not_echoed"] == ("upstream-6.16",)
+    assert set(policies["flags_unchecked"]) == set(POLICY_NAMES)
+
+
+def test_every_mutant_the_kernel_asks_for_is_in_the_catalogue() -> None:
+    # The kernel code asks for a bug by identity with a module constant, so
+    # each constant must be the catalogue's entry of the same name.
+    constants = {k: v for k, v in vars(mutants).items() if isinstance(v, Mutant)}
+    assert sorted(constants) == sorted(m.name.upper() for m in CATALOGUE)
+    assert all(constants[m.name.upper()] is m for m in CATALOGUE)
 
 
 def test_choices_lists_modules_policies_and_mutants() -> None:

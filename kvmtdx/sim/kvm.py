@@ -1,0 +1,101 @@
+"""KVM's ioctls on /dev/kvm and on VM fds (Linux 7.3 virt/kvm/kvm_main.c, arch/x86/kvm).
+
+What is not TDX lives here: the API version, KVM_CHECK_EXTENSION, creating
+VMs and KVM_GET_SUPPORTED_CPUID.  KVM_MEMORY_ENCRYPT_OP on a TD goes to `tdx`.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable
+
+from kvmtdx import layout, uapi
+from kvmtdx.model.profiles import Host, ModuleProfile
+from kvmtdx.sim.state import File, System, Vm
+from kvmtdx.sim.tdx import Tdx
+from kvmtdx.sim.uaccess import copy_from_user, copy_to_user, fail
+from kvmtdx.structs import FLAG_SIGNIFICANT_INDEX, KVM_MAX_CPUID_ENTRIES, CpuidEntry
+
+_API_VERSION = 12
+_VM_TYPES = 1 << uapi.VmType.KVM_X86_DEFAULT_VM | 1 << uapi.VmType.KVM_X86_TDX_VM
+
+
+class Kvm:
+    """KVM on `host`; `install` turns a new kernel file into the caller's fd."""
+
+    def __init__(self, host: Host, module: ModuleProfile, tdx: Tdx,
+                 install: Callable[[File], int]) -> None:
+        self.tdx = tdx
+        self.install = install
+        self.supported_cpuid = _host_cpuid(host, module)
+
+    def ioctl(self, f: File, request: int, arg: int) -> int:
+        """An ioctl on one of KVM's files."""
+        if isinstance(f, System):
+            return self._dev_ioctl(request, arg)
+        return self._vm_ioctl(f, request, arg)
+
+    def release(self, f: File) -> None:
+        """The file's last reference is gone (its fd was closed)."""
+        if isinstance(f, Vm) and f.is_td:
+            self.tdx.vm_destroy(f)
+
+    def _dev_ioctl(self, request: int, arg: int) -> int:
+        """An ioctl on /dev/kvm (kvm_dev_ioctl)."""
+        if request == uapi.Ioctl.KVM_GET_API_VERSION:
+            if arg:
+                raise fail(errno.EINVAL)
+            return _API_VERSION
+        if request == uapi.Ioctl.KVM_CHECK_EXTENSION:
+            return _check_extension(arg)
+        if request == uapi.Ioctl.KVM_CREATE_VM:
+            if arg not in (uapi.VmType.KVM_X86_DEFAULT_VM, uapi.VmType.KVM_X86_TDX_VM):
+                raise fail(errno.EINVAL)
+            return self.install(Vm(vm_type=arg))
+        if request == uapi.Ioctl.KVM_GET_SUPPORTED_CPUID:
+            return self._get_supported_cpuid(arg)
+        raise fail(errno.ENOTTY)
+
+    def _vm_ioctl(self, vm: Vm, request: int, arg: int) -> int:
+        """An ioctl on a VM fd (kvm_vm_ioctl)."""
+        if request == uapi.Ioctl.KVM_CHECK_EXTENSION:
+            return _check_extension(arg)
+        if request == uapi.Ioctl.KVM_MEMORY_ENCRYPT_OP and vm.is_td:
+            return self.tdx.memory_encrypt_op(vm, arg)
+        raise fail(errno.ENOTTY)
+
+    def _get_supported_cpuid(self, arg: int) -> int:
+        # Linux cpuid.c: the header is read, a too small nent is E2BIG with
+        # nothing written back; nent is clamped to KVM_MAX_CPUID_ENTRIES.
+        nent, _ = layout.unpack_cpuid2(copy_from_user(arg, layout.SIZEOF_CPUID2))
+        if nent < 1:
+            raise fail(errno.E2BIG)
+        room = min(nent, KVM_MAX_CPUID_ENTRIES)
+        entries = self.supported_cpuid
+        if len(entries) > room:
+            raise fail(errno.E2BIG)
+        packed = layout.pack_cpuid2(entries)
+        copy_to_user(arg + layout.SIZEOF_CPUID2, packed[layout.SIZEOF_CPUID2:])
+        # The header goes back with the caller's own padding: only nent changes.
+        copy_to_user(arg, packed[: layout.OFFSET_CPUID2_PADDING])
+        return 0
+
+
+def _check_extension(cap: int) -> int:
+    return _VM_TYPES if cap == uapi.KVM_CAP_VM_TYPES else 0
+
+
+def _host_cpuid(host: Host, module: ModuleProfile) -> tuple[CpuidEntry, ...]:
+    """What KVM_GET_SUPPORTED_CPUID lists: the host's leaves (the module's, for 'max')."""
+    leaves = host.native if host.native else {(r.leaf, r.subleaf) for r in module.rows}
+    # A leaf without sub-leaves sorts before its sub-leaf 0.
+    keys = sorted(leaves, key=lambda k: (k[0], -1 if k[1] is None else k[1]))
+    out = []
+    for leaf, sub in keys:
+        a, b, c, d = host.native_regs(leaf, sub)
+        out.append(CpuidEntry(
+            function=leaf, index=0 if sub is None else sub,
+            flags=0 if sub is None else FLAG_SIGNIFICANT_INDEX,
+            eax=a, ebx=b, ecx=c, edx=d,
+        ))
+    return tuple(out)

@@ -1,0 +1,118 @@
+"""Seeded kernel bugs: each switches one decision of the simulated kernel.
+
+The verifier proves it catches every one of them.  A mutant names the
+policies whose answers it changes as data (`Mutant.policies`); every mutant
+can still be switched on under any policy.  The simulated kernel asks for a
+bug by identity (`bug is FLAGS_UNCHECKED`), so a misspelt name is an error
+the type checker sees, not a decision that silently never fires.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvmtdx.model.policy import POLICY_NAMES
+
+
+@dataclass(frozen=True, slots=True)
+class Mutant:
+    name: str
+    policies: tuple[str, ...]  # the policies whose answers the bug changes
+    summary: str
+
+    @property
+    def description(self) -> str:
+        """One line: the policies in brackets, then the summary."""
+        tag = "all" if set(self.policies) == set(POLICY_NAMES) else ", ".join(self.policies)
+        return f"[{tag}] {self.summary}"
+
+
+_ALL = POLICY_NAMES
+_RFC_V2 = ("rfc-v2",)
+_DENYLIST = ("upstream", "upstream-6.16")
+_defined: list[Mutant] = []
+
+
+def _mutant(name: str, policies: tuple[str, ...], summary: str) -> Mutant:
+    m = Mutant(name, policies, summary)
+    _defined.append(m)
+    return m
+
+
+CAPS_ALLOWLIST_UNAPPLIED = _mutant(
+    "caps_allowlist_unapplied", _RFC_V2,
+    "KVM_TDX_CAPABILITIES reports the module's masks without the allowlist filter")
+INIT_VM_ALLOWLIST_UNENFORCED = _mutant(
+    "init_vm_allowlist_unenforced", _RFC_V2,
+    "capabilities are filtered but KVM_TDX_INIT_VM never checks the allowlist")
+ALLOWLIST_SKIPS_ROW_7_1 = _mutant(
+    "allowlist_skips_row_7_1", _RFC_V2,
+    "the INIT_VM allowlist check skips the leaf 7.1 row")
+ALLOWLIST_SKIPS_7_0_EDX = _mutant(
+    "allowlist_skips_7_0_edx", _RFC_V2,
+    "the INIT_VM allowlist check skips register EDX of leaf 7.0")
+VALUE_REGISTERS_FILTERED = _mutant(
+    "value_registers_filtered", _RFC_V2,
+    "value registers (leaf 1 EAX/EBX, 4, 0x18, 0x1F) are treated as features: "
+    "zeroed in capabilities, refused in INIT_VM")
+CORE_CAPABILITIES_FORGOTTEN = _mutant(
+    "core_capabilities_forgotten", _RFC_V2,
+    "the allowlist lacks CORE_CAPABILITIES (7.0 EDX bit 30): hidden and rejected")
+DENYLIST_HLE_NOT_RTM = _mutant(
+    "denylist_hle_not_rtm", _DENYLIST,
+    "the TSX denylist covers HLE but forgets RTM")
+SUBLEAF_FFFFFFFF_UNMAPPED = _mutant(
+    "subleaf_ffffffff_unmapped", _ALL,
+    "rows without sub-leaves keep index 0xFFFFFFFF in capabilities and INIT_VM lookups")
+GPAW_NOT_FORCED = _mutant(
+    "gpaw_not_forced", _ALL,
+    "capabilities leave CPUID 0x80000008 EAX[23:16] as the module lists it, not 0xff")
+E2BIG_WRITES_BUFFER = _mutant(
+    "e2big_writes_buffer", _ALL,
+    "CAPABILITIES answers E2BIG after writing a header with the needed nent")
+FLAGS_UNCHECKED = _mutant(
+    "flags_unchecked", _ALL,
+    "kvm_tdx_cmd.flags is not checked by CAPABILITIES or INIT_VM")
+RESERVED_UNCHECKED = _mutant(
+    "reserved_unchecked", _ALL,
+    "INIT_VM does not check that reserved[] is zero")
+PADDING_UNCHECKED = _mutant(
+    "padding_unchecked", _ALL,
+    "INIT_VM does not check that cpuid.padding is zero")
+HW_ERROR_NOT_COPIED = _mutant(
+    "hw_error_not_copied", _ALL,
+    "INIT_VM drops the TDX module status: -EINVAL with hw_error 0")
+ALLOWLIST_REJECT_EIO = _mutant(
+    "allowlist_reject_eio", _RFC_V2,
+    "an allowlist rejection returns -EIO instead of -EINVAL")
+KEY_ID_LEAK_ON_FAILURE = _mutant(
+    "key_id_leak_on_failure", _ALL,
+    "a TD key ID is never freed when TDH.MNG.INIT fails")
+DENYLIST_CHECKS_ROW_INDEX = _mutant(
+    "denylist_checks_row_index", _DENYLIST,
+    "a fix: the denylist tests the row's leaf/index, not the matched entry's, "
+    "closing the unflagged-entry bypass")
+COUNT_CHECK_MISSING = _mutant(
+    "count_check_missing", _ALL,
+    "INIT_VM does not require every entry to land on a module row (count != nent)")
+NENT_LIMIT_OFF_BY_ONE = _mutant(
+    "nent_limit_off_by_one", _ALL,
+    "INIT_VM refuses nent == 256 with E2BIG (>= instead of >)")
+CAPS_HEADER_NOT_ECHOED = _mutant(
+    "caps_header_not_echoed", ("upstream-6.16",),
+    "capabilities zero the header words 6.16 echoes from the caller")
+
+# In the order `--simulate list` shows them.
+CATALOGUE: tuple[Mutant, ...] = tuple(_defined)
+BY_NAME: dict[str, Mutant] = {m.name: m for m in CATALOGUE}
+# name -> one-line description, as `--simulate list` prints it.
+MUTANTS: dict[str, str] = {m.name: m.description for m in CATALOGUE}
+
+
+def get_mutant(name: str | None) -> Mutant | None:
+    if name is None:
+        return None
+    m = BY_NAME.get(name)
+    if m is None:
+        raise ValueError(f"unknown mutant {name!r}")
+    return m

@@ -1,0 +1,170 @@
+"""KVM_TDX_INIT_VM in the kernel's order (Linux 7.3 arch/x86/kvm/vmx/tdx.c).
+
+One method per step of the kernel: tdx_td_init copies the request in and
+checks its header, setup_tdparams checks attributes and XFAM, the GPAW
+(setup_tdparams_eptp_controls) and every module row's entry
+(setup_tdparams_cpuids: the lookup, the denylist or allowlist, the count),
+then __tdx_td_init takes a key ID, calls TDH.MNG.INIT and maps its status.
+A refusing step raises the errno as OSError, as the kernel returns -errno.
+"""
+
+from __future__ import annotations
+
+import errno
+
+from kvmtdx import layout
+from kvmtdx.model.profiles import Host
+from kvmtdx.sim import mutants
+from kvmtdx.sim.facts import GPAW_FIELD, GPAW_LEAF, GPAW_SHIFT, WAITPKG, ZERO, Regs
+from kvmtdx.sim.mutants import Mutant
+from kvmtdx.sim.state import KeyIds, Vm
+from kvmtdx.sim.tables import CpuidTables, Row
+from kvmtdx.sim.tdx_module import TdxModule
+from kvmtdx.sim.uaccess import copy_from_user, fail
+from kvmtdx.status import TdxStatus, status_class
+from kvmtdx.structs import FLAG_SIGNIFICANT_INDEX, KVM_MAX_CPUID_ENTRIES, CpuidEntry, InitVm, TdxCmd
+
+_GPAW_VALUES = (48, 52)
+
+
+class TdInit:
+    """KVM_TDX_INIT_VM on a TD of this host."""
+
+    def __init__(self, tables: CpuidTables, supported_attrs: int, supported_xfam: int,
+                 host: Host, module: TdxModule, keys: KeyIds, bug: Mutant | None) -> None:
+        self.tables = tables
+        self.supported_attrs = supported_attrs
+        self.supported_xfam = supported_xfam
+        self.host = host
+        self.module = module
+        self.keys = keys
+        self.bug = bug
+        self.nent_limit = KVM_MAX_CPUID_ENTRIES - (bug is mutants.NENT_LIMIT_OFF_BY_ONE)
+        self.allowlist_errno = errno.EIO if bug is mutants.ALLOWLIST_REJECT_EIO else errno.EINVAL
+
+    def run(self, vm: Vm, cmd: TdxCmd) -> tuple[int, int]:
+        """(errno, hw_error) of one KVM_TDX_INIT_VM (tdx_td_init)."""
+        if vm.initialized:
+            return errno.EINVAL, 0
+        if cmd.flags and self.bug is not mutants.FLAGS_UNCHECKED:
+            return errno.EINVAL, 0
+        try:
+            init_vm = self._copy_init_vm(cmd.data)
+            # (No vCPUs are ever created on a simulated TD, so no -EBUSY.)
+            values = self._setup_tdparams(init_vm)
+        except OSError as e:
+            return e.errno or errno.EIO, 0
+        return self._tdx_td_init(vm, init_vm, values)
+
+    # ------------------------------------------------------------------
+    # tdx_td_init: the request comes in.
+
+    def _copy_init_vm(self, address: int) -> InitVm:
+        """The request, read in two steps: cpuid.nent first, then the whole array."""
+        nent, _ = layout.unpack_cpuid2(
+            copy_from_user(address + layout.OFFSET_INIT_VM_NENT, layout.SIZEOF_CPUID2))
+        if nent > self.nent_limit:
+            raise fail(errno.E2BIG)
+        init_vm = layout.unpack_init_vm(copy_from_user(address, layout.init_vm_size(nent)))
+        if any(init_vm.reserved) and self.bug is not mutants.RESERVED_UNCHECKED:
+            raise fail(errno.EINVAL)
+        if init_vm.cpuid_padding and self.bug is not mutants.PADDING_UNCHECKED:
+            raise fail(errno.EINVAL)
+        return init_vm
+
+    # ------------------------------------------------------------------
+    # setup_tdparams: what KVM itself refuses.
+
+    def _setup_tdparams(self, init_vm: InitVm) -> list[Regs]:
+        """The TD_PARAMS.CPUID_VALUES KVM builds, once attributes, XFAM and CPUID pass."""
+        if init_vm.attributes & ~self.supported_attrs:
+            raise fail(errno.EINVAL)
+        if init_vm.xfam & ~self.supported_xfam:
+            raise fail(errno.EINVAL)
+        gpaw_entry, matched = self._find_entries(init_vm.entries)
+        self._setup_eptp_controls(gpaw_entry)
+        values, count = self._setup_cpuids(matched)
+        if count != init_vm.effective_nent and self.bug is not mutants.COUNT_CHECK_MISSING:
+            raise fail(errno.EINVAL)  # an entry that landed on no module row
+        return values
+
+    def _find_entries(self, entries: tuple[CpuidEntry, ...]
+                      ) -> tuple[CpuidEntry | None, list[CpuidEntry | None]]:
+        """kvm_find_cpuid_entry2 for the GPAW lookup and for every module row.
+
+        The first entry in array order whose function matches and that either
+        lacks the significant-index flag or has the index.  One pass over the
+        array gives every row its first match.
+        """
+        matched: list[CpuidEntry | None] = [None] * len(self.tables.rows)
+        gpaw_entry: CpuidEntry | None = None
+        rows_of = self.tables.rows_of_function
+        for entry in entries:
+            loose = not entry.flags & FLAG_SIGNIFICANT_INDEX
+            if gpaw_entry is None and entry.function == GPAW_LEAF and (
+                    loose or entry.index == 0):
+                gpaw_entry = entry
+            for k, index in rows_of.get(entry.function, ()):
+                if matched[k] is None and (loose or entry.index == index):
+                    matched[k] = entry
+        return gpaw_entry, matched
+
+    def _setup_eptp_controls(self, gpaw_entry: CpuidEntry | None) -> None:
+        """The guest physical address width: 48, or 52 with 5-level EPT."""
+        if gpaw_entry is None:
+            raise fail(errno.EINVAL)
+        gpaw = (gpaw_entry.eax & GPAW_FIELD) >> GPAW_SHIFT
+        if gpaw not in _GPAW_VALUES or (gpaw == 52 and not self.host.ept_5level):
+            raise fail(errno.EINVAL)
+
+    def _setup_cpuids(self, matched: list[CpuidEntry | None]) -> tuple[list[Regs], int]:
+        """Each row's values from its matched entry (zeros without one), and how many matched."""
+        values: list[Regs] = []
+        count = 0
+        for row, e in zip(self.tables.rows, matched, strict=True):
+            if e is None:
+                values.append(ZERO)
+                continue
+            a, b, c, d = e.eax, e.ebx, e.ecx, e.edx
+            if row.denylist and self._denied(row, e):
+                raise fail(errno.EINVAL)
+            if row.checks_allowlist:
+                fa, fb, fc, fd = row.forbidden
+                if a & fa or b & fb or c & fc or d & fd:
+                    raise fail(self.allowlist_errno)
+            count += 1
+            if row.leaf == GPAW_LEAF:
+                a &= ~GPAW_FIELD  # the module refuses a GPAW here; KVM passed it separately
+            values.append((a, b, c, d))
+        return values, count
+
+    def _denied(self, row: Row, e: CpuidEntry) -> bool:
+        """Upstream's TSX/WAITPKG denylist, on the matched entry (its own leaf and index)."""
+        index = row.index if self.bug is mutants.DENYLIST_CHECKS_ROW_INDEX else e.index
+        if e.function != 7 or index != 0:
+            return False
+        return bool(e.ebx & self.tables.tsx or e.ecx & WAITPKG)
+
+    # ------------------------------------------------------------------
+    # __tdx_td_init: a key ID, then the TDX module.
+
+    def _tdx_td_init(self, vm: Vm, init_vm: InitVm, values: list[Regs]) -> tuple[int, int]:
+        # The TD takes a private key ID before the module sees it.
+        key_id = self.keys.alloc()
+        if key_id is None:
+            return errno.ENOSPC, 0
+        vm.key_id = key_id
+        status = self.module.mng_init(init_vm.attributes, init_vm.xfam, values)
+        if status:
+            if self.bug is not mutants.KEY_ID_LEAK_ON_FAILURE:
+                self.keys.release(key_id)
+            vm.key_id = None
+            return self._map_status(status)
+        vm.initialized = True
+        return 0, 0
+
+    def _map_status(self, status: int) -> tuple[int, int]:
+        """(errno, hw_error) of a failed TDH.MNG.INIT: only an invalid operand is the caller's."""
+        if status_class(status) == TdxStatus.TDX_OPERAND_INVALID:
+            return errno.EINVAL, 0 if self.bug is mutants.HW_ERROR_NOT_COPIED else status
+        return errno.EIO, 0
