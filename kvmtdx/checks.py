@@ -76,11 +76,6 @@ class CheckResult:
     actual: str = ""
     bits: tuple[BitRef, ...] = ()
 
-    def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "group": self.group, "status": self.status,
-                "detail": self.detail, "expected": self.expected, "actual": self.actual,
-                "bits": [b.to_json() for b in self.bits]}
-
 
 @dataclass(frozen=True, slots=True)
 class Summary:
@@ -101,14 +96,6 @@ class Summary:
         if self.failed:
             return FAIL
         return PASS if self.total else SKIP
-
-    def to_json(self) -> dict[str, Any]:
-        return {"verdict": self.verdict, "total": self.total, "passed": self.passed,
-                "failed": self.failed, "skipped": self.skipped,
-                "tds_created": self.tds_created, "ioctls": self.ioctls,
-                "init_vm_calls": self.init_vm_calls, "fds_before": self.fds_before,
-                "fds_after": self.fds_after, "rss_before": self.rss_before,
-                "rss_after": self.rss_after}
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,12 +13,12 @@ import xml.etree.ElementTree as ET
 from typing import Any
 
 from kvmtdx import __version__, verdict
-from kvmtdx.checks import FAIL, GROUPS, PASS, SKIP, CheckResult, VerifyReport
+from kvmtdx.checks import FAIL, GROUPS, PASS, SKIP, CheckResult, Summary, VerifyReport
 from kvmtdx.errors import ExitCode
-from kvmtdx.report import to_json
+from kvmtdx.report.encode import bitref_json
+from kvmtdx.report.schema import ReportKind, document
 from kvmtdx.verdict import Status
 
-JSON_SCHEMA = 1
 
 def exit_code(report: VerifyReport) -> ExitCode:
     return verdict.exit_code(Status(report.verdict))
@@ -132,10 +132,23 @@ def render_ktap(report: VerifyReport) -> str:
 # JSON (schema documented in README.md, "kvmtdx verify")
 
 
+def check_json(c: CheckResult) -> dict[str, Any]:
+    return {"id": c.id, "group": c.group, "status": c.status, "detail": c.detail,
+            "expected": c.expected, "actual": c.actual, "bits": [bitref_json(b) for b in c.bits]}
+
+
+def summary_json(s: Summary) -> dict[str, Any]:
+    return {"verdict": s.verdict, "total": s.total, "passed": s.passed, "failed": s.failed,
+            "skipped": s.skipped, "tds_created": s.tds_created, "ioctls": s.ioctls,
+            "init_vm_calls": s.init_vm_calls, "fds_before": s.fds_before,
+            "fds_after": s.fds_after, "rss_before": s.rss_before, "rss_after": s.rss_after}
+
+
 def report_to_json(report: VerifyReport) -> dict[str, Any]:
+    """The body of a "verify" report.  "kvmtdx" (the version again) stays from before the
+    envelope, so readers of the documented schema 1 keep working."""
     k = report.knowledge
     out: dict[str, Any] = {
-        "schema": JSON_SCHEMA,
         "kvmtdx": __version__,
         "verdict": report.verdict,
         "backend": report.backend,
@@ -148,8 +161,8 @@ def report_to_json(report: VerifyReport) -> dict[str, Any]:
         "allowlist": (k.policy.allowlist.name if k is not None and k.policy is not None
                       and k.policy.allowlist is not None else None),
         "allowlist_source": k.allowlist_source if k is not None else None,
-        "summary": report.summary.to_json(),
-        "checks": [c.to_json() for c in report.checks],
+        "summary": summary_json(report.summary),
+        "checks": [check_json(c) for c in report.checks],
     }
     if report.skip_reason is not None:
         out["summary"]["verdict"] = SKIP
@@ -158,7 +171,7 @@ def report_to_json(report: VerifyReport) -> dict[str, Any]:
 
 
 def render_json(report: VerifyReport) -> str:
-    return to_json(report_to_json(report))
+    return document(ReportKind.VERIFY, report_to_json(report))
 
 
 # ---------------------------------------------------------------------------
