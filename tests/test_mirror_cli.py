@@ -44,7 +44,7 @@ def test_predict_text_shows_what_each_policy_hides(capsys: pytest.CaptureFixture
 def test_predict_json_gives_capabilities_by_uapi_field_names(
         capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run_cli(capsys, "predict", "--module", "1.5.01", "--policy", "upstream",
-                       "--format", "json")
+                           "--format", "json")
     assert code == 0
     doc = json.loads(out)
     assert {"capabilities", "policy", "allowlist", "module"} <= set(doc)
@@ -65,7 +65,7 @@ def test_predict_bypass_accepted_upstream_refused_by_rfc_v2(
     answers = {}
     for policy in ("upstream-6.16", "upstream", "rfc-v2"):
         code, out, _ = run_cli(capsys, "predict", "--module", "2.0", "--policy", policy,
-                           "--request", req, "--format", "json")
+                               "--request", req, "--format", "json")
         assert code == 0
         doc = json.loads(out)
         assert set(doc["init_vm"]) == INIT_VM_KEYS
@@ -76,7 +76,7 @@ def test_predict_bypass_accepted_upstream_refused_by_rfc_v2(
                                  "check": "allowlist", "leaf": 7, "subleaf": 0,
                                  "register": "ecx", "bit": 5}
     code, out, _ = run_cli(capsys, "predict", "--module", "2.0", "--policy", "rfc-v2",
-                       "--request", req)
+                           "--request", req)
     assert code == 0 and "KVM_REJECTED -EINVAL (allowlist at leaf 0x7.0 ECX bit 5)" in out
     assert "WAITPKG" in out
 
@@ -103,7 +103,7 @@ def test_a_user_allowlist_replaces_the_bundled_one_and_is_named(
                                          "allowed": [{"leaf": 7, "subleaf": 0, "register": "ecx",
                                                       "bits": [5]}]})
     code, out, _ = run_cli(capsys, "predict", "--module", "2.0", "--policy", "rfc-v2",
-                       "--allowlist", al, "--format", "json")
+                           "--allowlist", al, "--format", "json")
     doc = json.loads(out)
     assert code == 0
     assert doc["allowlist"] == {"name": "my-kernel", "provenance": "from my tree"}
@@ -115,7 +115,7 @@ def test_predict_output_file_leaves_stdout_empty(
         capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     target = tmp_path / "p.json"
     code, out, _ = run_cli(capsys, "predict", "--module", "2.0", "--format", "json",
-                       "--output", str(target))
+                           "--output", str(target))
     assert code == 0 and out == ""
     assert json.loads(target.read_text())["module"] == "2.0"
 
@@ -167,7 +167,7 @@ def test_bad_profile_allowlist_and_host_files_exit_2_naming_them(
     al = write(tmp_path / "al.json", {"allowed": [{"leaf": 7, "subleaf": 0, "register": "esi",
                                                    "bits": [1]}]})
     code, _, err = run_cli(capsys, "predict", "--module", "2.0", "--policy", "rfc-v2",
-                       "--allowlist", al)
+                           "--allowlist", al)
     assert code == 2 and err.count("\n") == 1 and "al.json" in err and "register" in err
     with pytest.raises(DataError, match=r"al\.json"):
         load_allowlist(al)

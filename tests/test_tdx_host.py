@@ -38,7 +38,8 @@ MUST_PASS = (
 )
 
 
-def test_verify_on_the_live_kernel(capsys: pytest.CaptureFixture[str]) -> None:
+def test_live_kernel_passes_the_rules_every_kernel_keeps(
+        capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, _ = run_cli(capsys, "verify", "--format", "json")
     doc = json.loads(out)
     # Pass or fail depends on the kernel; the exit code must be the verdict's.
@@ -50,7 +51,8 @@ def test_verify_on_the_live_kernel(capsys: pytest.CaptureFixture[str]) -> None:
     assert doc["summary"]["tds_created"] > 0
 
 
-def test_verify_ktap_on_the_live_kernel(capsys: pytest.CaptureFixture[str]) -> None:
+def test_live_ktap_is_strict_and_the_exit_code_follows_it(
+        capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, _ = run_cli(capsys, "verify", "--format", "ktap")
     k = parse_ktap(out)
     assert k["plan"] > 0
@@ -74,7 +76,8 @@ def test_init_vm_bypass_request_is_answered(tmp_path: Path,
     assert (doc["errno"] is None) == (doc["outcome"] == "ACCEPTED")
 
 
-def test_probe_bounded_and_diffable(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_live_probe_keeps_to_max_tds_and_diffs_clean_with_itself(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out_a = tmp_path / "a.json"
     rc, _, _ = run_cli(capsys, "probe", "--max-tds", "40", "--format", "json",
                        "--output", str(out_a))
