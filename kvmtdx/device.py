@@ -262,9 +262,13 @@ class Kvm(_FdHandle):
             return TdxVm(self._seam, fd, vm_type, self.counters)
         return Vm(self._seam, fd, vm_type, self.counters)
 
-    def create_td(self) -> TdxVm:
-        """A fresh TD, or KvmError(skip=True) when KVM does not offer the TDX VM type."""
-        if not self.has_tdx():
+    def create_td(self, *, checked: bool = False) -> TdxVm:
+        """A fresh TD, or KvmError(skip=True) when KVM does not offer the TDX VM type.
+
+        `checked`: the caller has just seen `availability` say yes, so the VM type is
+        not asked again (one ioctl less, as reports count them).
+        """
+        if not checked and not self.has_tdx():
             raise KvmError(no_tdx_reason(self.vm_types()), skip=True)
         vm = self.create_vm(uapi.VmType.KVM_X86_TDX_VM)
         assert isinstance(vm, TdxVm)
@@ -283,8 +287,8 @@ class TdxStatus:
 
 
 def availability(kvm: Kvm) -> TdxStatus:
-    """The one test of whether TDX is usable on an open KVM handle: KVM API version 12
-    (anything else is a failure), then the TDX VM type (missing is a skip: no TDX here)."""
+    """Whether TDX is usable through an open KVM handle: the one test info, verify and probe
+    share (API version 12, then the KVM_X86_TDX_VM type), with the reason when it is not."""
     version = kvm.api_version()
     if version != uapi.KVM_API_VERSION:
         return TdxStatus(False, f"unexpected KVM API version {version} "
@@ -295,8 +299,16 @@ def availability(kvm: Kvm) -> TdxStatus:
     return TdxStatus(True, "KVM offers KVM_X86_TDX_VM", False, version, types)
 
 
+def require_tdx(kvm: Kvm) -> TdxStatus:
+    """`availability`, raising KvmError (skip when TDX is absent) unless TDX is usable."""
+    status = availability(kvm)
+    if not status.available:
+        raise KvmError(status.reason, skip=status.skip)
+    return status
+
+
 def tdx_status(seam: Seam | None = None, path: str = DEFAULT_KVM_PATH) -> TdxStatus:
-    """`availability` of the KVM behind `seam`, the device opened and closed here."""
+    """`availability` of the KVM at `path`, opened and closed here (a failed open is a status)."""
     try:
         kvm = Kvm(seam, path)
     except KvmError as e:

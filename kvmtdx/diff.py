@@ -1,9 +1,10 @@
 """The diff of two results: which bits changed class or reported state, by name.
 
 Two kinds of input:
-- two JSON files written by kvmtdx (probe, verify or caps), from two kernels,
-  hosts or modules: every bit whose probed class, verify verdict or reported
-  state differs, plus the supported attributes and XFAM;
+- two kvmtdx reports (probe, verify, caps or predict; read back into a
+  `Snapshot` by report.snapshot), from two kernels, hosts or modules: every
+  bit whose probed class, verify verdict or reported state differs, plus the
+  supported attributes and XFAM;
 - one module under two kernel policies, from the mirror: the bits TDs can no
   longer be given under the second, and those they newly can.
 
@@ -15,13 +16,11 @@ reports, and must meet.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
-from kvmtdx.errors import DataError
 from kvmtdx.model import catalog, mirror
 from kvmtdx.model.catalog import BitRef
 from kvmtdx.model.policy import Policy
-from kvmtdx.model.profiles import Host, ModuleProfile, load_json, parse_int
+from kvmtdx.model.profiles import Host, ModuleProfile
 from kvmtdx.structs import REGISTERS, CpuidEntry
 
 Key = tuple[int, int, str, int]
@@ -33,7 +32,7 @@ class Snapshot:
     """What one JSON file says, normalised."""
 
     origin: str
-    kind: str  # probe | verify | caps
+    kind: str  # the report kind it was read from: probe | verify | caps | predict
     # Registers whose reported bits the file gives, with those bits.
     reported: dict[RegKey, int] = field(default_factory=dict)
     classes: dict[Key, str] = field(default_factory=dict)
@@ -52,12 +51,6 @@ class Change:
     a: str
     b: str
 
-    def to_json(self) -> dict[str, Any]:
-        return {"leaf": f"0x{self.leaf:x}", "subleaf": self.subleaf,
-                "register": self.register, "bit": self.bit, "name": self.name,
-                "what": self.what, "a": self.a,
-                "b": self.b}
-
 
 @dataclass
 class FileDiff:
@@ -74,117 +67,6 @@ class FileDiff:
         bits = {(c.what in ("attribute", "xfam") and c.what, c.leaf, c.subleaf, c.register,
                  c.bit) for c in self.changes}
         return len(bits) + len(self.only_a) + len(self.only_b)
-
-
-def _int(value: Any, where: str, bits: int = 64) -> int:
-    return parse_int(value, where, bits)
-
-
-def _sub(value: Any, where: str) -> int:
-    if value is None or value == "none":
-        return 0
-    n = _int(value, where, 32)
-    return 0 if n == 0xFFFFFFFF else n
-
-
-def _reg(value: Any, where: str) -> str:
-    if value not in REGISTERS:
-        raise DataError(f"{where}: expected one of {', '.join(REGISTERS)}, got {value!r}")
-    return str(value)
-
-
-def _bit(value: Any, where: str) -> int:
-    return _int(value, where, 5)
-
-
-def _cpuid(entries: Any, where: str, snap: Snapshot) -> None:
-    if not isinstance(entries, list):
-        raise DataError(f"{where}: expected a list of CPUID entries")
-    for i, e in enumerate(entries):
-        w = f"{where}[{i}]"
-        if not isinstance(e, dict):
-            raise DataError(f"{w}: must be an object")
-        leaf = _int(e.get("function", e.get("leaf")), f"{w}.function", 32)
-        index = _sub(e.get("index", e.get("subleaf", 0)), f"{w}.index")
-        for r in REGISTERS:
-            snap.reported[(leaf, index, r)] = _int(e.get(r, 0), f"{w}.{r}", 32)
-
-
-def _caps_header(doc: dict[str, Any], where: str, snap: Snapshot) -> None:
-    if "supported_attrs" in doc:
-        snap.supported_attrs = _int(doc["supported_attrs"], f"{where}supported_attrs")
-    if "supported_xfam" in doc:
-        snap.supported_xfam = _int(doc["supported_xfam"], f"{where}supported_xfam")
-
-
-def snapshot_from_json(doc: Any, origin: str) -> Snapshot:
-    """A probe, verify or caps JSON document, normalised; DataError names the file and field."""
-    if not isinstance(doc, dict):
-        raise DataError(f"{origin}: expected a JSON object (a kvmtdx probe, verify or caps report)")
-    if "bits" in doc:
-        snap = Snapshot(origin, "probe")
-        bits = doc["bits"]
-        if not isinstance(bits, list):
-            raise DataError(f"{origin}: bits: expected a list")
-        for i, b in enumerate(bits):
-            w = f"{origin}: bits[{i}]"
-            if not isinstance(b, dict):
-                raise DataError(f"{w}: must be an object")
-            cls = b.get("class")
-            if not isinstance(cls, str):
-                raise DataError(f"{w}.class: expected a string")
-            key = (_int(b.get("leaf"), f"{w}.leaf", 32), _sub(b.get("subleaf"), f"{w}.subleaf"),
-                   _reg(b.get("register"), f"{w}.register"), _bit(b.get("bit"), f"{w}.bit"))
-            snap.classes[key] = cls
-        caps = doc.get("capabilities")
-        if isinstance(caps, dict):
-            _cpuid(caps.get("cpuid", []), f"{origin}: capabilities.cpuid", snap)
-        _caps_header(doc, f"{origin}: ", snap)
-        return snap
-    if "checks" in doc:
-        snap = Snapshot(origin, "verify")
-        checks = doc["checks"]
-        if not isinstance(checks, list):
-            raise DataError(f"{origin}: checks: expected a list")
-        verdicts: dict[Key, list[str]] = {}
-        for i, c in enumerate(checks):
-            w = f"{origin}: checks[{i}]"
-            if not isinstance(c, dict):
-                raise DataError(f"{w}: must be an object")
-            cid, status = c.get("id"), c.get("status")
-            if not isinstance(cid, str) or not isinstance(status, str):
-                raise DataError(f"{w}: expected string fields 'id' and 'status'")
-            bits = c.get("bits", [])
-            if not isinstance(bits, list):
-                raise DataError(f"{w}.bits: expected a list")
-            for j, b in enumerate(bits):
-                wb = f"{w}.bits[{j}]"
-                if not isinstance(b, dict):
-                    raise DataError(f"{wb}: must be an object")
-                key = (_int(b.get("leaf"), f"{wb}.leaf", 32),
-                       _sub(b.get("subleaf"), f"{wb}.subleaf"),
-                       _reg(b.get("register"), f"{wb}.register"), _bit(b.get("bit"), f"{wb}.bit"))
-                verdicts.setdefault(key, []).append(f"{cid}={status}")
-        for key, v in verdicts.items():
-            snap.classes[key] = ", ".join(sorted(set(v)))
-        caps = doc.get("capabilities")
-        if isinstance(caps, dict):
-            _cpuid(caps.get("cpuid", []), f"{origin}: capabilities.cpuid", snap)
-            _caps_header(caps, f"{origin}: capabilities.", snap)
-        return snap
-    caps_doc = doc.get("capabilities") if isinstance(doc.get("capabilities"), dict) else doc
-    assert isinstance(caps_doc, dict)
-    if "cpuid" in caps_doc:
-        snap = Snapshot(origin, "caps")
-        _cpuid(caps_doc["cpuid"], f"{origin}: cpuid", snap)
-        _caps_header(caps_doc, f"{origin}: ", snap)
-        return snap
-    raise DataError(f"{origin}: not a kvmtdx probe, verify or caps report "
-                    "(expected a 'bits', 'checks' or 'cpuid' field)")
-
-
-def load_snapshot(path: str) -> Snapshot:
-    return snapshot_from_json(load_json(path), path)
 
 
 def _name(key: Key) -> str:

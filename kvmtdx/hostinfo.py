@@ -13,9 +13,7 @@ import platform
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmtdx import uapi
-from kvmtdx.device import Counters, Kvm, tdx_status
-from kvmtdx.errors import KvmError
+from kvmtdx.device import Counters, Kvm, require_tdx, tdx_status
 from kvmtdx.native import CPUID_DEVICE, CPUINFO, LOAD_HINT
 from kvmtdx.session import Backend
 from kvmtdx.structs import Capabilities
@@ -104,10 +102,8 @@ def read_capabilities(backend: Backend, start_nent: int = 6) -> CapsReading:
     Raises KvmError(skip=True) with the reason when the seam offers no TDX.
     """
     with Kvm(backend.seam, backend.path) as kvm:
-        version = kvm.api_version()
-        if version != uapi.KVM_API_VERSION:
-            raise KvmError(f"unexpected KVM API version {version} (want 12)", skip=False)
-        td = kvm.create_td()
+        require_tdx(kvm)
+        td = kvm.create_td(checked=True)
         with td:
             caps = td.capabilities(start_nent=start_nent)
     return CapsReading(caps=caps, counters=kvm.counters)

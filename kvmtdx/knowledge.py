@@ -20,11 +20,11 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 from kvmtdx.model import mirror
 from kvmtdx.model.policy import POLICY_NAMES, Allowlist, Policy, get_policy, load_allowlist
 from kvmtdx.model.profiles import Host, ModuleProfile, Regs, load_profile
-from kvmtdx.session import Backend
 from kvmtdx.structs import REGISTERS, Capabilities
 
 NO_MODULE = "none: checks that need exact predictions skip"
@@ -69,18 +69,33 @@ class Knowledge:
         return self.module is not None and self.host is not None and self.policy is not None
 
 
-def given(backend: Backend, *, module: str | None = None, host: str | None = None,
-          policy: str | None = "auto", allowlist: str | None = None) -> Given:
-    """What `--module`, `--host`, `--policy` and `--allowlist` say, with the backend.
+class Simulated(Protocol):
+    """What a simulated host is built from (session.Simulation is one): the facts it brings."""
 
-    A simulated backend brings its own module, host and policy: --module
-    overrides its module (to judge it against another profile), never its
-    host, which is what the simulation runs on.  A real device or a plug-in
-    knows nothing of itself.
+    @property
+    def module(self) -> ModuleProfile: ...
+
+    @property
+    def host(self) -> Host: ...
+
+    @property
+    def policy(self) -> Policy: ...
+
+
+def given(simulated: Simulated | None = None, *, module: str | None = None,
+          host: str | None = None, policy: str | None = "auto",
+          allowlist: str | None = None) -> Given:
+    """What `--module`, `--host`, `--policy` and `--allowlist` say, with what a simulated
+    host brings (`simulated`; None for a real device or a plug-in).
+
+    A simulated host brings its own module, host and policy: --module overrides
+    its module (to judge it against another profile), never its host, which is
+    what the simulation runs on.  A real device or a plug-in knows nothing of
+    itself.
     """
     from kvmtdx.native import host_by_name  # reads this machine only for --host native
 
-    profile = load_profile(module) if module else backend.module
+    profile = load_profile(module) if module else (simulated.module if simulated else None)
     if module and profile is not None:
         msrc = f"--module {module} ({profile.source})"
     elif profile is not None:
@@ -88,8 +103,8 @@ def given(backend: Backend, *, module: str | None = None, host: str | None = Non
     else:
         msrc = NO_MODULE
     the_host: Host | None
-    if backend.simulated and backend.host is not None:
-        the_host, hsrc = backend.host, SIMULATED_HOST
+    if simulated is not None:
+        the_host, hsrc = simulated.host, SIMULATED_HOST
     elif host:
         the_host, hsrc = host_by_name(host), f"--host {host}"
     else:
@@ -97,7 +112,7 @@ def given(backend: Backend, *, module: str | None = None, host: str | None = Non
     return Given(module=profile, module_source=msrc, host=the_host, host_source=hsrc,
                  policy=policy, allowlist=load_allowlist(allowlist) if allowlist else None,
                  allowlist_given=allowlist,
-                 fallback=backend.policy if backend.simulated else None)
+                 fallback=simulated.policy if simulated is not None else None)
 
 
 def complete(known: Given, caps: Capabilities, release: str | None = None) -> Knowledge:

@@ -69,18 +69,6 @@ class Outcome:
     def same_answer(self, other: Outcome) -> bool:
         return (self.kind, self.errno, self.hw_error) == (other.kind, other.errno, other.hw_error)
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "outcome": self.kind.value,
-            "errno": self.errno_name,
-            "hw_error": self.hw_error,
-            "check": self.check,
-            "leaf": self.leaf,
-            "subleaf": self.subleaf,
-            "register": self.register,
-            "bit": self.bit,
-        }
-
     def describe(self) -> str:
         parts = [self.kind.value]
         if self.errno:

@@ -22,17 +22,28 @@ from kvmtdx.structs import KVM_MAX_CPUID_ENTRIES, InitVm
 DEFAULT_SIM_POLICY = "upstream"
 
 
+@dataclass(frozen=True, slots=True)
+class Simulation:
+    """What a simulated host is built from (the facts `knowledge.given` takes from it)."""
+
+    module: ModuleProfile
+    host: Host
+    policy: Policy
+    mutant: str | None = None
+
+
 @dataclass
 class Backend:
     seam: Seam
     label: str
-    simulated: bool
+    # The simulated host's make-up; None for the real device and plug-ins, which say
+    # nothing of themselves.
+    simulation: Simulation | None = None
     path: str = DEFAULT_KVM_PATH
-    # What the simulated host was built from; None for the real device and plug-ins.
-    module: ModuleProfile | None = None
-    policy: Policy | None = None
-    host: Host | None = None
-    mutant: str | None = None
+
+    @property
+    def simulated(self) -> bool:
+        return self.simulation is not None
 
 
 @dataclass(frozen=True)
@@ -86,13 +97,13 @@ def open_backend(
     if simulate and backend:
         raise DataError("--simulate and --backend exclude each other")
     if backend:
-        return Backend(seam=load_plugin(backend), label=f"backend {backend}", simulated=False)
+        return Backend(seam=load_plugin(backend), label=f"backend {backend}")
     if simulate:
         spec = parse_simulate(simulate)
         return simulated_backend(load_profile(spec.module), host if host is not None else MAX_HOST,
                                  get_policy(spec.policy, allowlist), mutant=spec.mutant,
                                  key_ids=key_ids)
-    return Backend(seam=RealSeam(), label=f"real {DEFAULT_KVM_PATH}", simulated=False)
+    return Backend(seam=RealSeam(), label=f"real {DEFAULT_KVM_PATH}")
 
 
 def simulated_backend(module: ModuleProfile, host: Host, policy: Policy, *,
@@ -106,8 +117,8 @@ def simulated_backend(module: ModuleProfile, host: Host, policy: Policy, *,
     seam = sim.SimulatedHost(module, host, policy, mutant=mutant, **kwargs)
     label = f"simulated TDX host (module {module.name}, policy {policy.name}"
     label += f", host {host.name}" + (f", mutant {mutant})" if mutant else ")")
-    return Backend(seam=seam, label=label, simulated=True, module=module, policy=policy,
-                   host=host, mutant=mutant)
+    return Backend(seam=seam, label=label,
+                   simulation=Simulation(module=module, host=host, policy=policy, mutant=mutant))
 
 
 def init_vm_bytes(init_vm: InitVm) -> bytes:

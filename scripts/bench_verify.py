@@ -36,7 +36,7 @@ def main() -> int:
                                         mutant=args.mutant)
             t0 = time.perf_counter()
             r = checks.run_verify(backend.seam, backend_label="sim",
-                                  given=given(backend, policy=pol))
+                                  given=given(backend.simulation, policy=pol))
             dt = time.perf_counter() - t0
             s = r.summary
             print(f"{name:9} {pol:14} {dt:8.3f} {s.tds_created:6} {s.ioctls:7} "

@@ -1,13 +1,18 @@
-"""Shared fixtures: fd-leak checking (psutil), and real-device / TDX gating."""
+"""Shared fixtures: fd-leak checking (psutil), and real-device / TDX gating.
+
+Shared helpers that are not fixtures (CLI runner, fake seams, trap requests) are in helpers.py.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from typing import Any
 
 import psutil
 import pytest
+
+# helpers.py holds shared asserts (golden files, the KTAP reader): let pytest explain them.
+pytest.register_assert_rewrite("helpers")
 
 KVM_PATH = "/dev/kvm"
 
@@ -86,20 +91,3 @@ def real_tdx() -> None:
     why = tdx_unavailable()
     if why is not None:
         pytest.skip(f"needs a TDX host: {why}")
-
-
-def bypass_request() -> dict[str, Any]:
-    """The denylist bypass of Linux 6.16 to 7.3 as an init-vm request file.
-
-    Flagged 7.1 and 7.2 entries take those rows, so the unflagged index-5 entry
-    carrying WAITPKG lands on row 7.0 and the count still balances.
-    """
-    return {
-        "attributes": 0, "xfam": "0x3",
-        "cpuid": [
-            {"function": 7, "index": 1, "flags": 1},
-            {"function": 7, "index": 2, "flags": 1},
-            {"function": 7, "index": 5, "flags": 0, "ecx": "0x20"},
-            {"function": "0x80000008", "index": 0, "flags": 0, "eax": "0x300000"},
-        ],
-    }

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import bypass_request
 
 from kvmtdx import diff
 from kvmtdx.cli import main
@@ -13,6 +14,7 @@ from kvmtdx.errors import DataError
 from kvmtdx.model.catalog import BitRef
 from kvmtdx.model.policy import get_policy
 from kvmtdx.model.profiles import MAX_HOST, load_profile
+from kvmtdx.report.snapshot import load_snapshot
 
 # Spec section 6: what the series hides on a 2.0 module with every feature present.
 SERIES_HIDES = {
@@ -86,16 +88,17 @@ def test_policy_diff_needs_two_policies(capsys: pytest.CaptureFixture[str]) -> N
 # Files.
 
 
-def _probe(tmp_path: Path, spec: str) -> Path:
+def _probe(tmp_path: Path, spec: str, rc: int = 0) -> Path:
+    """`probe --simulate SPEC` as a JSON file; `rc`: 1 for a kernel with a probed hazard."""
     path = tmp_path / (spec.replace(":", "_") + ".json")
-    assert main(["probe", "--simulate", spec, "--format", "json", "--output", str(path)]) in (0, 1)
+    assert main(["probe", "--simulate", spec, "--format", "json", "--output", str(path)]) == rc
     return path
 
 
 def test_diff_of_two_probes_lists_exactly_the_changed_bits(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     a, b = _probe(tmp_path, "2.0:upstream"), _probe(tmp_path, "2.0:rfc-v2")
-    d = diff.diff_files(diff.load_snapshot(str(a)), diff.load_snapshot(str(b)))
+    d = diff.diff_files(load_snapshot(str(a)), load_snapshot(str(b)))
     changed = {(c.leaf, c.subleaf, c.register, c.bit): c.name for c in d.changes}
     policy = diff.diff_policies(load_profile("2.0"), MAX_HOST, get_policy("upstream"),
                                 get_policy("rfc-v2"))
@@ -114,16 +117,16 @@ def test_diff_of_two_probes_lists_exactly_the_changed_bits(
 
 def test_diff_of_a_probe_and_its_mutant_shows_the_hazard(tmp_path: Path) -> None:
     a = _probe(tmp_path, "2.0:rfc-v2")
-    b = _probe(tmp_path, "2.0:rfc-v2:allowlist_skips_7_0_edx")
-    d = diff.diff_files(diff.load_snapshot(str(a)), diff.load_snapshot(str(b)))
+    b = _probe(tmp_path, "2.0:rfc-v2:allowlist_skips_7_0_edx", rc=1)
+    d = diff.diff_files(load_snapshot(str(a)), load_snapshot(str(b)))
     assert [(c.name, c.what, c.a, c.b) for c in d.changes] == [
         ("PCONFIG", "class", "HIDDEN_KVM_REJECTED", "HIDDEN_ACCEPTED")]
 
 
 def _caps(tmp_path: Path, name: str, entries: list[dict[str, int]], xfam: int = 0x2e7) -> Path:
     path = tmp_path / name
-    path.write_text(json.dumps({"supported_attrs": 0x10000000, "supported_xfam": xfam,
-                                "cpuid": entries}))
+    path.write_text(json.dumps({"schema": 1, "kind": "caps", "supported_attrs": 0x10000000,
+                                "supported_xfam": xfam, "cpuid": entries}))
     return path
 
 
@@ -143,30 +146,43 @@ def test_diff_of_caps_files_by_name(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 def test_diff_of_verify_reports_keys_no_subleaf_as_index_0(tmp_path: Path) -> None:
     def verify(status: str) -> dict[str, object]:
-        return {"checks": [{"id": "invariant_hidden", "status": status,
+        return {"schema": 1, "kind": "verify",
+                "checks": [{"id": "invariant_hidden", "status": status,
                             "bits": [{"leaf": "0x1", "subleaf": None, "register": "ecx",
                                       "bit": 3, "name": "MWAIT"}]}]}
 
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     a.write_text(json.dumps(verify("pass")))
     b.write_text(json.dumps(verify("fail")))
-    d = diff.diff_files(diff.load_snapshot(str(a)), diff.load_snapshot(str(b)))
+    d = diff.diff_files(load_snapshot(str(a)), load_snapshot(str(b)))
     assert [(c.leaf, c.subleaf, c.name, c.a, c.b) for c in d.changes] == [
         (1, 0, "MWAIT", "invariant_hidden=pass", "invariant_hidden=fail")]
 
 
-@pytest.mark.parametrize(("content", "message"), [
+PROBE_HEAD = '{"schema": 1, "kind": "probe", '
+BAD_FILES = [
     (None, "cannot read"),
     ("{not json", "not valid JSON"),
     ("[1, 2]", "expected a JSON object"),
-    ('{"hello": 1}', "not a kvmtdx probe, verify or caps report"),
-    ('{"bits": [{"leaf": "x", "subleaf": 0, "register": "eax", "bit": 1, "class": "A"}]}',
-     "bits[0].leaf"),
-    ('{"bits": [{"leaf": 1, "subleaf": 0, "register": "rax", "bit": 1, "class": "A"}]}',
-     "bits[0].register"),
-    ('{"cpuid": [{"function": 1, "eax": true}]}', "cpuid[0].eax"),
-    ('{"checks": {"id": 1}}', "checks: expected a list"),
-])
+    ('{"hello": 1}', "not a kvmtdx report (it has no 'kind' field)"),
+    # A file of another kind is refused by its kind, not read for the fields it shares.
+    ('{"schema": 1, "kind": "allowlist", "allowed": []}', "a kvmtdx allowlist report; diff reads "
+     "probe, verify, caps or predict reports"),
+    ('{"schema": 1, "kind": "fuzz"}', "unknown report kind 'fuzz'"),
+    ('{"schema": 2, "kind": "caps", "tool_version": "9.0", "cpuid": []}',
+     "schema 2, from kvmtdx 9.0"),
+    ('{"kind": "caps", "cpuid": []}', "'schema' must be a positive integer"),
+    (PROBE_HEAD + '"bits": [{"leaf": "x", "subleaf": 0, "register": "eax", "bit": 1, '
+     '"class": "A"}]}', "bits[0].leaf"),
+    (PROBE_HEAD + '"bits": [{"leaf": 1, "subleaf": 0, "register": "rax", "bit": 1, '
+     '"class": "A"}]}', "bits[0].register"),
+    ('{"schema": 1, "kind": "caps", "cpuid": [{"function": 1, "eax": true}]}', "cpuid[0].eax"),
+    ('{"schema": 1, "kind": "verify", "checks": {"id": 1}}', "checks: expected a list"),
+    ('{"schema": 1, "kind": "predict", "capabilities": null}', "the prediction has none"),
+]
+
+
+@pytest.mark.parametrize(("content", "message"), BAD_FILES)
 def test_bad_files_are_one_line_errors_naming_the_file(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str | None,
         message: str) -> None:
@@ -178,7 +194,37 @@ def test_bad_files_are_one_line_errors_naming_the_file(
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and str(bad) in err and message in err
     with pytest.raises(DataError):
-        diff.load_snapshot(str(bad))
+        load_snapshot(str(bad))
+
+
+@pytest.mark.parametrize("shape", ["request", "host"])
+def test_a_request_or_host_file_is_refused_not_read_as_capabilities(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], shape: str) -> None:
+    # Both carry a "cpuid" list, which is all a caps report needs besides its kind.
+    doc = bypass_request() if shape == "request" else {
+        "name": "mine", "cpuid": [{"leaf": 7, "subleaf": 0, "eax": 0, "ebx": 0x18, "ecx": 0,
+                                   "edx": 0}]}
+    f = tmp_path / f"{shape}.json"
+    f.write_text(json.dumps(doc))
+    good = _caps(tmp_path, "good.json", [])
+    assert main(["diff", str(f), str(good)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"kvmtdx: error: {f}: not a kvmtdx report (it has no 'kind' field)\n"
+
+
+def test_a_predict_report_diffs_as_its_capabilities(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    files = []
+    for policy in ("upstream", "rfc-v2"):
+        files.append(tmp_path / f"{policy}.json")
+        assert main(["predict", "--module", "2.0", "--policy", policy, "--format", "json",
+                     "--output", str(files[-1])]) == 0
+    d = diff.diff_files(load_snapshot(str(files[0])), load_snapshot(str(files[1])))
+    assert (d.a.kind, d.b.kind) == ("predict", "predict")
+    reported = {c.name for c in d.changes if c.what == "reported"}
+    by_mirror = diff.diff_policies(load_profile("2.0"), MAX_HOST, get_policy("upstream"),
+                                   get_policy("rfc-v2"))
+    assert reported == {b.name for b in by_mirror.no_longer}
 
 
 def test_diff_needs_two_files(capsys: pytest.CaptureFixture[str]) -> None:
@@ -194,12 +240,12 @@ def test_every_json_report_writes_leaves_as_hex_strings(
     a, b = _probe(tmp_path, "2.0:upstream"), _probe(tmp_path, "2.0:rfc-v2")
     capsys.readouterr()
     docs = [json.loads(a.read_text())]
-    main(["diff", str(a), str(b), "--format", "json"])
+    assert main(["diff", str(a), str(b), "--format", "json"]) == 1
     docs.append(json.loads(capsys.readouterr().out))
-    main(["diff", "--module", "2.0", "--policy", "upstream", "--policy", "rfc-v2",
-          "--format", "json"])
+    assert main(["diff", "--module", "2.0", "--policy", "upstream", "--policy", "rfc-v2",
+                 "--format", "json"]) == 1
     docs.append(json.loads(capsys.readouterr().out))
-    main(["verify", "--simulate", "2.0:upstream", "--format", "json"])
+    assert main(["verify", "--simulate", "2.0:upstream", "--format", "json"]) == 1
     docs.append(json.loads(capsys.readouterr().out))
 
     def leaves(node: object) -> list[object]:

@@ -1,83 +1,23 @@
 """`kvmtdx info` and `kvmtdx caps` against the simulated host and small plug-in seams.
 
-The plug-in seams below are loaded the way a user's are (`--backend
-module:factory`); this test module is importable because pytest puts tests/
-on sys.path.
+The plug-in seams (helpers.py) are loaded the way a user's are: `--backend helpers:no_tdx`.
 """
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 import re
 from pathlib import Path
 
 import pytest
+from helpers import run_cli as run
 
-from kvmtdx import cli, uapi
+from kvmtdx import cli
 from kvmtdx.hostinfo import read_capabilities
 from kvmtdx.model import catalog
 from kvmtdx.session import open_backend
 from kvmtdx.sim import SimulatedHost
 from kvmtdx.structs import REGISTERS
-
-THIS = __name__
-
-
-class _Seam:
-    def open(self, path: str, flags: int) -> int:
-        raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), path)
-
-    def ioctl(self, fd: int, request: int, arg: int) -> int:
-        raise OSError(errno.ENOTTY, os.strerror(errno.ENOTTY))
-
-    def close(self, fd: int) -> None:
-        pass
-
-
-class DeniedSeam(_Seam):
-    def open(self, path: str, flags: int) -> int:
-        raise OSError(errno.EACCES, os.strerror(errno.EACCES), path)
-
-
-class NoTdxSeam(_Seam):
-    """A KVM with only the default VM type, like this machine's."""
-
-    def __init__(self) -> None:
-        self.open_count = 0
-
-    def open(self, path: str, flags: int) -> int:
-        self.open_count += 1
-        return 3
-
-    def ioctl(self, fd: int, request: int, arg: int) -> int:
-        if request == uapi.Ioctl.KVM_GET_API_VERSION:
-            return 12
-        if request == uapi.Ioctl.KVM_CHECK_EXTENSION and arg == uapi.KVM_CAP_VM_TYPES:
-            return 1 << uapi.VmType.KVM_X86_DEFAULT_VM
-        if request == uapi.Ioctl.KVM_CREATE_VM and arg == uapi.VmType.KVM_X86_TDX_VM:
-            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
-        return super().ioctl(fd, request, arg)
-
-
-def no_kvm() -> _Seam:
-    return _Seam()
-
-
-def denied() -> _Seam:
-    return DeniedSeam()
-
-
-def no_tdx() -> _Seam:
-    return NoTdxSeam()
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    rc = cli.main(list(argv))
-    out, err = capsys.readouterr()
-    return rc, out, err
-
 
 # ---------------------------------------------------------------------------
 # info
@@ -95,7 +35,7 @@ def test_info_simulated_tdx_host_exits_0(capsys: pytest.CaptureFixture[str]) -> 
 
 
 def test_info_without_kvm_exits_4(capsys: pytest.CaptureFixture[str]) -> None:
-    rc, out, err = run(capsys, "info", "--backend", f"{THIS}:no_kvm", "--format", "json")
+    rc, out, err = run(capsys, "info", "--backend", "helpers:no_kvm", "--format", "json")
     assert rc == 4
     doc = json.loads(out)
     assert doc["kvm_api_version"] is None and doc["vm_types"] == []
@@ -104,7 +44,7 @@ def test_info_without_kvm_exits_4(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_info_without_tdx_vm_type_exits_4_naming_it(capsys: pytest.CaptureFixture[str]) -> None:
-    rc, out, err = run(capsys, "info", "--backend", f"{THIS}:no_tdx")
+    rc, out, err = run(capsys, "info", "--backend", "helpers:no_tdx")
     assert rc == 4
     assert "KVM_X86_TDX_VM" in out and "KVM_X86_DEFAULT_VM (0)" in out
     assert "does not offer KVM_X86_TDX_VM" in err
@@ -112,11 +52,19 @@ def test_info_without_tdx_vm_type_exits_4_naming_it(capsys: pytest.CaptureFixtur
 
 def test_info_permission_denied_exits_1_naming_the_fix(capsys: pytest.CaptureFixture[str]
                                                       ) -> None:
-    rc, out, err = run(capsys, "info", "--backend", f"{THIS}:denied", "--format", "json")
+    rc, out, err = run(capsys, "info", "--backend", "helpers:denied", "--format", "json")
     assert rc == 1
     doc = json.loads(out)
     assert "permission denied" in doc["reason"] and "usermod -aG kvm" in doc["reason"]
     assert err.startswith("kvmtdx: error: ") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("command", ["info", "caps"])
+def test_a_kvm_api_version_other_than_12_is_a_failure_not_a_skip(
+        capsys: pytest.CaptureFixture[str], command: str) -> None:
+    rc, _, err = run(capsys, command, "--backend", "helpers:old_api")
+    assert rc == 1
+    assert err == "kvmtdx: error: unexpected KVM API version 11 (want 12)\n"
 
 
 def test_info_output_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -195,7 +143,7 @@ def test_caps_reads_every_row_with_named_bits() -> None:
 
 
 def test_caps_without_tdx_exits_4_naming_simulate(capsys: pytest.CaptureFixture[str]) -> None:
-    rc, out, err = run(capsys, "caps", "--backend", f"{THIS}:no_tdx")
+    rc, out, err = run(capsys, "caps", "--backend", "helpers:no_tdx")
     assert rc == 4 and out == ""
     assert "KVM_X86_TDX_VM" in err and "--simulate" in err and err.count("\n") == 1
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -19,7 +21,7 @@ from kvmtdx.structs import Capabilities
 def plugin(policy: str) -> Backend:
     """The simulated host behind --backend: to the tools, a device that says nothing of itself."""
     return Backend(SimulatedHost(load_profile("2.0"), MAX_HOST, get_policy(policy)),
-                   label="plug-in", simulated=False)
+                   label="plug-in")
 
 
 def plugin_rfc_v2() -> SimulatedHost:
@@ -33,9 +35,9 @@ def test_probe_and_verify_resolve_the_same_policy_and_host(policy: str) -> None:
     # --module 2.0 --policy auto on a real-like device: the policy is chosen from the
     # capabilities and the host inferred from them, by both commands alike.
     v = checks.run_verify(plugin(policy).seam, backend_label="plug-in",
-                          given=given(plugin(policy), module="2.0", policy="auto"))
+                          given=given(module="2.0", policy="auto"))
     p = probe.probe(plugin(policy).seam, probe.ProbeOptions(), label="plug-in",
-                    given=given(plugin(policy), module="2.0", policy="auto"))
+                    given=given(module="2.0", policy="auto"))
     assert v.knowledge is not None and p.knowledge is not None
     assert v.knowledge == p.knowledge
     k = p.knowledge
@@ -58,20 +60,20 @@ def test_the_commands_agree_end_to_end(capsys: pytest.CaptureFixture[str]) -> No
 
 def test_a_simulated_backend_brings_its_module_host_and_policy() -> None:
     b = simulated_backend(load_profile("1.5.01"), MAX_HOST, get_policy("rfc-v2"))
-    g = given(b, host="max")
+    g = given(b.simulation, host="max")
     assert g.module is not None and g.module.name == "1.5.01"
     assert g.host is MAX_HOST and g.host_source == SIMULATED_HOST
     assert g.fallback is not None and g.fallback.name == "rfc-v2" and g.policy == "auto"
     # --module judges the simulation against another profile; its host stays the simulated one
-    other = given(b, module="2.0")
+    other = given(b.simulation, module="2.0")
     assert other.module is not None and other.module.name == "2.0"
     assert other.module_source.startswith("--module 2.0") and other.host is MAX_HOST
 
 
 def test_a_real_like_device_knows_only_what_it_is_told() -> None:
-    g = given(plugin("upstream"))
+    g = given(plugin("upstream").simulation)
     assert (g.module, g.host, g.fallback, g.policy) == (None, None, None, "auto")
-    told = given(plugin("upstream"), host="max", policy="upstream")
+    told = given(None, host="max", policy="upstream")
     assert told.host is not None and told.host_source == "--host max"
 
 
@@ -91,3 +93,11 @@ def _caps(policy: str) -> Capabilities:
     pred = mirror.predict_capabilities(m, MAX_HOST, get_policy(policy), len(m.rows))
     assert pred.caps is not None
     return pred.caps
+
+
+def test_knowledge_takes_facts_and_never_loads_the_session_layer() -> None:
+    # given() is told what a simulated host brings; it does not reach for a Backend.
+    code = "import sys, kvmtdx.knowledge; print('kvmtdx.session' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "False"

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import bypass_request
+from helpers import bypass_request, run_cli, write_request
 
 from kvmtdx.cli import main
 from kvmtdx.errors import DataError
@@ -23,33 +23,28 @@ CAPS_KEYS = {"supported_attrs", "supported_xfam", "kernel_tdvmcallinfo_1_r11",
              "cpuid"}
 
 
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def write(path: Path, data: Any) -> str:
     path.write_text(data if isinstance(data, str) else json.dumps(data))
     return str(path)
 
 
-def test_text(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = run(capsys, "predict", "--module", "2.0", "--policy", "rfc-v2")
+def test_predict_text_shows_what_each_policy_hides(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(capsys, "predict", "--module", "2.0", "--policy", "rfc-v2")
     assert code == 0 and err == ""
     assert "KVM_TDX_CAPABILITIES: 28 entries" in out
     assert "rfc-v2-reconstructed" in out and "RECONSTRUCTED" in out
     caps = out.split("KVM_TDX_CAPABILITIES", 1)[1]
     assert "CORE_CAPABILITIES" in caps and "WAITPKG" not in caps and "MWAIT" not in caps
-    code, out, _ = run(capsys, "predict", "--module", "2.0")  # default policy: upstream
+    code, out, _ = run_cli(capsys, "predict", "--module", "2.0")  # default policy: upstream
     caps = out.split("KVM_TDX_CAPABILITIES", 1)[1]
     assert code == 0 and "policy  upstream " in out
     assert "MWAIT" in caps and "WAITPKG" not in caps and " HLE" not in caps
 
 
-def test_json_capabilities(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(capsys, "predict", "--module", "1.5.01", "--policy", "upstream",
-                       "--format", "json")
+def test_predict_json_gives_capabilities_by_uapi_field_names(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "predict", "--module", "1.5.01", "--policy", "upstream",
+                           "--format", "json")
     assert code == 0
     doc = json.loads(out)
     assert {"capabilities", "policy", "allowlist", "module"} <= set(doc)
@@ -64,12 +59,13 @@ def test_json_capabilities(capsys: pytest.CaptureFixture[str]) -> None:
     assert gpaw and gpaw[0]["eax"] >> 16 & 0xFF == 0xFF
 
 
-def test_json_with_requests(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    req = write(tmp_path / "bypass.json", bypass_request())
+def test_predict_bypass_accepted_upstream_refused_by_rfc_v2(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    req = write_request(tmp_path, bypass_request(), "bypass.json")
     answers = {}
     for policy in ("upstream-6.16", "upstream", "rfc-v2"):
-        code, out, _ = run(capsys, "predict", "--module", "2.0", "--policy", policy,
-                           "--request", req, "--format", "json")
+        code, out, _ = run_cli(capsys, "predict", "--module", "2.0", "--policy", policy,
+                               "--request", req, "--format", "json")
         assert code == 0
         doc = json.loads(out)
         assert set(doc["init_vm"]) == INIT_VM_KEYS
@@ -79,32 +75,35 @@ def test_json_with_requests(capsys: pytest.CaptureFixture[str], tmp_path: Path) 
     assert answers["rfc-v2"] == {"outcome": "KVM_REJECTED", "errno": "EINVAL", "hw_error": 0,
                                  "check": "allowlist", "leaf": 7, "subleaf": 0,
                                  "register": "ecx", "bit": 5}
-    code, out, _ = run(capsys, "predict", "--module", "2.0", "--policy", "rfc-v2",
-                       "--request", req)
+    code, out, _ = run_cli(capsys, "predict", "--module", "2.0", "--policy", "rfc-v2",
+                           "--request", req)
     assert code == 0 and "KVM_REJECTED -EINVAL (allowlist at leaf 0x7.0 ECX bit 5)" in out
     assert "WAITPKG" in out
 
 
-def test_module_rejected_in_json(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_predict_names_the_module_refusal_and_its_status(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     prof, pol = load_profile("2.0"), get_policy("upstream")
     base = full_request(prof, MAX_HOST, pol)
     bad = tuple(e.with_reg("ebx", e.ebx | 1) if (e.function, e.index) == (7, 0) else e
                 for e in base.init_vm.entries)  # FSGSBASE: not configurable in any module
     req = Request(init_vm=InitVm(attributes=base.init_vm.attributes, xfam=base.init_vm.xfam,
                                  entries=bad))
-    path = write(tmp_path / "fsgsbase.json", request_to_json(req))
-    code, out, _ = run(capsys, "predict", "--module", "2.0", "--request", path, "--format", "json")
+    path = write_request(tmp_path, req, "fsgsbase.json")
+    code, out, _ = run_cli(capsys, "predict", "--module", "2.0", "--request", path,
+                           "--format", "json")
     got = json.loads(out)["init_vm"]
     assert code == 0 and got["outcome"] == "MODULE_REJECTED"
     assert got["hw_error"] == 0xC000010000000045 and got["check"] == "module_cpuid_config"
 
 
-def test_user_allowlist_is_named(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_a_user_allowlist_replaces_the_bundled_one_and_is_named(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     al = write(tmp_path / "mine.json", {"name": "my-kernel", "provenance": "from my tree",
                                          "allowed": [{"leaf": 7, "subleaf": 0, "register": "ecx",
                                                       "bits": [5]}]})
-    code, out, _ = run(capsys, "predict", "--module", "2.0", "--policy", "rfc-v2",
-                       "--allowlist", al, "--format", "json")
+    code, out, _ = run_cli(capsys, "predict", "--module", "2.0", "--policy", "rfc-v2",
+                           "--allowlist", al, "--format", "json")
     doc = json.loads(out)
     assert code == 0
     assert doc["allowlist"] == {"name": "my-kernel", "provenance": "from my tree"}
@@ -112,10 +111,11 @@ def test_user_allowlist_is_named(capsys: pytest.CaptureFixture[str], tmp_path: P
     assert (e7["ebx"], e7["ecx"], e7["edx"]) == (0, 1 << 5, 0)
 
 
-def test_output_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_predict_output_file_leaves_stdout_empty(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     target = tmp_path / "p.json"
-    code, out, _ = run(capsys, "predict", "--module", "2.0", "--format", "json",
-                       "--output", str(target))
+    code, out, _ = run_cli(capsys, "predict", "--module", "2.0", "--format", "json",
+                           "--output", str(target))
     assert code == 0 and out == ""
     assert json.loads(target.read_text())["module"] == "2.0"
 
@@ -145,46 +145,48 @@ BAD_REQUESTS: list[tuple[str, Any, str]] = [
 
 
 @pytest.mark.parametrize(("name", "data", "field"), BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
-def test_bad_request_files(capsys: pytest.CaptureFixture[str], tmp_path: Path, name: str,
-                           data: Any, field: str) -> None:
+def test_bad_request_files_are_one_line_errors_naming_the_field(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, name: str, data: Any,
+        field: str) -> None:
     path = write(tmp_path / f"{name}.json", data)
     with pytest.raises(DataError) as e:
         load_request(path)
     assert path in str(e.value) and field in str(e.value)
-    code, out, err = run(capsys, "predict", "--module", "2.0", "--request", path)
+    code, out, err = run_cli(capsys, "predict", "--module", "2.0", "--request", path)
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith("kvmtdx: error: ") and field in err
     assert "Traceback" not in err
 
 
-def test_bad_profile_and_allowlist(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_bad_profile_allowlist_and_host_files_exit_2_naming_them(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     prof = write(tmp_path / "mod.json", {"name": "m", "rows": [
         {"leaf": 1, "config_direct": [0, 0, 0, 0]}]})
-    code, _, err = run(capsys, "predict", "--module", prof)
+    code, _, err = run_cli(capsys, "predict", "--module", prof)
     assert code == 2 and err.count("\n") == 1 and "mod.json" in err and "allow_direct" in err
     al = write(tmp_path / "al.json", {"allowed": [{"leaf": 7, "subleaf": 0, "register": "esi",
                                                    "bits": [1]}]})
-    code, _, err = run(capsys, "predict", "--module", "2.0", "--policy", "rfc-v2",
-                       "--allowlist", al)
+    code, _, err = run_cli(capsys, "predict", "--module", "2.0", "--policy", "rfc-v2",
+                           "--allowlist", al)
     assert code == 2 and err.count("\n") == 1 and "al.json" in err and "register" in err
     with pytest.raises(DataError, match=r"al\.json"):
         load_allowlist(al)
     host = write(tmp_path / "host.json", {"cpuid": [{"leaf": 1, "eax": "x"}]})
-    code, _, err = run(capsys, "predict", "--module", "2.0", "--host", host)
+    code, _, err = run_cli(capsys, "predict", "--module", "2.0", "--host", host)
     assert code == 2 and "host.json" in err and "cpuid[0].eax" in err
 
 
-def test_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = run(capsys, "predict", "--policy", "upstream")
+def test_predict_needs_a_known_module_and_policy(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(capsys, "predict", "--policy", "upstream")
     assert code == 2 and "--module" in err and err.count("\n") == 1
-    code, _, err = run(capsys, "predict", "--module", "3.0")
+    code, _, err = run_cli(capsys, "predict", "--module", "3.0")
     assert code == 2 and "3.0" in err
     with pytest.raises(SystemExit) as e:
         main(["predict", "--module", "2.0", "--policy", "nope"])
     assert e.value.code == 2
 
 
-def test_request_round_trip() -> None:
+def test_a_request_reads_back_as_written() -> None:
     req = Request(
         init_vm=InitVm(attributes=1 << 28, xfam=0xE7, reserved=(0,) * 11 + (5,), nent=9,
                        cpuid_padding=3, mrowner=(1, 2, 3, 4, 5, 6),

@@ -6,6 +6,7 @@ import errno
 from dataclasses import replace
 
 import pytest
+from helpers import GPAW48, WAITPKG, bypass
 
 from kvmtdx.model.mirror import (
     find,
@@ -29,8 +30,7 @@ from kvmtdx.structs import REGISTERS, CpuidEntry, InitVm
 
 CPUID_CONFIG_INVALID = 0xC000010000000045
 SIG = 1  # KVM_CPUID_FLAG_SIGNIFCANT_INDEX
-HLE, RTM, WAITPKG, PKS = 1 << 4, 1 << 11, 1 << 5, 1 << 31
-GPAW48 = CpuidEntry(function=0x80000008, eax=48 << 16)
+HLE, RTM, PKS = 1 << 4, 1 << 11, 1 << 31
 
 # A host that is not 'max': some leaf-7 features, no TSX_CTRL, no 5-level EPT, no MWAIT,
 # AVX but no AVX-512 or AMX state.
@@ -153,11 +153,6 @@ def test_silently_cleared_bits_are_accepted_though_not_reported() -> None:
 # find() traps (spec section 4).
 
 
-def bypass(payload_ebx: int = 0, payload_ecx: int = WAITPKG, flagged: bool = True) -> InitVm:
-    pre = (CpuidEntry(7, 1, SIG), CpuidEntry(7, 2, SIG)) if flagged else ()
-    return iv(*pre, CpuidEntry(7, 5, 0, ebx=payload_ebx, ecx=payload_ecx), GPAW48)
-
-
 @pytest.mark.parametrize("module", BUNDLED_MODULES)
 def test_denylist_bypass(module: str) -> None:
     for policy in ("upstream", "upstream-6.16"):
@@ -194,14 +189,14 @@ def test_hle_with_index_1_slips_past_the_denylist() -> None:
     assert (out.kind, out.hw_error, out.check, out.leaf, out.subleaf) == (
         Kind.MODULE_REJECTED, CPUID_CONFIG_INVALID, "module_cpuid_config", 7, 1)
     # Behind flagged 7.1 and 7.2 it reaches only row 7.0: accepted with TSX_CTRL ...
-    req = bypass(payload_ebx=HLE | RTM, payload_ecx=0)
+    req = bypass(ebx=HLE | RTM, ecx=0)
     assert predict("2.0", "upstream", req).kind is Kind.ACCEPTED
     # ... an -EIO from the module without it, and HLE alone breaks the module's coupling.
     no_tsx = replace(MAX_HOST, name="no-tsx", tsx_ctrl=False)
     out = predict("2.0", "upstream", req, no_tsx)
     assert (out.kind, out.errno, out.hw_error, out.check) == (
         Kind.ERROR, errno.EIO, 0, "module_tsx_ctrl")
-    out = predict("2.0", "upstream", bypass(payload_ebx=HLE, payload_ecx=0))
+    out = predict("2.0", "upstream", bypass(ebx=HLE, ecx=0))
     assert (out.kind, out.hw_error, out.check) == (
         Kind.MODULE_REJECTED, CPUID_CONFIG_INVALID, "module_hle_rtm")
     out = predict("2.0", "rfc-v2", req)

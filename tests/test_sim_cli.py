@@ -1,25 +1,26 @@
 """`kvmtdx init-vm`, `--simulate list` on every command, and `--backend` with a simulated host.
 
-The factories below are loaded the way a user's are (`--backend module:factory`);
-pytest puts tests/ on sys.path, so this module is importable by its name.
+The factory below (and helpers.py's fake seams) load the way a user's do (`--backend
+module:factory`); pytest puts tests/ on sys.path, so this module is importable by its name.
 """
 
 from __future__ import annotations
 
 import argparse
-import errno
 import json
-import os
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from helpers import run_cli as run
+from helpers import write_request
 
 from kvmtdx import cli
 from kvmtdx.model import mirror
 from kvmtdx.model.policy import get_policy
 from kvmtdx.model.profiles import MAX_HOST, load_profile
-from kvmtdx.model.requests import Request, request_to_json
+from kvmtdx.model.requests import Request
+from kvmtdx.report.schema import ENVELOPE
 from kvmtdx.session import load_plugin, open_backend
 from kvmtdx.sim import MUTANTS, SimulatedHost
 from kvmtdx.structs import CpuidEntry
@@ -34,29 +35,6 @@ def rfc_host() -> SimulatedHost:
     sim = SimulatedHost(MODULE, MAX_HOST, get_policy("rfc-v2"), key_ids=1)
     LAST.append(sim)
     return sim
-
-
-class Absent:
-    def open(self, path: str, flags: int) -> int:
-        raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), path)
-
-    def ioctl(self, fd: int, request: int, arg: int) -> int:
-        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
-
-    def close(self, fd: int) -> None:
-        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    rc = cli.main(list(argv))
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def write_request(tmp_path: Path, request: Request, name: str = "req.json") -> str:
-    path = tmp_path / name
-    path.write_text(json.dumps(request_to_json(request)))
-    return str(path)
 
 
 def full(policy: str) -> Request:
@@ -83,7 +61,8 @@ def test_init_vm_accepts_a_valid_request(capsys: pytest.CaptureFixture[str], tmp
                        write_request(tmp_path, full("rfc-v2")))
     assert (rc, err) == (0, "")
     doc = json.loads(out)
-    assert list(doc) == [*OUTCOME_KEYS, "hw_error_decoded"]
+    assert list(doc) == [*ENVELOPE, *OUTCOME_KEYS, "hw_error_decoded"]
+    assert doc["kind"] == "init-vm"
     assert doc["outcome"] == "ACCEPTED" and doc["errno"] is None
     assert doc["check"] is None and doc["hw_error_decoded"] is None
 
@@ -164,7 +143,7 @@ def test_init_vm_input_errors_exit_2(capsys: pytest.CaptureFixture[str], tmp_pat
 
 
 def test_init_vm_without_tdx_skips(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    rc, out, err = run(capsys, "init-vm", "--backend", f"{THIS}:Absent", "--request",
+    rc, out, err = run(capsys, "init-vm", "--backend", "helpers:no_kvm", "--request",
                        write_request(tmp_path, full("upstream")))
     assert rc == 4 and out == ""
     assert err.startswith("kvmtdx: skip:") and "--simulate" in err
@@ -204,7 +183,8 @@ def test_every_listed_choice_opens(capsys: pytest.CaptureFixture[str]) -> None:
             assert open_backend(simulate=f"{module}:{policy}").simulated
     for m in doc["mutants"]:
         backend = open_backend(simulate=f"2.0:rfc-v2:{m['name']}")
-        assert backend.mutant == m["name"] and m["name"] in backend.label
+        assert backend.simulation is not None and backend.simulation.mutant == m["name"]
+        assert m["name"] in backend.label
 
 
 def test_caps_on_the_simulated_rfc_v2_kernel(capsys: pytest.CaptureFixture[str]) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 from dataclasses import replace
 
+from helpers import with_bypass
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -160,12 +161,7 @@ def requests(draw: st.DrawFn, module: str, host: str, policy: str) -> tuple[Requ
         elif op == "bypass":
             # Spec section 4: flagged 7.1 and 7.2 first, then an unflagged index 5 with
             # WAITPKG or HLE+RTM, which lands on row 7.0 behind the denylist's back.
-            entries = [e for e in entries if e.function != 7]
-            entries[0:0] = [
-                CpuidEntry(function=7, index=1, flags=FLAG_SIGNIFICANT_INDEX),
-                CpuidEntry(function=7, index=2, flags=FLAG_SIGNIFICANT_INDEX),
-                CpuidEntry(function=7, index=5, ebx=draw(TSX), ecx=draw(WAITPKG)),
-            ]
+            entries = list(with_bypass(entries, ebx=draw(TSX), ecx=draw(WAITPKG)))
         elif op == "attributes":
             iv = replace(iv, attributes=draw(ATTRIBUTES))
         elif op == "xfam":

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import pytest
+from helpers import bypass
 
 from kvmtdx import layout
 from kvmtdx.device import Kvm
@@ -20,7 +21,7 @@ from kvmtdx.model import mirror, rules
 from kvmtdx.model.policy import get_policy
 from kvmtdx.model.profiles import MAX_HOST, load_profile
 from kvmtdx.sim import MUTANTS, SimulatedHost
-from kvmtdx.structs import FLAG_SIGNIFICANT_INDEX, REGISTERS, Capabilities, CpuidEntry, InitVm
+from kvmtdx.structs import REGISTERS, Capabilities, CpuidEntry, InitVm
 
 MODULE = load_profile("2.0")
 HLE, RTM, WAITPKG = 1 << 4, 1 << 11, 1 << 5
@@ -58,16 +59,6 @@ def init_vm(request: InitVm | bytes, flags: int = 0) -> Probe:
         return res.errno, res.cmd.hw_error
 
     return probe
-
-
-def bypass() -> InitVm:
-    base = full("upstream")
-    return replace(base, entries=(
-        CpuidEntry(function=7, index=1, flags=FLAG_SIGNIFICANT_INDEX),
-        CpuidEntry(function=7, index=2, flags=FLAG_SIGNIFICANT_INDEX),
-        CpuidEntry(function=7, index=5, ecx=WAITPKG),
-        *(e for e in base.entries if e.function != 7),
-    ))
 
 
 def bad_fms(policy: str) -> InitVm:
@@ -133,7 +124,7 @@ WITNESSES: dict[str, Witness] = {
     "allowlist_reject_eio": Witness(
         "rfc-v2", init_vm(with_bit(full("rfc-v2"), 7, 0, "edx", 18))),
     "key_id_leak_on_failure": Witness("upstream", leak_then_init, key_ids=2),
-    "denylist_checks_row_index": Witness("upstream", init_vm(bypass())),
+    "denylist_checks_row_index": Witness("upstream", init_vm(bypass(full("upstream")))),
     "count_check_missing": Witness("upstream", init_vm(replace(
         full("upstream"), entries=(*full("upstream").entries, CpuidEntry(function=0xD))))),
     "nent_limit_off_by_one": Witness("upstream", nent_256),

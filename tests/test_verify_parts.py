@@ -78,7 +78,7 @@ def _context(policy: str) -> Context:
     kvm = Kvm(b.seam)
     with kvm.create_td() as td:
         caps = td.capabilities()
-    return Context(kvm=kvm, seam=b.seam, know=complete(given(b, policy=policy), caps), caps=caps)
+    return Context(kvm=kvm, seam=b.seam, know=complete(given(b.simulation, policy=policy), caps), caps=caps)
 
 
 def test_policy_rules_follow_what_the_policy_has_not_its_name() -> None:
@@ -104,7 +104,7 @@ def test_policy_rules_follow_what_the_policy_has_not_its_name() -> None:
 
 def test_a_check_that_lacks_knowledge_is_reported_as_a_skip() -> None:
     b = simulated_backend(load_profile("2.0"), MAX_HOST, get_policy("upstream"))
-    r = checks.run_verify(b.seam, backend_label="sim", given=given(b, policy="upstream"),
+    r = checks.run_verify(b.seam, backend_label="sim", given=given(b.simulation, policy="upstream"),
                           only=["tdx_available", "policy_allowlist_filter"])
     status = {c.id: (c.status, c.detail) for c in r.checks}
     assert status == {"tdx_available": (Status.PASS, status["tdx_available"][1]),

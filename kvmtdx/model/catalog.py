@@ -65,10 +65,6 @@ class BitRef:
         sub = "" if self.subleaf is None else f".{self.subleaf}"
         return f"0x{self.leaf:x}{sub} {self.register.upper()}[{self.bit}] {self.name}"
 
-    def to_json(self) -> dict[str, Any]:
-        return {"leaf": f"0x{self.leaf:x}", "subleaf": self.subleaf, "register": self.register,
-                "bit": self.bit, "name": self.name}
-
 
 @dataclass(frozen=True)
 class _Catalog:

@@ -10,8 +10,10 @@ from typing import Any
 
 from kvmtdx.device import Counters
 from kvmtdx.model import catalog
-from kvmtdx.report import hx, to_json
-from kvmtdx.report.predict import capabilities_to_json
+from kvmtdx.model.profiles import ModuleProfile, profile_to_json
+from kvmtdx.report import hx
+from kvmtdx.report.encode import capabilities_json
+from kvmtdx.report.schema import ReportKind, document
 from kvmtdx.structs import FLAG_SIGNIFICANT_INDEX, REGISTERS, Capabilities, CpuidEntry
 
 # Leaves whose sub-leaf is part of their identity (a label shows ".index" for them).
@@ -32,7 +34,7 @@ def entry_names(e: CpuidEntry) -> dict[str, list[str]]:
 def caps_to_json(caps: Capabilities, backend: str, counters: Counters | None = None
                  ) -> dict[str, Any]:
     doc: dict[str, Any] = {"backend": backend}
-    doc.update(capabilities_to_json(caps))
+    doc.update(capabilities_json(caps))
     doc["nent"] = caps.nent
     doc["names"] = {
         "supported_attrs": catalog.attribute_names(caps.supported_attrs),
@@ -48,7 +50,7 @@ def caps_to_json(caps: Capabilities, backend: str, counters: Counters | None = N
 
 
 def render_json(caps: Capabilities, backend: str, counters: Counters | None = None) -> str:
-    return to_json(caps_to_json(caps, backend, counters))
+    return document(ReportKind.CAPS, caps_to_json(caps, backend, counters))
 
 
 def render_text(caps: Capabilities, backend: str, counters: Counters | None = None) -> str:
@@ -71,3 +73,8 @@ def render_text(caps: Capabilities, backend: str, counters: Counters | None = No
     if counters is not None:
         out.append(f"({counters.ioctls} ioctls, {counters.tds_created} TD created)")
     return "\n".join(out) + "\n"
+
+
+def module_profile_json(profile: ModuleProfile) -> str:
+    """`caps --save-module`: the profile, loadable with --module, as a "module-profile" report."""
+    return document(ReportKind.MODULE_PROFILE, profile_to_json(profile))

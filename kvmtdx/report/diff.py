@@ -4,23 +4,28 @@ from __future__ import annotations
 
 from typing import Any
 
-from kvmtdx.diff import FileDiff, PolicyDiff, RegKey
+from kvmtdx.diff import Change, FileDiff, PolicyDiff, RegKey
 from kvmtdx.model.catalog import BitRef
-from kvmtdx.report import to_json
+from kvmtdx.report.encode import allowlist_ref_json, bitref_json
+from kvmtdx.report.schema import ReportKind, document
 
 
 def _reg_label(rk: RegKey) -> str:
     return f"0x{rk[0]:x}.{rk[1]} {rk[2]}"
 
 
+def change_json(c: Change) -> dict[str, Any]:
+    return {"leaf": f"0x{c.leaf:x}", "subleaf": c.subleaf, "register": c.register,
+            "bit": c.bit, "name": c.name, "what": c.what, "a": c.a, "b": c.b}
+
+
 def file_diff_json(d: FileDiff) -> dict[str, Any]:
+    """The body of a "diff" report (the envelope comes from report.schema)."""
     return {
-        "schema": 1,
-        "kind": "diff",
         "a": {"file": d.a.origin, "kind": d.a.kind},
         "b": {"file": d.b.origin, "kind": d.b.kind},
         "differences": d.count,
-        "changes": [c.to_json() for c in d.changes],
+        "changes": [change_json(c) for c in d.changes],
         "only_a": [{"leaf": f"0x{k[0]:x}", "subleaf": k[1], "register": k[2]} for k in d.only_a],
         "only_b": [{"leaf": f"0x{k[0]:x}", "subleaf": k[1], "register": k[2]} for k in d.only_b],
     }
@@ -59,19 +64,14 @@ def _ref_label(b: BitRef) -> str:
 
 
 def policy_diff_json(d: PolicyDiff) -> dict[str, Any]:
-    def allow(p: Any) -> Any:
-        a = p.allowlist
-        return None if a is None else {"name": a.name, "provenance": a.provenance}
-
+    """The body of a "policy-diff" report."""
     return {
-        "schema": 1,
-        "kind": "policy-diff",
         "module": d.module,
         "host": d.host,
-        "a": {"policy": d.a.name, "allowlist": allow(d.a)},
-        "b": {"policy": d.b.name, "allowlist": allow(d.b)},
-        "no_longer_available": [b.to_json() for b in d.no_longer],
-        "newly_available": [b.to_json() for b in d.newly],
+        "a": {"policy": d.a.name, "allowlist": allowlist_ref_json(d.a)},
+        "b": {"policy": d.b.name, "allowlist": allowlist_ref_json(d.b)},
+        "no_longer_available": [bitref_json(b) for b in d.no_longer],
+        "newly_available": [bitref_json(b) for b in d.newly],
     }
 
 
@@ -94,5 +94,7 @@ def policy_diff_text(d: PolicyDiff) -> str:
 
 def render(d: FileDiff | PolicyDiff, fmt: str) -> str:
     if isinstance(d, PolicyDiff):
-        return to_json(policy_diff_json(d)) if fmt == "json" else policy_diff_text(d)
-    return to_json(file_diff_json(d)) if fmt == "json" else file_diff_text(d)
+        if fmt == "json":
+            return document(ReportKind.POLICY_DIFF, policy_diff_json(d))
+        return policy_diff_text(d)
+    return document(ReportKind.DIFF, file_diff_json(d)) if fmt == "json" else file_diff_text(d)

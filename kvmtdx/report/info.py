@@ -6,7 +6,7 @@ from typing import Any
 
 from kvmtdx import uapi
 from kvmtdx.hostinfo import Info
-from kvmtdx.report import to_json
+from kvmtdx.report.schema import ReportKind, document
 
 
 def info_to_json(info: Info) -> dict[str, Any]:
@@ -31,7 +31,7 @@ def info_to_json(info: Info) -> dict[str, Any]:
 
 
 def render_json(info: Info) -> str:
-    return to_json(info_to_json(info))
+    return document(ReportKind.INFO, info_to_json(info))
 
 
 def render_text(info: Info) -> str:

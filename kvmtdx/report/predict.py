@@ -10,31 +10,11 @@ from kvmtdx.model.policy import Policy
 from kvmtdx.model.profiles import Host, ModuleProfile
 from kvmtdx.model.rules import is_value_register
 from kvmtdx.outcome import Outcome
-from kvmtdx.report import hx, to_json
+from kvmtdx.report import hx
+from kvmtdx.report.encode import allowlist_ref_json, capabilities_json, outcome_json
+from kvmtdx.report.schema import ReportKind, document
 from kvmtdx.status import errno_name
-from kvmtdx.structs import REGISTERS, Capabilities, CpuidEntry
-
-
-def entry_to_json(e: CpuidEntry) -> dict[str, int]:
-    return {"function": e.function, "index": e.index, "flags": e.flags,
-            "eax": e.eax, "ebx": e.ebx, "ecx": e.ecx, "edx": e.edx}
-
-
-def capabilities_to_json(caps: Capabilities) -> dict[str, Any]:
-    return {
-        "supported_attrs": caps.supported_attrs,
-        "supported_xfam": caps.supported_xfam,
-        "kernel_tdvmcallinfo_1_r11": caps.kernel_tdvmcallinfo_1_r11,
-        "user_tdvmcallinfo_1_r11": caps.user_tdvmcallinfo_1_r11,
-        "kernel_tdvmcallinfo_1_r12": caps.kernel_tdvmcallinfo_1_r12,
-        "user_tdvmcallinfo_1_r12": caps.user_tdvmcallinfo_1_r12,
-        "cpuid": [entry_to_json(e) for e in caps.entries],
-    }
-
-
-def allowlist_json(policy: Policy) -> dict[str, str] | None:
-    a = policy.allowlist
-    return None if a is None else {"name": a.name, "provenance": a.provenance}
+from kvmtdx.structs import REGISTERS
 
 
 def render_json(module: ModuleProfile, host: Host, policy: Policy, caps: CapsPrediction,
@@ -42,15 +22,15 @@ def render_json(module: ModuleProfile, host: Host, policy: Policy, caps: CapsPre
     doc: dict[str, Any] = {
         "module": module.name,
         "policy": policy.name,
-        "allowlist": allowlist_json(policy),
+        "allowlist": allowlist_ref_json(policy),
         "host": host.name,
-        "capabilities": capabilities_to_json(caps.caps) if caps.caps else None,
+        "capabilities": capabilities_json(caps.caps) if caps.caps else None,
     }
     if caps.errno:
         doc["capabilities_errno"] = errno_name(caps.errno)
     if outcome is not None:
-        doc["init_vm"] = outcome.to_json()
-    return to_json(doc)
+        doc["init_vm"] = outcome_json(outcome)
+    return document(ReportKind.PREDICT, doc)
 
 
 def _row_subleaf(module: ModuleProfile, i: int) -> int | None:

@@ -8,11 +8,10 @@ from typing import Any
 from kvmtdx.model.policy import allowlist_to_json
 from kvmtdx.outcome import Outcome
 from kvmtdx.probe import BitClass, BitResult, ProbeResult, effective_allowlist
-from kvmtdx.report import hx, to_json
-from kvmtdx.report.predict import capabilities_to_json
+from kvmtdx.report import hx
+from kvmtdx.report.encode import capabilities_json
+from kvmtdx.report.schema import ReportKind, document
 from kvmtdx.structs import CpuidEntry
-
-SCHEMA = 1
 
 
 def row_label(leaf: int, index: int, rows: tuple[CpuidEntry, ...]) -> str:
@@ -28,9 +27,8 @@ def _outcome_json(o: Outcome | None) -> dict[str, Any] | None:
 
 
 def result_to_json(r: ProbeResult) -> dict[str, Any]:
+    """The body of a "probe" report (the envelope comes from report.schema)."""
     return {
-        "schema": SCHEMA,
-        "kind": "probe",
         "backend": r.backend,
         "module": r.module,
         "policy": r.policy,
@@ -41,7 +39,7 @@ def result_to_json(r: ProbeResult) -> dict[str, Any]:
         "seconds": round(r.seconds, 3),
         "supported_attrs": r.caps.supported_attrs,
         "supported_xfam": r.caps.supported_xfam,
-        "capabilities": capabilities_to_json(r.caps),
+        "capabilities": capabilities_json(r.caps),
         "summary": r.counts(),
         "untested": r.untested,
         "failures": len(r.failures),
@@ -69,7 +67,7 @@ def result_to_json(r: ProbeResult) -> dict[str, Any]:
 
 
 def render_json(r: ProbeResult) -> str:
-    return to_json(result_to_json(r))
+    return document(ReportKind.PROBE, result_to_json(r))
 
 
 def _why(b: BitResult) -> str:
@@ -138,4 +136,4 @@ def render_text(r: ProbeResult) -> str:
 
 
 def allowlist_text(r: ProbeResult, date: str) -> str:
-    return to_json(allowlist_to_json(effective_allowlist(r, date=date)))
+    return document(ReportKind.ALLOWLIST, allowlist_to_json(effective_allowlist(r, date=date)))

@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from kvmtdx.model.policy import get_policy
-from kvmtdx.report import to_json
+from kvmtdx.report.encode import outcome_json
+from kvmtdx.report.schema import ReportKind, document
 from kvmtdx.session import DEFAULT_SIM_POLICY, InitVmRun
 
 
 def choices_json(choices: dict[str, Any]) -> str:
-    return to_json(choices)
+    return document(ReportKind.SIMULATE_LIST, choices)
 
 
 def choices_text(choices: dict[str, Any]) -> str:
@@ -30,7 +31,7 @@ def init_vm_to_json(run: InitVmRun) -> dict[str, Any]:
     """The keys of `predict`'s init_vm, plus the module status decoded."""
     o = run.outcome
     hw = o.hw
-    doc = o.to_json()
+    doc = outcome_json(o)
     doc["hw_error_decoded"] = None if not o.hw_error else {
         "status": hw.status_name,
         "operand": hw.operand,
@@ -40,7 +41,7 @@ def init_vm_to_json(run: InitVmRun) -> dict[str, Any]:
 
 
 def init_vm_json(run: InitVmRun) -> str:
-    return to_json(init_vm_to_json(run))
+    return document(ReportKind.INIT_VM, init_vm_to_json(run))
 
 
 def init_vm_text(run: InitVmRun) -> str:

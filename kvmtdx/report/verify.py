@@ -15,12 +15,11 @@ from typing import Any
 from kvmtdx import __version__, verdict
 from kvmtdx.checks import GROUPS, CheckResult, Summary, VerifyReport
 from kvmtdx.errors import ExitCode
-from kvmtdx.report import to_json
+from kvmtdx.report.encode import bitref_json
+from kvmtdx.report.schema import ReportKind, document
 from kvmtdx.verdict import Status
 
 PASS, FAIL, SKIP = Status.PASS, Status.FAIL, Status.SKIP
-
-JSON_SCHEMA = 1
 
 def exit_code(report: VerifyReport) -> ExitCode:
     return verdict.exit_code(Status(report.verdict))
@@ -134,12 +133,12 @@ def render_ktap(report: VerifyReport) -> str:
 # JSON (schema documented in README.md, "kvmtdx verify")
 
 
-def check_to_json(c: CheckResult) -> dict[str, Any]:
+def check_json(c: CheckResult) -> dict[str, Any]:
     return {"id": c.id, "group": c.group, "status": c.status, "detail": c.detail,
-            "expected": c.expected, "actual": c.actual, "bits": [b.to_json() for b in c.bits]}
+            "expected": c.expected, "actual": c.actual, "bits": [bitref_json(b) for b in c.bits]}
 
 
-def summary_to_json(s: Summary) -> dict[str, Any]:
+def summary_json(s: Summary) -> dict[str, Any]:
     return {"verdict": s.verdict, "total": s.total, "passed": s.passed, "failed": s.failed,
             "skipped": s.skipped, "tds_created": s.tds_created, "ioctls": s.ioctls,
             "init_vm_calls": s.init_vm_calls, "fds_before": s.fds_before,
@@ -147,9 +146,10 @@ def summary_to_json(s: Summary) -> dict[str, Any]:
 
 
 def report_to_json(report: VerifyReport) -> dict[str, Any]:
+    """The body of a "verify" report.  "kvmtdx" (the version again) stays from before the
+    envelope, so readers of the documented schema 1 keep working."""
     k = report.knowledge
     out: dict[str, Any] = {
-        "schema": JSON_SCHEMA,
         "kvmtdx": __version__,
         "verdict": report.verdict,
         "backend": report.backend,
@@ -162,8 +162,8 @@ def report_to_json(report: VerifyReport) -> dict[str, Any]:
         "allowlist": (k.policy.allowlist.name if k is not None and k.policy is not None
                       and k.policy.allowlist is not None else None),
         "allowlist_source": k.allowlist_source if k is not None else None,
-        "summary": summary_to_json(report.summary),
-        "checks": [check_to_json(c) for c in report.checks],
+        "summary": summary_json(report.summary),
+        "checks": [check_json(c) for c in report.checks],
     }
     if report.skip_reason is not None:
         out["summary"]["verdict"] = SKIP
@@ -172,7 +172,7 @@ def report_to_json(report: VerifyReport) -> dict[str, Any]:
 
 
 def render_json(report: VerifyReport) -> str:
-    return to_json(report_to_json(report))
+    return document(ReportKind.VERIFY, report_to_json(report))
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,63 @@
+"""`kvmtdx caps`: KVM_TDX_CAPABILITIES decoded bit by bit, optionally saved as a module profile."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+from kvmtdx.cli.common import (
+    Command,
+    backend_options,
+    model_options,
+    open_session,
+    output_options,
+    policy_from,
+    write,
+)
+from kvmtdx.errors import DataError, ExitCode
+
+if TYPE_CHECKING:
+    from kvmtdx.model.profiles import ModuleProfile
+    from kvmtdx.structs import Capabilities
+
+
+def arguments(p: argparse.ArgumentParser) -> None:
+    backend_options(p)
+    model_options(p, None)
+    p.add_argument("--save-module", metavar="FILE",
+                   help="write the module profile these capabilities imply (needs --policy)")
+    output_options(p, ("text", "json"))
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvmtdx.hostinfo import read_capabilities
+    from kvmtdx.report import caps as render
+    from kvmtdx.report import emit
+
+    if args.save_module and not args.policy:
+        raise DataError("--save-module needs --policy: the policy of the running kernel "
+                        "(upstream-6.16, upstream or rfc-v2) says which bits it hides")
+    backend = open_session(args)
+    reading = read_capabilities(backend)  # KvmError(skip) without TDX: main() exits 4
+    fmt = render.render_json if args.format == "json" else render.render_text
+    write(args, fmt(reading.caps, backend.label, reading.counters))
+    if args.save_module:
+        emit(render.module_profile_json(_saved_module(args, reading.caps, backend.label)),
+             args.save_module)
+    return ExitCode.PASS
+
+
+def _saved_module(args: argparse.Namespace, caps: Capabilities, label: str) -> ModuleProfile:
+    from kvmtdx.model.infer import module_from_capabilities
+    from kvmtdx.model.profiles import load_profile
+
+    policy = policy_from(args, args.policy)
+    base = load_profile(args.module) if args.module else None
+    return module_from_capabilities(
+        caps, policy, base=base, name=f"saved-{policy.name}",
+        source=f"kvmtdx caps --save-module on {label}, policy {policy.name}"
+        + (f", hidden bits filled from module {base.name}" if base else
+           ", bits the policy hides marked unknown"))
+
+
+COMMAND = Command("caps", "KVM_TDX_CAPABILITIES, decoded bit by bit", arguments, run)

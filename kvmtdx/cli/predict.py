@@ -1,0 +1,40 @@
+"""`kvmtdx predict`: the mirror's capabilities, and with --request its INIT_VM answer."""
+
+from __future__ import annotations
+
+import argparse
+
+from kvmtdx.cli.common import Command, model_options, output_options, policy_from, write
+from kvmtdx.errors import DataError, ExitCode
+
+
+def arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", metavar="FILE|max|native", default="max",
+                   help="the host's native CPUID (default: max)")
+    model_options(p, "upstream")
+    p.add_argument("--request", metavar="FILE", help="an INIT_VM request (JSON) to predict")
+    output_options(p, ("text", "json"))
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvmtdx.model import mirror
+    from kvmtdx.model.profiles import load_profile
+    from kvmtdx.model.requests import load_request
+    from kvmtdx.native import host_by_name
+    from kvmtdx.report import predict as render
+
+    if not args.module:
+        raise DataError("predict needs --module: 1.5.01, 1.5-late, 2.0 or a module JSON file")
+    module = load_profile(args.module)
+    host = host_by_name(args.host)
+    policy = policy_from(args, args.policy)
+    request = load_request(args.request) if args.request else None
+    caps = mirror.predict_capabilities(module, host, policy, len(module.rows))
+    outcome = None if request is None else mirror.predict_init_vm(module, host, policy, request)
+    fmt = render.render_json if args.format == "json" else render.render_text
+    write(args, fmt(module, host, policy, caps, outcome))
+    return ExitCode.PASS
+
+
+COMMAND = Command("predict", "the mirror's prediction of capabilities (and of INIT_VM)",
+                  arguments, run)

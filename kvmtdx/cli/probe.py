@@ -1,0 +1,87 @@
+"""`kvmtdx probe`: every configurable bit classified by real INIT_VM outcomes."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from kvmtdx.cli.common import (
+    Command,
+    backend_options,
+    given_from,
+    model_options,
+    open_session,
+    output_options,
+    write,
+)
+from kvmtdx.errors import DataError, ExitCode, ProbeError
+
+DESCRIPTION = (
+    "Classify every bit of every row KVM_TDX_CAPABILITIES lists by real "
+    "KVM_TDX_INIT_VM outcomes: REPORTED_ACCEPTED, REPORTED_REJECTED, "
+    "HIDDEN_KVM_REJECTED, HIDDEN_MODULE_REJECTED, HIDDEN_ACCEPTED.  Reported "
+    "bits are tried in groups, hidden bits one per TD.")
+EPILOG = (
+    "exit codes: 0 every probed bit behaves as it should, 1 a REPORTED_REJECTED "
+    "no module coupling explains or a HIDDEN_ACCEPTED (or the probe could not go "
+    "on), 2 usage or input error, 4 no TDX here.  A run cut short by --max-tds "
+    "is reported incomplete and judged on the bits it tried.")
+
+
+def arguments(p: argparse.ArgumentParser) -> None:
+    backend_options(p)
+    model_options(p, "auto", auto=True)
+    p.add_argument("--exhaustive", action="store_true",
+                   help="every bit of every listed row (the default without a module profile; "
+                        "with one, the default tries the bits whose class can differ between "
+                        "policies or between KVM and the module, plus a fixed sample)")
+    p.add_argument("--max-tds", type=int, metavar="N",
+                   help="create at most N TDs (the report says when it is incomplete)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="TDs in parallel (real device; the simulated host runs one ioctl at a "
+                        "time)")
+    p.add_argument("--emit-allowlist", metavar="FILE",
+                   help="write the effective allowlist, loadable with --allowlist")
+    output_options(p, ("text", "json"))
+
+
+def run(args: argparse.Namespace) -> int:
+    import datetime
+
+    from kvmtdx import probe
+    from kvmtdx.report import emit
+    from kvmtdx.report import probe as render
+
+    if args.jobs < 1:
+        raise DataError("--jobs must be at least 1")
+    backend = open_session(args)
+    known = given_from(args, backend)
+    tty = sys.stderr.isatty()
+    options = probe.ProbeOptions(exhaustive=args.exhaustive, max_tds=args.max_tds,
+                                 jobs=args.jobs, progress=_progress if tty else None)
+    try:
+        result = probe.probe(backend.seam, options, label=backend.label, given=known)
+    except ProbeError:
+        _end_progress(tty)  # before the error line main() writes
+        raise
+    _end_progress(tty)
+    if args.emit_allowlist:
+        emit(render.allowlist_text(result, datetime.date.today().isoformat()),
+             args.emit_allowlist)
+    write(args, render.render_json(result) if args.format == "json"
+          else render.render_text(result))
+    return ExitCode.FAIL if result.failures else ExitCode.PASS
+
+
+def _end_progress(tty: bool) -> None:
+    if tty:
+        sys.stderr.write("\n")
+
+
+def _progress(tds: int) -> None:
+    sys.stderr.write(f"\rkvmtdx probe: {tds} TDs")
+    sys.stderr.flush()
+
+
+COMMAND = Command("probe", "classify every configurable bit by real INIT_VM outcomes",
+                  arguments, run, description=DESCRIPTION, epilog=EPILOG)

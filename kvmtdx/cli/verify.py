@@ -1,0 +1,65 @@
+"""`kvmtdx verify`: the conformance suite (exit 0 pass, 1 fail, 4 skip)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from kvmtdx.cli.common import (
+    SIM_HINT,
+    Command,
+    backend_options,
+    given_from,
+    model_options,
+    open_session,
+    output_options,
+    say,
+    write,
+)
+
+
+def arguments(p: argparse.ArgumentParser) -> None:
+    backend_options(p)
+    model_options(p, "auto", auto=True)
+    output_options(p, ("text", "json", "ktap", "junit"))
+
+
+def run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from kvmtdx.checks import run_verify
+    from kvmtdx.report import verify as render
+
+    backend = open_session(args)
+    tty = sys.stderr.isatty()
+    report = run_verify(backend.seam, backend_label=backend.label,
+                        given=given_from(args, backend), progress=_progress() if tty else None)
+    if tty:
+        sys.stderr.write("\r\033[K")
+    if report.skip_reason is not None:
+        reason = f"{report.skip_reason}; {SIM_HINT}"
+        report = replace(report, skip_reason=reason)
+        if args.format != "text" or args.output:
+            say("skip", reason)
+    write(args, render.render(report, args.format))
+    return render.exit_code(report)
+
+
+def _progress() -> Callable[[int, int, int], None]:
+    """Checks done / total and TDs created, redrawn on stderr at most ten times a second."""
+    import time
+
+    last = [0.0]
+
+    def show(done: int, total: int, tds: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= 0.1 or done == total:
+            last[0] = now
+            sys.stderr.write(f"\rverify: {done}/{total} checks, {tds} TDs created")
+            sys.stderr.flush()
+    return show
+
+
+COMMAND = Command("verify", "the conformance suite (exit 0 pass, 1 fail, 4 skip)",
+                  arguments, run)

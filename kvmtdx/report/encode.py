@@ -1,0 +1,58 @@
+"""JSON for the domain values more than one report carries.
+
+Domain types (Outcome, BitRef, Capabilities, Policy) know nothing of JSON; each
+is written here, once, so every report spells it the same way (leaves as hex
+strings where a bit is named, integers where predict's capabilities are).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kvmtdx.model.catalog import BitRef
+from kvmtdx.model.policy import Policy
+from kvmtdx.outcome import Outcome
+from kvmtdx.structs import Capabilities, CpuidEntry
+
+
+def outcome_json(o: Outcome) -> dict[str, Any]:
+    """One INIT_VM outcome with the reason a prediction gives (predict, init-vm)."""
+    return {
+        "outcome": o.kind.value,
+        "errno": o.errno_name,
+        "hw_error": o.hw_error,
+        "check": o.check,
+        "leaf": o.leaf,
+        "subleaf": o.subleaf,
+        "register": o.register,
+        "bit": o.bit,
+    }
+
+
+def bitref_json(b: BitRef) -> dict[str, Any]:
+    return {"leaf": f"0x{b.leaf:x}", "subleaf": b.subleaf, "register": b.register,
+            "bit": b.bit, "name": b.name}
+
+
+def entry_json(e: CpuidEntry) -> dict[str, int]:
+    return {"function": e.function, "index": e.index, "flags": e.flags,
+            "eax": e.eax, "ebx": e.ebx, "ecx": e.ecx, "edx": e.edx}
+
+
+def capabilities_json(caps: Capabilities) -> dict[str, Any]:
+    """KVM_TDX_CAPABILITIES with the uapi's field names, as integers (caps, predict, probe)."""
+    return {
+        "supported_attrs": caps.supported_attrs,
+        "supported_xfam": caps.supported_xfam,
+        "kernel_tdvmcallinfo_1_r11": caps.kernel_tdvmcallinfo_1_r11,
+        "user_tdvmcallinfo_1_r11": caps.user_tdvmcallinfo_1_r11,
+        "kernel_tdvmcallinfo_1_r12": caps.kernel_tdvmcallinfo_1_r12,
+        "user_tdvmcallinfo_1_r12": caps.user_tdvmcallinfo_1_r12,
+        "cpuid": [entry_json(e) for e in caps.entries],
+    }
+
+
+def allowlist_ref_json(policy: Policy) -> dict[str, str] | None:
+    """Which allowlist a policy judged by: its name and provenance (None without one)."""
+    a = policy.allowlist
+    return None if a is None else {"name": a.name, "provenance": a.provenance}

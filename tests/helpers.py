@@ -1,0 +1,228 @@
+"""What the tests share: the CLI run in-process, fake seams, the lookup-trap requests, a strict
+KTAP reader and golden files.
+
+pytest puts tests/ on sys.path, so `from helpers import ...` works in every test module, and
+the seam factories below load the way a user's do: `--backend helpers:no_tdx`.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import pytest
+
+from kvmtdx import cli, uapi
+from kvmtdx.model.requests import Request, request_to_json
+from kvmtdx.structs import FLAG_SIGNIFICANT_INDEX, CpuidEntry, InitVm
+
+# ---------------------------------------------------------------------------
+# The command line, in-process.
+
+
+class CliRun(NamedTuple):
+    rc: int
+    out: str
+    err: str
+
+    def json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = json.loads(self.out)
+        return doc
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> CliRun:
+    """`kvmtdx ARGV` through cli.main: exit code, stdout and stderr."""
+    rc = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return CliRun(rc, out, err)
+
+
+# ---------------------------------------------------------------------------
+# Fake seams: what a host without KVM, without permission or without TDX answers.
+
+
+class AbsentKvm:
+    """No /dev/kvm at all: open fails with ENOENT, and no fd ever exists to use."""
+
+    def open(self, path: str, flags: int) -> int:
+        raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+
+    def ioctl(self, fd: int, request: int, arg: int) -> int:
+        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+
+    def close(self, fd: int) -> None:
+        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+
+
+class DeniedKvm(AbsentKvm):
+    """/dev/kvm is there, but root-only."""
+
+    def open(self, path: str, flags: int) -> int:
+        raise OSError(errno.EACCES, os.strerror(errno.EACCES), path)
+
+
+class NoTdxKvm(AbsentKvm):
+    """A KVM with only the default VM type, like most machines'."""
+
+    def open(self, path: str, flags: int) -> int:
+        return 3
+
+    def ioctl(self, fd: int, request: int, arg: int) -> int:
+        if request == uapi.Ioctl.KVM_GET_API_VERSION:
+            return uapi.KVM_API_VERSION
+        if request == uapi.Ioctl.KVM_CHECK_EXTENSION and arg == uapi.KVM_CAP_VM_TYPES:
+            return 1 << uapi.VmType.KVM_X86_DEFAULT_VM
+        if request == uapi.Ioctl.KVM_CREATE_VM and arg == uapi.VmType.KVM_X86_TDX_VM:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        raise OSError(errno.ENOTTY, os.strerror(errno.ENOTTY))
+
+    def close(self, fd: int) -> None:
+        pass
+
+
+class OldApiKvm(NoTdxKvm):
+    """A KVM whose KVM_GET_API_VERSION is not 12: a broken kernel, not a missing feature."""
+
+    def ioctl(self, fd: int, request: int, arg: int) -> int:
+        if request == uapi.Ioctl.KVM_GET_API_VERSION:
+            return uapi.KVM_API_VERSION - 1
+        return super().ioctl(fd, request, arg)
+
+
+def no_kvm() -> AbsentKvm:
+    return AbsentKvm()
+
+
+def denied() -> DeniedKvm:
+    return DeniedKvm()
+
+
+def no_tdx() -> NoTdxKvm:
+    return NoTdxKvm()
+
+
+def old_api() -> OldApiKvm:
+    return OldApiKvm()
+
+
+# ---------------------------------------------------------------------------
+# The lookup trap of spec section 4: the denylist bypass of Linux 6.16 to 7.3.
+
+WAITPKG = 1 << 5  # CPUID.7.0:ECX[5]
+GPAW48 = CpuidEntry(function=0x80000008, eax=48 << 16)
+MINIMAL = InitVm(xfam=0x3, entries=(GPAW48,))
+
+
+def with_bypass(entries: Iterable[CpuidEntry], *, ebx: int = 0, ecx: int = WAITPKG,
+                flagged: bool = True) -> tuple[CpuidEntry, ...]:
+    """`entries` with their leaf 7 replaced by the trap: flagged 7.1 and 7.2 take those rows,
+    so an unflagged index-5 entry carrying `ebx`/`ecx` is what KVM finds for row 7.0, and the
+    count still balances.  Without `flagged`, the index-5 entry alone (the count breaks)."""
+    trap = (CpuidEntry(7, 1, FLAG_SIGNIFICANT_INDEX), CpuidEntry(7, 2, FLAG_SIGNIFICANT_INDEX))
+    return (*(trap if flagged else ()), CpuidEntry(7, 5, 0, ebx=ebx, ecx=ecx),
+            *(e for e in entries if e.function != 7))
+
+
+def bypass(base: InitVm = MINIMAL, *, ebx: int = 0, ecx: int = WAITPKG,
+           flagged: bool = True) -> InitVm:
+    """`base` (default: leaf 0x80000008 alone, GPAW 48) smuggling WAITPKG onto row 7.0."""
+    return replace(base, entries=with_bypass(base.entries, ebx=ebx, ecx=ecx, flagged=flagged))
+
+
+def bypass_request() -> dict[str, Any]:
+    """The minimal bypass as an init-vm / predict --request file."""
+    return request_to_json(Request(init_vm=bypass()))
+
+
+def write_request(folder: Path, request: Request | dict[str, Any], name: str = "req.json"
+                  ) -> str:
+    """`request` as a request file in `folder`; its path, for --request."""
+    doc = request if isinstance(request, dict) else request_to_json(request)
+    path = folder / name
+    path.write_text(json.dumps(doc))
+    return str(path)
+
+
+# ---------------------------------------------------------------------------
+# A strict KTAP v1 reader (Documentation/dev-tools/ktap.rst).
+
+_RESULT = re.compile(
+    r"(?P<ok>ok|not ok) (?P<num>[1-9][0-9]*)(?: (?P<desc>[^#]*[^#\s]))?"
+    r"(?: # (?P<directive>SKIP|TODO|XFAIL|TIMEOUT|ERROR)(?: (?P<reason>[^\n]*))?)?"
+)
+_PLAN = re.compile(r"1\.\.(?P<n>0|[1-9][0-9]*)(?: # SKIP(?: (?P<reason>.+))?)?")
+
+
+class KtapError(AssertionError):
+    pass
+
+
+def _ktap_result(line: str, i: int, expected_num: int) -> dict[str, Any]:
+    r = _RESULT.fullmatch(line)
+    if r is None:
+        raise KtapError(f"line {i}: not KTAP: {line!r}")
+    num = int(r.group("num"))
+    if num != expected_num:
+        raise KtapError(f"line {i}: test {num} out of sequence")
+    if r.group("directive") == "SKIP" and r.group("ok") != "ok":
+        raise KtapError(f"line {i}: SKIP on a 'not ok' line")
+    return {"ok": r.group("ok") == "ok", "num": num, "desc": r.group("desc"),
+            "directive": r.group("directive"), "reason": r.group("reason")}
+
+
+def parse_ktap(text: str) -> dict[str, Any]:
+    """Version line, one plan before any result, results numbered 1..N, count = plan."""
+    if not text.endswith("\n"):
+        raise KtapError("output does not end with a newline")
+    lines = text.split("\n")[:-1]
+    if not lines or lines[0] != "KTAP version 1":
+        raise KtapError(f"first line is not 'KTAP version 1': {lines[:1]}")
+    plan: int | None = None
+    plan_skip: str | None = None
+    results: list[dict[str, Any]] = []
+    for i, line in enumerate(lines[1:], 2):
+        if line == "#" or line.startswith("# "):
+            continue
+        m = _PLAN.fullmatch(line)
+        if m is None:
+            results.append(_ktap_result(line, i, len(results) + 1))
+            continue
+        if plan is not None:
+            raise KtapError(f"line {i}: a second plan")
+        if results:
+            raise KtapError(f"line {i}: the plan comes after results")
+        plan, plan_skip = int(m.group("n")), m.group("reason")
+        if "# SKIP" in m.group(0) and plan != 0:
+            raise KtapError(f"line {i}: a SKIP plan must be 1..0")
+    if plan is None:
+        raise KtapError("no plan")
+    if len(results) != plan:
+        raise KtapError(f"plan says {plan}, {len(results)} results")
+    return {"plan": plan, "plan_skip": plan_skip, "results": results}
+
+
+# ---------------------------------------------------------------------------
+# Golden files: KVMTDX_REGEN_GOLDEN=1 rewrites them from the current output.
+
+GOLDEN = Path(__file__).resolve().parent / "golden"
+REGEN_GOLDEN = os.environ.get("KVMTDX_REGEN_GOLDEN") == "1"
+
+
+def assert_golden(name: str, text: str) -> None:
+    """`text` is exactly tests/golden/NAME (rewritten instead when KVMTDX_REGEN_GOLDEN=1)."""
+    path = GOLDEN / name
+    if REGEN_GOLDEN:
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+        return
+    assert path.exists(), f"{path.name} is missing: run with KVMTDX_REGEN_GOLDEN=1 to write it"
+    expected = path.read_text()
+    assert text == expected, (
+        f"output differs from golden/{name}; if the change is intended, rerun with "
+        "KVMTDX_REGEN_GOLDEN=1 and review the diff of the golden file")

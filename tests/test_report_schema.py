@@ -1,0 +1,76 @@
+"""One schema for every JSON report: the envelope (schema, kind, tool_version) comes first."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import run_cli, write_request
+
+from kvmtdx import __version__
+from kvmtdx.model import mirror
+from kvmtdx.model.policy import get_policy
+from kvmtdx.model.profiles import MAX_HOST, load_profile
+from kvmtdx.report.schema import ENVELOPE, SCHEMA, ReportKind, envelope
+
+
+def _reports(capsys: pytest.CaptureFixture[str], tmp: Path) -> dict[str, dict[str, Any]]:
+    """Every JSON document the commands write, by the command that wrote it."""
+    request = write_request(tmp, mirror.full_request(load_profile("2.0"), MAX_HOST,
+                                                     get_policy("upstream")))
+    saved, allow, pa, pb = (str(tmp / n) for n in ("m.json", "a.json", "pa.json", "pb.json"))
+    runs: list[tuple[str, int, list[str]]] = [
+        ("info", 0, ["info", "--simulate", "2.0"]),
+        ("caps", 0, ["caps", "--simulate", "2.0", "--policy", "upstream", "--save-module", saved]),
+        ("predict", 0, ["predict", "--module", "2.0", "--request", request]),
+        ("init-vm", 0, ["init-vm", "--simulate", "2.0", "--request", request]),
+        ("verify", 1, ["verify", "--simulate", "2.0"]),
+        ("probe", 0, ["probe", "--simulate", "2.0", "--emit-allowlist", allow, "--output", pa]),
+        ("probe", 0, ["probe", "--simulate", "2.0:rfc-v2", "--output", pb]),
+        ("diff", 1, ["diff", pa, pb]),
+        ("policy-diff", 1, ["diff", "--module", "2.0", "--policy", "upstream",
+                            "--policy", "rfc-v2"]),
+        ("simulate-list", 0, ["verify", "--simulate", "list"]),
+    ]
+    docs = {}
+    for name, rc, argv in runs:
+        r = run_cli(capsys, *argv, *(["--format", "json"] if name != "init-vm" else []))
+        assert r.rc == rc, (argv, r.err)
+        docs[name] = json.loads(Path(pa).read_text()) if name == "probe" else r.json()
+    docs["module-profile"] = json.loads(Path(saved).read_text())
+    docs["allowlist"] = json.loads(Path(allow).read_text())
+    return docs
+
+
+def test_every_json_report_starts_with_the_envelope_naming_its_kind(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    docs = _reports(capsys, tmp_path)
+    # Every kind kvmtdx declares is written by some command above (a new kind joins the list).
+    assert set(docs) == {k.value for k in ReportKind}
+    for kind, doc in docs.items():
+        assert list(doc)[:3] == list(ENVELOPE), kind
+        assert (doc["schema"], doc["kind"], doc["tool_version"]) == (SCHEMA, kind, __version__)
+
+
+def test_the_kinds_own_fields_follow_unchanged(capsys: pytest.CaptureFixture[str],
+                                               tmp_path: Path) -> None:
+    docs = _reports(capsys, tmp_path)
+    assert list(docs["info"])[3:6] == ["backend", "simulated", "kvm_path"]
+    assert list(docs["caps"])[3:5] == ["backend", "supported_attrs"]
+    assert list(docs["predict"])[3:5] == ["module", "policy"]
+    assert list(docs["init-vm"])[3:5] == ["outcome", "errno"]
+    assert list(docs["verify"])[3:5] == ["kvmtdx", "verdict"]
+    assert list(docs["probe"])[3:5] == ["backend", "module"]
+    assert list(docs["diff"])[3:6] == ["a", "b", "differences"]
+    assert list(docs["policy-diff"])[3:5] == ["module", "host"]
+    assert list(docs["simulate-list"])[3:6] == ["modules", "policies", "mutants"]
+    assert list(docs["module-profile"])[3:5] == ["name", "source"]
+    assert list(docs["allowlist"])[3:5] == ["name", "provenance"]
+
+
+def test_the_envelope_replaces_fields_of_the_same_name_in_the_body() -> None:
+    doc = envelope(ReportKind.ALLOWLIST, {"schema": 0, "kind": "x", "name": "n"})
+    assert doc == {"schema": SCHEMA, "kind": "allowlist", "tool_version": __version__,
+                   "name": "n"}
