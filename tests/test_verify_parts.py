@@ -78,7 +78,8 @@ def _context(policy: str) -> Context:
     kvm = Kvm(b.seam)
     with kvm.create_td() as td:
         caps = td.capabilities()
-    return Context(kvm=kvm, seam=b.seam, know=complete(given(b.simulation, policy=policy), caps), caps=caps)
+    know = complete(given(b.simulation, policy=policy), caps)
+    return Context(kvm=kvm, seam=b.seam, know=know, caps=caps)
 
 
 def test_policy_rules_follow_what_the_policy_has_not_its_name() -> None:

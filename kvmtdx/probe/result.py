@@ -1,0 +1,109 @@
+"""What a probe finds: a class per bit, a class per value field, and the run around them.
+
+These types carry no JSON; kvmtdx.report.probe renders them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from kvmtdx.knowledge import Knowledge
+from kvmtdx.outcome import Outcome
+from kvmtdx.structs import Capabilities
+
+
+class BitClass(str, Enum):
+    REPORTED_ACCEPTED = "REPORTED_ACCEPTED"
+    REPORTED_REJECTED = "REPORTED_REJECTED"
+    HIDDEN_KVM_REJECTED = "HIDDEN_KVM_REJECTED"
+    HIDDEN_MODULE_REJECTED = "HIDDEN_MODULE_REJECTED"
+    HIDDEN_ACCEPTED = "HIDDEN_ACCEPTED"
+
+
+class FieldClass(str, Enum):
+    FIELD_ACCEPTED = "FIELD_ACCEPTED"
+    FIELD_REJECTED = "FIELD_REJECTED"
+
+
+BitKey = tuple[int, int, str, int]  # leaf, KVM index, register, bit
+
+
+@dataclass(frozen=True)
+class BitResult:
+    leaf: int
+    subleaf: int  # the index KVM reports (0 for rows without sub-leaves)
+    register: str
+    bit: int
+    name: str
+    cls: BitClass
+    outcome: Outcome | None  # the INIT_VM that decided; None when inferred by splitting
+    # Why a REPORTED_REJECTED or HIDDEN_ACCEPTED is not a kernel bug (a module rule).
+    explained: str | None = None
+    expected: BitClass | None = None  # the mirror's class, when the model is known
+
+    @property
+    def key(self) -> BitKey:
+        return (self.leaf, self.subleaf, self.register, self.bit)
+
+    @property
+    def reported(self) -> bool:
+        return self.cls in (BitClass.REPORTED_ACCEPTED, BitClass.REPORTED_REJECTED)
+
+    @property
+    def failed(self) -> bool:
+        bad = self.cls in (BitClass.REPORTED_REJECTED, BitClass.HIDDEN_ACCEPTED)
+        return bad and self.explained is None
+
+
+@dataclass(frozen=True)
+class FieldResult:
+    leaf: int
+    subleaf: int
+    register: str
+    lo: int
+    hi: int
+    name: str
+    value: int  # the register value tried (field bits only)
+    cls: FieldClass
+    outcome: Outcome | None
+    # Host-dependent tries (GPAW 52 needs 5-level EPT) inform but never fail.
+    informational: bool = False
+
+    @property
+    def failed(self) -> bool:
+        return self.cls is FieldClass.FIELD_REJECTED and not self.informational
+
+
+@dataclass
+class ProbeResult:
+    backend: str
+    mode: str
+    complete: bool
+    tds: int
+    ioctls: int
+    seconds: float
+    caps: Capabilities
+    bits: list[BitResult]
+    fields: list[FieldResult]
+    untested: int  # feature bits of listed rows left out (targeted mode, --max-tds)
+    module: str | None = None
+    policy: str | None = None
+    notes: list[str] = field(default_factory=list)
+    knowledge: Knowledge | None = None  # what the run was judged by, and why
+
+    @property
+    def failures(self) -> list[BitResult | FieldResult]:
+        out: list[BitResult | FieldResult] = [b for b in self.bits if b.failed]
+        out.extend(f for f in self.fields if f.failed)
+        return out
+
+    @property
+    def mismatches(self) -> list[BitResult]:
+        return [b for b in self.bits if b.expected is not None and b.expected is not b.cls]
+
+    def counts(self) -> dict[str, int]:
+        out = {c.value: 0 for c in BitClass}
+        for b in self.bits:
+            out[b.cls.value] += 1
+        return out
