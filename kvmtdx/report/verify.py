@@ -9,17 +9,18 @@ no TDX is a skip in every format, with the reason.
 
 from __future__ import annotations
 
-import xml.etree.ElementTree as ET
 from typing import Any
 
 from kvmtdx import __version__, verdict
 from kvmtdx.checks import GROUPS, CheckResult, Summary, VerifyReport
 from kvmtdx.errors import ExitCode
+from kvmtdx.report import junit, ktap
 from kvmtdx.report.encode import bitref_json
 from kvmtdx.report.schema import ReportKind, document
 from kvmtdx.verdict import Status
 
 PASS, FAIL, SKIP = Status.PASS, Status.FAIL, Status.SKIP
+
 
 def exit_code(report: VerifyReport) -> ExitCode:
     return verdict.exit_code(Status(report.verdict))
@@ -96,37 +97,19 @@ def render_text(report: VerifyReport) -> str:
 
 
 # ---------------------------------------------------------------------------
-# KTAP v1 (Documentation/dev-tools/ktap.rst)
-
-
-def _ktap_text(text: str) -> str:
-    # A '#' would start a directive inside a result line; keep diagnostics plain.
-    return _one_line(text).replace("#", "no.")
+# KTAP v1 (written by kvmtdx.report.ktap)
 
 
 def render_ktap(report: VerifyReport) -> str:
-    out = ["KTAP version 1"]
     if report.skip_reason is not None:
-        out.append(f"1..0 # SKIP {_ktap_text(report.skip_reason)}")
-        return "\n".join(out) + "\n"
-    out.append(f"# kvmtdx {__version__} verify: {_counts(report)}")
-    out += [f"# {k}: {_ktap_text(v)}" for k, v in _facts(report)]
-    out.append(f"1..{len(report.checks)}")
-    for n, c in enumerate(report.checks, 1):
-        if c.status == FAIL:
-            out.append(f"# {c.id}: {_ktap_text(c.detail)}")
-            if c.expected or c.actual:
-                out.append(f"# expected: {_ktap_text(c.expected)}")
-                out.append(f"# actual: {_ktap_text(c.actual)}")
-            out.append(f"not ok {n} {c.id}")
-        elif c.status == SKIP:
-            out.append(f"ok {n} {c.id} # SKIP {_ktap_text(c.detail)}")
-        else:
-            out.append(f"ok {n} {c.id}")
-    s = report.summary
-    out.append(f"# Totals: pass:{s.passed} fail:{s.failed} xfail:0 xpass:0 skip:{s.skipped} "
-               "error:0")
-    return "\n".join(out) + "\n"
+        return ktap.skip_all(report.skip_reason)
+    header = [f"kvmtdx {__version__} verify: {_counts(report)}"]
+    header += [f"{k}: {v}" for k, v in _facts(report)]
+    cases = [ktap.Case(c.id, c.status, c.detail,
+                       (f"expected: {c.expected}", f"actual: {c.actual}")
+                       if c.expected or c.actual else ())
+             for c in report.checks]
+    return ktap.render(header, cases)
 
 
 # ---------------------------------------------------------------------------
@@ -176,53 +159,28 @@ def render_json(report: VerifyReport) -> str:
 
 
 # ---------------------------------------------------------------------------
-# JUnit XML (the Jenkins / GitLab dialect: testsuites > testsuite > testcase)
+# JUnit XML (written by kvmtdx.report.junit): one suite per check group
 
 
-def _case(parent: ET.Element, c: CheckResult) -> None:
-    tc = ET.SubElement(parent, "testcase", name=c.id, classname=f"kvmtdx.verify.{c.group}")
+def _junit_case(c: CheckResult) -> junit.Case:
+    text = c.detail
     if c.status == FAIL:
-        f = ET.SubElement(tc, "failure", message=_one_line(c.detail), type="mismatch")
         lines = [c.detail, f"expected: {c.expected}", f"actual: {c.actual}"]
-        lines += [f"bit: {b.label()}" for b in c.bits]
-        f.text = "\n".join(lines)
-    elif c.status == SKIP:
-        ET.SubElement(tc, "skipped", message=_one_line(c.detail))
-    elif c.detail:
-        ET.SubElement(tc, "system-out").text = c.detail
+        text = "\n".join(lines + [f"bit: {b.label()}" for b in c.bits])
+    return junit.Case(c.id, f"kvmtdx.verify.{c.group}", c.status, c.detail, text)
 
 
 def render_junit(report: VerifyReport) -> str:
-    root = ET.Element("testsuites", name="kvmtdx verify")
-    s = report.summary
     if report.skip_reason is not None:
-        suite = ET.SubElement(root, "testsuite", name="kvmtdx.verify.availability", tests="1",
-                              failures="0", errors="0", skipped="1")
-        tc = ET.SubElement(suite, "testcase", name="tdx_available",
-                           classname="kvmtdx.verify.availability")
-        ET.SubElement(tc, "skipped", message=_one_line(report.skip_reason))
-        root.set("tests", "1")
-        root.set("failures", "0")
-        root.set("skipped", "1")
-    else:
-        root.set("tests", str(s.total))
-        root.set("failures", str(s.failed))
-        root.set("skipped", str(s.skipped))
-        for g in GROUPS:
-            cs = [c for c in report.checks if c.group == g]
-            if not cs:
-                continue
-            suite = ET.SubElement(
-                root, "testsuite", name=f"kvmtdx.verify.{g}", tests=str(len(cs)),
-                failures=str(sum(c.status == FAIL for c in cs)), errors="0",
-                skipped=str(sum(c.status == SKIP for c in cs)))
-            props = ET.SubElement(suite, "properties")
-            for key, value in _facts(report):
-                ET.SubElement(props, "property", name=key, value=value)
-            for c in cs:
-                _case(suite, c)
-    ET.indent(root)
-    return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"
+        skipped = junit.Case("tdx_available", "kvmtdx.verify.availability", SKIP,
+                             report.skip_reason)
+        return junit.render("kvmtdx verify",
+                            [junit.Suite("kvmtdx.verify.availability", (skipped,))])
+    facts = tuple(_facts(report))
+    suites = [junit.Suite(f"kvmtdx.verify.{g}",
+                          tuple(_junit_case(c) for c in report.checks if c.group == g), facts)
+              for g in GROUPS]
+    return junit.render("kvmtdx verify", [s for s in suites if s.cases])
 
 
 RENDERERS = {"text": render_text, "ktap": render_ktap, "json": render_json,
