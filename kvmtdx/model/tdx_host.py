@@ -114,6 +114,20 @@ def enumerate_config(tables: ModuleTables, host: HostCpu) -> tuple[Regs, ...]:
     return tuple(out)
 
 
+def full_request(tables: ModuleTables, host: HostCpu) -> tuple[Regs, ...]:
+    """Per CPUID_CONFIG row, what a VMM asking for everything would send: every enumerated
+    allow_direct bit, and the native value in config_direct fields (F/M/S, caches, topology)."""
+    native = sampled_native(tables, host)
+    position = {e.index: i for i, e in enumerate(tables.lookup)}
+    out: list[Regs] = []
+    for row in tables.configurable:
+        nat = native[position[row.lookup_index]]
+        a, b, c, d = ((n & cd) | (n & ad) for cd, ad, n in
+                      zip(row.config_direct, row.allow_direct, nat, strict=True))
+        out.append((a, b, c, d))
+    return tuple(out)
+
+
 def reported_attributes_fixed0(tables: ModuleTables, host: HostCpu) -> int:
     """ATTRIBUTES_FIXED0 after TDH.SYS.INIT removed the bits this platform lacks."""
     value = tables.attributes_fixed0

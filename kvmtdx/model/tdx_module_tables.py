@@ -237,13 +237,17 @@ def tables_from_json(data: Any, origin: str) -> ModuleTables:
         raise TablesError(f"{origin}: malformed module table ({e!r})") from None
 
 
-@functools.cache
 def load_tables(name: str) -> ModuleTables:
     """A bundled module by version ("1.5.05") or by its older kvmtdx name ("1.5-late", "2.0")."""
     version = ALIASES.get(name, name)
     if version not in BUNDLED_VERSIONS:
         known = ", ".join((*BUNDLED_VERSIONS, *ALIASES))
         raise TablesError(f"unknown TDX module {name!r}: use one of {known}")
+    return _bundled(version)
+
+
+@functools.cache
+def _bundled(version: str) -> ModuleTables:
     path = resources.files("kvmtdx").joinpath("data").joinpath("tdx-modules").joinpath(
         f"{version}.json")
     return tables_from_json(json.loads(path.read_text()), f"bundled module {version}")
