@@ -72,10 +72,15 @@ class Td:
     def attr(self, bit: int) -> bool:
         return bool(self.attributes >> bit & 1)
 
-    def set(self, pos: int, new: Regs, reason: str, override: bool = False) -> None:
+    def set(self, pos: int, new: Regs, reason: str, override: bool = False,
+            written: Regs | None = None) -> None:
+        """Store a value; log the bits it changed, or for an override the bits it writes."""
         for reg, (old, value) in enumerate(zip(self.values[pos], new, strict=True)):
-            if old != value:
-                self.events.append(Event(pos, reg, old ^ value, override, reason))
+            mask = old ^ value
+            if written is not None:
+                mask |= written[reg]
+            if mask:
+                self.events.append(Event(pos, reg, mask, override, reason))
         self.values[pos] = new
 
     def position(self, leaf: int, subleaf: int | None) -> int:
@@ -176,7 +181,8 @@ def leaf_1(td: Td, pos: int, e: LookupEntry) -> Refusal | None:
     checked = True
     if fms == 0:
         fms = platform
-        td.set(pos, with_reg(v, 0, platform), "F/M/S 0 means the native F/M/S", override=True)
+        td.set(pos, with_reg(v, 0, platform), "F/M/S 0 means the native F/M/S", override=True,
+               written=(0x0FFF3FFF, 0, 0, 0))
         checked = td.tables.variant.fms_check_native_substitute
     if checked:
         if td.attr(ATTR_MIGRATABLE):
@@ -214,9 +220,9 @@ def leaf_7_0(td: Td, pos: int, e: LookupEntry) -> Refusal | None:
                        "needs IA32_ARCH_CAPABILITIES.TSX_CTRL)", 0, e.leaf, e.subleaf, "ebx",
                        (1 << 4) | (1 << 11))
     v = with_bit(td.values[pos], 2, 31, td.attr(ATTR_PKS))
-    td.set(pos, v, "ECX.PKS (bit 31) = ATTRIBUTES.PKS", override=True)
+    td.set(pos, v, "ECX.PKS (bit 31) = ATTRIBUTES.PKS", override=True, written=(0, 0, 1 << 31, 0))
     td.set(pos, with_bit(td.values[pos], 2, 23, False), "ECX.KL (bit 23) forced to 0",
-           override=True)
+           override=True, written=(0, 0, 1 << 23, 0))
     td.flags["la57"] = bool(td.values[pos][2] >> 16 & 1)
     return None
 
@@ -226,7 +232,7 @@ def leaf_7_1(td: Td, pos: int, e: LookupEntry) -> Refusal | None:
     td.flags["perfmon_ext"] = bool(td.values[pos][0] >> 8 & 1)
     if td.tables.variant.lass_from_attributes:
         td.set(pos, with_bit(td.values[pos], 0, 6, td.attr(ATTR_LASS)),
-               "EAX.LASS (bit 6) = ATTRIBUTES.LASS", override=True)
+               "EAX.LASS (bit 6) = ATTRIBUTES.LASS", override=True, written=(1 << 6, 0, 0, 0))
     return None
 
 
@@ -239,7 +245,7 @@ def leaf_d(td: Td, pos: int, e: LookupEntry) -> Refusal | None:
         xfam_masked(td, pos, "xfam_mask_0xd_0x0", "XFAM bit 0: xfam_mask_0xd_0x0")
         size = td.host.xsave_size(td.xfam & td.tables.const("XCR0_USER_BIT_MASK"))
         td.set(pos, with_reg(td.values[pos], 2, size), "ECX = XSAVE size of XFAM's user bits",
-               override=True)
+               override=True, written=(0, 0, 0xFFFFFFFF, 0))
     elif sub == 1:
         xfam_masked(td, pos, "xfam_mask_0xd_0x1", "XFAM bit 0: xfam_mask_0xd_0x1")
         if not td.host.xfd_faulting_mask(td.tables) & td.xfam:
@@ -273,7 +279,7 @@ def leaf_80000008(td: Td, pos: int, e: LookupEntry) -> Refusal | None:
                          else "LEGACY_LINEAR_ADDRESS_WIDTH")
     eax = (td.values[pos][0] & ~0xFF00) | la << 8
     td.set(pos, with_reg(td.values[pos], 0, eax), "EAX.LA_BITS from the TD's LA57",
-           override=True)
+           override=True, written=(0xFF00, 0, 0, 0))
     if not td.tables.variant.maxpa_0x80000008:
         return None
     gpaw = bool(td.config_flags >> FLAG_GPAW & 1)
@@ -288,7 +294,7 @@ def leaf_80000008(td: Td, pos: int, e: LookupEntry) -> Refusal | None:
         pa = limit
     eax = (eax & ~0xFF00FF) | gpa << 16 | pa
     td.set(pos, with_reg(td.values[pos], 0, eax), "EAX.PA_BITS/GPA_BITS from the platform "
-           "and CONFIG_FLAGS", override=True)
+           "and CONFIG_FLAGS", override=True, written=(0xFF00FF, 0, 0, 0))
     return None
 
 
@@ -303,7 +309,7 @@ def simple_leaf(td: Td, pos: int, e: LookupEntry) -> Refusal | None:
         zero_unless(td, pos, bool(x >> 8 & 1), "XFAM[8] (PT) is 0")
     elif e.leaf == 0x15:
         td.set(pos, with_reg(td.values[pos], 1, td.tsc_frequency),
-               "EBX = TD_PARAMS.TSC_FREQUENCY", override=True)
+               "EBX = TD_PARAMS.TSC_FREQUENCY", override=True, written=(0, 0xFFFFFFFF, 0, 0))
     elif e.leaf == 0x19:
         td.set(pos, ZERO, "Key Locker leaf zeroed")
     elif e.leaf == 0x1A and td.tables.variant.leaf_1a_zero_migratable:

@@ -31,7 +31,7 @@ def _subleaf_values(td: Td, rule: str, sub: int, null: bool) -> tuple[Regs, bool
         return _refuse(rule, sub, "sub-leaf 0 all zero but a later sub-leaf set")
     if null:
         td.set(pos, td.native[pos], "0x1F sub-leaf 0 all zero: the native topology",
-               override=True)
+               override=True, written=(0x1F, 0xFFFF, 0xFFFF, 0))
         v = td.values[pos]
     return v, null
 
