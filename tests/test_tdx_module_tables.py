@@ -312,3 +312,16 @@ def test_converter_reads_a_git_revision(tmp_path: Path) -> None:
     head = subprocess.run([*git[:3], "rev-parse", "HEAD"], capture_output=True, text=True,
                           check=True).stdout.strip()
     assert data["source"]["commit"] == head and data["source"]["tag"] == "TINY"
+
+
+def test_tdx_module_model_is_pure() -> None:
+    names = ("tdx_status", "tdx_module_tables", "tdx_host", "tdx_cpuid", "tdx_topology",
+             "tdx_module")
+    code = ("import sys\n" + "".join(f"import kvmtdx.model.{n}\n" for n in names)
+            + "print('cffi' in sys.modules, 'kvmtdx.uapi' in sys.modules)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert res.stdout.split() == ["False", "False"]
+    for n in names:
+        source = (ROOT / "kvmtdx" / "model" / f"{n}.py").read_text()
+        assert "import os" not in source and "open(" not in source, n
