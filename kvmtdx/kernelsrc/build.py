@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from kvmtdx.kernelsrc import extract
+from kvmtdx.kernelsrc.cparse import Kind
 from kvmtdx.kernelsrc.errors import KernelSourceError
 
 FLAGS: tuple[str, ...] = (
@@ -32,6 +33,8 @@ _ERROR = re.compile(r"^(?P<file>[^:\n]+):(?P<line>\d+):(?:\d+:)? (?:fatal )?erro
                     re.M)
 # gcc quotes names with typographic quotes in a UTF-8 locale, ASCII ones otherwise.
 _Q = "[\u2018\u2019'`\"]"
+_EXPANSION = re.compile(r"^(?P<file>[^:\n]+):(?P<line>\d+):(?:\d+:)? note: in expansion of macro",
+                        re.M)
 _IMPLICIT = re.compile(rf"implicit declaration of function {_Q}(?P<name>\w+)")
 _UNDECLARED = re.compile(rf"{_Q}(?P<name>\w+){_Q} undeclared")
 
@@ -91,7 +94,14 @@ def compile_error(stderr: str, extraction: extract.Extraction) -> str:
         last = [ln for ln in stderr.splitlines() if ln.strip()]
         return f"the extracted TDX code does not compile: {last[-1] if last else 'no output'}"
     path, line, msg = m.group("file"), int(m.group("line")), m.group("msg").strip()
-    item = extraction.function_at(path, line)
+    item = extraction.item_at(path, line)
+    if item is not None and item.kind == Kind.MACRO:
+        # The error sits in a macro's body: blame the definition that expanded it.
+        for note in _EXPANSION.finditer(stderr, m.end()):
+            use = extraction.item_at(note.group("file"), int(note.group("line")))
+            if use is not None and use.kind != Kind.MACRO:
+                path, line, item = note.group("file"), int(note.group("line")), use
+                break
     where = f"{path}:{line}"
     missing = _IMPLICIT.search(msg) or _UNDECLARED.search(msg)
     if item is not None and missing is not None:

@@ -70,6 +70,9 @@ class Item:
     uses: frozenset[str]
     # For a function: its text up to the body, which makes its prototype.
     head: str = ""
+    # For a macro: the prefixes it pastes a parameter onto (X86_FEATURE_##name), so
+    # an item calling it also uses every prefix + identifier it mentions.
+    pastes: frozenset[str] = frozenset()
 
     @property
     def name(self) -> str:
@@ -136,6 +139,7 @@ def _idents(text: str) -> set[str]:
 
 
 _DEFINE = re.compile(r"\s*#\s*define\s+([A-Za-z_]\w*)(\([^)]*\))?(.*)", re.S)
+_PASTE = re.compile(r"([A-Za-z_]\w*)\s*##\s*([A-Za-z_]\w*)")
 
 
 def _macro(tok: _Tok, path: str, line: int) -> Item | None:
@@ -144,10 +148,11 @@ def _macro(tok: _Tok, path: str, line: int) -> Item | None:
         return None
     name, params, body = m.group(1), m.group(2), m.group(3)
     uses = _idents(body)
-    if params:
-        uses -= {p.strip() for p in params[1:-1].split(",")}
+    names = {p.strip() for p in params[1:-1].split(",")} if params else set()
+    uses -= names
     uses.discard(name)
-    return Item(Kind.MACRO, (name,), path, line, tok.text, frozenset(uses))
+    pastes = frozenset(m.group(1) for m in _PASTE.finditer(body) if m.group(2) in names)
+    return Item(Kind.MACRO, (name,), path, line, tok.text, frozenset(uses), pastes=pastes)
 
 
 def _depth0(toks: list[_Tok]) -> list[tuple[int, _Tok]]:

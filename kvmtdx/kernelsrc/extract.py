@@ -30,6 +30,7 @@ SOURCE_FILES: tuple[str, ...] = (
     "arch/x86/kvm/vmx/tdx_arch.h",
     "arch/x86/kvm/vmx/tdx_errno.h",
     "arch/x86/kvm/cpuid.h",
+    "arch/x86/kvm/reverse_cpuid.h",
     "arch/x86/include/asm/tdx.h",
     "arch/x86/include/asm/tdx_global_metadata.h",
     "arch/x86/include/asm/shared/tdx.h",
@@ -64,7 +65,8 @@ class Extraction:
     functions: tuple[Item, ...]
     items: tuple[Item, ...]
 
-    def function_at(self, path: str, line: int) -> Item | None:
+    def item_at(self, path: str, line: int) -> Item | None:
+        """The definition the source line `path:line` belongs to."""
         for item in self.items:
             if item.path == path and item.line <= line <= item.line + item.text.count("\n"):
                 return item
@@ -117,16 +119,27 @@ def _index(sources: dict[str, str]) -> dict[str, Item]:
     return index
 
 
-def _provided() -> tuple[set[str], set[str]]:
-    """Names the shim defines, and names the glue uses (more entry points)."""
-    provided: set[str] = set()
+def _provided() -> tuple[dict[str, Item], set[str]]:
+    """What the shim defines, by name, and the names the glue uses (more entry points)."""
+    provided: dict[str, Item] = {}
     for name in SHIM_FILES:
         for item in parse(name, shim_text(name)).items:
-            provided.update(item.names)
+            for n in item.names:
+                provided.setdefault(n, item)
     glue_uses: set[str] = set()
     for item in parse("kglue.c", shim_text("kglue.c")).items:
         glue_uses |= item.uses
     return provided, glue_uses
+
+
+def _needs(item: Item, index: dict[str, Item], provided: dict[str, Item]) -> list[str]:
+    """What an item uses, with the names its calls of pasting macros make."""
+    needs = set(item.uses)
+    for used in item.uses:
+        macro = provided.get(used) or index.get(used)
+        if macro is not None and macro.pastes:
+            needs |= {p + u for p in macro.pastes for u in item.uses}
+    return sorted(needs)
 
 
 def _check_required(index: dict[str, Item], sources: dict[str, str]) -> None:
@@ -141,7 +154,7 @@ def _check_required(index: dict[str, Item], sources: dict[str, str]) -> None:
                                     "differs from what the backend drives (renamed?)")
 
 
-def _closure(index: dict[str, Item], roots: set[str], provided: set[str]) -> list[Item]:
+def _closure(index: dict[str, Item], roots: set[str], provided: dict[str, Item]) -> list[Item]:
     order: list[Item] = []
     seen: set[int] = set()
     stack: list[tuple[Item, list[str]]] = []
@@ -153,7 +166,7 @@ def _closure(index: dict[str, Item], roots: set[str], provided: set[str]) -> lis
         if item is None or id(item) in seen:
             return
         seen.add(id(item))
-        stack.append((item, sorted(item.uses)))
+        stack.append((item, _needs(item, index, provided)))
 
     for root in sorted(roots):
         enter(root)
