@@ -72,6 +72,10 @@ typedef u64 hpa_t;
 typedef u64 kvm_pfn_t;
 typedef u64 phys_addr_t;
 typedef struct { int counter; } atomic_t;
+#define atomic_read(v) ((v)->counter)
+#define atomic_set(v, i) ((v)->counter = (i))
+#define atomic_inc(v) ((v)->counter++)
+#define atomic_dec(v) ((v)->counter--)
 typedef unsigned int gfp_t;
 
 /* Attributes and annotations. */
@@ -315,6 +319,7 @@ struct kvm_arch {
 struct kvm {
 	struct kvm_arch arch;
 	int created_vcpus;
+	atomic_t online_vcpus;
 	int max_vcpus;
 	bool vm_bugged;
 	bool vm_dead;
