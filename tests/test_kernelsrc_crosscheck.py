@@ -9,14 +9,23 @@ The requests are the simulated host's crosscheck's (find() traps, lying
 nent, bits flipped, malformed headers).  Upstream 6.16 has no tree here.
 
 The same draws find a bug a user puts in the tree: fuzzing is a verdict too.
+
+Finding (about the simulated host and the mirror): on a host that lacks an
+XFAM bit the module fixes to 1 ("no-x87"), both answer KVM_TDX_CAPABILITIES
+with -EIO, but Linux 7.3's bring-up (__tdx_hardware_setup) refuses such a
+host outright: kvm_intel does not load, so there is no /dev/kvm at all.
+The random comparison leaves that host to the test that pins the finding.
 """
 
 from __future__ import annotations
 
 import difflib
+import errno
 import functools
+import os
 from pathlib import Path
 
+import pytest
 import test_sim_crosscheck as sim_cc
 from hypothesis import HealthCheck, find, given, settings
 from kernelsrc_support import backend, linux_tree
@@ -30,6 +39,7 @@ from kvmtdx.sim import SimulatedHost
 
 PATCHES = {"upstream": (), "rfc-v2": ("rfc-v2",)}
 KEY_IDS = 4
+NO_KVM_HOST = "no-x87"
 # A few hundred requests per module and policy (three per example, modules drawn).
 SETTINGS = settings(max_examples=300, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -55,6 +65,9 @@ def disagreement(case: sim_cc.Case, patch: str | None = None) -> str | None:
     module, host, policy, *_ = case
     _, _, sim = sim_cc.combo(module, host, policy)
     ks = kernel(module, host, policy, patch)
+    if ks.bringup_failure is not None:
+        assert host == NO_KVM_HOST, ks.bringup_failure
+        return None
     want, got = answer(sim, case), answer(ks, case)
     assert ks.free_key_ids == KEY_IDS and ks.live_allocations == 0 and ks.live_tds == 0
     if got.same_answer(want):
@@ -84,6 +97,9 @@ def check_caps(case: sim_cc.CapsCase) -> None:
     module, host, policy, buffers = case
     m, h, sim = sim_cc.combo(module, host, policy)
     ks = kernel(module, host, policy)
+    if ks.bringup_failure is not None:
+        assert host == NO_KVM_HOST, ks.bringup_failure
+        return
     for nent, buf, flags, hw_error in buffers:
         answers = []
         for seam in (sim, ks):
@@ -132,3 +148,20 @@ def test_fuzzing_finds_a_dropped_count_check(tmp_path: Path) -> None:
     found = disagreement(case, str(patch))
     # KVM should have refused the request (the count); the buggy kernel let it through.
     assert found is not None and found.endswith("but sim KVM_REJECTED -EINVAL"), found
+
+
+def test_linux_7_3_does_not_bring_tdx_up_where_the_sim_answers_eio() -> None:
+    """The finding the module docstring names, pinned: the sim answers CAPABILITIES -EIO on
+    a host lacking an XFAM bit the module fixes to 1; the kernel never offers /dev/kvm."""
+    ks = kernel("2.0", NO_KVM_HOST, "upstream")
+    assert ks.bringup == errno.EINVAL
+    assert ks.bringup_failure is not None and "fails to load kvm_intel" in ks.bringup_failure
+    with pytest.raises(OSError) as e:
+        ks.open("/dev/kvm", os.O_RDWR)
+    assert e.value.errno == errno.ENOENT
+    _, _, sim = sim_cc.combo("2.0", NO_KVM_HOST, "upstream")
+    with Kvm(sim) as kvm, kvm.create_td() as td:
+        assert td.capabilities_raw(28).errno == errno.EIO
+    for host in sim_cc.HOSTS:
+        if host != NO_KVM_HOST:
+            assert kernel("2.0", host, "upstream").bringup == 0

@@ -38,6 +38,7 @@ struct kt_vm *kt_vm_new(struct kt_host *h);
 int kt_vm_ioctl(struct kt_host *h, struct kt_vm *vm, uint64_t argp);
 void kt_vm_free(struct kt_host *h, struct kt_vm *vm);
 void kt_host_stats(struct kt_host *h, long *out);
+int kt_host_bringup(struct kt_host *h);
 """
 _ffi = cffi.FFI()
 _ffi.cdef(_CDEF)
@@ -105,6 +106,9 @@ class KernelSourceHost:
             raise ValueError(f"module {bridge.module.name}: {n} CPUID_CONFIG rows or "
                              f"{key_ids} key IDs do not fit the kernel's tables")
         self._supported_cpuid = _host_cpuid(bridge)
+        with _lock:
+            # What kvm_intel decides at load time on this host and module.
+            self.bringup = -int(self._lib.kt_host_bringup(self._host))
 
     # ------------------------------------------------------------------
     # What tests and verify's hygiene checks look at.
@@ -140,8 +144,26 @@ class KernelSourceHost:
     # ------------------------------------------------------------------
     # The seam.
 
+    @property
+    def bringup_failure(self) -> str | None:
+        """Why KVM would not offer TDX here (None: it does), from the tree's bring-up checks."""
+        if self.bringup == 0:
+            return None
+        what = "disables TDX" if self.bringup == errno.ENODEV else "fails to load kvm_intel"
+        return (f"the kernel's TDX bring-up {what} on this host and module "
+                f"(__tdx_hardware_setup: -{errno.errorcode.get(self.bringup, self.bringup)})")
+
+    @property
+    def _tdx(self) -> bool:
+        return self.bringup == 0
+
+    @property
+    def _vm_types(self) -> int:
+        return _VM_TYPES if self._tdx else 1 << uapi.VmType.KVM_X86_DEFAULT_VM
+
     def open(self, path: str, flags: int) -> int:
-        if path != "/dev/kvm":
+        # kvm_intel registers /dev/kvm only after its hardware setup succeeded.
+        if path != "/dev/kvm" or self.bringup not in (0, errno.ENODEV):
             raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), path)
         return self._install(_System())
 
@@ -161,7 +183,7 @@ class KernelSourceHost:
         if isinstance(f, _System):
             return self._system_ioctl(request, arg)
         if request == uapi.Ioctl.KVM_CHECK_EXTENSION:
-            return _VM_TYPES if arg == uapi.KVM_CAP_VM_TYPES else 0
+            return self._vm_types if arg == uapi.KVM_CAP_VM_TYPES else 0
         # kvm_arch_vm_ioctl -> vt_mem_enc_ioctl: only a TD has the TDX commands.
         if request != uapi.Ioctl.KVM_MEMORY_ENCRYPT_OP or f.handle == _ffi.NULL:
             raise _fail(errno.ENOTTY)
@@ -188,11 +210,11 @@ class KernelSourceHost:
                 raise _fail(errno.EINVAL)
             return _API_VERSION
         if request == uapi.Ioctl.KVM_CHECK_EXTENSION:
-            return _VM_TYPES if arg == uapi.KVM_CAP_VM_TYPES else 0
+            return self._vm_types if arg == uapi.KVM_CAP_VM_TYPES else 0
         if request == uapi.Ioctl.KVM_CREATE_VM:
             if arg == uapi.VmType.KVM_X86_DEFAULT_VM:
                 return self._install(_Vm(arg, _ffi.NULL))
-            if arg != uapi.VmType.KVM_X86_TDX_VM:
+            if arg != uapi.VmType.KVM_X86_TDX_VM or not self._tdx:
                 raise _fail(errno.EINVAL)
             with _lock:
                 handle = self._lib.kt_vm_new(self._host)

@@ -54,7 +54,7 @@ REQUIRED: dict[str, str] = {
 KEY_FUNCTIONS = ("tdx_get_capabilities", "tdx_td_init", "tdx_get_cmd")
 SHIM_FILES = ("kshim.h", "kglue.c")
 # Bumped whenever the extractor changes what it emits for the same input.
-EXTRACTOR_VERSION = "1"
+EXTRACTOR_VERSION = "2"
 
 
 @dataclass(frozen=True)
@@ -195,6 +195,8 @@ def _emit(items: list[Item]) -> str:
     parts += [_at(i, i.head + ";") for i in funcs]
     parts += [_at(i, i.text) for i in by_kind[Kind.VARIABLE] + by_kind[Kind.CALL]]
     parts += [_at(i, i.text) for i in funcs]
+    # The glue calls what this tree has (bring-up checks differ between versions).
+    parts += [f"#define KT_HAVE_{i.name} 1\n" for i in funcs]
     parts += ['#line 1 "kglue.c"\n', shim_text("kglue.c")]
     return "".join(parts)
 

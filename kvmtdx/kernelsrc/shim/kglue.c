@@ -198,6 +198,16 @@ u64 tdh_mr_finalize(struct tdx_td *td)
 	return kt_call(KT_MR_FINALIZE, NULL, 0, NULL);
 }
 
+const struct tdx_sys_info *tdx_get_sysinfo(void)
+{
+	return &kt_cur->sysinfo;
+}
+
+int kvm_find_user_return_msr(u32 msr)
+{
+	return 0;
+}
+
 void tdx_mmu_release_hkid(struct kvm *kvm)
 {
 	struct kvm_tdx *kvm_tdx = to_kvm_tdx(kvm);
@@ -309,6 +319,21 @@ KT_EXPORT void kt_vm_free(struct kt_host *h, struct kt_vm *vm)
 	tdx_mmu_release_hkid(&vm->tdx.kvm);
 	tdx_reclaim_td_control_pages(&vm->tdx.kvm);
 	free(vm);
+}
+
+/*
+ * KVM's TDX bring-up checks on this host and module, where the tree has them
+ * (__tdx_hardware_setup: 6.19 on): 0, or why kvm_intel would disable TDX
+ * (-ENODEV) or fail to load (any other error).
+ */
+KT_EXPORT int kt_host_bringup(struct kt_host *h)
+{
+	kt_enter(h);
+#ifdef KT_HAVE___tdx_hardware_setup
+	return __tdx_hardware_setup();
+#else
+	return 0;
+#endif
 }
 
 /* stats: keys free, live allocations, warnings. */

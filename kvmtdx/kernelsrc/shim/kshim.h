@@ -355,6 +355,11 @@ u64 tdh_mng_init(struct tdx_td *td, u64 td_params, u64 *extended_err);
 u64 tdh_mng_rd(struct tdx_td *td, u64 field, u64 *data);
 u64 tdh_mr_finalize(struct tdx_td *td);
 
+/* Bring-up (__tdx_hardware_setup): every user-return MSR has a slot. */
+struct tdx_sys_info;
+const struct tdx_sys_info *tdx_get_sysinfo(void);
+int kvm_find_user_return_msr(u32 msr);
+
 /*
  * Teardown (what vm_destroy and the INIT_VM error path call): releasing the
  * key ID and the control pages, without the cache flushes and reclaim
