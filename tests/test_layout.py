@@ -245,6 +245,9 @@ def test_cdefs_load_from_an_installed_wheel(tmp_path: Path) -> None:
     site = tmp_path / "site"
     with zipfile.ZipFile(wheel) as z:
         assert "kvmtdx/cdefs/kvm_tdx.h" in z.namelist()
+        # The kernel-source backend's shim and the bundled patch ship too.
+        assert {"kvmtdx/kernelsrc/shim/kshim.h", "kvmtdx/kernelsrc/shim/kglue.c",
+                "kvmtdx/data/patches/rfc-v2.patch"} <= set(z.namelist())
         z.extractall(site)
     # The source-tree fallback (a top-level cdefs/ beside the package) must not exist here.
     assert not (site / "cdefs").exists()
