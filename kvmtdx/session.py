@@ -28,7 +28,7 @@ class Simulation:
 
     module: ModuleProfile
     host: Host
-    policy: Policy
+    policy: Policy | None  # None: the kernel's own code decides (the kernel-source host)
     mutant: str | None = None
 
 
@@ -93,9 +93,20 @@ def open_backend(
     host: Host | None = None,
     allowlist: Allowlist | None = None,
     key_ids: int | None = None,
+    *,
+    kernel_source: str | None = None,
+    patches: tuple[str, ...] = (),
+    module: str | None = None,
 ) -> Backend:
-    if simulate and backend:
-        raise DataError("--simulate and --backend exclude each other")
+    chosen = [o for o, v in (("--simulate", simulate), ("--backend", backend),
+                             ("--kernel-source", kernel_source)) if v is not None]
+    if len(chosen) > 1:
+        raise DataError(f"{' and '.join(chosen)} exclude each other")
+    if patches and kernel_source is None:
+        raise DataError("--patch needs --kernel-source (it patches a kernel tree)")
+    if kernel_source is not None:
+        return kernel_source_backend(kernel_source, patches, load_profile(module or "2.0"),
+                                     host if host is not None else MAX_HOST, key_ids=key_ids)
     if backend:
         return Backend(seam=load_plugin(backend), label=f"backend {backend}")
     if simulate:
@@ -119,6 +130,25 @@ def simulated_backend(module: ModuleProfile, host: Host, policy: Policy, *,
     label += f", host {host.name}" + (f", mutant {mutant})" if mutant else ")")
     return Backend(seam=seam, label=label,
                    simulation=Simulation(module=module, host=host, policy=policy, mutant=mutant))
+
+
+def kernel_source_backend(tree: str, patches: tuple[str, ...], module: ModuleProfile,
+                          host: Host, *, key_ids: int | None = None) -> Backend:
+    """A kernel tree's own KVM TDX code, compiled behind the seam, as a backend.
+
+    The policy is not given: the kernel's code is what is under test, so
+    `--policy auto` reads it off the capabilities like on a real host.
+    """
+    from kvmtdx.errors import KvmError
+    from kvmtdx.kernelsrc import open_backend as open_kernel_source
+
+    ks = open_kernel_source(tree, patches, module, host,
+                            key_ids=16 if key_ids is None else key_ids)
+    failure = ks.seam.bringup_failure
+    if failure is not None:
+        raise KvmError(failure, skip=True)
+    return Backend(seam=ks.seam, label=ks.label,
+                   simulation=Simulation(module=ks.module, host=ks.host, policy=None))
 
 
 def init_vm_bytes(init_vm: InitVm) -> bytes:

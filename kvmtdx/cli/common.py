@@ -56,8 +56,15 @@ def backend_options(p: argparse.ArgumentParser) -> None:
                         "(default policy 'upstream'; 'list' prints the choices)")
     g.add_argument("--backend", metavar="package.module:factory",
                    help="use a syscall seam of your own (open/ioctl/close)")
+    g.add_argument("--kernel-source", metavar="DIR",
+                   help="use a kernel tree's own KVM TDX code, compiled for userspace, with the "
+                        "TDX module answered by kvmtdx's model (needs a C compiler)")
+    g.add_argument("--patch", action="append", default=[], metavar="FILE|NAME",
+                   help="apply this patch to a private copy of --kernel-source first "
+                        "(repeatable; 'rfc-v2' is the bundled reconstruction of the series)")
     g.add_argument("--host", metavar="FILE|max",
-                   help="native CPUID of the simulated host (default: max, every feature)")
+                   help="native CPUID of the simulated or kernel-source host "
+                        "(default: max, every feature)")
 
 
 def model_options(p: argparse.ArgumentParser, policy_default: str | None,
@@ -96,6 +103,9 @@ def open_session(args: argparse.Namespace) -> Backend:
         backend=args.backend,
         host=host_by_name(host_arg) if host_arg else None,
         allowlist=load_allowlist(allow_arg) if allow_arg else None,
+        kernel_source=getattr(args, "kernel_source", None),
+        patches=tuple(getattr(args, "patch", ())),
+        module=getattr(args, "module", None),
     )
 
 
