@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 from kvmtdx.errors import DataError
 from kvmtdx.explain import qemu
-from kvmtdx.explain.diagnose import Diagnosis, Fault, diagnose
+from kvmtdx.explain.diagnose import Diagnosis, Fault
+from kvmtdx.explain.diagnose import diagnose as replay
 from kvmtdx.explain.facts import BitInfo, bit_facts, bit_info
 from kvmtdx.explain.logs import Finding, Input, Kind, read_input
 from kvmtdx.explain.statuses import (
@@ -127,7 +128,7 @@ def explain(inputs: Sequence[Input], *, request: Request | None = None,
         if model is None:
             raise DataError("--request needs a model to replay it against: --simulate "
                             "MODULE[:POLICY], or --module and --policy (with --host)")
-        diagnosis = diagnose(model.module, model.host, model.policy, request)
+        diagnosis = replay(model.module, model.host, model.policy, request)
         if backend is not None:
             observed = init_vm_once(backend, request).outcome
     return Explanation(tuple(items), tuple(silent), model, diagnosis, observed,

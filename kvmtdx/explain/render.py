@@ -163,6 +163,11 @@ def _field(label: str, text: str, indent: int = 2) -> list[str]:
                          subsequent_indent=" " * len(head)) or [head.rstrip()]
 
 
+def _wrapped(text: str, indent: int) -> list[str]:
+    return textwrap.wrap(text, WIDTH, initial_indent=" " * indent,
+                         subsequent_indent=" " * (indent + 2))
+
+
 def status_lines(s: StatusExplanation) -> list[str]:
     kb = knowledge()
     title = f"0x{s.raw:016x}: {s.name}"
@@ -234,11 +239,13 @@ def _item_body(item: Item) -> list[str]:
 def explanation_text(e: Explanation) -> str:
     out: list[str] = []
     shown: dict[tuple[Any, ...], int] = {}
+    last_line: tuple[str, int] | None = None
     for item in e.items:
         f = item.finding
         key = (f.kind, f.value, f.seamcall, f.rcx, f.ioctl, f.hw_error)
-        if f.line_no:
+        if f.line_no and (f.origin, f.line_no) != last_line:
             out.append(f"{f.origin}:{f.line_no} ({f.source}): {f.line}")
+            last_line = (f.origin, f.line_no)
         if key in shown:
             out.append(f"  the same as #{shown[key]} above")
             continue
@@ -354,10 +361,14 @@ def host_check_text(h: HostCheck) -> str:
     for m in h.missing:
         groups.setdefault((m.cause, m.why), []).append(m.bit)
     for (cause, why), bits in groups.items():
-        out.append(f"  {CAUSE_TEXT[cause]} ({len(bits)}): {why}")
-        out += _field("", ", ".join(f"{b.vmm_label()} ({b.label()})" for b in bits), 4)
+        out += _wrapped(f"{CAUSE_TEXT[cause]} ({len(bits)}): {why}", 2)
+        out += _wrapped(", ".join(f"{b.vmm_label()} ({b.label()})" for b in bits), 5)
+    xfam: dict[str, list[str]] = {}
     for bit, name, why in h.xfam_missing:
-        out += _field("XFAM", f"bit {bit} {name}: {why}")
+        xfam.setdefault(why, []).append(f"{bit} {name}")
+    for why, names in xfam.items():
+        out += _wrapped(f"XFAM state not offered ({len(names)}): {why}", 2)
+        out += _wrapped(", ".join(names), 5)
     if h.unjudged:
         leaves = ", ".join(f"0x{k[0]:x}{'' if k[1] is None else f'.{k[1]}'} {k[2].upper()}"
                            for k in h.unjudged)

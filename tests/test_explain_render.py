@@ -1,0 +1,116 @@
+"""explain's JSON for tools (the project's envelope, plain values) and its text for people;
+the command's inputs and exit codes."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+import kvmtdx
+from kvmtdx.errors import DataError, ExitCode
+from kvmtdx.explain import command, explain, host_check, read_input, render
+from kvmtdx.model.policy import get_policy
+from kvmtdx.model.profiles import MAX_HOST, load_profile
+from kvmtdx.model.requests import request_from_json
+from kvmtdx.session import simulated_backend
+
+REQUEST = {"attributes": "0x10000000", "xfam": "0x3", "cpuid": [
+    {"function": "0x7", "index": 0, "flags": 1, "ecx": "0x20"},
+    {"function": "0x80000008", "index": 0, "flags": 0, "eax": "0x300000"}]}
+
+
+def test_json_has_the_envelope_and_decodes_the_status() -> None:
+    e = explain([read_input("0xc000010000000045")])
+    data = json.loads(json.dumps(render.explanation_json(e)))
+    assert (data["schema"], data["kind"], data["tool_version"]) == (1, "explain",
+                                                                    kvmtdx.__version__)
+    [f] = data["findings"]
+    assert f["value"] == "0xc000010000000045" and f["kind"] == "status"
+    s = f["status"]
+    assert s["operand"]["name"] == "CPUID_CONFIG" and s["class"]["id"] == 1
+    assert s["kvm"] == {**s["kvm"], "errno": "EINVAL", "hw_error": True, "warn": False}
+    assert data["diagnosis"] is None and data["unrecognised"] == []
+
+
+def test_json_of_a_diagnosis_lists_every_fault_with_bits_and_fixes() -> None:
+    backend = simulated_backend(load_profile("2.0"), MAX_HOST, get_policy("upstream"))
+    e = explain([], request=request_from_json(REQUEST, "r"), backend=backend)
+    data = render.explanation_json(e)
+    d = data["diagnosis"]
+    assert d["outcome"]["outcome"] == "KVM_REJECTED" and d["final"]["outcome"] == "ACCEPTED"
+    [fault] = d["faults"]
+    assert fault["category"] == "hidden_by_policy" and fault["decider"] == "kvm"
+    assert fault["bits"] == [{"leaf": "0x7", "subleaf": 0, "register": "ecx", "bit": 5,
+                              "name": "WAITPKG", "qemu": "waitpkg"}]
+    assert data["observed"]["outcome"] == "KVM_REJECTED"
+    assert "QEMU 10.0.13" in d["qemu_names"]
+
+
+def test_host_check_json() -> None:
+    h = host_check.run(simulated_backend(load_profile("2.0"), MAX_HOST, get_policy("upstream")))
+    data = render.host_check_json(h)
+    assert data["kind"] == "explain" and data["schema"] == 1
+    hc = data["host_check"]
+    assert hc["wanted"] == hc["available"] + len(hc["missing"])
+    hle = [m for m in hc["missing"] if m["qemu"] == "hle"]
+    assert hle and hle[0]["cause"] == "kvm_hides" and hle[0]["leaf"] == "0x7"
+
+
+def test_text_shows_each_line_once_and_repeats_as_references() -> None:
+    log = ("qemu: TDX ioctl KVM_TDX_INIT_VM failed, hw_errors: 0xc000010000000045: "
+           "Invalid argument\n") * 2
+    text = render.explanation_text(explain([read_input("-", io.StringIO(log))]))
+    assert text.count("#1 EINVAL (22) from KVM_TDX_INIT_VM") == 1
+    assert text.count("#2 0xc000010000000045: TDX_OPERAND_INVALID") == 1
+    assert text.count("the same as #1 above") == 1 and text.count("the same as #2 above") == 1
+
+
+def run(argv: list[str], stdin: str = "") -> tuple[int, str]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = command.run(command.parser().parse_args(argv), stdin=io.StringIO(stdin))
+    return code, out.getvalue()
+
+
+def test_exit_1_when_nothing_is_recognised() -> None:
+    code, text = run(["-"], "all quiet\n")
+    assert code == ExitCode.FAIL and "-: no TDX status, errno or feature warning" in text
+
+
+def test_output_file_is_written(tmp_path: Path) -> None:
+    target = tmp_path / "out.json"
+    code, text = run(["EIO", "--format", "json", "--output", str(target)])
+    assert code == ExitCode.PASS and text == ""
+    assert json.loads(target.read_text())["findings"][0]["errno"]["errno"] == "EIO"
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "needs a STATUS"),
+    (["--host-check", "EIO"], "takes no STATUS"),
+    (["-", "-"], "once"),
+    (["--request", "nope.json"], "nope.json"),
+])
+def test_usage_errors_are_data_errors(argv: list[str], message: str) -> None:
+    with pytest.raises(DataError, match=message):
+        run(argv)
+
+
+def test_a_request_without_a_model_is_refused(tmp_path: Path) -> None:
+    req = tmp_path / "r.json"
+    req.write_text(json.dumps(REQUEST))
+    with pytest.raises(DataError, match="needs a model"):
+        run(["--request", str(req)])
+
+
+def test_module_alone_replays_against_the_upstream_kernel(tmp_path: Path) -> None:
+    req = tmp_path / "r.json"
+    req.write_text(json.dumps(REQUEST))
+    code, text = run(["--request", str(req), "--module", "2.0"])
+    assert code == ExitCode.PASS
+    assert "policy upstream (given)" in text and "drop +waitpkg" in text
+    code, text = run(["--request", str(req), "--module", "2.0", "--policy", "rfc-v2"])
+    assert "allowlist" in text and "drop +waitpkg" in text
