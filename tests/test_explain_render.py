@@ -17,6 +17,7 @@ from kvmtdx.model.policy import get_policy
 from kvmtdx.model.profiles import MAX_HOST, load_profile
 from kvmtdx.model.requests import request_from_json
 from kvmtdx.session import simulated_backend
+from kvmtdx.sim import SimulatedHost
 
 REQUEST = {"attributes": "0x10000000", "xfam": "0x3", "cpuid": [
     {"function": "0x7", "index": 0, "flags": 1, "ecx": "0x20"},
@@ -114,3 +115,24 @@ def test_module_alone_replays_against_the_upstream_kernel(tmp_path: Path) -> Non
     assert "policy upstream (given)" in text and "drop +waitpkg" in text
     code, text = run(["--request", str(req), "--module", "2.0", "--policy", "rfc-v2"])
     assert "allowlist" in text and "drop +waitpkg" in text
+
+
+THIS = __name__
+
+
+def rfc_kernel() -> SimulatedHost:
+    """A plug-in seam, loaded the way a user's is: a kernel with the series on module 2.0."""
+    return SimulatedHost(load_profile("2.0"), MAX_HOST, get_policy("rfc-v2"))
+
+
+def test_a_plug_in_backend_chooses_the_policy_from_its_capabilities(tmp_path: Path) -> None:
+    req = tmp_path / "r.json"
+    req.write_text(json.dumps(REQUEST))
+    code, text = run(["--request", str(req), "--backend", f"{THIS}:rfc_kernel",
+                      "--module", "2.0", "--policy", "auto", "--format", "json"])
+    data = json.loads(text)
+    assert code == ExitCode.PASS
+    assert data["model"]["policy"] == "rfc-v2"
+    assert data["diagnosis"]["faults"][0]["check"] == "allowlist"
+    assert data["observed"]["outcome"] == data["diagnosis"]["outcome"]["outcome"]
+    assert data["backend"] == f"backend {THIS}:rfc_kernel"

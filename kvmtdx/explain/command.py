@@ -52,7 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the host's native CPUID (default: max, or the simulated host's)")
     g.add_argument("--policy", choices=[*POLICY_NAMES, "auto"],
                    help="kernel policy (default: the simulated host's; upstream with --module; "
-                        "auto for --host-check)")
+                        "auto: chosen from the device's capabilities, the default of "
+                        "--host-check)")
     g.add_argument("--allowlist", metavar="FILE", help="the kernel's allowlist (rfc-v2)")
     o = p.add_argument_group("output")
     o.add_argument("--format", choices=["text", "json"], default="text")
@@ -72,9 +73,18 @@ def _model(args: argparse.Namespace) -> tuple[ModuleProfile | None, Host | None,
     host = host_by_name(args.host) if args.host else None
     allowlist = load_allowlist(args.allowlist) if args.allowlist else None
     name = args.policy if args.policy not in (None, "auto") else None
-    if name is None and module is not None and not args.simulate:
+    if name is None and module is not None and not args.simulate and args.policy != "auto":
         name = "upstream"  # Linux 6.19 to 7.3
     return module, host, get_policy(name, allowlist) if name else None
+
+
+def _auto_policy(args: argparse.Namespace, backend: Backend, module: ModuleProfile | None,
+                 host: Host | None) -> Policy | None:
+    """--policy auto for a request: chosen from the backend's capabilities, as verify does."""
+    caps, _ = host_check.read(backend)
+    allowlist = load_allowlist(args.allowlist) if args.allowlist else None
+    return host_check.facts_of(backend, caps, module=module, policy="auto", host=host,
+                               allowlist=allowlist).policy
 
 
 def _host_check(args: argparse.Namespace) -> int:
@@ -101,7 +111,10 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None) -> int:
     inputs = [read_input(a, stdin if stdin is not None else sys.stdin) for a in args.inputs]
     request = load_request(args.request) if args.request else None
     module, host, policy = _model(args)
-    backend = _backend(args, host, real=False)
+    auto = args.policy == "auto" and request is not None
+    backend = _backend(args, host, real=auto)
+    if auto and backend is not None and not backend.simulated:
+        policy = _auto_policy(args, backend, module, host)
     result = explain(inputs, request=request, module=module, host=host, policy=policy,
                      backend=backend)
     emit(to_json(render.explanation_json(result)) if args.format == "json"

@@ -187,17 +187,21 @@ def _xfam_missing(caps: Capabilities, facts: Facts) -> tuple[tuple[int, str, str
     return tuple(out)
 
 
-def run(backend: Backend, *, module: ModuleProfile | None = None, policy: str | None = "auto",
-        host: Host | None = None, allowlist: Allowlist | None = None) -> HostCheck:
-    """Read KVM_TDX_CAPABILITIES and KVM_GET_SUPPORTED_CPUID through the backend and compare.
+def read(backend: Backend) -> tuple[Capabilities, tuple[CpuidEntry, ...]]:
+    """KVM_TDX_CAPABILITIES and KVM_GET_SUPPORTED_CPUID through the backend, every fd closed.
 
-    A simulated backend brings its own module, host and policy.  Raises
-    KvmError(skip=True) where the backend offers no TDX (the reason in one line).
+    Raises KvmError(skip=True) where the backend offers no TDX (the reason in one line).
     """
     with Kvm(backend.seam, backend.path) as kvm:
         with kvm.create_td() as td:
             caps = td.capabilities()
-        wanted = kvm.supported_cpuid()
+        return caps, kvm.supported_cpuid()
+
+
+def facts_of(backend: Backend, caps: Capabilities, *, module: ModuleProfile | None,
+             policy: str | None, host: Host | None, allowlist: Allowlist | None) -> Facts:
+    """Module, policy and host to judge by: a simulated backend's own; else what was given,
+    with `--policy auto` chosen from the capabilities as verify chooses it."""
     the_module = module if module is not None else backend.module
     the_host = backend.host if backend.simulated and backend.host is not None else host
     chosen: Policy | None
@@ -206,4 +210,13 @@ def run(backend: Backend, *, module: ModuleProfile | None = None, policy: str | 
     else:
         chosen, why = choose_policy(policy, allowlist, the_module, the_host, caps,
                                     os.uname().release, fallback=backend.policy)
-    return check(caps, wanted, Facts(the_module, chosen, why, the_host), backend.label)
+    return Facts(the_module, chosen, why, the_host)
+
+
+def run(backend: Backend, *, module: ModuleProfile | None = None, policy: str | None = "auto",
+        host: Host | None = None, allowlist: Allowlist | None = None) -> HostCheck:
+    """Read the backend and compare.  A simulated backend brings its own module, host and
+    policy.  Raises KvmError(skip=True) where the backend offers no TDX."""
+    caps, wanted = read(backend)
+    facts = facts_of(backend, caps, module=module, policy=policy, host=host, allowlist=allowlist)
+    return check(caps, wanted, facts, backend.label)
