@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import errno
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from kvmtdx.outcome import Decider, Kind, Outcome
 from kvmtdx.session import init_vm_once, simulated_backend
 from kvmtdx.structs import CpuidEntry, InitVm
 
+diag_module = sys.modules["kvmtdx.explain.diagnose"]
 MODULE = load_profile("2.0")
 UPSTREAM = get_policy("upstream")
 RFC = get_policy("rfc-v2")
@@ -204,3 +206,12 @@ def test_an_accepted_request_reports_what_the_host_lacks_as_silently_dropped() -
     d = diagnose(MODULE, host, OPEN, request(leaf7(ecx=1 << bit)))
     assert d.final.kind == Kind.ACCEPTED and not d.faults
     assert [(s.bit.bit, "lacks" in s.why) for s in d.silent] == [(bit, True)]
+
+
+def test_a_replay_that_runs_out_of_turns_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    row = MODULE.rows[MODULE.row_index(7, 0) or 0]
+    bad = ~row.module_allows()[3] & 0xFFFFFFFF
+    monkeypatch.setattr(diag_module, "MAX_REPLAYS", 3)
+    d = diagnose(MODULE, MAX_HOST, OPEN, request(leaf7(edx=bad)))
+    assert len(d.faults) == 2 and d.final.kind != Kind.ACCEPTED
+    assert d.stopped == "gave up after 3 replays"

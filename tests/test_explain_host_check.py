@@ -95,7 +95,7 @@ def test_xfam_the_module_does_not_offer_removes_the_features_that_need_it() -> N
     assert {"amx-tile", "amx-int8", "amx-bf16"} <= by_cause(h)[Cause.XFAM]
 
 
-def test_the_real_device_skips_with_its_reason_where_there_is_no_tdx() -> None:
+def test_the_real_device_skips_with_its_reason_where_there_is_no_tdx(no_fd_leak: object) -> None:
     if tdx_status().available:
         pytest.skip("this host offers TDX")
     with pytest.raises(KvmError) as err:

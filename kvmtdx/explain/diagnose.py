@@ -32,7 +32,9 @@ from kvmtdx.model.rules import GPAW_FIELD, GPAW_LEAF, GPAW_SHIFT, coupling_of, g
 from kvmtdx.outcome import Decider, Kind, Outcome
 from kvmtdx.structs import FLAG_SIGNIFICANT_INDEX, REGISTERS, CpuidEntry
 
-MAX_REPLAYS = 600  # more than every bit of 256 entries' worth of faults a request can hold
+# Each replay removes at least one bit, entry or word; a request lands on at most the
+# module's rows (tens), 4 registers of 32 bits each, plus 256 entries and a few words.
+MAX_REPLAYS = 8192
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +91,8 @@ def diagnose(module: ModuleProfile, host: Host, policy: Policy, request: Request
             break
         current, outcome = following, world.predict(following)
         replays += 1
+    if outcome.kind != Kind.ACCEPTED and stopped is None:
+        stopped = f"gave up after {replays} replays"
     silent = silently_dropped(module, host, current) if outcome.kind == Kind.ACCEPTED else ()
     return Diagnosis(module.name, host.name, policy.name, first, tuple(faults), outcome, current,
                      stopped, silent, replays)
