@@ -215,3 +215,22 @@ def test_a_replay_that_runs_out_of_turns_says_so(monkeypatch: pytest.MonkeyPatch
     d = diagnose(MODULE, MAX_HOST, OPEN, request(leaf7(edx=bad)))
     assert len(d.faults) == 2 and d.final.kind != Kind.ACCEPTED
     assert d.stopped == "gave up after 3 replays"
+
+
+def test_a_topology_check_the_table_lacks_is_replayed_past_by_zeroing_leaf_1f(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    refused = Outcome.classify(errno.EIO, 0, check="module_future_1f_rule",
+                               decider=Decider.MODULE, leaf=0x1F, subleaf=2)
+
+    def model(module: object, host: object, policy: object, req: Request) -> Outcome:
+        topology = [e for e in req.init_vm.entries if e.function == 0x1F]
+        return refused if any(any(e.regs()) for e in topology) else Outcome.classify(0, 0)
+
+    monkeypatch.setattr(mirror, "predict_init_vm", model)
+    req = request(CpuidEntry(0x1F, 0, 1, ecx=0x100), CpuidEntry(0x1F, 2, 1, eax=1, ecx=0x502))
+    d = diagnose(MODULE, MAX_HOST, UPSTREAM, req)
+    [f] = d.faults
+    assert f.category == Category.TOPOLOGY_RULE and f.decider == Decider.MODULE
+    assert "zero CPUID 0x1f" in f.fix
+    assert all(not any(e.regs()) for e in d.fixed.init_vm.entries if e.function == 0x1F)
+    assert d.final.kind == Kind.ACCEPTED

@@ -23,7 +23,7 @@ from kvmtdx.explain.facts import (
     silently_dropped,
     xfam_label,
 )
-from kvmtdx.explain.reasons import Category, Reason, reason_of
+from kvmtdx.explain.reasons import CHECK_REASONS, Category, Reason, reason_of
 from kvmtdx.model import mirror
 from kvmtdx.model.policy import Policy
 from kvmtdx.model.profiles import Host, ModuleProfile
@@ -186,7 +186,9 @@ def _value_fault(world: _World, req: Request, outcome: Outcome,
     else:
         following = _map_entries(req, leaf, index, zero)
     where = f"CPUID 0x{leaf:x}" + (f" {register.upper()}" if register else "")
-    return _fault(outcome, reason, fix=f"{reason.fix} ({where})"), following
+    known = reason.category == Category.VALUE_RULE and outcome.check in CHECK_REASONS
+    fix = reason.fix if known else f"zero {where} (the module then uses the host's values)"
+    return _fault(outcome, reason, fix=fix), following
 
 
 # --- attributes, XFAM, GPAW ---------------------------------------------------------
