@@ -136,3 +136,12 @@ def test_a_plug_in_backend_chooses_the_policy_from_its_capabilities(tmp_path: Pa
     assert data["diagnosis"]["faults"][0]["check"] == "allowlist"
     assert data["observed"]["outcome"] == data["diagnosis"]["outcome"]["outcome"]
     assert data["backend"] == f"backend {THIS}:rfc_kernel"
+
+
+def test_a_qemu_feature_warning_without_a_model_still_says_what_qemu_knows() -> None:
+    line = ("qemu-system-x86_64: warning: TDX doesn't support requested feature: "
+            "CPUID.07H:EDX.avx512-fp16 [bit 23]")
+    [item] = explain([read_input("-", io.StringIO(line))]).items
+    assert item.bit is not None and item.bit.qemu == "avx512-fp16" and item.bit.subleaf == 0
+    assert item.facts == ("a TD gets it from the CPU, not from its CPUID configuration, with "
+                          "XFAM bit 5 (AVX512_OPMASK; QEMU: +avx512f)",)

@@ -21,7 +21,7 @@ from kvmtdx.errors import DataError
 from kvmtdx.explain import qemu
 from kvmtdx.explain.diagnose import Diagnosis, Fault
 from kvmtdx.explain.diagnose import diagnose as replay
-from kvmtdx.explain.facts import BitInfo, bit_facts, bit_info
+from kvmtdx.explain.facts import BitInfo, bit_facts, bit_info, qemu_facts
 from kvmtdx.explain.logs import Finding, Input, Kind, read_input
 from kvmtdx.explain.statuses import (
     ErrnoExplanation,
@@ -98,7 +98,7 @@ def _item(f: Finding, model: Model | None) -> Item:
     if f.kind == Kind.FEATURE and f.leaf is not None and f.register is not None:
         leaf, sub, reg, bit = qemu.resolve_warning(f.leaf, f.register, f.value, f.name)
         b = bit_info(leaf, sub, reg, bit)
-        facts: tuple[str, ...] = ()
+        facts = qemu_facts(b)
         if model is not None:
             facts, _ = bit_facts(model.module, model.host, model.policy,
                                  Request(init_vm=InitVm()), (b,))

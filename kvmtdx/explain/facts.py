@@ -135,6 +135,22 @@ def bit_facts(module: ModuleProfile, host: Host, policy: Policy, request: Reques
     return tuple(dict.fromkeys(facts)), need
 
 
+def qemu_facts(b: BitInfo) -> tuple[str, ...]:
+    """What QEMU's TDX tables alone say of a bit (when there is no module profile)."""
+    t = qemu.tdx_table()
+    key = (b.leaf, b.subleaf, b.register)
+    out: list[str] = []
+    if t.fixed1.get(key, 0) >> b.bit & 1:
+        out.append("every TDX module sets it for a TD")
+    if (key, b.bit) in t.xfam:
+        out.append(f"a TD gets it from the CPU, not from its CPUID configuration, with "
+                   f"{xfam_label(1 << t.xfam[(key, b.bit)])}")
+    if (key, b.bit) in t.attributes:
+        out.append(f"the module sets it from TD attribute "
+                   f"{catalog.attribute_name(t.attributes[(key, b.bit)])}")
+    return tuple(out)
+
+
 def silently_dropped(module: ModuleProfile, host: Host, request: Request) -> tuple[Dropped, ...]:
     """Bits of an accepted request the TD will not see: allow_direct bits the host lacks,
     and XFAM-gated bits without their XFAM state."""
