@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from helpers import run_cli
 from kernelsrc_support import BYPASS, linux_tree
 
