@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from kvmtdx import layout
 from kvmtdx.device import Kvm
-from kvmtdx.model import lifecycle, mirror
+from kvmtdx.model import builders, lifecycle, mirror
 from kvmtdx.model.policy import Policy, get_policy
 from kvmtdx.model.profiles import BUNDLED_MODULES, MAX_HOST, Host, ModuleProfile, load_profile
 from kvmtdx.model.requests import Request
@@ -84,7 +84,11 @@ OPS = st.lists(st.sampled_from([
     "module_row", "flag", "index", "function",
     "drop", "dup", "trap", "swap", "bypass", "attributes", "xfam", "gpaw", "fms",
     "reserved", "padding", "entry_padding", "mr", "flags", "hw_error",
+    "reverse", "flag_bits", "steer", "steer", "realistic", "measure",
 ]), max_size=4)
+# Request shapes the verify suite's accepting checks send (kvmtdx.model.builders).
+SHAPE_OPS = frozenset({"reverse", "flag_bits", "steer", "realistic", "measure"})
+FLAG_BITS = st.sampled_from([2, 4, 6, 0x80000000])
 ENTRY_OPS = frozenset({"flip", "module_bit", "deny", "module_row", "flag", "index", "function",
                        "drop", "dup", "swap", "entry_padding"})
 REG = st.sampled_from(REGISTERS)
@@ -99,7 +103,7 @@ ATTRIBUTES = st.one_of(st.sampled_from([0, 1 << 28, 1 << 30, 1 << 28 | 1 << 30, 
 BIT64 = st.integers(0, 63)
 GPAW = st.sampled_from([48, 52, 0, 39, 57, 0xFF])
 LIE = st.sampled_from([None] * 8 + ["down", "up", "huge"])
-HUGE = st.sampled_from([257, 1000, 0xFFFFFFFF])
+HUGE = st.sampled_from([257, 1000, 0x80000000, 0xFFFFFFFF])
 NONZERO64 = st.integers(1, 2**64 - 1)
 NONZERO32 = st.integers(1, 0xFFFFFFFF)
 
@@ -188,6 +192,10 @@ def requests(draw: st.DrawFn, module: str, host: str, policy: str) -> tuple[Requ
             entries[i] = replace(entries[i], padding=(draw(u32), 0, 0))
         elif op == "mr":
             iv = replace(iv, mrowner=(draw(u64),) * 6)
+        elif op in SHAPE_OPS:
+            iv = replace(iv, entries=tuple(entries))
+            iv = _shaped(draw, op, module, host, policy, iv)
+            entries = list(iv.entries)
         elif op == "flags":
             flags = draw(NONZERO32)
         elif op == "hw_error":
@@ -205,6 +213,33 @@ def requests(draw: st.DrawFn, module: str, host: str, policy: str) -> tuple[Requ
         # The kernel reads nent entries; the mirror models the room as zeroed.
         data += bytes((iv.nent - len(entries)) * layout.SIZEOF_CPUID_ENTRY2)
     return Request(init_vm=iv, flags=flags, hw_error=hw_error), data
+
+
+def _shaped(draw: st.DrawFn, op: str, module: str, host: str, policy: str,
+            iv: InitVm) -> InitVm:
+    """`iv` in one of the shapes verify's accepting checks send, on whatever it holds now."""
+    m, h, _ = combo(module, host, policy)
+    req = Request(init_vm=iv)
+    reported = mirror.reported_entries(m, h, policy_named(policy))
+    if op == "reverse":
+        req = builders.reversed_order(req)
+    elif op == "flag_bits":
+        req = builders.with_flag_bits(req, draw(FLAG_BITS))
+    elif op == "realistic":
+        req = builders.realistic_values(req, reported, fms=h.native_fms() ^ draw(st.integers(0, 1)))
+    elif op == "measure":
+        req = builders.with_measurements(req)
+    else:
+        rows = [(leaf, i) for leaf, ix in builders.multi_row_leaves(reported).items() for i in ix]
+        if rows:
+            leaf, i = rows[draw(pick) % len(rows)]
+            e = next((x for x in iv.entries if (x.function, x.index) == (leaf, i)), None)
+            regs = list(e.regs() if e is not None else (0, 0, 0, 0))
+            r, k = draw(st.integers(0, 3)), m.row_index(leaf, i)
+            if k is not None:  # a bit the module takes, reported or not
+                regs[r] |= m.rows[k].module_allows()[r] & draw(u32)
+            req = builders.steered(req, reported, leaf, i, regs)
+    return req.init_vm
 
 
 def _answer(sim: SimulatedHost, data: bytes, req: Request, second: bool) -> Outcome:
