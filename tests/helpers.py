@@ -37,8 +37,12 @@ class CliRun(NamedTuple):
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> CliRun:
-    """`kvmtdx ARGV` through cli.main: exit code, stdout and stderr."""
-    rc = cli.main(list(argv))
+    """`kvmtdx ARGV` through cli.main: exit code, stdout and stderr (a usage error, which
+    argparse raises as SystemExit, gives its code)."""
+    try:
+        rc = cli.main(list(argv))
+    except SystemExit as e:
+        rc = e.code if isinstance(e.code, int) else 1
     out, err = capsys.readouterr()
     return CliRun(rc, out, err)
 
@@ -109,6 +113,11 @@ def no_tdx() -> NoTdxKvm:
 
 def old_api() -> OldApiKvm:
     return OldApiKvm()
+
+
+def must_not_run() -> AbsentKvm:
+    """For runs that must stop before they open a backend (a bad option, a bad path)."""
+    raise AssertionError("the backend was opened: the run went ahead")
 
 
 # ---------------------------------------------------------------------------

@@ -13,7 +13,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from kvmtdx.errors import ExitCode, KvmtdxError
+from kvmtdx import outfile
+from kvmtdx.errors import DataError, ExitCode, KvmtdxError
 
 if TYPE_CHECKING:
     from kvmtdx.knowledge import Given
@@ -76,7 +77,20 @@ def output_options(p: argparse.ArgumentParser, formats: Sequence[str]) -> None:
     """--format (the first of `formats` is the default) and --output."""
     g = p.add_argument_group("output")
     g.add_argument("--format", choices=list(formats), default=formats[0])
-    g.add_argument("--output", metavar="FILE", help="write the report here (atomically)")
+    g.add_argument("--output", metavar="FILE", type=output_file("--output"),
+                   help="write the report to FILE instead of standard output: a regular file "
+                        "is replaced atomically, anything else (a symlink's target, a device, "
+                        "a FIFO) written through as sh's > does; the verdict goes to stderr")
+
+
+def output_file(option: str) -> Callable[[str], str]:
+    """The argparse `type=` of an option naming a file to write: checked before the run."""
+    return outfile.argument(outfile.check_file, option)
+
+
+def output_directory(option: str) -> Callable[[str], str]:
+    """The argparse `type=` of an option naming a directory to write files into."""
+    return outfile.argument(outfile.check_directory, option)
 
 
 # ---------------------------------------------------------------------------
@@ -118,11 +132,33 @@ def policy_from(args: argparse.Namespace, name: str) -> Policy:
 # Output.
 
 
-def write(args: argparse.Namespace, text: str) -> None:
-    """The report to stdout, or atomically to --output."""
-    from kvmtdx.report import emit
+def write(args: argparse.Namespace, text: str, verdict: str) -> None:
+    """The report to stdout, or to --output with `verdict` (one line: the outcome in
+    brief) on stderr, so a console still hears how the run went.
 
-    emit(text, getattr(args, "output", None))
+    A report that cannot be written after the run goes to stdout all the same (a long
+    run is not lost), and the error (exit 2) names the user's path.
+    """
+    output = getattr(args, "output", None)
+    if output is None or output == outfile.STDOUT:
+        _stdout(text)
+        return
+    try:
+        outfile.write(text, output, "--output")
+    except outfile.OutputError as e:
+        _stdout(text)
+        raise DataError(f"{e} (the report went to standard output)") from None
+    sys.stderr.write(f"kvmtdx {args.command}: {verdict} -> {output}\n")
+
+
+def save(text: str, path: str, option: str) -> None:
+    """A file beside the report (--emit-allowlist, --save-module ...), written as --output."""
+    outfile.write(text, path, option)
+
+
+def _stdout(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 def say(label: str, message: str) -> None:
@@ -146,5 +182,5 @@ def simulate_list(args: argparse.Namespace) -> int:
     from kvmtdx.report import sim as render
 
     fmt = render.choices_json if getattr(args, "format", "text") == "json" else render.choices_text
-    write(args, fmt(sim.choices()))
+    write(args, fmt(sim.choices()), "the simulated host's modules, policies and mutants")
     return ExitCode.PASS

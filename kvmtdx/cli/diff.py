@@ -45,13 +45,16 @@ def run(args: argparse.Namespace) -> int:
                                     policy_from(args, args.policy[0]),
                                     policy_from(args, args.policy[1]))
         differs = result.differs
+        said = (f"{len(result.no_longer)} bits no longer available, {len(result.newly)} "
+                "newly available")
     else:
         if len(args.files) != 2:
             raise DataError("diff needs two JSON files (probe, verify, caps or predict reports), "
                             "or --module M --policy A --policy B")
         result = diff.diff_files(load_snapshot(args.files[0]), load_snapshot(args.files[1]))
         differs = bool(result.changes or result.only_a or result.only_b)
-    write(args, render.render(result, args.format))
+        said = f"{result.count} differences" if differs else "no differences"
+    write(args, render.render(result, args.format), said)
     return ExitCode.FAIL if differs else ExitCode.PASS
 
 

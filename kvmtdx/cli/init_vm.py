@@ -25,7 +25,8 @@ def run(args: argparse.Namespace) -> int:
         raise DataError("init-vm needs --request FILE (a KVM_TDX_INIT_VM request as JSON)")
     request = load_request(args.request)
     outcome = init_vm_once(open_session(args), request)  # KvmError(skip) without TDX: exit 4
-    write(args, (render.init_vm_json if args.format == "json" else render.init_vm_text)(outcome))
+    write(args, (render.init_vm_json if args.format == "json" else render.init_vm_text)(outcome),
+          f"KVM_TDX_INIT_VM {outcome.outcome.describe()}")
     return ExitCode.PASS
 
 

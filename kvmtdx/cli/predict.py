@@ -32,7 +32,11 @@ def run(args: argparse.Namespace) -> int:
     caps = mirror.predict_capabilities(module, host, policy, len(module.rows))
     outcome = None if request is None else mirror.predict_init_vm(module, host, policy, request)
     fmt = render.render_json if args.format == "json" else render.render_text
-    write(args, fmt(module, host, policy, caps, outcome))
+    said = (f"{caps.caps.nent} CPUID entries predicted" if caps.caps is not None
+            else "KVM_TDX_CAPABILITIES predicted to fail")
+    if outcome is not None:
+        said += f"; KVM_TDX_INIT_VM {outcome.describe()}"
+    write(args, fmt(module, host, policy, caps, outcome), said)
     return ExitCode.PASS
 
 

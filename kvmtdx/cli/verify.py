@@ -40,9 +40,9 @@ def run(args: argparse.Namespace) -> int:
     if report.skip_reason is not None:
         reason = f"{report.skip_reason}; {SIM_HINT}"
         report = replace(report, skip_reason=reason)
-        if args.format != "text" or args.output:
+        if args.format != "text" and not args.output:
             say("skip", reason)
-    write(args, render.render(report, args.format))
+    write(args, render.render(report, args.format), render.verdict_line(report))
     return render.exit_code(report)
 
 

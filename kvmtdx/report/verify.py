@@ -57,6 +57,13 @@ def _counts(report: VerifyReport) -> str:
     return f"{s.passed} passed, {s.failed} failed, {s.skipped} skipped of {s.total} checks"
 
 
+def verdict_line(report: VerifyReport) -> str:
+    """The outcome in one line: "FAIL (35 passed, 3 failed, 3 skipped of 41 checks)"."""
+    if report.skip_reason is not None:
+        return f"SKIP ({_one_line(report.skip_reason)})"
+    return f"{report.verdict.upper()} ({_counts(report)})"
+
+
 # ---------------------------------------------------------------------------
 # text
 
