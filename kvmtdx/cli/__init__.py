@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from kvmtdx import __version__
-from kvmtdx.cli import caps, diff, info, init_vm, predict, probe, verify
+from kvmtdx.cli import caps, diff, info, init_vm, options, predict, probe, verify
 from kvmtdx.cli.common import Command, Parser, error_line, simulate_list
 from kvmtdx.errors import KvmtdxError, exit_code_of
 
@@ -54,6 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if getattr(args, "simulate", None) == "list":
             return simulate_list(args)
+        options.check(args)
         code: int = args.run(args)
         return code
     except (KvmtdxError, OSError, KeyboardInterrupt) as e:

@@ -25,7 +25,9 @@ if TYPE_CHECKING:
 
 def arguments(p: argparse.ArgumentParser) -> None:
     backend_options(p)
-    model_options(p, None)
+    model_options(p, None, module="for --save-module: fill the bits the policy hides from "
+                                   "this module's table",
+                  policy="for --save-module: the running kernel's, which says the bits it hides")
     p.add_argument("--save-module", metavar="FILE", type=output_file("--save-module"),
                    help="write the module profile these capabilities imply, loadable with "
                         "--module (needs --policy: the running kernel's)")

@@ -50,33 +50,67 @@ class Command:
 # Option groups.
 
 
-def backend_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("what to talk to")
+HOST_FORMS = ("FILE (a host JSON file: name, xfam_supported, ept_5level, tsx_ctrl, cpuid "
+              "rows), native (this machine's, read from /dev/cpu/0/cpuid; modprobe cpuid) or "
+              "max (every feature any module allows)")
+HOST_METAVAR = "FILE|native|max"
+
+
+def backend_options(p: argparse.ArgumentParser, *, judges_host: bool = False) -> None:
+    """--simulate, --backend and --host.  `judges_host`: the command also judges a real
+    device by --host (verify, probe); elsewhere it only shapes the simulated host."""
+    g = p.add_argument_group("what to talk to (default: the real /dev/kvm)")
     g.add_argument("--simulate", metavar="MODULE[:POLICY[:MUTANT]]",
-                   help="use the simulated TDX host instead of /dev/kvm "
-                        "(default policy 'upstream'; 'list' prints the choices)")
+                   help="use the simulated TDX host instead of /dev/kvm: MODULE 1.5.01, "
+                        "1.5-late, 2.0 or a module profile JSON file; POLICY upstream-6.16, "
+                        "upstream (the default) or rfc-v2; MUTANT one of its seeded kernel bugs; "
+                        "'list' prints the choices")
     g.add_argument("--backend", metavar="package.module:factory",
-                   help="use a syscall seam of your own (open/ioctl/close)")
-    g.add_argument("--host", metavar="FILE|max",
-                   help="native CPUID of the simulated host (default: max, every feature)")
+                   help="use a syscall seam of your own: the factory returns an object with "
+                        "open(path, flags), ioctl(fd, request, arg) and close(fd)")
+    real = ("; on a real device or --backend, the host the run is judged by (default: "
+            "inferred from the capabilities)") if judges_host else \
+        " (needs --simulate; a real device has its own)"
+    g.add_argument("--host", metavar=HOST_METAVAR,
+                   help=f"the host CPU's native CPUID: {HOST_FORMS}; with --simulate, the CPU "
+                        f"the simulated host runs on (default max){real}")
 
 
-def model_options(p: argparse.ArgumentParser, policy_default: str | None,
-                  auto: bool = False) -> None:
+def model_options(p: argparse.ArgumentParser, policy_default: str | None, *, module: str,
+                  policy: str, auto: bool = False) -> None:
+    """--module, --policy and --allowlist; `module` and `policy` say what the command does
+    with them (the policy's default is added here)."""
     g = p.add_argument_group("what the kernel should do")
     g.add_argument("--module", metavar="NAME|FILE",
-                   help="TDX module profile: 1.5.01, 1.5-late, 2.0, or a JSON file")
+                   help=f"TDX module profile: 1.5.01, 1.5-late, 2.0, or a JSON file; {module}")
     choices = [*POLICY_CHOICES, *(["auto"] if auto else [])]
+    default = f" (default: {policy_default})" if policy_default is not None else ""
     g.add_argument("--policy", choices=choices, default=policy_default,
-                   help=f"kernel policy (default: {policy_default})")
+                   help=f"the kernel policy: {policy}{default}")
     g.add_argument("--allowlist", metavar="FILE",
-                   help="the tested kernel's allowlist as JSON (replaces the bundled rfc-v2 table)")
+                   help="the tested kernel's allowlist as JSON, replacing the bundled rfc-v2 "
+                        "table (only for a policy with an allowlist: rfc-v2)")
+
+
+# What verify and probe do with --module and --policy.
+JUDGED_BY = {
+    "module": "gives exact predictions (with --simulate, the simulated host's module is "
+              "known; on a real device without it, the checks that need one skip)",
+    "policy": "the kernel the run is judged by; auto picks the policy whose predicted "
+              "capabilities match the kernel's",
+}
+
+
+FORMATS = {"text": "text (for people)", "json": "json (schema 1, see README)",
+           "ktap": "ktap (KTAP v1, for kselftest runners)", "junit": "junit (JUnit XML)"}
 
 
 def output_options(p: argparse.ArgumentParser, formats: Sequence[str]) -> None:
     """--format (the first of `formats` is the default) and --output."""
     g = p.add_argument_group("output")
-    g.add_argument("--format", choices=list(formats), default=formats[0])
+    g.add_argument("--format", choices=list(formats), default=formats[0],
+                   help="the report's format: " + ", ".join(FORMATS[f] for f in formats)
+                        + f" (default: {formats[0]})")
     g.add_argument("--output", metavar="FILE", type=output_file("--output"),
                    help="write the report to FILE instead of standard output: a regular file "
                         "is replaced atomically, anything else (a symlink's target, a device, "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from kvmtdx.cli.common import Command, output_options, policy_from, write
+from kvmtdx.cli.common import HOST_FORMS, HOST_METAVAR, Command, output_options, policy_from, write
 from kvmtdx.errors import DataError, ExitCode
 
 DESCRIPTION = (
@@ -18,12 +18,20 @@ EPILOG = (
 
 
 def arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("files", nargs="*", metavar="A.json B.json")
-    p.add_argument("--module", metavar="NAME|FILE")
+    p.add_argument("files", nargs="*", metavar="A.json B.json",
+                   help="two kvmtdx JSON reports (probe, verify, caps or predict) to compare")
+    p.add_argument("--module", metavar="NAME|FILE",
+                   help="for a policy diff: the TDX module profile (1.5.01, 1.5-late, 2.0 or "
+                        "a JSON file)")
     p.add_argument("--policy", action="append", metavar="P",
-                   help="give twice: compare what two kernel policies let TDs have")
-    p.add_argument("--host", metavar="FILE|max", default="max")
-    p.add_argument("--allowlist", metavar="FILE")
+                   help="give twice: compare what two kernel policies (upstream-6.16, upstream, "
+                        "rfc-v2) let TDs have")
+    p.add_argument("--host", metavar=HOST_METAVAR,
+                   help=f"for a policy diff: the host CPU's native CPUID: {HOST_FORMS} "
+                        "(default: max)")
+    p.add_argument("--allowlist", metavar="FILE",
+                   help="for a policy diff with rfc-v2: the kernel's allowlist (JSON), "
+                        "replacing the bundled table")
     output_options(p, ("text", "json"))
 
 
@@ -41,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.module or not args.policy or len(args.policy) != 2:
             raise DataError("a policy diff needs --module M and --policy given twice "
                             "(e.g. --policy upstream --policy rfc-v2)")
-        result = diff.diff_policies(load_profile(args.module), host_by_name(args.host),
+        result = diff.diff_policies(load_profile(args.module), host_by_name(args.host or "max"),
                                     policy_from(args, args.policy[0]),
                                     policy_from(args, args.policy[1]))
         differs = result.differs

@@ -4,15 +4,25 @@ from __future__ import annotations
 
 import argparse
 
-from kvmtdx.cli.common import Command, model_options, output_options, policy_from, write
+from kvmtdx.cli.common import (
+    HOST_FORMS,
+    HOST_METAVAR,
+    Command,
+    model_options,
+    output_options,
+    policy_from,
+    write,
+)
 from kvmtdx.errors import DataError, ExitCode
 
 
 def arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", metavar="FILE|max|native", default="max",
-                   help="the host's native CPUID (default: max)")
-    model_options(p, "upstream")
-    p.add_argument("--request", metavar="FILE", help="an INIT_VM request (JSON) to predict")
+    p.add_argument("--host", metavar=HOST_METAVAR, default="max",
+                   help=f"the host CPU's native CPUID: {HOST_FORMS} (default: max)")
+    model_options(p, "upstream", module="required", policy="the kernel to predict")
+    p.add_argument("--request", metavar="FILE",
+                   help="a KVM_TDX_INIT_VM request (JSON, see README; '-' reads standard input) "
+                        "whose outcome to predict")
     output_options(p, ("text", "json"))
 
 

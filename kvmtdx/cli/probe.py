@@ -7,6 +7,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from kvmtdx.cli.common import (
+    JUDGED_BY,
     Command,
     backend_options,
     given_from,
@@ -35,8 +36,8 @@ EPILOG = (
 
 
 def arguments(p: argparse.ArgumentParser) -> None:
-    backend_options(p)
-    model_options(p, "auto", auto=True)
+    backend_options(p, judges_host=True)
+    model_options(p, "auto", auto=True, **JUDGED_BY)
     p.add_argument("--exhaustive", action="store_true",
                    help="every bit of every listed row (the default without a module profile; "
                         "with one, the default tries the bits whose class can differ between "

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable
 
 from kvmtdx.cli.common import (
+    JUDGED_BY,
     SIM_HINT,
     Command,
     backend_options,
@@ -20,8 +21,8 @@ from kvmtdx.cli.common import (
 
 
 def arguments(p: argparse.ArgumentParser) -> None:
-    backend_options(p)
-    model_options(p, "auto", auto=True)
+    backend_options(p, judges_host=True)
+    model_options(p, "auto", auto=True, **JUDGED_BY)
     output_options(p, ("text", "json", "ktap", "junit"))
 
 
