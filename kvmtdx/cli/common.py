@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kvmtdx import outfile
-from kvmtdx.errors import DataError, ExitCode, KvmtdxError
+from kvmtdx.errors import DataError, ExitCode, KvmtdxError, Terminated
 
 if TYPE_CHECKING:
     from kvmtdx.knowledge import Given
@@ -203,11 +203,16 @@ def say(label: str, message: str) -> None:
 def error_line(error: BaseException) -> str:
     """The one line an error that reached `main` prints (its exit code: errors.exit_code_of)."""
     if isinstance(error, KeyboardInterrupt):
-        return "kvmtdx: interrupted\n"
+        return f"kvmtdx: {interruption(error)}\n"
     if isinstance(error, KvmtdxError):
         hint = f"; {SIM_HINT}" if error.code == ExitCode.SKIP else ""
         return f"kvmtdx: {error.label}: {error}{hint}\n"
     return f"kvmtdx: error: {error}\n"
+
+
+def interruption(error: KeyboardInterrupt) -> str:
+    """What stopped the run, in a word: "terminated" (SIGTERM) or "interrupted" (SIGINT)."""
+    return "terminated" if isinstance(error, Terminated) else "interrupted"
 
 
 def simulate_list(args: argparse.Namespace) -> int:
