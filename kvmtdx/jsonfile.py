@@ -160,6 +160,12 @@ def load(path: str) -> Any:
 # Fields.
 
 
+def hex64(value: int) -> str:
+    """A 64-bit word as JSON writes it: "0x" and 16 hex digits.  Readers that parse JSON
+    numbers as doubles (jq 1.6, JavaScript) would round a number past 2**53."""
+    return f"0x{value:016x}"
+
+
 def type_name(value: Any) -> str:
     names = {dict: "an object", list: "a list", str: "a string", bool: "true/false",
              type(None): "null", float: "a fraction"}

@@ -84,7 +84,7 @@ def test_init_vm_reports_kvm_and_module_rejections(capsys: pytest.CaptureFixture
                      write_request(tmp_path, bad_fms))
     doc = json.loads(out)
     assert rc == 0 and doc["outcome"] == "MODULE_REJECTED" and doc["errno"] == "EINVAL"
-    assert doc["hw_error"] == 0xC000010000000045
+    assert doc["hw_error"] == "0xc000010000000045"
     assert doc["hw_error_decoded"] == {"status": "TDX_OPERAND_INVALID", "operand": 69,
                                        "operand_name": "CPUID_CONFIG"}
     rc, out, _ = run(capsys, "init-vm", "--simulate", "2.0", "--request",
@@ -99,7 +99,7 @@ def test_init_vm_with_the_callers_hw_error_is_a_kvm_rejection(
     rc, out, _ = run(capsys, "init-vm", "--simulate", "2.0", "--request",
                      write_request(tmp_path, req))
     doc = json.loads(out)
-    assert (rc, doc["outcome"], doc["hw_error"]) == (0, "KVM_REJECTED", 0)
+    assert (rc, doc["outcome"], doc["hw_error"]) == (0, "KVM_REJECTED", "0x0000000000000000")
 
 
 def test_init_vm_with_a_lying_nent_reads_zeroed_room(capsys: pytest.CaptureFixture[str],

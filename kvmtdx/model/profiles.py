@@ -19,7 +19,7 @@ from typing import Any
 
 from kvmtdx import jsonfile
 from kvmtdx.errors import DataError
-from kvmtdx.jsonfile import flag, objects, parse_int, sub, text
+from kvmtdx.jsonfile import flag, hex64, objects, parse_int, sub, text
 from kvmtdx.structs import KVM_MAX_CPUID_ENTRIES, NO_SUBLEAF, REGISTERS
 
 Regs = tuple[int, int, int, int]
@@ -260,12 +260,12 @@ def profile_to_json(p: ModuleProfile) -> dict[str, Any]:
     return {
         "name": p.name,
         "source": p.source,
-        "attributes_fixed0": hx(p.attributes_fixed0),
-        "attributes_fixed1": hx(p.attributes_fixed1),
-        "xfam_fixed0": hx(p.xfam_fixed0),
-        "xfam_fixed1": hx(p.xfam_fixed1),
+        "attributes_fixed0": hex64(p.attributes_fixed0),
+        "attributes_fixed1": hex64(p.attributes_fixed1),
+        "xfam_fixed0": hex64(p.xfam_fixed0),
+        "xfam_fixed1": hex64(p.xfam_fixed1),
         "xfam_gates": [
-            {"xfam": hx(g.xfam), "leaf": hx(g.leaf), "subleaf": g.subleaf,
+            {"xfam": hex64(g.xfam), "leaf": hx(g.leaf), "subleaf": g.subleaf,
              "register": g.register, "mask": hx(g.mask), "why": g.why}
             for g in p.xfam_gates
         ],
@@ -332,7 +332,7 @@ def host_to_json(h: Host, leaves: tuple[tuple[int, int | None], ...] = ()) -> di
     keys = sorted(h.native, key=lambda k: (k[0], -1 if k[1] is None else k[1])) or list(leaves)
     return {
         "name": h.name,
-        "xfam_supported": f"0x{h.xfam_supported:x}",
+        "xfam_supported": hex64(h.xfam_supported),
         "ept_5level": h.ept_5level,
         "tsx_ctrl": h.tsx_ctrl,
         "cpuid": [

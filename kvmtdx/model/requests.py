@@ -13,7 +13,7 @@ from typing import Any
 
 from kvmtdx import jsonfile
 from kvmtdx.errors import DataError
-from kvmtdx.jsonfile import parse_int
+from kvmtdx.jsonfile import hex64, parse_int
 from kvmtdx.structs import REGISTERS, CpuidEntry, InitVm
 
 
@@ -120,15 +120,15 @@ def entry_to_json(e: CpuidEntry) -> dict[str, Any]:
 def request_to_json(req: Request) -> dict[str, Any]:
     """The JSON form request_from_json reads back; fields at their default are left out."""
     iv = req.init_vm
-    out: dict[str, Any] = {"attributes": _hx(iv.attributes), "xfam": _hx(iv.xfam)}
+    out: dict[str, Any] = {"attributes": hex64(iv.attributes), "xfam": hex64(iv.xfam)}
     if req.flags:
         out["flags"] = _hx(req.flags)
     if req.hw_error:
-        out["hw_error"] = _hx(req.hw_error)
+        out["hw_error"] = hex64(req.hw_error)
     for name, _ in _WORD_FIELDS:
         words: tuple[int, ...] = getattr(iv, name)
         if any(words):
-            out[name] = [_hx(w) for w in words]
+            out[name] = [hex64(w) for w in words]
     if iv.cpuid_padding:
         out["padding"] = _hx(iv.cpuid_padding)
     if iv.nent is not None:
