@@ -281,3 +281,57 @@ def test_a_module_profile_over_256_rows_is_refused_when_loaded(
     rc, _, err = run_cli(capsys, *ARGV["module"](
         _file(tmp_path, json.dumps({"name": "full", "rows": rows[:256]}), "full.json")))
     assert rc == 0, err
+
+
+# Every field of a fuller document of each kind, replaced by a value of every JSON type: the
+# loader accepts it or refuses it in one line, never a traceback.
+FULL: dict[str, dict[str, Any]] = {
+    "request": {**bypass_request(), "flags": 0, "hw_error": "0x0", "nent": 4,
+                "reserved": [0] * 12, "mrconfigid": [0] * 6, "padding": 0},
+    "module": {"name": "m", "source": "s", "attributes_fixed0": "0xffffffffffffffff",
+               "attributes_fixed1": 0, "xfam_fixed0": "0xffff", "xfam_fixed1": 3,
+               "rows": [{"leaf": 7, "subleaf": 0, "config_direct": [0, 0, 0, 0],
+                         "allow_direct": [0, 1, 2, 3], "unknown": [0, 0, 0, 0]}],
+               "xfam_gates": [{"xfam": 4, "leaf": 7, "subleaf": 0, "register": "ebx",
+                               "mask": 32, "why": "AVX2"}]},
+    "host": {"name": "h", "xfam_supported": "0x2e7", "ept_5level": True, "tsx_ctrl": False,
+             "cpuid": [{"leaf": 7, "subleaf": 0, "eax": 0, "ebx": 1, "ecx": 2, "edx": 3}]},
+    "allowlist": {"name": "a", "provenance": "p",
+                  "allowed": [{"leaf": 7, "subleaf": 0, "register": "ecx",
+                               "bits": {"5": "WAITPKG"}},
+                              {"leaf": 7, "subleaf": 1, "register": "eax", "mask": 16}],
+                  "passthrough": [{"leaf": 1, "subleaf": None, "register": "eax"}]},
+    "report": {"schema": 1, "kind": "caps", "tool_version": "0.1.0",
+               "supported_attrs": "0x0000000010000000", "supported_xfam": 3,
+               "cpuid": [{"function": 7, "index": 0, "flags": 1, "eax": 0, "ebx": 1, "ecx": 2,
+                          "edx": 3}]},
+}
+ODD_VALUES: tuple[Any, ...] = (None, True, 1.5, -1, 2**64, "x", "", [], [1], {}, {"a": 1})
+
+
+def _paths(node: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    out = [path] if path else []
+    if isinstance(node, dict):
+        out += [p for k, v in node.items() for p in _paths(v, (*path, k))]
+    elif isinstance(node, list):
+        out += [p for i, v in enumerate(node) for p in _paths(v, (*path, i))]
+    return out
+
+
+def _replaced(doc: Any, path: tuple[Any, ...], value: Any) -> Any:
+    if not path:
+        return value
+    copy = dict(doc) if isinstance(doc, dict) else list(doc)
+    copy[path[0]] = _replaced(doc[path[0]], path[1:], value)
+    return copy
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_any_field_of_any_type_is_read_or_refused_in_one_line(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, kind: str) -> None:
+    assert run_cli(capsys, *ARGV[kind](_file(tmp_path, json.dumps(FULL[kind])))).rc == 0
+    for path in _paths(FULL[kind]):
+        for value in ODD_VALUES:
+            f = _file(tmp_path, json.dumps(_replaced(FULL[kind], path, value)))
+            rc, _, err = run_cli(capsys, *ARGV[kind](f))
+            assert rc == 0 or (rc == 2 and err.count("\n") == 1 and f in err), (path, value, err)
