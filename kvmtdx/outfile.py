@@ -69,16 +69,21 @@ def _first_file(path: str) -> str:
     return path
 
 
-def check_file(option: str, path: str) -> None:
-    """Raise OutputError unless `path` could be written as a report file."""
-    if path == STDOUT:
-        return
+def _target(option: str, path: str) -> os.stat_result | None:
+    """`_stat`, with what stands in the way as an OutputError."""
     try:
-        st = _stat(path)
+        return _stat(path)
     except NotADirectoryError:
         raise OutputError(option, path, f"{_first_file(path)} is not a directory") from None
     except OSError as e:
         raise OutputError(option, path, f"cannot reach it: {e.strerror}") from None
+
+
+def check_file(option: str, path: str) -> None:
+    """Raise OutputError unless `path` could be written as a report file."""
+    if path == STDOUT:
+        return
+    st = _target(option, path)
     if st is None or stat.S_ISREG(st.st_mode):
         real = os.path.realpath(path)
         _writable_directory(option, path, os.path.dirname(real))
@@ -95,7 +100,7 @@ def check_file(option: str, path: str) -> None:
 
 def check_directory(option: str, path: str) -> None:
     """Raise OutputError unless `path` is, or can be created as, a writable directory."""
-    st = _stat(path)
+    st = _target(option, path)
     if st is None:
         _writable_directory(option, path, os.path.dirname(os.path.realpath(path)))
         return

@@ -299,3 +299,18 @@ def test_diff_counts_its_differences_on_stderr(capsys: pytest.CaptureFixture[str
 def test_without_output_stderr_stays_quiet(capsys: pytest.CaptureFixture[str]) -> None:
     r = run_cli(capsys, *WRITERS["--output"][:-1])
     assert r.rc == 0 and r.err == ""
+
+
+def test_a_directory_option_is_checked_the_same_way(tmp_path: Path) -> None:
+    # For options naming a folder to write files into (e.g. a folder of failing requests).
+    from kvmtdx.outfile import OutputError, check_directory
+
+    (tmp_path / "file.txt").write_text("x")
+    check_directory("--dir", str(tmp_path))  # exists
+    check_directory("--dir", str(tmp_path / "new"))  # can be created
+    for where, why in [("missing/new", "no such directory"),
+                       ("file.txt", "exists and is not a directory"),
+                       ("file.txt/new", "not a directory")]:
+        with pytest.raises(OutputError) as e:
+            check_directory("--dir", str(tmp_path / where))
+        assert str(e.value).startswith(f"--dir {tmp_path / where}: ") and why in str(e.value)
