@@ -18,6 +18,7 @@ import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,7 @@ from kvmtdx.model.profiles import MAX_HOST, load_profile
 from kvmtdx.report import verify as render
 from kvmtdx.report.schema import ENVELOPE
 from kvmtdx.session import simulated_backend
+from kvmtdx.verdict import Status
 
 ROOT = Path(__file__).resolve().parent.parent
 BYPASS_PREFIX = "adversarial_denylist_bypass_"
@@ -201,3 +203,17 @@ def test_kselftest_wrapper_passes_ktap_and_the_exit_code_through() -> None:
     assert proc.returncode == 1, proc.stderr
     k = parse_ktap(proc.stdout)
     assert any(not r["ok"] and r["desc"] == f"{BYPASS_PREFIX}waitpkg" for r in k["results"])
+
+
+def test_groups_line_counts_failures_and_skips_apart(
+        upstream_report: checks.VerifyReport) -> None:
+    """`adversarial 0/6` for six skips would read as six failures: skips are named."""
+    line = next(x for x in render.render_text(upstream_report).splitlines()
+                if x.strip().startswith("groups"))
+    assert "policy 2/5 (3 skipped)," in line
+    assert "adversarial 3/6 (3 FAILED)," in line
+    assert "capabilities 9/9," in line
+    mixed = [checks.CheckResult(f"c{i}", "adversarial", s, "x")
+             for i, s in enumerate([Status.PASS, Status.FAIL, Status.SKIP, Status.SKIP])]
+    both = replace(upstream_report, checks=tuple(mixed))
+    assert "adversarial 1/4 (1 FAILED, 2 skipped)" in render.render_text(both)

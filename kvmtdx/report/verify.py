@@ -9,6 +9,7 @@ no TDX is a skip in every format, with the reason.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from kvmtdx import __version__, verdict
@@ -61,6 +62,22 @@ def _counts(report: VerifyReport) -> str:
 # text
 
 
+def _groups(results: Sequence[CheckResult]) -> str:
+    """Passed of total per group, failures and skips named apart: `adversarial 0/6` alone
+    would read as six failures when all six skipped."""
+    per_group = []
+    for g in GROUPS:
+        cs = [c for c in results if c.group == g]
+        if not cs:
+            continue
+        bad = sum(c.status == FAIL for c in cs)
+        skipped = sum(c.status == SKIP for c in cs)
+        notes = ([f"{bad} FAILED"] if bad else []) + ([f"{skipped} skipped"] if skipped else [])
+        per_group.append(f"{g} {sum(c.status == PASS for c in cs)}/{len(cs)}"
+                         + (f" ({', '.join(notes)})" if notes else ""))
+    return ", ".join(per_group)
+
+
 def render_text(report: VerifyReport) -> str:
     if report.skip_reason is not None:
         return (f"kvmtdx verify: SKIP: {report.skip_reason}\n"
@@ -68,14 +85,7 @@ def render_text(report: VerifyReport) -> str:
     out = [f"kvmtdx verify: {report.verdict.upper()} ({_counts(report)})"]
     width = max(len(k) for k, _ in _facts(report))
     out += [f"  {k:<{width}}  {v}" for k, v in _facts(report)]
-    per_group = []
-    for g in GROUPS:
-        cs = [c for c in report.checks if c.group == g]
-        if cs:
-            ok = sum(c.status == PASS for c in cs)
-            bad = sum(c.status == FAIL for c in cs)
-            per_group.append(f"{g} {ok}/{len(cs)}" + (f" ({bad} FAILED)" if bad else ""))
-    out.append(f"  {'groups':<{width}}  " + ", ".join(per_group))
+    out.append(f"  {'groups':<{width}}  " + _groups(report.checks))
     fails = report.failures()
     if fails:
         out += ["", "Failures:"]
