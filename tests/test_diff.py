@@ -261,3 +261,56 @@ def test_every_json_report_writes_leaves_as_hex_strings(
         assert found, doc.get("kind")
         bad = [x for x in found if not (isinstance(x, str) and hexleaf.fullmatch(x))]
         assert not bad, f"{doc.get('kind')}: leaves not written as hex strings: {bad[:5]}"
+
+
+# ---------------------------------------------------------------------------
+# Verify reports: check statuses, not only the bits both name.
+
+
+def _verify_doc(verdict: str, checks: dict[str, str]) -> dict[str, object]:
+    return {"schema": 1, "kind": "verify", "verdict": verdict,
+            "checks": [{"id": cid, "group": "capabilities", "status": status, "detail": "",
+                        "bits": []} for cid, status in checks.items()]}
+
+
+def test_diff_of_verify_reports_names_every_check_status_change(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(_verify_doc("pass", {"kept": "pass", "broke": "pass",
+                                                 "healed": "fail", "gone": "pass"})))
+    b.write_text(json.dumps(_verify_doc("fail", {"kept": "pass", "broke": "fail",
+                                                 "healed": "pass", "new": "skip"})))
+    d = diff.diff_files(load_snapshot(str(a)), load_snapshot(str(b)))
+    assert [(c.id, c.a, c.b) for c in d.checks] == [
+        ("broke", "pass", "fail"), ("healed", "fail", "pass"), ("gone", "pass", "absent"),
+        ("new", "absent", "skip")]
+    assert (d.verdict_a, d.verdict_b) == ("pass", "fail")
+    assert d.count == 5  # four checks and the verdict
+    assert main(["diff", str(a), str(b)]) == 1
+    out = capsys.readouterr().out
+    assert "verdict" in out and "pass -> fail" in out
+    assert "check broke" in out and "check healed" in out and "fail -> pass" in out
+    assert "check new" in out and "absent -> skip" in out
+    assert main(["diff", str(a), str(b), "--format", "json"]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["verdict"] == {"a": "pass", "b": "fail"}
+    assert {(c["id"], c["a"], c["b"]) for c in doc["checks"]} == {
+        ("broke", "pass", "fail"), ("healed", "fail", "pass"), ("gone", "pass", "absent"),
+        ("new", "absent", "skip")}
+    assert doc["differences"] == 5
+    assert main(["diff", str(b), str(b)]) == 0
+
+
+def test_diff_of_a_passing_and_a_failing_verify_run_exits_1(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The failing checks of flags_unchecked name no bit: the diff must still see them."""
+    files = []
+    for spec, rc in (("2.0:rfc-v2", 0), ("2.0:rfc-v2:flags_unchecked", 1)):
+        files.append(tmp_path / f"{spec.replace(':', '_')}.json")
+        assert main(["verify", "--simulate", spec, "--format", "json",
+                     "--output", str(files[-1])]) == rc
+    capsys.readouterr()
+    assert main(["diff", *map(str, files)]) == 1
+    out = capsys.readouterr().out
+    assert "check caps_flags_rejected" in out and "check init_vm_flags_rejected" in out
+    assert "no differences" not in out
