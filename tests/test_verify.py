@@ -89,7 +89,11 @@ def baseline_failures(policy: str) -> set[str]:
     return _BASELINE[policy]
 
 
-@pytest.mark.parametrize("mutant", sorted(sim.MUTANTS))
+BUGS = sorted(m.name for m in sim.CATALOGUE if not m.fix)
+FIXES = [(m.name, p) for m in sim.CATALOGUE if m.fix for p in m.policies]
+
+
+@pytest.mark.parametrize("mutant", BUGS)
 def test_every_mutant_is_caught(capsys: pytest.CaptureFixture[str], mutant: str) -> None:
     policy = mutant_policy(mutant)
     rc, data = run_json(capsys, "--simulate", f"2.0:{policy}:{mutant}", "--policy", policy)
@@ -196,3 +200,27 @@ def test_progress_and_hygiene(no_fd_leak: object) -> None:
     assert seen[-1][2] == r.summary.tds_created > 500
     assert seam.live_tds == 0 and seam.free_key_ids == seam.key_ids
     assert r.summary.ioctls > r.summary.tds_created
+
+
+# ---------------------------------------------------------------------------
+# Verdicts follow the invariant: an upstream kernel with the bypass fixed passes.
+
+
+def test_the_fixes_are_what_the_suite_passes() -> None:
+    assert FIXES == [("denylist_checks_row_index", "upstream"),
+                     ("denylist_checks_row_index", "upstream-6.16")]
+
+
+@pytest.mark.parametrize(("mutant", "policy"), FIXES)
+def test_upstream_with_the_bypass_fixed_passes(capsys: pytest.CaptureFixture[str], mutant: str,
+                                               policy: str) -> None:
+    """Predictions stay exact (the mirror's upstream ACCEPTS the bypass); the verdict follows
+    the invariant, so a kernel that refuses it passes."""
+    rc, data = run_json(capsys, "--simulate", f"2.0:{policy}:{mutant}")
+    assert failing(data) == {}
+    assert rc == 0
+    by_id = {c["id"]: c for c in data["checks"]}
+    match = by_id["adversarial_matches_prediction"]
+    assert match["status"] == "pass"
+    assert "stricter than the model" in match["detail"]
+    assert by_id[f"{BYPASS_PREFIX}waitpkg"]["status"] == "pass"

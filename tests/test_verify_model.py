@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from kvmtdx.model import builders, invariant, mirror
+from kvmtdx.model import builders, invariant, mirror, rules
 from kvmtdx.model.builders import Trap
 from kvmtdx.model.policy import POLICY_NAMES, get_policy
 from kvmtdx.model.profiles import BUNDLED_MODULES, MAX_HOST, Host, load_profile
@@ -140,3 +140,65 @@ def test_silently_cleared_bits_are_exempt_only_when_the_module_is_known() -> Non
     assert known.kept and known.exempt == ((1, 0, "ecx", 3),) and known.outside == ()
     assert not invariant.judge(rep, req, ACCEPTED).kept
     assert not invariant.judge(rep, req, ACCEPTED, module=module, host=MAX_HOST).kept
+
+
+# ---------------------------------------------------------------------------
+# Verdicts follow the invariant where the exact prediction is the policy's known hole.
+
+
+def _steer(policy: str) -> tuple[tuple[CpuidEntry, ...], Request]:
+    rep = reported("2.0", policy)
+    return rep, builders.trap_request(Trap.STEER, base("2.0"), rep, ebx=0,
+                                      ecx=LEAF7_ECX_WAITPKG)
+
+
+def test_a_kernel_that_refuses_the_known_hole_is_stricter_not_wrong() -> None:
+    rep, req = _steer("upstream")
+    pred = predict("2.0", "upstream", req)
+    assert pred.kind is Kind.ACCEPTED  # predictions stay exact: upstream has the hole
+    assert invariant.against_prediction(rep, req, pred, REFUSED) is invariant.Agreement.STRICTER
+    assert invariant.against_prediction(rep, req, pred, ACCEPTED) is invariant.Agreement.SAME
+    # The same hole with strays balancing the count: the bits reach the module, which
+    # refuses them where they land on row 7.1; KVM refusing them is what the invariant asks.
+    stray = builders.trap_request(Trap.STRAY, base("2.0"), rep, ebx=0, ecx=LEAF7_ECX_WAITPKG)
+    pred = predict("2.0", "upstream", stray)
+    assert pred.kind is Kind.MODULE_REJECTED
+    assert invariant.is_known_hole(rep, stray, pred, module=load_profile("2.0"), host=MAX_HOST)
+    assert invariant.against_prediction(rep, stray, pred, REFUSED, module=load_profile("2.0"),
+                                        host=MAX_HOST) is invariant.Agreement.STRICTER
+    # Without the module and host, which bits the module would take is unknown.
+    assert invariant.against_prediction(rep, stray, pred, REFUSED) \
+        is invariant.Agreement.DIFFERS
+    pred = predict("2.0", "upstream", req)
+    # Refused, but past KVM: the module saw bits KVM never reported.
+    module_said_no = Outcome.classify(22, 0xC000010000000045)
+    assert invariant.against_prediction(rep, req, pred, module_said_no) \
+        is invariant.Agreement.DIFFERS
+
+
+def test_only_a_prediction_that_breaks_the_invariant_excuses_a_difference() -> None:
+    # The minimal request: its prediction (ACCEPTED) keeps the invariant, so a kernel that
+    # refuses it is wrong, however strict that looks.
+    rep = reported("2.0", "upstream")
+    req = base("2.0")
+    pred = predict("2.0", "upstream", req)
+    assert pred.kind is Kind.ACCEPTED
+    assert invariant.against_prediction(rep, req, pred, REFUSED) is invariant.Agreement.DIFFERS
+    # An unreported bit the module refuses: predicted MODULE_REJECTED, which keeps the
+    # invariant, so KVM refusing it instead is a difference, not strictness.
+    module = load_profile("2.0")
+    row = module.rows[module.row_index(7, 0) or 0]
+    bit = rules.lowest_bit(~row.module_allows()[1] & rules.FULL)
+    odd = with_entry(base("2.0"), CpuidEntry(7, 0, FLAG_SIGNIFICANT_INDEX, ebx=1 << bit))
+    pred = predict("2.0", "upstream", odd)
+    assert pred.kind is Kind.MODULE_REJECTED
+    assert invariant.against_prediction(rep, odd, pred, REFUSED, module=module,
+                                        host=MAX_HOST) is invariant.Agreement.DIFFERS
+    # WAITPKG flagged onto row 7.1, where the module cannot take it: its refusal is the
+    # module's (spec section 5), so KVM refusing it is a difference too.
+    misplaced = with_entry(base("2.0"), CpuidEntry(7, 1, FLAG_SIGNIFICANT_INDEX,
+                                                   ecx=LEAF7_ECX_WAITPKG))
+    pred = predict("2.0", "upstream", misplaced)
+    assert pred.kind is Kind.MODULE_REJECTED
+    assert invariant.against_prediction(rep, misplaced, pred, REFUSED, module=module,
+                                        host=MAX_HOST) is invariant.Agreement.DIFFERS

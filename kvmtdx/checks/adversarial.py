@@ -117,17 +117,25 @@ def adversarial_duplicate_entries(ctx: Context) -> Verdict:
 
 
 @check("adversarial_matches_prediction", GROUP,
-       "every trap request above gets exactly the mirror's answer for this policy")
+       "every trap request above gets exactly the mirror's answer for this policy, or KVM's "
+       "refusal where the mirror reproduces the policy's known hole")
 def adversarial_matches_prediction(ctx: Context) -> Verdict:
     if not ctx.exact:
         return skip(NEEDS_MODULE)
     if not ctx.trap_log:
         return skip("no trap request was sent")
+    stricter = 0
     for what, req, actual in ctx.trap_log:
         pred = ctx.predict(req)
         if pred is None:
             return skip(NEEDS_MODULE)
-        if not actual.same_answer(pred):
+        agreement = ctx.agreement(req, pred, actual)
+        if agreement is invariant.Agreement.DIFFERS:
             return bad(f"{what}: {describe(actual)}, expected {describe(pred)}",
                        pred.describe(), describe(actual), predicted_bit(pred))
-    return ok(f"{len(ctx.trap_log)} trap requests as predicted")
+        stricter += agreement is invariant.Agreement.STRICTER
+    n = len(ctx.trap_log)
+    if stricter:
+        return ok(f"{n} trap requests: {n - stricter} as predicted, {stricter} refused where "
+                  f"{invariant.STRICTER_NOTE}")
+    return ok(f"{n} trap requests as predicted")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from kvmtdx.device import Kvm, Seam, TdxVm
 from kvmtdx.knowledge import Knowledge
-from kvmtdx.model import builders, mirror
+from kvmtdx.model import builders, invariant, mirror
 from kvmtdx.model.builders import Trap
 from kvmtdx.model.catalog import BitRef
 from kvmtdx.model.mirror import CapsPrediction
@@ -67,6 +67,12 @@ class Context:
         if m is None:
             return None
         return mirror.predict_init_vm(*m, req, td_initialized=td_initialized)
+
+    def agreement(self, req: Request, pred: Outcome, actual: Outcome) -> invariant.Agreement:
+        """The answer against the exact prediction, as the invariant judges a departure
+        (kvmtdx.model.invariant.against_prediction)."""
+        return invariant.against_prediction(self.caps.entries, req, pred, actual,
+                                            module=self.know.module, host=self.know.host)
 
     def predict_caps(self, nent: int, *, flags: int = 0, hw_error: int = 0,
                      caller: bytes | None = None) -> CapsPrediction | None:

@@ -15,6 +15,7 @@ from typing import TypeVar
 
 from kvmtdx.checks.context import Context
 from kvmtdx.model.catalog import BitRef
+from kvmtdx.model.invariant import STRICTER_NOTE, Agreement
 from kvmtdx.model.requests import Request
 from kvmtdx.outcome import Kind, Outcome
 from kvmtdx.verdict import Status
@@ -128,14 +129,18 @@ def predicted_bit(pred: Outcome | None) -> tuple[BitRef, ...]:
 def judge(ctx: Context, req: Request, actual: Outcome, generic: Kind | None,
           what: str, *, td_initialized: bool = False,
           bits: tuple[BitRef, ...] = ()) -> Verdict:
-    """Exact knowledge: the kernel's answer must be the mirror's.  Otherwise the
-    answer must be of the kind the spec fixes for every kernel (`generic`)."""
+    """Exact knowledge: the kernel's answer must be the mirror's, or refuse where the
+    mirror reproduces the policy's known hole (invariant.against_prediction).  Otherwise
+    the answer must be of the kind the spec fixes for every kernel (`generic`)."""
     pred = ctx.predict(req, td_initialized=td_initialized)
     got = describe(actual)
     if pred is not None:
         exp = pred.describe()
-        if actual.same_answer(pred):
+        agreement = ctx.agreement(req, pred, actual)
+        if agreement is Agreement.SAME:
             return ok(f"{what}: {got}", exp, got, bits)
+        if agreement is Agreement.STRICTER:
+            return ok(f"{what}: {got}; {STRICTER_NOTE}", exp, got, bits)
         return bad(f"{what}: {got}, expected {describe(pred)}", exp, got, bits)
     if generic is None:
         return skip(f"{what}: {NEEDS_MODULE}")
