@@ -22,6 +22,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+from kvmtdx.errors import DataError
 from kvmtdx.model import mirror
 from kvmtdx.model.policy import POLICY_NAMES, Allowlist, Policy, get_policy, load_allowlist
 from kvmtdx.model.profiles import Host, ModuleProfile, Regs, load_profile
@@ -197,45 +198,19 @@ def caps_equal(a: Capabilities, b: Capabilities, *, entry_flags: bool) -> bool:
 def choose_policy(requested: str | None, allowlist: Allowlist | None,
                   module: ModuleProfile | None, host: Host | None, caps: Capabilities,
                   release: str, fallback: Policy | None = None) -> tuple[Policy | None, str]:
-    """The policy to judge by, and why (`--policy auto` picks; a name is given; None: none)."""
+    """The policy to judge by, and why (`--policy auto` picks; a name is given; None: none).
+
+    Raises DataError when "auto" finds several policies that explain the capabilities
+    equally well: any pick would be a guess, and a wrong guess fails a correct kernel.
+    """
     if requested is None:
         return None, "none given: judged without a policy"
     if requested != "auto":
         return get_policy(requested, allowlist), f"--policy {requested} (given)"
     if module is not None:
-        matches: list[str] = []
-        for name in POLICY_NAMES:
-            p = get_policy(name, allowlist)
-            h = host if host is not None else infer_host(module, caps, p)
-            pred = mirror.predict_capabilities(module, h, p, len(module.rows))
-            if pred.caps is not None and caps_equal(
-                    pred.caps, caps, entry_flags=not p.caps_echoes_caller):
-                matches.append(name)
-        if len(matches) == 1:
-            return (get_policy(matches[0], allowlist),
-                    f"auto: {matches[0]}, the only policy whose predicted capabilities match "
-                    f"the kernel's (module {module.name})")
-        by_release = _policy_by_release(release)
-        if matches and host is None:
-            # With the host inferred, every policy can explain the report by a CPU
-            # that lacks what the policy would not hide; the likeliest reading is
-            # the one whose CPU lacks the fewest features the module allows.
-            missing = {n: _missing_features(module, caps, get_policy(n, allowlist))
-                       for n in matches}
-            fewest = min(missing.values())
-            best = [n for n in matches if missing[n] == fewest]
-            if len(best) == 1 and len(matches) > 1:
-                return (get_policy(best[0], allowlist),
-                        f"auto: {best[0]}: of the policies whose predictions match "
-                        f"({', '.join(matches)}), it needs the fewest features missing from "
-                        f"the CPU ({fewest}) to explain the kernel's capabilities")
-            matches = best
+        matches = _matching(module, host, caps, allowlist)
         if matches:
-            pick = by_release if by_release in matches else matches[0]
-            return (get_policy(pick, allowlist),
-                    f"auto: predicted capabilities of {', '.join(matches)} all match the "
-                    f"kernel's; chose {pick}"
-                    + (f" by kernel release {release}" if pick == by_release else ""))
+            return _one_of(matches, module, host, caps, allowlist)
         why = "auto: no policy's predicted capabilities match the kernel's"
     else:
         why = "auto: no module profile to compare predictions with"
@@ -249,3 +224,45 @@ def choose_policy(requested: str | None, allowlist: Allowlist | None,
         return get_policy(by_release, allowlist), f"{why}; {by_release} by kernel release {release}"
     return None, (f"{why}, and kernel release {release} is not a known TDX kernel; "
                   "checks that need a policy skip (give --policy)")
+
+
+def _matching(module: ModuleProfile, host: Host | None, caps: Capabilities,
+              allowlist: Allowlist | None) -> list[str]:
+    """The policies whose predicted capabilities are the kernel's (with the host inferred
+    for each when none is known)."""
+    matches: list[str] = []
+    for name in POLICY_NAMES:
+        p = get_policy(name, allowlist)
+        h = host if host is not None else infer_host(module, caps, p)
+        pred = mirror.predict_capabilities(module, h, p, len(module.rows))
+        if pred.caps is not None and caps_equal(
+                pred.caps, caps, entry_flags=not p.caps_echoes_caller):
+            matches.append(name)
+    return matches
+
+
+def _one_of(matches: list[str], module: ModuleProfile, host: Host | None, caps: Capabilities,
+            allowlist: Allowlist | None) -> tuple[Policy, str]:
+    if len(matches) == 1:
+        return (get_policy(matches[0], allowlist),
+                f"auto: {matches[0]}, the only policy whose predicted capabilities match "
+                f"the kernel's (module {module.name})")
+    if host is None:
+        # With the host inferred, every policy can explain the report by a CPU that lacks
+        # what the policy would not hide; the likeliest reading is the one whose CPU lacks
+        # the fewest features the module allows.
+        missing = {n: _missing_features(module, caps, get_policy(n, allowlist))
+                   for n in matches}
+        fewest = min(missing.values())
+        best = [n for n in matches if missing[n] == fewest]
+        if len(best) == 1:
+            return (get_policy(best[0], allowlist),
+                    f"auto: {best[0]}: of the policies whose predictions match "
+                    f"({', '.join(matches)}), it needs the fewest features missing from "
+                    f"the CPU ({fewest}) to explain the kernel's capabilities")
+        matches = best
+    where = f"host {host.name}" if host is not None else "the host inferred from them"
+    raise DataError(
+        f"--policy auto cannot tell {' from '.join(matches)}: each predicts exactly the "
+        f"kernel's capabilities for module {module.name} on {where} (the host lacks every bit "
+        f"they treat differently); give --policy {' or --policy '.join(matches)}")
