@@ -8,9 +8,10 @@ thing to both:
 1. `given` — before the kernel is asked anything: the module (--module, else
    the simulated host's), the host (the simulated host's, else --host), the
    requested policy (a name, or "auto") and the allowlist.
-2. `complete` — once KVM_TDX_CAPABILITIES has been read: `--policy auto`
-   chosen from the capabilities (`choose_policy`, with its reason), and a host
-   inferred from them when none was given (`infer_host`).
+2. `complete` — once KVM_TDX_CAPABILITIES has been read: a module profile the
+   capabilities contradict set aside (kvmtdx.model.fit), `--policy auto` chosen
+   from the capabilities (`choose_policy`, with its reason), and a host inferred
+   from them when none was given (`infer_host`).
 
 Nothing here talks to a kernel; `given` reads only the files it is named.
 """
@@ -24,6 +25,7 @@ from typing import Protocol
 
 from kvmtdx.errors import DataError
 from kvmtdx.model import mirror
+from kvmtdx.model.fit import profile_mismatch
 from kvmtdx.model.policy import POLICY_NAMES, Allowlist, Policy, get_policy, load_allowlist
 from kvmtdx.model.profiles import Host, ModuleProfile, Regs, load_profile
 from kvmtdx.structs import REGISTERS, Capabilities
@@ -64,6 +66,9 @@ class Knowledge:
     policy: Policy | None
     policy_reason: str
     allowlist_source: str
+    # Why the module profile given cannot be this kernel's module (kvmtdx.model.fit); the
+    # run then knows no module, and `module_source` says which profile was set aside.
+    module_mismatch: str | None = None
 
     @property
     def exact(self) -> bool:
@@ -122,6 +127,13 @@ def complete(known: Given, caps: Capabilities, release: str | None = None) -> Kn
     `release` is the kernel release "auto" may fall back on (default: this one).
     """
     rel = release if release is not None else os.uname().release
+    mismatch = profile_mismatch(known.module, caps) if known.module is not None else []
+    if mismatch:
+        # Every prediction from it would be wrong, and each check holding the kernel to one
+        # would blame the kernel: judge as if no profile were given, and say why.
+        known = replace(known, module=None,
+                        module_source=f"{known.module_source}: does not match this kernel "
+                                      f"({mismatch[0]}); judged without a module profile")
     chosen, reason = choose_policy(known.policy, known.allowlist, known.module, known.host,
                                    caps, rel, fallback=known.fallback)
     host, hsrc, exact = known.host, known.host_source, known.host is not None
@@ -132,7 +144,8 @@ def complete(known: Given, caps: Capabilities, release: str | None = None) -> Kn
     else:
         asrc = (f"--allowlist {known.allowlist_given}" if known.allowlist_given
                 else "bundled") + f": {chosen.allowlist.name} ({chosen.allowlist.provenance})"
-    return Knowledge(known.module, known.module_source, host, hsrc, exact, chosen, reason, asrc)
+    return Knowledge(known.module, known.module_source, host, hsrc, exact, chosen, reason, asrc,
+                     "; ".join(mismatch) or None)
 
 
 # ---------------------------------------------------------------------------

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from kvmtdx.model import builders, invariant, mirror, rules
+from kvmtdx.model import builders, fit, invariant, mirror, rules
 from kvmtdx.model.builders import Trap
 from kvmtdx.model.policy import POLICY_NAMES, get_policy
 from kvmtdx.model.profiles import BUNDLED_MODULES, MAX_HOST, Host, load_profile
@@ -202,3 +202,37 @@ def test_only_a_prediction_that_breaks_the_invariant_excuses_a_difference() -> N
     assert pred.kind is Kind.MODULE_REJECTED
     assert invariant.against_prediction(rep, misplaced, pred, REFUSED, module=module,
                                         host=MAX_HOST) is invariant.Agreement.DIFFERS
+
+
+# ---------------------------------------------------------------------------
+# Whether a profile can be the module behind a report.
+
+
+@pytest.mark.parametrize("policy", POLICY_NAMES)
+@pytest.mark.parametrize("module", BUNDLED_MODULES)
+def test_every_kernel_report_fits_its_own_module_even_with_a_bug(module: str,
+                                                                 policy: str) -> None:
+    from kvmtdx.device import Kvm
+    from kvmtdx.sim import CATALOGUE, SimulatedHost
+
+    m = load_profile(module)
+    for mutant in [None, *(x.name for x in CATALOGUE if policy in x.policies)]:
+        for host in (MAX_HOST, BARE):
+            with Kvm(SimulatedHost(m, host, get_policy(policy), mutant=mutant)) as kvm, \
+                    kvm.create_td() as td:
+                caps = td.capabilities()
+            assert fit.profile_mismatch(m, caps) == [], (mutant, host.name)
+
+
+def test_a_report_no_kernel_on_the_profiles_module_can_give_is_named() -> None:
+    m = load_profile("2.0")
+    pred = mirror.predict_capabilities(m, MAX_HOST, get_policy("rfc-v2"), len(m.rows))
+    assert pred.caps is not None
+    caps = pred.caps
+    assert fit.profile_mismatch(load_profile("1.5.01"), caps) == [
+        "KVM lists 28 CPUID rows, module 1.5.01 has 12"]
+    swapped = replace(caps, entries=(caps.entries[1], caps.entries[0], *caps.entries[2:]))
+    assert fit.profile_mismatch(m, swapped)[0].startswith("entry 0 is 0x4.0, the module's row 0")
+    assert fit.profile_mismatch(m, replace(caps, supported_xfam=caps.supported_xfam | 1 << 40))
+    assert fit.profile_mismatch(m, replace(caps, supported_xfam=0x2))  # lacks x87 (fixed1)
+    assert fit.profile_mismatch(m, replace(caps, supported_attrs=1 << 5))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from kvmtdx.checks.context import Context
 from kvmtdx.checks.registry import (
-    NEEDS_MODULE,
     Verdict,
     bad,
     check,
@@ -121,14 +120,14 @@ def adversarial_duplicate_entries(ctx: Context) -> Verdict:
        "refusal where the mirror reproduces the policy's known hole")
 def adversarial_matches_prediction(ctx: Context) -> Verdict:
     if not ctx.exact:
-        return skip(NEEDS_MODULE)
+        return skip(ctx.needs_module)
     if not ctx.trap_log:
         return skip("no trap request was sent")
     stricter = 0
     for what, req, actual in ctx.trap_log:
         pred = ctx.predict(req)
         if pred is None:
-            return skip(NEEDS_MODULE)
+            return skip(ctx.needs_module)
         agreement = ctx.agreement(req, pred, actual)
         if agreement is invariant.Agreement.DIFFERS:
             return bad(f"{what}: {describe(actual)}, expected {describe(pred)}",

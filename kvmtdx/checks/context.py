@@ -25,6 +25,11 @@ from kvmtdx.model.requests import Request
 from kvmtdx.outcome import Outcome
 from kvmtdx.structs import Capabilities, CpuidEntry
 
+NEEDS_MODULE = ("needs a TDX module profile: give --module NAME|FILE "
+                "(kvmtdx caps --save-module FILE writes one)")
+PROFILE_SET_ASIDE = ("the module profile given does not match this kernel "
+                     "(module_profile_matches says why)")
+
 
 @dataclass
 class ProcessNumbers:
@@ -54,6 +59,11 @@ class Context:
     @property
     def exact(self) -> bool:
         return self.know.exact
+
+    @property
+    def needs_module(self) -> str:
+        """Why a check that needs the module profile skips."""
+        return NEEDS_MODULE if self.know.module_mismatch is None else PROFILE_SET_ASIDE
 
     def model(self) -> tuple[ModuleProfile, Host, Policy] | None:
         """Module, host and policy when all three are known: the mirror can predict."""

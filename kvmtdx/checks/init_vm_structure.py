@@ -7,7 +7,6 @@ import errno
 
 from kvmtdx.checks.context import Context
 from kvmtdx.checks.registry import (
-    NEEDS_MODULE,
     Verdict,
     bad,
     check,
@@ -164,7 +163,7 @@ def _module_refused_bit(ctx: Context) -> tuple[CpuidEntry, BitRef] | None:
 def init_vm_module_status_written_back(ctx: Context) -> Verdict:
     found = _module_refused_bit(ctx)
     if found is None:
-        return skip(NEEDS_MODULE if ctx.know.module is None
+        return skip(ctx.needs_module if ctx.know.module is None
                     else "no bit the module refuses in a listed row")
     e, ref = found
     req = ctx.base((e,))

@@ -24,8 +24,6 @@ GROUPS: tuple[str, ...] = (
     "availability", "capabilities", "init_vm_structure", "init_vm_content", "policy",
     "adversarial", "hygiene",
 )
-NEEDS_MODULE = ("needs a TDX module profile: give --module NAME|FILE "
-                "(kvmtdx caps --save-module FILE writes one)")
 NEEDS_POLICY = "needs the kernel policy (give --policy)"
 
 
@@ -143,7 +141,7 @@ def judge(ctx: Context, req: Request, actual: Outcome, generic: Kind | None,
             return ok(f"{what}: {got}; {STRICTER_NOTE}", exp, got, bits)
         return bad(f"{what}: {got}, expected {describe(pred)}", exp, got, bits)
     if generic is None:
-        return skip(f"{what}: {NEEDS_MODULE}")
+        return skip(f"{what}: {ctx.needs_module}")
     if actual.kind == generic:
         return ok(f"{what}: {got} (no profile: kind only)", generic.value, got, bits)
     return bad(f"{what}: {got}, expected {generic.value}", generic.value, got, bits)
