@@ -79,7 +79,7 @@ def _smuggle(ctx: Context, trap: Trap, ebx: int, ecx: int, what: str) -> Verdict
                            host=ctx.know.host)
     return bad(f"{what}: {labels(list(hidden))} never reported, yet "
                f"{_past_kvm(judged, actual)} {WHERE}", "KVM_REJECTED", describe(actual),
-               hidden)
+               hidden, request=req)
 
 
 def _trap_check(id_: str, about: str, trap: Trap, ebx: int, ecx: int, what: str) -> None:
@@ -131,7 +131,7 @@ def adversarial_matches_prediction(ctx: Context) -> Verdict:
         agreement = ctx.agreement(req, pred, actual)
         if agreement is invariant.Agreement.DIFFERS:
             return bad(f"{what}: {describe(actual)}, expected {describe(pred)}",
-                       pred.describe(), describe(actual), predicted_bit(pred))
+                       pred.describe(), describe(actual), predicted_bit(pred), request=req)
         stricter += agreement is invariant.Agreement.STRICTER
     n = len(ctx.trap_log)
     if stricter:

@@ -46,11 +46,11 @@ def init_vm_hw_error_rejected(ctx: Context) -> Verdict:
         res = td.init_vm_raw(req.init_vm, hw_error=1)
     got = errno_name(res.errno)
     if res.errno != errno.EINVAL:
-        return bad(f"hw_error 1: {got}, expected EINVAL", "EINVAL", got)
+        return bad(f"hw_error 1: {got}, expected EINVAL", "EINVAL", got, request=req)
     if res.cmd.hw_error != 1:
         return bad(f"EINVAL, but cmd was written back (hw_error 0x{res.cmd.hw_error:x}); "
                    "KVM must refuse before touching it", "hw_error 1 left",
-                   f"hw_error 0x{res.cmd.hw_error:x}")
+                   f"hw_error 0x{res.cmd.hw_error:x}", request=req)
     return ok("hw_error 1: EINVAL, cmd left alone", "EINVAL", got)
 
 
@@ -171,5 +171,5 @@ def init_vm_module_status_written_back(ctx: Context) -> Verdict:
     v = judge(ctx, req, actual, None, f"{ref.label()} (not configurable)", bits=(ref,))
     if v.status is Status.PASS and actual.hw.operand != Operand.CPUID_CONFIG:
         return bad(f"hw_error {actual.hw}, expected operand CPUID_CONFIG", v.expected,
-                   v.actual, (ref,))
+                   v.actual, (ref,), request=req)
     return v

@@ -36,6 +36,10 @@ class Verdict:
     expected: str = ""
     actual: str = ""
     bits: tuple[BitRef, ...] = ()
+    # A failing INIT_VM check's request, as `kvmtdx init-vm --request` replays it, with a
+    # note where one fresh TD does not replay it (a second call on one TD).
+    request: Request | None = None
+    request_note: str = ""
 
 
 def ok(detail: str, expected: str = "", actual: str = "",
@@ -44,8 +48,9 @@ def ok(detail: str, expected: str = "", actual: str = "",
 
 
 def bad(detail: str, expected: str = "", actual: str = "",
-        bits: tuple[BitRef, ...] = ()) -> Verdict:
-    return Verdict(Status.FAIL, detail, expected, actual, bits)
+        bits: tuple[BitRef, ...] = (), *, request: Request | None = None,
+        request_note: str = "") -> Verdict:
+    return Verdict(Status.FAIL, detail, expected, actual, bits, request, request_note)
 
 
 def skip(reason: str) -> Verdict:
@@ -83,6 +88,8 @@ class CheckSpec:
 
 
 _REGISTERED: list[CheckSpec] = []
+SECOND_CALL = ("sent twice on one TD, the first ACCEPTED; the second answer is the one judged "
+               "(kvmtdx init-vm sends it once, on a fresh TD)")
 
 
 def check(id_: str, group: str, about: str, *, after_close: bool = False
@@ -139,9 +146,11 @@ def judge(ctx: Context, req: Request, actual: Outcome, generic: Kind | None,
             return ok(f"{what}: {got}", exp, got, bits)
         if agreement is Agreement.STRICTER:
             return ok(f"{what}: {got}; {STRICTER_NOTE}", exp, got, bits)
-        return bad(f"{what}: {got}, expected {describe(pred)}", exp, got, bits)
+        return bad(f"{what}: {got}, expected {describe(pred)}", exp, got, bits, request=req,
+                   request_note=SECOND_CALL if td_initialized else "")
     if generic is None:
         return skip(f"{what}: {ctx.needs_module}")
     if actual.kind == generic:
         return ok(f"{what}: {got} (no profile: kind only)", generic.value, got, bits)
-    return bad(f"{what}: {got}, expected {generic.value}", generic.value, got, bits)
+    return bad(f"{what}: {got}, expected {generic.value}", generic.value, got, bits,
+               request=req, request_note=SECOND_CALL if td_initialized else "")

@@ -17,12 +17,16 @@ from kvmtdx.cli.common import (
     say,
     write,
 )
+from kvmtdx.errors import DataError
 
 
 def arguments(p: argparse.ArgumentParser) -> None:
     backend_options(p)
     model_options(p, "auto", auto=True)
     output_options(p, ("text", "json", "ktap", "junit"))
+    p.add_argument("--save-failures", metavar="DIR",
+                   help="write each failing INIT_VM check's request to DIR/CHECK_ID.json, "
+                        "which 'kvmtdx init-vm --request' replays (DIR is created)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,6 +35,8 @@ def run(args: argparse.Namespace) -> int:
     from kvmtdx.checks import run_verify
     from kvmtdx.report import verify as render
 
+    if args.save_failures:
+        _check_directory(args.save_failures)
     backend = open_session(args)
     tty = sys.stderr.isatty()
     report = run_verify(backend.seam, backend_label=backend.label,
@@ -43,7 +49,35 @@ def run(args: argparse.Namespace) -> int:
         if args.format != "text" or args.output:
             say("skip", reason)
     write(args, render.render(report, args.format))
+    if args.save_failures:
+        _save_failures(args.save_failures, render.failure_requests(report))
     return render.exit_code(report)
+
+
+def _check_directory(path: str) -> None:
+    """Before a run that may take minutes: DIR is, or can be made, a writable directory."""
+    import os
+    from pathlib import Path
+
+    d = Path(path)
+    where = d if d.exists() else d.parent
+    if d.exists() and not d.is_dir():
+        raise DataError(f"--save-failures {path}: not a directory")
+    if not where.is_dir():
+        raise DataError(f"--save-failures {path}: {where} does not exist")
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise DataError(f"--save-failures {path}: {where} is not writable")
+
+
+def _save_failures(path: str, requests: dict[str, str]) -> None:
+    from pathlib import Path
+
+    from kvmtdx.report import emit
+
+    d = Path(path)
+    d.mkdir(exist_ok=True)
+    for check_id, text in requests.items():
+        emit(text, str(d / f"{check_id}.json"))
 
 
 def _progress() -> Callable[[int, int, int], None]:

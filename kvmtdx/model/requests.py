@@ -34,6 +34,10 @@ _TOP_KEYS = frozenset(
 )
 # Free-text keys people put in hand-written files; ignored rather than refused.
 _NOTE_KEYS = frozenset({"name", "about", "comment", "description", "why"})
+# The envelope kvmtdx writes on every JSON document (kvmtdx.report.schema), here on the
+# requests `verify --save-failures` writes; a request written by hand has none.
+_ENVELOPE_KEYS = frozenset({"schema", "kind", "tool_version"})
+REQUEST_KIND = "request"
 _ENTRY_KEYS = frozenset({"function", "index", "flags", "padding", *REGISTERS})
 
 
@@ -72,8 +76,11 @@ def request_from_json(data: Any, origin: str) -> Request:
     """A Request from parsed JSON; `origin` (a file name) prefixes every error."""
     if not isinstance(data, dict):
         raise DataError(f"{origin}: a request must be a JSON object")
+    if data.get("kind", REQUEST_KIND) != REQUEST_KIND:
+        raise DataError(f"{origin}: a kvmtdx {data['kind']} report, not a request")
     for key in data:
-        if key not in _TOP_KEYS and key not in _NOTE_KEYS and not str(key).startswith("_"):
+        if key not in _TOP_KEYS and key not in _NOTE_KEYS and key not in _ENVELOPE_KEYS \
+                and not str(key).startswith("_"):
             raise DataError(f"{origin}: {key}: unknown field (expected one of "
                             f"{', '.join(sorted(_TOP_KEYS))})")
     for key in ("attributes", "xfam", "cpuid"):

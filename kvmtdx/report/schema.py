@@ -31,6 +31,7 @@ class ReportKind(str, Enum):
     CAPS = "caps"
     PREDICT = "predict"
     INIT_VM = "init-vm"
+    REQUEST = "request"  # a KVM_TDX_INIT_VM request (verify --save-failures)
     VERIFY = "verify"
     PROBE = "probe"
     DIFF = "diff"

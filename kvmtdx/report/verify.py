@@ -15,9 +15,11 @@ from typing import Any
 from kvmtdx import __version__, verdict
 from kvmtdx.checks import GROUPS, CheckResult, Summary, VerifyReport
 from kvmtdx.errors import ExitCode
+from kvmtdx.model.requests import Request, request_to_json
 from kvmtdx.report import junit, ktap
 from kvmtdx.report.encode import bitref_json
 from kvmtdx.report.schema import ReportKind, document
+from kvmtdx.structs import FLAG_SIGNIFICANT_INDEX, REGISTERS, CpuidEntry
 from kvmtdx.verdict import Status
 
 PASS, FAIL, SKIP = Status.PASS, Status.FAIL, Status.SKIP
@@ -62,6 +64,28 @@ def _counts(report: VerifyReport) -> str:
 # text
 
 
+def _entry_short(e: CpuidEntry) -> str:
+    regs = [f"{r}=0x{v:x}" for r, v in zip(REGISTERS, e.regs(), strict=True) if v]
+    flag = "" if e.flags == FLAG_SIGNIFICANT_INDEX else (
+        " unflagged" if not e.flags else f" flags=0x{e.flags:x}")
+    return " ".join([f"0x{e.function:x}.{e.index}{flag}", *regs])
+
+
+def request_line(req: Request, limit: int = 6) -> str:
+    """A request in one line: the words a check set, then its entries (flagged unless said)."""
+    iv = req.init_vm
+    words = [f"attributes 0x{iv.attributes:x}", f"xfam 0x{iv.xfam:x}"]
+    words += [f"{name} 0x{v:x}" for name, v in (("flags", req.flags),
+                                                 ("hw_error", req.hw_error),
+                                                 ("padding", iv.cpuid_padding)) if v]
+    if iv.nent is not None:
+        words.append(f"nent {iv.nent}")
+    words += [f"reserved[{i}] 0x{w:x}" for i, w in enumerate(iv.reserved) if w]
+    shown = [_entry_short(e) for e in iv.entries[:limit]]
+    more = f", +{len(iv.entries) - limit} more" if len(iv.entries) > limit else ""
+    return (", ".join(words) + f"; {len(iv.entries)} entries: " + ", ".join(shown) + more)
+
+
 def _groups(results: Sequence[CheckResult]) -> str:
     """Passed of total per group, failures and skips named apart: `adversarial 0/6` alone
     would read as six failures when all six skipped."""
@@ -99,6 +123,10 @@ def render_text(report: VerifyReport) -> str:
                 shown = ", ".join(b.label() for b in c.bits[:8])
                 more = f" (+{len(c.bits) - 8} more)" if len(c.bits) > 8 else ""
                 out.append(f"    bits:     {shown}{more}")
+            if c.request is not None:
+                out.append(f"    request:  {request_line(c.request)}")
+                if c.request_note:
+                    out.append(f"              ({c.request_note})")
     skips = [c for c in report.checks if c.status == SKIP]
     if skips:
         out += ["", "Skipped:"]
@@ -110,15 +138,19 @@ def render_text(report: VerifyReport) -> str:
 # KTAP v1 (written by kvmtdx.report.ktap)
 
 
+def _diagnostics(c: CheckResult) -> tuple[str, ...]:
+    out = [f"expected: {c.expected}", f"actual: {c.actual}"] if c.expected or c.actual else []
+    if c.request is not None:
+        out.append(f"request: {request_line(c.request)}")
+    return tuple(out)
+
+
 def render_ktap(report: VerifyReport) -> str:
     if report.skip_reason is not None:
         return ktap.skip_all(report.skip_reason)
     header = [f"kvmtdx {__version__} verify: {_counts(report)}"]
     header += [f"{k}: {v}" for k, v in _facts(report)]
-    cases = [ktap.Case(c.id, c.status, c.detail,
-                       (f"expected: {c.expected}", f"actual: {c.actual}")
-                       if c.expected or c.actual else ())
-             for c in report.checks]
+    cases = [ktap.Case(c.id, c.status, c.detail, _diagnostics(c)) for c in report.checks]
     return ktap.render(header, cases)
 
 
@@ -126,9 +158,35 @@ def render_ktap(report: VerifyReport) -> str:
 # JSON (schema documented in README.md, "kvmtdx verify")
 
 
+def request_json(c: CheckResult) -> dict[str, Any] | None:
+    """A failing check's request in the `kvmtdx init-vm --request` format (a note, where one
+    fresh TD does not replay it, in its "about")."""
+    if c.request is None:
+        return None
+    note = {"about": c.request_note} if c.request_note else {}
+    return {**note, **request_to_json(c.request)}
+
+
 def check_json(c: CheckResult) -> dict[str, Any]:
     return {"id": c.id, "group": c.group, "status": c.status, "detail": c.detail,
-            "expected": c.expected, "actual": c.actual, "bits": [bitref_json(b) for b in c.bits]}
+            "expected": c.expected, "actual": c.actual, "bits": [bitref_json(b) for b in c.bits],
+            "request": request_json(c),
+            "seconds": round(c.seconds, 6) if c.seconds is not None else None}
+
+
+def failure_requests(report: VerifyReport) -> dict[str, str]:
+    """check id -> its failing request as a JSON document `kvmtdx init-vm --request` reads
+    (verify --save-failures writes one file per entry)."""
+    out: dict[str, str] = {}
+    for c in report.failures():
+        body = request_json(c)
+        if body is None:
+            continue
+        about = (f"kvmtdx verify {c.id} on {report.backend}: expected {c.expected}, got "
+                 f"{c.actual}" + (f"; {c.request_note}" if c.request_note else ""))
+        body.pop("about", None)
+        out[c.id] = document(ReportKind.REQUEST, {"about": _one_line(about), **body})
+    return out
 
 
 def summary_json(s: Summary) -> dict[str, Any]:
@@ -176,7 +234,10 @@ def _junit_case(c: CheckResult) -> junit.Case:
     text = c.detail
     if c.status == FAIL:
         lines = [c.detail, f"expected: {c.expected}", f"actual: {c.actual}"]
-        text = "\n".join(lines + [f"bit: {b.label()}" for b in c.bits])
+        lines += [f"bit: {b.label()}" for b in c.bits]
+        if c.request is not None:
+            lines.append(f"request: {request_line(c.request)}")
+        text = "\n".join(lines)
     return junit.Case(c.id, f"kvmtdx.verify.{c.group}", c.status, c.detail, text)
 
 
