@@ -33,6 +33,7 @@ def _reports(capsys: pytest.CaptureFixture[str], tmp: Path) -> dict[str, dict[st
         ("policy-diff", 1, ["diff", "--module", "2.0", "--policy", "upstream",
                             "--policy", "rfc-v2"]),
         ("simulate-list", 0, ["verify", "--simulate", "list"]),
+        ("check-list", 0, ["verify", "--list-checks"]),
     ]
     docs = {}
     for name, rc, argv in runs:

@@ -7,7 +7,7 @@ Golden files: tests/golden/verify-2.0-upstream.ktap (and .xml, and the same for
     KVMTDX_REGEN_GOLDEN=1 scripts/test tests/test_verify_formats.py
 
 and review their diff before committing.  The JUnit files have the hygiene check's
-fd and RSS figures (this process's, not the run's) written as N.
+fd and RSS figures (this process's, not the run's) and each check's time written as N.
 """
 
 from __future__ import annotations
@@ -59,7 +59,12 @@ GOLDEN_RUNS = [("2.0:upstream", 1), ("2.0:rfc-v2", 0)]
 _PROCESS_FIGURES = re.compile(r"\d+ fds as before; RSS \d+ MiB -&gt; \d+ MiB")
 
 
+_TIMES = re.compile(r' time="\d+\.\d{3}"')
+
+
 def _stable(junit: str) -> str:
+    """The run's own figures as N: the process's fds and RSS, and each check's time."""
+    junit = _TIMES.sub(' time="N"', junit)
     return _PROCESS_FIGURES.sub("N fds as before; RSS N MiB -&gt; N MiB", junit)
 
 

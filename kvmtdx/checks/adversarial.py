@@ -115,9 +115,14 @@ def adversarial_duplicate_entries(ctx: Context) -> Verdict:
     return ok(f"{a.detail}; {b.detail}", a.expected, a.actual, a.bits)
 
 
+TRAP_CHECKS = ("adversarial_denylist_bypass_waitpkg", "adversarial_denylist_bypass_hle_rtm",
+               "adversarial_denylist_bypass_stray_balance", "adversarial_unflagged_multi_match",
+               "adversarial_duplicate_entries")
+
+
 @check("adversarial_matches_prediction", GROUP,
        "every trap request above gets exactly the mirror's answer for this policy, or KVM's "
-       "refusal where the mirror reproduces the policy's known hole")
+       "refusal where the mirror reproduces the policy's known hole", needs=TRAP_CHECKS)
 def adversarial_matches_prediction(ctx: Context) -> Verdict:
     if not ctx.exact:
         return skip(ctx.needs_module)

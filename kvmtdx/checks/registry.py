@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from kvmtdx.checks.context import Context
+from kvmtdx.errors import DataError
 from kvmtdx.model.catalog import BitRef
 from kvmtdx.model.invariant import STRICTER_NOTE, Agreement
 from kvmtdx.model.requests import Request
@@ -85,6 +86,7 @@ class CheckSpec:
     about: str
     fn: CheckFn
     after_close: bool = False  # runs once the KVM handle and every TD are closed
+    needs: tuple[str, ...] = ()  # checks whose work this one judges: run with it
 
 
 _REGISTERED: list[CheckSpec] = []
@@ -92,15 +94,15 @@ SECOND_CALL = ("sent twice on one TD, the first ACCEPTED; the second answer is t
                "(kvmtdx init-vm sends it once, on a fresh TD)")
 
 
-def check(id_: str, group: str, about: str, *, after_close: bool = False
-          ) -> Callable[[CheckFn], CheckFn]:
+def check(id_: str, group: str, about: str, *, after_close: bool = False,
+          needs: tuple[str, ...] = ()) -> Callable[[CheckFn], CheckFn]:
     if group not in GROUPS or not re.fullmatch(r"[a-z0-9_]+", id_):
         raise ValueError(f"check {id_!r}: bad id or unknown group {group!r}")
     if any(s.id == id_ for s in _REGISTERED):
         raise ValueError(f"check {id_!r} registered twice")
 
     def register(fn: CheckFn) -> CheckFn:
-        _REGISTERED.append(CheckSpec(id_, group, about, fn, after_close))
+        _REGISTERED.append(CheckSpec(id_, group, about, fn, after_close, needs))
         return fn
     return register
 
@@ -108,6 +110,27 @@ def check(id_: str, group: str, about: str, *, after_close: bool = False
 def registered() -> tuple[CheckSpec, ...]:
     """Every registered check, group by group in GROUPS order (stable within a group)."""
     return tuple(sorted(_REGISTERED, key=lambda s: GROUPS.index(s.group)))
+
+
+def select(ids: Sequence[str] = (), groups: Sequence[str] = ()) -> tuple[CheckSpec, ...]:
+    """The checks `--check ID` and `--group NAME` name (every check when neither is given),
+    with the checks each needs, in registry order; DataError names what is unknown."""
+    every = registered()
+    known = {s.id: s for s in every}
+    for cid in ids:
+        if cid not in known:
+            raise DataError(f"--check {cid!r}: no such check (kvmtdx verify --list-checks "
+                            f"lists them: {', '.join(known)})")
+    for g in groups:
+        if g not in GROUPS:
+            raise DataError(f"--group {g!r}: no such group ({', '.join(GROUPS)})")
+    if not ids and not groups:
+        return every
+    wanted = {s.id for s in every if s.id in ids or s.group in groups}
+    for s in every:
+        if s.id in wanted:
+            wanted.update(s.needs)
+    return tuple(s for s in every if s.id in wanted)
 
 
 # ---------------------------------------------------------------------------

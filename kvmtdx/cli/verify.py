@@ -17,13 +17,21 @@ from kvmtdx.cli.common import (
     say,
     write,
 )
-from kvmtdx.errors import DataError
+from kvmtdx.errors import DataError, ExitCode
 
 
 def arguments(p: argparse.ArgumentParser) -> None:
     backend_options(p)
     model_options(p, "auto", auto=True)
     output_options(p, ("text", "json", "ktap", "junit"))
+    g = p.add_argument_group("which checks")
+    g.add_argument("--list-checks", action="store_true",
+                   help="list the checks (id, group, description) and exit; with --check or "
+                        "--group, the ones they select")
+    g.add_argument("--check", action="append", default=[], metavar="ID",
+                   help="run this check (repeatable; with the checks it judges)")
+    g.add_argument("--group", action="append", default=[], metavar="NAME",
+                   help="run this group's checks (repeatable)")
     p.add_argument("--save-failures", metavar="DIR",
                    help="write each failing INIT_VM check's request to DIR/CHECK_ID.json, "
                         "which 'kvmtdx init-vm --request' replays (DIR is created)")
@@ -32,14 +40,19 @@ def arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from kvmtdx.checks import run_verify
+    from kvmtdx.checks import run_verify, select
     from kvmtdx.report import verify as render
 
+    specs = select(args.check, args.group)
+    if args.list_checks:
+        write(args, render.render_check_list(specs, args.format))
+        return ExitCode.PASS
     if args.save_failures:
         _check_directory(args.save_failures)
     backend = open_session(args)
     tty = sys.stderr.isatty()
-    report = run_verify(backend.seam, backend_label=backend.label,
+    only = [s.id for s in specs] if args.check or args.group else None
+    report = run_verify(backend.seam, backend_label=backend.label, only=only,
                         given=given_from(args, backend), progress=_progress() if tty else None)
     if tty:
         sys.stderr.write("\r\033[K")

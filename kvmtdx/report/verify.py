@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from kvmtdx import __version__, verdict
-from kvmtdx.checks import GROUPS, CheckResult, Summary, VerifyReport
+from kvmtdx.checks import GROUPS, CheckResult, CheckSpec, Summary, VerifyReport
 from kvmtdx.errors import ExitCode
 from kvmtdx.model.requests import Request, request_to_json
 from kvmtdx.report import junit, ktap
@@ -238,7 +238,7 @@ def _junit_case(c: CheckResult) -> junit.Case:
         if c.request is not None:
             lines.append(f"request: {request_line(c.request)}")
         text = "\n".join(lines)
-    return junit.Case(c.id, f"kvmtdx.verify.{c.group}", c.status, c.detail, text)
+    return junit.Case(c.id, f"kvmtdx.verify.{c.group}", c.status, c.detail, text, c.seconds)
 
 
 def render_junit(report: VerifyReport) -> str:
@@ -252,6 +252,17 @@ def render_junit(report: VerifyReport) -> str:
                           tuple(_junit_case(c) for c in report.checks if c.group == g), facts)
               for g in GROUPS]
     return junit.render("kvmtdx verify", [s for s in suites if s.cases])
+
+
+def render_check_list(specs: Sequence[CheckSpec], fmt: str) -> str:
+    """`verify --list-checks`: id, group and one-line description of each check."""
+    if fmt == "json":
+        return document(ReportKind.CHECK_LIST, {
+            "groups": list(GROUPS),
+            "checks": [{"id": s.id, "group": s.group, "description": s.about} for s in specs]})
+    idw = max((len(s.id) for s in specs), default=0)
+    gw = max((len(s.group) for s in specs), default=0)
+    return "".join(f"{s.id:<{idw}}  {s.group:<{gw}}  {s.about}\n" for s in specs)
 
 
 RENDERERS = {"text": render_text, "ktap": render_ktap, "json": render_json,
