@@ -97,8 +97,9 @@ def _probe(tmp_path: Path, spec: str, rc: int = 0) -> Path:
 
 def test_diff_of_two_probes_lists_exactly_the_changed_bits(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    a, b = _probe(tmp_path, "2.0:upstream"), _probe(tmp_path, "2.0:rfc-v2")
+    a, b = _probe(tmp_path, "2.0:upstream", rc=1), _probe(tmp_path, "2.0:rfc-v2")
     d = diff.diff_files(load_snapshot(str(a)), load_snapshot(str(b)))
+    assert (d.verdict_a, d.verdict_b) == ("fail", "pass")  # the lookup traps
     changed = {(c.leaf, c.subleaf, c.register, c.bit): c.name for c in d.changes}
     policy = diff.diff_policies(load_profile("2.0"), MAX_HOST, get_policy("upstream"),
                                 get_policy("rfc-v2"))
@@ -110,7 +111,8 @@ def test_diff_of_two_probes_lists_exactly_the_changed_bits(
     capsys.readouterr()
     assert main(["diff", str(a), str(b)]) == 1
     out = capsys.readouterr().out
-    assert "MWAIT" in out and out.endswith("32 differences\n")  # one per bit, not per fact
+    # one per bit, not per fact, and the verdict
+    assert "MWAIT" in out and out.endswith("33 differences\n")
     assert main(["diff", str(a), str(a)]) == 0
     assert "no differences" in capsys.readouterr().out
 
@@ -237,7 +239,7 @@ def test_every_json_report_writes_leaves_as_hex_strings(
     import re
 
     hexleaf = re.compile(r"0x[0-9a-f]+")
-    a, b = _probe(tmp_path, "2.0:upstream"), _probe(tmp_path, "2.0:rfc-v2")
+    a, b = _probe(tmp_path, "2.0:upstream", rc=1), _probe(tmp_path, "2.0:rfc-v2")
     capsys.readouterr()
     docs = [json.loads(a.read_text())]
     assert main(["diff", str(a), str(b), "--format", "json"]) == 1

@@ -15,6 +15,7 @@ from kvmtdx.knowledge import INFERRED_HOST, SIMULATED_HOST, Given, complete, giv
 from kvmtdx.model import mirror
 from kvmtdx.model.policy import POLICY_NAMES, get_policy
 from kvmtdx.model.profiles import MAX_HOST, Host, load_profile
+from kvmtdx.probe import TrapResult
 from kvmtdx.session import Backend, simulated_backend
 from kvmtdx.sim import SimulatedHost
 from kvmtdx.structs import Capabilities
@@ -46,7 +47,10 @@ def test_probe_and_verify_resolve_the_same_policy_and_host(policy: str) -> None:
     assert k.policy is not None and k.policy.name == policy
     assert k.host is not None and k.host_source == INFERRED_HOST and not k.host_exact
     assert p.policy == policy and p.module == "2.0" and p.mode == "targeted"
-    assert not p.failures and not p.mismatches
+    assert not p.mismatches
+    # Only the lookup traps fail, and only where the denylist judges the entry, not the row.
+    assert all(isinstance(f, TrapResult) for f in p.failures)
+    assert bool(p.failures) == (k.policy.denylist is not None)
 
 
 def test_the_commands_agree_end_to_end(capsys: pytest.CaptureFixture[str]) -> None:
