@@ -20,8 +20,9 @@ def tdx_available(ctx: Context) -> Verdict:
 def module_profile_matches(ctx: Context) -> Verdict:
     k = ctx.know
     if k.module_mismatch is not None:
-        return bad(f"{k.module_mismatch}: {k.module_source}; the checks that need a module "
-                   "profile skip", "a profile of this host's module", k.module_mismatch)
+        return bad(f"{k.module_mismatch}: the module profile given is not this host's module; "
+                   "the checks that need one skip (kvmtdx caps --save-module FILE writes this "
+                   "host's)", "a profile of this host's module", k.module_mismatch)
     if k.module is None:
         return skip(NEEDS_MODULE)
     return ok(f"{len(k.module.rows)} rows as module {k.module.name} lists them; every reported "
