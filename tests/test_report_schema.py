@@ -30,13 +30,14 @@ def _reports(capsys: pytest.CaptureFixture[str], tmp: Path) -> dict[str, dict[st
         ("caps", 0, ["caps", "--simulate", "2.0", "--policy", "upstream", "--save-module", saved]),
         ("predict", 0, ["predict", "--module", "2.0", "--request", request]),
         ("init-vm", 0, ["init-vm", "--simulate", "2.0", "--request", request]),
-        ("verify", 1, ["verify", "--simulate", "2.0"]),
-        ("probe", 0, ["probe", "--simulate", "2.0", "--emit-allowlist", allow, "--output", pa]),
+        ("verify", 1, ["verify", "--simulate", "2.0", "--save-failures", str(tmp / "fails")]),
+        ("probe", 1, ["probe", "--simulate", "2.0", "--emit-allowlist", allow, "--output", pa]),
         ("probe", 0, ["probe", "--simulate", "2.0:rfc-v2", "--output", pb]),
         ("diff", 1, ["diff", pa, pb]),
         ("policy-diff", 1, ["diff", "--module", "2.0", "--policy", "upstream",
                             "--policy", "rfc-v2"]),
         ("simulate-list", 0, ["verify", "--simulate", "list"]),
+        ("check-list", 0, ["verify", "--list-checks"]),
     ]
     docs = {}
     for name, rc, argv in runs:
@@ -45,6 +46,7 @@ def _reports(capsys: pytest.CaptureFixture[str], tmp: Path) -> dict[str, dict[st
         docs[name] = json.loads(Path(pa).read_text()) if name == "probe" else r.json()
     docs["module-profile"] = json.loads(Path(saved).read_text())
     docs["allowlist"] = json.loads(Path(allow).read_text())
+    docs["request"] = json.loads(min((tmp / "fails").iterdir()).read_text())
     return docs
 
 
@@ -72,6 +74,7 @@ def test_the_kinds_own_fields_follow_unchanged(capsys: pytest.CaptureFixture[str
     assert list(docs["simulate-list"])[3:6] == ["modules", "policies", "mutants"]
     assert list(docs["module-profile"])[3:5] == ["name", "source"]
     assert list(docs["allowlist"])[3:5] == ["name", "provenance"]
+    assert list(docs["request"])[3:6] == ["about", "attributes", "xfam"]
 
 
 def test_the_envelope_replaces_fields_of_the_same_name_in_the_body() -> None:

@@ -31,7 +31,9 @@ class ReportKind(str, Enum):
     CAPS = "caps"
     PREDICT = "predict"
     INIT_VM = "init-vm"
+    REQUEST = "request"  # a KVM_TDX_INIT_VM request (verify --save-failures)
     VERIFY = "verify"
+    CHECK_LIST = "check-list"  # verify --list-checks
     PROBE = "probe"
     DIFF = "diff"
     POLICY_DIFF = "policy-diff"
