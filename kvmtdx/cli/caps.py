@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from kvmtdx.cli.common import (
     Command,
     backend_options,
+    identity_of,
     model_options,
     open_session,
     output_options,
@@ -39,8 +40,11 @@ def run(args: argparse.Namespace) -> int:
                         "(upstream-6.16, upstream or rfc-v2) says which bits it hides")
     backend = open_session(args)
     reading = read_capabilities(backend)  # KvmError(skip) without TDX: main() exits 4
-    fmt = render.render_json if args.format == "json" else render.render_text
-    write(args, fmt(reading.caps, backend.label, reading.counters))
+    if args.format == "json":
+        write(args, render.render_json(reading.caps, backend.label, reading.counters,
+                                       identity_of(backend)))
+    else:
+        write(args, render.render_text(reading.caps, backend.label, reading.counters))
     if args.save_module:
         emit(render.module_profile_json(_saved_module(args, reading.caps, backend.label)),
              args.save_module)

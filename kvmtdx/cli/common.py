@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 from kvmtdx.errors import ExitCode, KvmtdxError
 
 if TYPE_CHECKING:
-    from kvmtdx.knowledge import Given
+    from kvmtdx.identity import HostIdentity
+    from kvmtdx.knowledge import Given, Knowledge
     from kvmtdx.model.policy import Policy
     from kvmtdx.session import Backend
 
@@ -72,11 +73,29 @@ def model_options(p: argparse.ArgumentParser, policy_default: str | None,
                    help="the tested kernel's allowlist as JSON (replaces the bundled rfc-v2 table)")
 
 
-def output_options(p: argparse.ArgumentParser, formats: Sequence[str]) -> None:
-    """--format (the first of `formats` is the default) and --output."""
+def output_options(p: argparse.ArgumentParser, formats: Sequence[str],
+                   also: bool = False) -> None:
+    """--format (the first of `formats` is the default) and --output; with `also`, --also
+    FORMAT:FILE, the same run's report in more formats (one run's KTAP, JUnit and JSON
+    for a test harness that keeps them all)."""
     g = p.add_argument_group("output")
     g.add_argument("--format", choices=list(formats), default=formats[0])
     g.add_argument("--output", metavar="FILE", help="write the report here (atomically)")
+    if also:
+        g.add_argument("--also", action="append", default=[], metavar="FORMAT:FILE",
+                       type=_also_type(formats),
+                       help=f"also write the report as FORMAT ({', '.join(formats)}) to FILE; "
+                            "repeatable")
+
+
+def _also_type(formats: Sequence[str]) -> Callable[[str], tuple[str, str]]:
+    def parse(text: str) -> tuple[str, str]:
+        fmt, sep, path = text.partition(":")
+        if not sep or not path or fmt not in formats:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: expected FORMAT:FILE with FORMAT one of {', '.join(formats)}")
+        return fmt, path
+    return parse
 
 
 # ---------------------------------------------------------------------------
@@ -123,6 +142,21 @@ def write(args: argparse.Namespace, text: str) -> None:
     from kvmtdx.report import emit
 
     emit(text, getattr(args, "output", None))
+
+
+def write_also(args: argparse.Namespace, render: Callable[[str], str]) -> None:
+    """Each --also FORMAT:FILE: the report rendered in FORMAT, written atomically to FILE."""
+    from kvmtdx.report import emit
+
+    for fmt, path in getattr(args, "also", []):
+        emit(render(fmt), path)
+
+
+def identity_of(backend: Backend, knowledge: Knowledge | None = None) -> HostIdentity:
+    """The host identity a run's JSON report carries (kvmtdx.identity)."""
+    from kvmtdx.identity import identify
+
+    return identify(backend, knowledge)
 
 
 def say(label: str, message: str) -> None:

@@ -9,10 +9,12 @@ from kvmtdx.cli.common import (
     Command,
     backend_options,
     given_from,
+    identity_of,
     model_options,
     open_session,
     output_options,
     write,
+    write_also,
 )
 from kvmtdx.errors import DataError, ExitCode, ProbeError
 
@@ -42,7 +44,7 @@ def arguments(p: argparse.ArgumentParser) -> None:
                         "time)")
     p.add_argument("--emit-allowlist", metavar="FILE",
                    help="write the effective allowlist, loadable with --allowlist")
-    output_options(p, ("text", "json"))
+    output_options(p, ("text", "json"), also=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,8 +70,13 @@ def run(args: argparse.Namespace) -> int:
     if args.emit_allowlist:
         emit(render.allowlist_text(result, datetime.date.today().isoformat()),
              args.emit_allowlist)
-    write(args, render.render_json(result) if args.format == "json"
-          else render.render_text(result))
+    identity = identity_of(backend, result.knowledge)
+
+    def rendered(fmt: str) -> str:
+        return render.render_json(result, identity) if fmt == "json" \
+            else render.render_text(result)
+    write(args, rendered(args.format))
+    write_also(args, rendered)
     return ExitCode.FAIL if result.failures else ExitCode.PASS
 
 

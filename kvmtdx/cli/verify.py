@@ -11,18 +11,20 @@ from kvmtdx.cli.common import (
     Command,
     backend_options,
     given_from,
+    identity_of,
     model_options,
     open_session,
     output_options,
     say,
     write,
+    write_also,
 )
 
 
 def arguments(p: argparse.ArgumentParser) -> None:
     backend_options(p)
     model_options(p, "auto", auto=True)
-    output_options(p, ("text", "json", "ktap", "junit"))
+    output_options(p, ("text", "json", "ktap", "junit"), also=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,7 +44,9 @@ def run(args: argparse.Namespace) -> int:
         report = replace(report, skip_reason=reason)
         if args.format != "text" or args.output:
             say("skip", reason)
-    write(args, render.render(report, args.format))
+    identity = identity_of(backend, report.knowledge)
+    write(args, render.render(report, args.format, identity))
+    write_also(args, lambda fmt: render.render(report, fmt, identity))
     return render.exit_code(report)
 
 
