@@ -33,6 +33,7 @@ def _reports(capsys: pytest.CaptureFixture[str], tmp: Path) -> dict[str, dict[st
         ("policy-diff", 1, ["diff", "--module", "2.0", "--policy", "upstream",
                             "--policy", "rfc-v2"]),
         ("simulate-list", 0, ["verify", "--simulate", "list"]),
+        ("matrix", 0, ["report", "merge", pa, pb]),
     ]
     docs = {}
     for name, rc, argv in runs:
@@ -89,6 +90,7 @@ def test_the_kinds_own_fields_follow_unchanged(capsys: pytest.CaptureFixture[str
     assert list(docs["simulate-list"])[3:6] == ["modules", "policies", "mutants"]
     assert list(docs["module-profile"])[3:5] == ["name", "source"]
     assert list(docs["allowlist"])[3:5] == ["name", "provenance"]
+    assert list(docs["matrix"])[3:5] == ["runs", "checks"]
 
 
 def test_the_envelope_replaces_fields_of_the_same_name_in_the_body() -> None:

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from kvmtdx import __version__
-from kvmtdx.cli import caps, diff, info, init_vm, predict, probe, verify
+from kvmtdx.cli import caps, diff, info, init_vm, predict, probe, report, verify
 from kvmtdx.cli.common import Command, Parser, error_line, simulate_list
 from kvmtdx.errors import KvmtdxError, exit_code_of
 
@@ -26,6 +26,7 @@ COMMANDS: tuple[Command, ...] = (
     verify.COMMAND,
     probe.COMMAND,
     diff.COMMAND,
+    report.COMMAND,
 )
 
 

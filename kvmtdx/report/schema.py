@@ -38,6 +38,7 @@ class ReportKind(str, Enum):
     SIMULATE_LIST = "simulate-list"
     ALLOWLIST = "allowlist"
     MODULE_PROFILE = "module-profile"
+    MATRIX = "matrix"
 
     def __str__(self) -> str:
         return self.value

@@ -1,0 +1,56 @@
+"""`kvmtdx report`: many verify and probe reports as one matrix (merge), or one as a page (html)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+from kvmtdx.cli.common import Command, Parser, output_options, write
+from kvmtdx.errors import ExitCode
+
+FORMATS = ("html", "markdown", "junit", "json")
+DESCRIPTION = (
+    "Turn kvmtdx JSON reports into one view.  merge: one matrix of runs (columns: "
+    "host / kernel / module, from each report's host identity) by checks (rows), each "
+    "failing cell linked to its detail, and for probe reports a 32-cell bit map per "
+    "register and run with the bits where runs differ marked.  html: one report as the "
+    "same page, with one column.")
+EPILOG = (
+    "The HTML page is self-contained (inline CSS and SVG, no script, nothing fetched) and "
+    "prints.  html and markdown need Jinja2: pip install 'kvmtdx[report]'.  "
+    "exit codes: 0 written, 2 usage or input error (a file that is not a verify or probe "
+    "report, or a missing extra)")
+
+
+def arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="report_command", metavar="SUBCOMMAND", parser_class=Parser)
+    sub.required = True
+    merge = sub.add_parser("merge", help="many reports as one matrix",
+                           description="One matrix of runs by checks, and bit maps of probe "
+                                       "runs side by side, from verify and probe JSON reports.")
+    merge.add_argument("reports", nargs="+", metavar="REPORT.json",
+                       help="verify or probe JSON reports, one column each, in this order")
+    output_options(merge, FORMATS)
+    page = sub.add_parser("html", help="one report as a page",
+                          description="One verify or probe JSON report as an HTML page.")
+    page.add_argument("report", metavar="REPORT.json")
+    page.add_argument("--output", metavar="FILE", help="write the page here (atomically)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvmtdx.report import formats, matrix, pages
+    from kvmtdx.report.runs import read_run
+
+    if args.report_command == "html":
+        write(args, pages.render_html(matrix.build([read_run(args.report)]), single=True))
+        return ExitCode.PASS
+    m = matrix.build([read_run(path) for path in args.reports])
+    renderers: dict[str, Callable[[matrix.Matrix], str]] = {
+        "html": pages.render_html, "markdown": pages.render_markdown,
+                 "junit": formats.render_junit, "json": formats.render_json}
+    write(args, renderers[args.format](m))
+    return ExitCode.PASS
+
+
+COMMAND = Command("report", "many reports as one matrix (merge), or one as a page (html)",
+                  arguments, run, description=DESCRIPTION, epilog=EPILOG)
