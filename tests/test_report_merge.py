@@ -271,3 +271,23 @@ def test_without_jinja2_html_names_the_extra_and_json_still_works(
     assert "pip install 'kvmtdx[report]'" in _refused(capsys, "html", str(grid[0]))
     assert json.loads(_merge(capsys, grid[0], "--format", "json"))["kind"] == "matrix"
     assert _merge(capsys, grid[0], "--format", "junit").startswith("<?xml")
+
+
+def test_only_differences_keeps_rows_that_differ_or_fail(capsys: pytest.CaptureFixture[str],
+                                                         grid: list[Path],
+                                                         probes: dict[str, Path]) -> None:
+    full = json.loads(_merge(capsys, *grid, "--format", "json"))
+    doc = json.loads(_merge(capsys, *grid, "--only-differences", "--format", "json"))
+    kept = [r["id"] for r in doc["checks"]]
+    assert kept == [r["id"] for r in full["checks"] if r["differs"]]
+    assert set(BYPASS_CHECKS) <= set(kept) and doc["failures"] == full["failures"]
+    assert doc["rows_left_out"] == len(full["checks"]) - len(kept) > 0
+    # Two kernels failing alike differ in nothing, yet their failures stay.
+    upstream = [p for p in grid if "-upstream.json" in p.name][:2]
+    same = json.loads(_merge(capsys, *upstream, "--only-differences", "--format", "json"))
+    assert [r["id"] for r in same["checks"]] == list(BYPASS_CHECKS)
+    maps = json.loads(_merge(capsys, probes["upstream"], probes["rfc-v2"], "--only-differences",
+                             "--format", "json"))
+    assert maps["bitmaps"] and all(r["differs"] for r in maps["bitmaps"])
+    assert sum(len(r["differs"]) for r in maps["bitmaps"]) == 32
+    assert "left out (--only-differences)" in _merge(capsys, *upstream, "--only-differences")

@@ -30,6 +30,9 @@ def arguments(p: argparse.ArgumentParser) -> None:
                                        "runs side by side, from verify and probe JSON reports.")
     merge.add_argument("reports", nargs="+", metavar="REPORT.json",
                        help="verify or probe JSON reports, one column each, in this order")
+    merge.add_argument("--only-differences", action="store_true",
+                       help="leave out the rows (checks, registers) on which every run agrees "
+                            "and nothing failed")
     output_options(merge, FORMATS)
     page = sub.add_parser("html", help="one report as a page",
                           description="One verify or probe JSON report as an HTML page.")
@@ -44,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     if args.report_command == "html":
         write(args, pages.render_html(matrix.build([read_run(args.report)]), single=True))
         return ExitCode.PASS
-    m = matrix.build([read_run(path) for path in args.reports])
+    m = matrix.build([read_run(path) for path in args.reports], args.only_differences)
     renderers: dict[str, Callable[[matrix.Matrix], str]] = {
         "html": pages.render_html, "markdown": pages.render_markdown,
                  "junit": formats.render_junit, "json": formats.render_json}

@@ -42,6 +42,7 @@ def render_json(m: Matrix) -> str:
                    for row in m.checks],
         "bitmaps": [_bitmap_json(row, probe) for row in m.bitmaps],
         "quiet_registers": list(m.quiet),
+        "rows_left_out": m.agreeing,
         "failures": [{"run": f.column.number, "what": f.title, "anchor": f.anchor,
                       **dict(f.lines)} for f in m.failures],
     }

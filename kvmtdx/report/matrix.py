@@ -78,6 +78,7 @@ class Matrix:
     bitmaps: tuple[BitmapRow, ...]
     quiet: tuple[str, ...]  # registers no run reports or probes a bit of (left out of the maps)
     failures: tuple[Failure, ...]
+    agreeing: int = 0  # rows left out because every run agrees on them (only_differences)
 
     @property
     def verify(self) -> tuple[Column, ...]:
@@ -170,10 +171,21 @@ def bit_anchor(column: Column, row: BitmapRow, bit: int) -> str:
     return f"fail-{column.key}-{row.anchor}-{bit}"
 
 
-def build(runs: Sequence[Run]) -> Matrix:
+def build(runs: Sequence[Run], only_differences: bool = False) -> Matrix:
+    """The matrix of `runs`; with `only_differences`, only the rows where the runs differ or
+    something failed (a failure every run shares is still a failure)."""
     columns = tuple(Column(i + 1, r) for i, r in enumerate(runs))
     verify = tuple(c for c in columns if c.run.kind is ReportKind.VERIFY)
     probe = tuple(c for c in columns if c.run.kind is ReportKind.PROBE)
     checks = _check_rows(verify)
     bitmaps, quiet = _bitmap_rows(probe)
-    return Matrix(columns, checks, bitmaps, quiet, _failures(verify, checks, probe, bitmaps))
+    agreeing = 0
+    if only_differences:
+        kept = tuple(r for r in checks if r.differs
+                     or any(c is not None and c.status == "fail" for c in r.cells))
+        kept_maps = tuple(r for r in bitmaps if r.differs or r.missing
+                          or any(b.failed for m in r.cells for b in m or ()))
+        agreeing = len(checks) - len(kept) + len(bitmaps) - len(kept_maps)
+        checks, bitmaps = kept, kept_maps
+    return Matrix(columns, checks, bitmaps, quiet, _failures(verify, checks, probe, bitmaps),
+                  agreeing)
