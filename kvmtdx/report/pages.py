@@ -92,7 +92,7 @@ def _context(matrix: Matrix, single: bool) -> dict[str, Any]:
     runs = matrix.columns
     failing = sum(c.run.verdict == "fail" for c in runs)
     title = (f"kvmtdx {runs[0].run.kind.value}: {runs[0].run.label}" if single
-             else f"kvmtdx: {len(runs)} runs")
+             else f"kvmtdx: {len(runs)} run{'' if len(runs) == 1 else 's'}")
     return {"m": matrix, "title": title, "single": single, "failing": failing,
             "groups": list(groups(matrix.checks)), "bit_title": bit_title,
             "differing_checks": sum(r.differs for r in matrix.checks),

@@ -9,7 +9,6 @@ module).  Every field error names the file and the field, in one line.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +16,7 @@ from kvmtdx.errors import DataError
 from kvmtdx.model import catalog
 from kvmtdx.model.profiles import parse_int
 from kvmtdx.report.schema import ReportKind, read_report
+from kvmtdx.report.snapshot import json_bit_key, json_objects, json_register, json_subleaf
 from kvmtdx.structs import REGISTERS
 
 READS = (ReportKind.VERIFY, ReportKind.PROBE)
@@ -99,26 +99,6 @@ def _text(value: Any, where: str, *, optional: bool = False) -> str:
     return value
 
 
-def _objects(value: Any, where: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    if not isinstance(value, list):
-        raise DataError(f"{where}: expected a list")
-    for i, item in enumerate(value):
-        if not isinstance(item, dict):
-            raise DataError(f"{where}[{i}]: must be an object")
-        yield f"{where}[{i}]", item
-
-
-def _sub(value: Any, where: str) -> int:
-    """A sub-leaf as KVM reports it: "no sub-leaves" (null) is index 0."""
-    return 0 if value is None else parse_int(value, where, 32)
-
-
-def _register(value: Any, where: str) -> str:
-    if value not in REGISTERS:
-        raise DataError(f"{where}: expected one of {', '.join(REGISTERS)}, got {value!r}")
-    return str(value)
-
-
 # ---------------------------------------------------------------------------
 # Which host, kernel and module a report ran on.
 
@@ -174,12 +154,12 @@ def _labels_before_identity(doc: dict[str, Any]
 
 def _verify(doc: dict[str, Any], origin: str) -> tuple[dict[str, CheckCell], str, str]:
     cells: dict[str, CheckCell] = {}
-    for w, c in _objects(doc.get("checks"), f"{origin}: checks"):
+    for w, c in json_objects(doc.get("checks"), f"{origin}: checks"):
         cid = _text(c.get("id"), f"{w}.id")
         status = _text(c.get("status"), f"{w}.status")
         if status not in STATUSES:
             raise DataError(f"{w}.status: expected pass, fail or skip, got {status!r}")
-        bits = tuple(_bit_label(b, wb) for wb, b in _objects(c.get("bits", []), f"{w}.bits"))
+        bits = tuple(_bit_label(b, wb) for wb, b in json_objects(c.get("bits", []), f"{w}.bits"))
         cells[cid] = CheckCell(status=status, group=_text(c.get("group"), f"{w}.group"),
                                detail=_text(c.get("detail"), f"{w}.detail", optional=True),
                                expected=_text(c.get("expected"), f"{w}.expected", optional=True),
@@ -196,11 +176,10 @@ def _verify(doc: dict[str, Any], origin: str) -> tuple[dict[str, CheckCell], str
 
 
 def _bit_label(b: dict[str, Any], where: str) -> str:
-    leaf = parse_int(b.get("leaf"), f"{where}.leaf", 32)
-    sub = "" if b.get("subleaf") is None else f".{_sub(b.get('subleaf'), f'{where}.subleaf')}"
-    reg = _register(b.get("register"), f"{where}.register").upper()
-    return f"0x{leaf:x}{sub} {reg}[{parse_int(b.get('bit'), f'{where}.bit', 5)}] " \
-           f"{_text(b.get('name'), f'{where}.name', optional=True)}".rstrip()
+    leaf, sub, reg, bit = json_bit_key(b, where)
+    index = "" if b.get("subleaf") is None else f".{sub}"
+    name = _text(b.get("name"), f"{where}.name", optional=True)
+    return f"0x{leaf:x}{index} {reg.upper()}[{bit}] {name}".rstrip()
 
 
 # ---------------------------------------------------------------------------
@@ -221,10 +200,8 @@ def _why(b: dict[str, Any]) -> str:
 
 def _probed(doc: dict[str, Any], origin: str) -> dict[tuple[int, int, str, int], BitCell]:
     out: dict[tuple[int, int, str, int], BitCell] = {}
-    for w, b in _objects(doc.get("bits"), f"{origin}: bits"):
-        key = (parse_int(b.get("leaf"), f"{w}.leaf", 32), _sub(b.get("subleaf"), f"{w}.subleaf"),
-               _register(b.get("register"), f"{w}.register"),
-               parse_int(b.get("bit"), f"{w}.bit", 5))
+    for w, b in json_objects(doc.get("bits"), f"{origin}: bits"):
+        key = json_bit_key(b, w)
         cls = _text(b.get("class"), f"{w}.class")
         if cls not in BIT_CLASS_NAMES[:5]:
             raise DataError(f"{w}.class: unknown class {cls!r}")
@@ -236,9 +213,10 @@ def _probed(doc: dict[str, Any], origin: str) -> dict[tuple[int, int, str, int],
 
 def _fields(doc: dict[str, Any], origin: str) -> dict[RegKey, list[Field]]:
     out: dict[RegKey, list[Field]] = {}
-    for w, f in _objects(doc.get("fields", []), f"{origin}: fields"):
-        key = (parse_int(f.get("leaf"), f"{w}.leaf", 32), _sub(f.get("subleaf"), f"{w}.subleaf"),
-               _register(f.get("register"), f"{w}.register"))
+    for w, f in json_objects(doc.get("fields", []), f"{origin}: fields"):
+        key = (parse_int(f.get("leaf"), f"{w}.leaf", 32),
+               json_subleaf(f.get("subleaf"), f"{w}.subleaf"),
+               json_register(f.get("register"), f"{w}.register"))
         cls = _text(f.get("class"), f"{w}.class")
         if cls not in ("FIELD_ACCEPTED", "FIELD_REJECTED"):
             raise DataError(f"{w}.class: unknown class {cls!r}")
@@ -272,9 +250,9 @@ def _probe(doc: dict[str, Any], origin: str
         raise DataError(f"{origin}: capabilities: expected an object")
     probed, fields = _probed(doc, origin), _fields(doc, origin)
     maps: dict[RegKey, tuple[BitCell, ...]] = {}
-    for w, e in _objects(caps.get("cpuid"), f"{origin}: capabilities.cpuid"):
+    for w, e in json_objects(caps.get("cpuid"), f"{origin}: capabilities.cpuid"):
         leaf = parse_int(e.get("function"), f"{w}.function", 32)
-        index = _sub(e.get("index"), f"{w}.index")
+        index = json_subleaf(e.get("index"), f"{w}.index")
         for r in REGISTERS:
             value = parse_int(e.get(r, 0), f"{w}.{r}", 32)
             maps[(leaf, index, r)] = tuple(_cell((leaf, index, r), bit, value, probed, fields)
