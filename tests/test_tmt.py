@@ -128,3 +128,45 @@ def test_the_report_test_merges_the_plans_runs_into_a_page(tmt_run: Path) -> Non
     assert ET.parse(data / "kvmtdx-report.junit.xml").getroot().get("failures") == "0"
     assert json.loads((_data(tmt_run, "/tmt/tests/probe") / "allowlist.json").read_text())[
         "kind"] == "allowlist"
+
+
+# ---------------------------------------------------------------------------
+# tmt/tests/kvmtdx-test on its own: exit codes become tmt results.
+
+SCRIPT = ROOT / "tmt" / "tests" / "kvmtdx-test"
+
+
+def _script(tmp: Path, *argv: str, simulate: str | None = None) -> str:
+    """Run the test script as tmt would; the results.yaml it leaves for tmt."""
+    env = _env()
+    env.pop("KVMTDX_SIMULATE", None)
+    if simulate:
+        env["KVMTDX_SIMULATE"] = simulate
+    data = tmp / "data"
+    env.update(TMT_TEST_DATA=str(data), TMT_PLAN_DATA=str(tmp / "plan"))
+    res = subprocess.run(["bash", str(SCRIPT), *argv], env=env, capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert res.returncode == 0, res.stderr  # the outcome is in results.yaml, not the exit code
+    return (data / "results.yaml").read_text()
+
+
+def test_a_failing_kernel_is_a_tmt_failure_with_its_reports(tmp_path: Path) -> None:
+    results = _script(tmp_path, "verify", simulate="2.0:upstream")
+    assert "  result: fail\n" in results
+    assert "- verify.ktap\n" in results and "- verify.json\n" in results
+    assert (tmp_path / "plan" / "kvmtdx" / "verify-simulated-2.0-upstream.json").is_file()
+
+
+def test_no_tdx_here_is_a_tmt_skip_with_the_reason(tmp_path: Path) -> None:
+    info = subprocess.run([str(BIN / "kvmtdx"), "info"], capture_output=True, check=False)
+    if info.returncode != 4:
+        pytest.skip("kvmtdx info does not say 'no TDX here' (exit 4) on this host")
+    results = _script(tmp_path, "verify")
+    assert "  result: skip\n" in results
+    assert "--simulate" in results  # the reason's hint, as kvmtdx prints it
+
+
+def test_nothing_to_merge_and_an_unknown_command(tmp_path: Path) -> None:
+    assert "  result: skip\n" in _script(tmp_path / "a", "report")
+    results = _script(tmp_path / "b", "bogus")
+    assert "  result: error\n" in results and "unknown command" in results
