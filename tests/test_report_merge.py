@@ -291,3 +291,20 @@ def test_only_differences_keeps_rows_that_differ_or_fail(capsys: pytest.CaptureF
     assert maps["bitmaps"] and all(r["differs"] for r in maps["bitmaps"])
     assert sum(len(r["differs"]) for r in maps["bitmaps"]) == 32
     assert "left out (--only-differences)" in _merge(capsys, *upstream, "--only-differences")
+
+
+def test_text_from_a_report_is_escaped_not_markup(capsys: pytest.CaptureFixture[str],
+                                                 grid: list[Path], tmp_path: Path) -> None:
+    doc = json.loads(grid[1].read_text())
+    hostile = '<script>alert("x")</script> & <b>bold</b>'
+    failing = next(c for c in doc["checks"] if c["status"] == "fail")
+    failing["detail"] = failing["actual"] = hostile
+    doc["host_identity"]["simulated"]["host"] = "<i>max</i>"
+    path = tmp_path / "hostile.json"
+    path.write_text(json.dumps(doc))
+    html = _merge(capsys, path)
+    assert "<script" not in html and "<b>bold" not in html and "<i>max" not in html
+    root = parse_page(html)
+    article = find_all(root, "article", "failure")[0]
+    assert hostile in text_of(article)
+    assert "simulated host <i>max</i>" in text_of(find_all(root, "th", "col")[0])
