@@ -25,10 +25,11 @@ than the model.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 
 from kvmtdx.model.mirror import find, silently_cleared
+from kvmtdx.model.policy import Policy
 from kvmtdx.model.profiles import Host, ModuleProfile, enumerated
 from kvmtdx.model.requests import Request
 from kvmtdx.model.rules import bits_of, is_value_register
@@ -104,7 +105,8 @@ class Agreement(str, Enum):
 
     SAME = "same"  # the answer is the prediction
     # The prediction breaks the invariant (the policy's known hole: bits never reported
-    # ACCEPTED) and the kernel refused them itself: stricter than the model, and right.
+    # ACCEPTED) and the kernel refused them itself, or the kernel answers as the policy
+    # with that hole closed (`hole_closed`): stricter than the model, and right.
     STRICTER = "stricter"
     DIFFERS = "differs"  # any other difference: the kernel is not the one predicted
 
@@ -114,20 +116,42 @@ STRICTER_NOTE = ("the model predicts the policy's known hole (bits never reporte
                  "invariant")
 
 
+HOLE_CLOSED_NOTE = ("this kernel answers as the policy with its known hole closed (the "
+                    "denylist judging the row KVM's lookup lands an entry on, not the entry's "
+                    "own index): a fix of the bypass, keeping the invariant")
+
+
+def hole_closed(policy: Policy) -> Policy | None:
+    """`policy` with its known hole closed: the denylist judging the row KVM's lookup lands
+    an entry on rather than the entry's own index, as a kernel that fixes the bypass does.
+    None when the policy has no such hole (no denylist, or one that judges rows already).
+
+    Such a kernel departs from the exact prediction both ways: it refuses the bypass, and it
+    no longer refuses a denied bit that an entry of index 0 carries onto another row (the
+    module judges it there).  Both answers keep the invariant."""
+    deny = policy.denylist
+    if deny is None or deny.judges_row:
+        return None
+    return replace(policy, denylist=replace(deny, judges_row=True))
+
+
 def against_prediction(reported: Sequence[CpuidEntry], request: Request | InitVm,
                        predicted: Outcome, actual: Outcome, *,
                        module: ModuleProfile | None = None,
-                       host: Host | None = None) -> Agreement:
+                       host: Host | None = None, closed: Outcome | None = None) -> Agreement:
     """Predictions stay exact; verdicts follow the invariant.  Where the prediction itself
     breaks the invariant (is_known_hole, judged against what this kernel reported), the
     answer the invariant asks for is KVM's own refusal (spec section 5: a bit KVM hides but
-    the module would take comes back KVM_REJECTED), and that answer passes.  Every other departure
-    from the prediction, a refusal of a request the invariant lets through included, is a
-    difference."""
+    the module would take comes back KVM_REJECTED), and that answer passes.  `closed` is the
+    prediction for the policy with its hole closed (`hole_closed`, where it has one): that
+    answer passes too.  Every other departure from the prediction, a refusal of a request
+    the invariant lets through included, is a difference."""
     if actual.same_answer(predicted):
         return Agreement.SAME
     if actual.kind is Kind.KVM_REJECTED and \
             is_known_hole(reported, request, predicted, module=module, host=host):
+        return Agreement.STRICTER
+    if closed is not None and actual.same_answer(closed):
         return Agreement.STRICTER
     return Agreement.DIFFERS
 

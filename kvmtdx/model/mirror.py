@@ -217,7 +217,8 @@ def _td_values(module: ModuleProfile, host: Host, policy: Policy,
         if e is None:
             values.append((0, 0, 0, 0))
             continue
-        denied = policy.denylist.hits(e) if policy.denylist is not None else None
+        deny = policy.denylist
+        denied = deny.hits(e, row.kvm_index) if deny is not None else None
         if denied is not None:
             return _kvm(errno.EINVAL, "denylist", leaf=e.function, subleaf=e.index,
                         register=denied[0], bit=lowest_bit(denied[1]))
