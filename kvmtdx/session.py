@@ -195,22 +195,48 @@ def init_vm_bytes(init_vm: InitVm) -> bytes:
 
 
 @dataclass(frozen=True)
+class KeyIdCount:
+    """The backend's free TDX key IDs around a replay (where it counts them: the simulated
+    and kernel-source hosts do), so a key ID a TD keeps or leaks shows."""
+
+    before: int  # before the TD was created
+    after_calls: int  # after the last INIT_VM, the TD still open
+    after_close: int  # once the TD was closed
+
+
+@dataclass(frozen=True)
 class InitVmRun:
-    """One KVM_TDX_INIT_VM as `kvmtdx init-vm` sent it."""
+    """One KVM_TDX_INIT_VM as `kvmtdx init-vm` sent it (after the request's `before` calls
+    on the same TD, whose answers are `before`)."""
 
     outcome: Outcome
     backend: str
     counters: Counters
+    before: tuple[Outcome, ...] = ()
+    key_ids: KeyIdCount | None = None
+
+
+def free_key_ids(seam: Seam) -> int | None:
+    """The seam's free TDX key IDs, where it says (an int attribute `free_key_ids`)."""
+    free = getattr(seam, "free_key_ids", None)
+    return free if isinstance(free, int) and not isinstance(free, bool) else None
 
 
 def init_vm_once(backend: Backend, request: Request) -> InitVmRun:
-    """KVM_TDX_INIT_VM on a fresh TD with the request's cmd.flags and hw_error; all fds closed.
+    """KVM_TDX_INIT_VM on a fresh TD with the request's cmd.flags and hw_error (its `before`
+    calls sent to the same TD first); all fds closed.
 
     Raises KvmError(skip=True) when the seam offers no TDX.
     """
+    free0 = free_key_ids(backend.seam)
     with Kvm(backend.seam, backend.path) as kvm:
         td = kvm.create_td()
         with td:
-            outcome = td.init_vm(init_vm_bytes(request.init_vm), flags=request.flags,
-                                 hw_error=request.hw_error)
-    return InitVmRun(outcome=outcome, backend=backend.label, counters=kvm.counters)
+            outcomes = [td.init_vm(init_vm_bytes(r.init_vm), flags=r.flags,
+                                   hw_error=r.hw_error) for r in request.calls]
+            free1 = free_key_ids(backend.seam)
+        free2 = free_key_ids(backend.seam)
+    count = None if free0 is None or free1 is None or free2 is None else \
+        KeyIdCount(free0, free1, free2)
+    return InitVmRun(outcome=outcomes[-1], backend=backend.label, counters=kvm.counters,
+                     before=tuple(outcomes[:-1]), key_ids=count)

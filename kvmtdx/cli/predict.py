@@ -27,7 +27,7 @@ def arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvmtdx.model import mirror
+    from kvmtdx.model import lifecycle, mirror
     from kvmtdx.model.profiles import load_profile
     from kvmtdx.model.requests import load_request
     from kvmtdx.native import host_by_name
@@ -40,7 +40,10 @@ def run(args: argparse.Namespace) -> int:
     policy = policy_from(args, args.policy)
     request = load_request(args.request) if args.request else None
     caps = mirror.predict_capabilities(module, host, policy, len(module.rows))
-    outcome = None if request is None else mirror.predict_init_vm(module, host, policy, request)
+    outcome = None
+    if request is not None:
+        # A replay of a TD's history: the last call's answer, on the TD the others left.
+        outcome = lifecycle.predict_sequence(module, host, policy, request.calls).outcomes[-1]
     fmt = render.render_json if args.format == "json" else render.render_text
     said = (f"{caps.caps.nent} CPUID entries predicted" if caps.caps is not None
             else "KVM_TDX_CAPABILITIES predicted to fail")
