@@ -1,8 +1,9 @@
 """The mirror and the simulated host, written independently from the same contract, must agree.
 
-Hypothesis draws module / host combinations and thousands of requests: valid
-full requests with bits flipped, find() traps (unflagged, duplicated,
-reordered entries), malformed headers, lying nent, non-zero cmd words.
+Hypothesis draws module / host combinations and thousands of requests, with the
+strategies `kvmtdx fuzz` uses (kvmtdx.fuzz.strategies): valid requests with bits of
+every class added, find() traps (unflagged, steered, duplicated, reordered entries),
+malformed headers, lying nent, non-zero cmd words.
 Capabilities must match byte for byte (the caller's whole buffer afterwards),
 INIT_VM on outcome kind, errno and hw_error.  A disagreement means one of the
 two readings of the contract is wrong.
@@ -12,24 +13,24 @@ from __future__ import annotations
 
 import errno
 import functools
-from dataclasses import replace
 
-from helpers import bypass, with_bypass
+from helpers import bypass
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvmtdx import layout
 from kvmtdx.device import Kvm
-from kvmtdx.model import builders, lifecycle, mirror
+from kvmtdx.fuzz import strategies as fuzz_strategies
+from kvmtdx.fuzz.ground import Ground, ground
+from kvmtdx.model import lifecycle, mirror
 from kvmtdx.model.policy import Policy, get_policy
 from kvmtdx.model.profiles import BUNDLED_MODULES, MAX_HOST, Host, ModuleProfile, load_profile
 from kvmtdx.model.requests import Request
 from kvmtdx.outcome import Outcome
+from kvmtdx.session import init_vm_bytes
 from kvmtdx.sim import SimulatedHost
 from kvmtdx.structs import (
     FLAG_SIGNIFICANT_INDEX,
-    KVM_MAX_CPUID_ENTRIES,
-    REGISTERS,
     Capabilities,
     CpuidEntry,
     InitVm,
@@ -73,173 +74,27 @@ def base_request(module: str, host: str, policy: str) -> Request:
     return mirror.full_request(m, h, get_policy(policy))
 
 
-# Strategies are built once: constructing them inside the composite costs more
-# than the simulated kernel and the mirror together.
-u32 = st.integers(0, 0xFFFFFFFF)
-u64 = st.integers(0, 2**64 - 1)
-bit = st.integers(0, 31)
-pick = st.integers(0, 2**16)  # an index, taken modulo the length at hand
-OPS = st.lists(st.sampled_from([
-    "flip", "flip", "flip", "flip", "module_bit", "module_bit", "module_bit", "deny",
-    "module_row", "flag", "index", "function",
-    "drop", "dup", "trap", "swap", "bypass", "attributes", "xfam", "gpaw", "fms",
-    "reserved", "padding", "entry_padding", "mr", "flags", "hw_error",
-    "reverse", "flag_bits", "steer", "steer", "realistic", "measure",
-]), max_size=4)
-# Request shapes the verify suite's accepting checks send (kvmtdx.model.builders).
-SHAPE_OPS = frozenset({"reverse", "flag_bits", "steer", "realistic", "measure"})
-FLAG_BITS = st.sampled_from([2, 4, 6, 0x80000000])
-ENTRY_OPS = frozenset({"flip", "module_bit", "deny", "module_row", "flag", "index", "function",
-                       "drop", "dup", "swap", "entry_padding"})
-REG = st.sampled_from(REGISTERS)
-INDEX = st.sampled_from([0, 1, 2, 5, 0xFFFFFFFF])
-FUNCTION = st.sampled_from([0, 1, 4, 7, 0xD, 0x1E, 0x24, 0x80000001, 0x80000008])
-TRAP_INDEX = st.sampled_from([0, 1, 3, 5])
-TRAP_FLAGS = st.sampled_from([0, FLAG_SIGNIFICANT_INDEX])
-TSX = st.sampled_from([0, 1 << 4, 1 << 11, 1 << 4 | 1 << 11])
-WAITPKG = st.sampled_from([0, 1 << 5])
-ATTRIBUTES = st.one_of(st.sampled_from([0, 1 << 28, 1 << 30, 1 << 28 | 1 << 30, 1, 1 << 63]),
-                       st.integers(0, 63).map(lambda b: 1 << b))
-BIT64 = st.integers(0, 63)
-GPAW = st.sampled_from([48, 52, 0, 39, 57, 0xFF])
-LIE = st.sampled_from([None] * 8 + ["down", "up", "huge"])
-HUGE = st.sampled_from([257, 1000, 0x80000000, 0xFFFFFFFF])
-NONZERO64 = st.integers(1, 2**64 - 1)
-NONZERO32 = st.integers(1, 0xFFFFFFFF)
+@functools.cache
+def ground_of(module: str, host: str, policy: str) -> Ground:
+    """What the package's request strategies draw from, for the mirror's capabilities."""
+    m, h, _ = combo(module, host, policy)
+    p = policy_named(policy)
+    return ground(mirror.reported_entries(m, h, p), mirror.supported_attrs(m),
+                  mirror.supported_xfam(m, h), m, h)
+
+
+@functools.cache
+def request_strategy(module: str, host: str, policy: str) -> st.SearchStrategy[Request]:
+    # Built once per combination: building a strategy costs more than drawing from it.
+    return fuzz_strategies.requests(ground_of(module, host, policy))
 
 
 @st.composite
 def requests(draw: st.DrawFn, module: str, host: str, policy: str) -> tuple[Request, bytes]:
-    """A request and the exact bytes sent (a lying nent gets zeroed room behind it)."""
-    m, h, _ = combo(module, host, policy)
-    base = base_request(module, host, policy)
-    iv = base.init_vm
-    entries = list(iv.entries)
-    flags, hw_error = 0, 0
-    for op in draw(OPS):
-        if op in ENTRY_OPS and not entries:
-            continue
-        i = draw(pick) % max(1, len(entries))
-        if op == "flip":
-            r = draw(REG)
-            e = entries[i]
-            entries[i] = e.with_reg(r, e.reg(r) ^ 1 << draw(bit))
-        elif op == "module_bit":
-            # A bit the module takes in this entry's row: reported or hidden by KVM.
-            e = entries[i]
-            k = m.row_index(e.function, None if e.function in (1, 0xA, 0x1C, 0x19, 0x80000008)
-                            else e.index)
-            if k is not None:
-                r = draw(REG)
-                allowed = m.rows[k].module_allows()[REGISTERS.index(r)]
-                bits = [b for b in range(32) if allowed >> b & 1]
-                if bits:
-                    entries[i] = e.with_reg(r, e.reg(r) | 1 << bits[draw(pick) % len(bits)])
-        elif op == "deny":
-            hit = [k for k, x in enumerate(entries) if x.function == 7]
-            if hit:
-                e = entries[hit[0]]
-                entries[hit[0]] = replace(e, ebx=e.ebx | draw(TSX), ecx=e.ecx | draw(WAITPKG))
-        elif op == "module_row":
-            row = m.rows[draw(pick) % len(m.rows)]
-            a, b, c, d = row.module_allows()
-            entries[i] = replace(entries[i], function=row.leaf, index=row.kvm_index,
-                                 eax=a, ebx=b, ecx=c, edx=d)
-        elif op == "flag":
-            entries[i] = replace(entries[i], flags=entries[i].flags ^ FLAG_SIGNIFICANT_INDEX)
-        elif op == "index":
-            entries[i] = replace(entries[i], index=draw(INDEX))
-        elif op == "function":
-            entries[i] = replace(entries[i], function=draw(FUNCTION))
-        elif op == "drop":
-            del entries[i]
-        elif op == "dup":
-            entries.insert(draw(pick) % (len(entries) + 1), entries[i])
-        elif op == "trap":
-            # An unflagged leaf 7 entry matches every leaf 7 row it reaches first.
-            entries.insert(draw(pick) % (len(entries) + 1), CpuidEntry(
-                function=7, index=draw(TRAP_INDEX), flags=draw(TRAP_FLAGS),
-                ebx=draw(TSX), ecx=draw(WAITPKG), edx=draw(u32) & draw(u32)))
-        elif op == "swap":
-            j = draw(pick) % len(entries)
-            entries[i], entries[j] = entries[j], entries[i]
-        elif op == "bypass":
-            # Spec section 4: flagged 7.1 and 7.2 first, then an unflagged index 5 with
-            # WAITPKG or HLE+RTM, which lands on row 7.0 behind the denylist's back.
-            entries = list(with_bypass(entries, ebx=draw(TSX), ecx=draw(WAITPKG)))
-        elif op == "attributes":
-            iv = replace(iv, attributes=draw(ATTRIBUTES))
-        elif op == "xfam":
-            iv = replace(iv, xfam=iv.xfam ^ 1 << draw(BIT64))
-        elif op == "gpaw":
-            g = draw(GPAW)
-            hit = [k for k, x in enumerate(entries) if x.function == 0x80000008]
-            if hit:
-                e = entries[hit[0]]
-                entries[hit[0]] = replace(e, eax=(e.eax & ~0xFF0000) | g << 16)
-        elif op == "fms":
-            hit = [k for k, x in enumerate(entries) if x.function == 1]
-            if hit:
-                fms = (0, h.native_fms(), 0x000806F8, 0x00050654)[draw(pick) % 4]
-                entries[hit[0]] = replace(entries[hit[0]], eax=fms)
-        elif op == "reserved":
-            words = list(iv.reserved)
-            words[draw(pick) % 12] = draw(NONZERO64)
-            iv = replace(iv, reserved=tuple(words))
-        elif op == "padding":
-            iv = replace(iv, cpuid_padding=draw(NONZERO32))
-        elif op == "entry_padding":
-            entries[i] = replace(entries[i], padding=(draw(u32), 0, 0))
-        elif op == "mr":
-            iv = replace(iv, mrowner=(draw(u64),) * 6)
-        elif op in SHAPE_OPS:
-            iv = replace(iv, entries=tuple(entries))
-            iv = _shaped(draw, op, module, host, policy, iv)
-            entries = list(iv.entries)
-        elif op == "flags":
-            flags = draw(NONZERO32)
-        elif op == "hw_error":
-            hw_error = draw(NONZERO64)
-    iv = replace(iv, entries=tuple(entries))
-    lie = draw(LIE)
-    if lie == "down" and entries:
-        iv = replace(iv, nent=draw(pick) % len(entries))
-    elif lie == "up":
-        iv = replace(iv, nent=len(entries) + 1 + draw(pick) % (256 - len(entries)))
-    elif lie == "huge":
-        iv = replace(iv, nent=draw(HUGE))
-    data = layout.pack_init_vm(iv)
-    if iv.nent is not None and len(entries) < iv.nent <= KVM_MAX_CPUID_ENTRIES:
-        # The kernel reads nent entries; the mirror models the room as zeroed.
-        data += bytes((iv.nent - len(entries)) * layout.SIZEOF_CPUID_ENTRY2)
-    return Request(init_vm=iv, flags=flags, hw_error=hw_error), data
-
-
-def _shaped(draw: st.DrawFn, op: str, module: str, host: str, policy: str,
-            iv: InitVm) -> InitVm:
-    """`iv` in one of the shapes verify's accepting checks send, on whatever it holds now."""
-    m, h, _ = combo(module, host, policy)
-    req = Request(init_vm=iv)
-    reported = mirror.reported_entries(m, h, policy_named(policy))
-    if op == "reverse":
-        req = builders.reversed_order(req)
-    elif op == "flag_bits":
-        req = builders.with_flag_bits(req, draw(FLAG_BITS))
-    elif op == "realistic":
-        req = builders.realistic_values(req, reported, fms=h.native_fms() ^ draw(st.integers(0, 1)))
-    elif op == "measure":
-        req = builders.with_measurements(req)
-    else:
-        rows = [(leaf, i) for leaf, ix in builders.multi_row_leaves(reported).items() for i in ix]
-        if rows:
-            leaf, i = rows[draw(pick) % len(rows)]
-            e = next((x for x in iv.entries if (x.function, x.index) == (leaf, i)), None)
-            regs = list(e.regs() if e is not None else (0, 0, 0, 0))
-            r, k = draw(st.integers(0, 3)), m.row_index(leaf, i)
-            if k is not None:  # a bit the module takes, reported or not
-                regs[r] |= m.rows[k].module_allows()[r] & draw(u32)
-            req = builders.steered(req, reported, leaf, i, regs)
-    return req.init_vm
+    """A request (kvmtdx.fuzz.strategies: every domain `kvmtdx fuzz` draws from) and the
+    exact bytes sent (a lying nent gets zeroed room behind it)."""
+    req = draw(request_strategy(module, host, policy))
+    return req, init_vm_bytes(req.init_vm)
 
 
 def _answer(sim: SimulatedHost, data: bytes, req: Request, second: bool) -> Outcome:
@@ -310,6 +165,9 @@ def test_init_vm_agrees_rfc_v2(cases: list[Case]) -> None:
 
 # ---------------------------------------------------------------------------
 # KVM_TDX_CAPABILITIES, byte for byte.
+
+
+u32 = st.integers(0, 0xFFFFFFFF)
 
 
 @st.composite
