@@ -9,9 +9,9 @@ from kvmtdx.model.policy import Policy
 from kvmtdx.model.profiles import Host, ModuleProfile
 from kvmtdx.sim.kvm import Kvm
 from kvmtdx.sim.mutants import get_mutant
+from kvmtdx.sim.profile_module import TdxModule
 from kvmtdx.sim.state import File, KeyIds, System, Vm
 from kvmtdx.sim.tdx import Tdx
-from kvmtdx.sim.tdx_module import TdxModule
 from kvmtdx.sim.uaccess import fail
 
 _FIRST_FD = 3

@@ -17,9 +17,9 @@ from kvmtdx.model.profiles import Host
 from kvmtdx.sim import mutants
 from kvmtdx.sim.facts import GPAW_FIELD, GPAW_LEAF, GPAW_SHIFT, WAITPKG, ZERO, Regs
 from kvmtdx.sim.mutants import Mutant
+from kvmtdx.sim.profile_module import TdxModule
 from kvmtdx.sim.state import KeyIds, Vm
 from kvmtdx.sim.tables import CpuidTables, Row
-from kvmtdx.sim.tdx_module import TdxModule
 from kvmtdx.sim.uaccess import copy_from_user, fail
 from kvmtdx.status import TdxStatus, status_class
 from kvmtdx.structs import FLAG_SIGNIFICANT_INDEX, KVM_MAX_CPUID_ENTRIES, CpuidEntry, InitVm, TdxCmd
