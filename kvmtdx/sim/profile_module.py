@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from kvmtdx.model.profiles import Host, ModuleProfile, effective_xfam_fixed0, enumerated
 from kvmtdx.sim.facts import ATTR_PKS, HLE, PKS, RTM, ZERO, Regs
+from kvmtdx.sim.tdx_module import MngInit
 from kvmtdx.status import Operand, TdxStatus, operand_invalid
 from kvmtdx.structs import REGISTERS
 
@@ -61,7 +62,10 @@ class TdxModule:
         )
         self.fms = host.native_fms()
 
-    def mng_init(self, attributes: int, xfam: int, values: list[Regs]) -> int:
+    def mng_init(self, attributes: int, xfam: int, values: list[Regs]) -> MngInit:
+        return MngInit(self._status(attributes, xfam, values))
+
+    def _status(self, attributes: int, xfam: int, values: list[Regs]) -> int:
         """TDH.MNG.INIT's status on TD_PARAMS.
 
         Row values arrive in the module's row order (zeros for rows KVM found
@@ -91,6 +95,6 @@ class TdxModule:
                     values[row][register] & mask):
                 return operand_invalid(Operand.CPUID_CONFIG)
         if leaf7[1] & HLE and not self.host.tsx_ctrl:
-            return int(TdxStatus.TDX_INCORRECT_MSR_VALUE)
+            return int(TdxStatus.TDX_INCORRECT_MSR_VALUE) + 0x10A  # IA32_ARCH_CAPABILITIES
         # An allow_direct bit the CPU lacks is dropped silently, not refused.
         return 0

@@ -18,7 +18,7 @@ from kvmtdx.sim import mutants
 from kvmtdx.sim.facts import GPAW_FIELD, GPAW_LEAF, GPAW_SHIFT, WAITPKG, ZERO, Regs
 from kvmtdx.sim.mutants import Mutant
 from kvmtdx.sim.profile_module import TdxModule
-from kvmtdx.sim.state import KeyIds, Vm
+from kvmtdx.sim.state import KernelLog, KeyIds, Vm
 from kvmtdx.sim.tables import CpuidTables, Row
 from kvmtdx.sim.uaccess import copy_from_user, fail
 from kvmtdx.status import TdxStatus, status_class
@@ -31,8 +31,11 @@ class TdInit:
     """KVM_TDX_INIT_VM on a TD of this host."""
 
     def __init__(self, tables: CpuidTables, supported_attrs: int, supported_xfam: int,
-                 host: Host, module: TdxModule, keys: KeyIds, bug: Mutant | None) -> None:
+                 host: Host, module: TdxModule, keys: KeyIds, bug: Mutant | None,
+                 log: KernelLog, bugs_vm: bool) -> None:
         self.tables = tables
+        self.log = log
+        self.bugs_vm = bugs_vm
         self.supported_attrs = supported_attrs
         self.supported_xfam = supported_xfam
         self.host = host
@@ -154,17 +157,24 @@ class TdInit:
         if key_id is None:
             return errno.ENOSPC, 0
         vm.key_id = key_id
-        status = self.module.mng_init(init_vm.attributes, init_vm.xfam, values)
-        if status:
+        result = self.module.mng_init(init_vm.attributes, init_vm.xfam, values)
+        if result.status:
+            # Both failure paths tear the TD down (tdx_mmu_release_hkid): the key ID is freed.
             if self.bug is not mutants.KEY_ID_LEAK_ON_FAILURE:
                 self.keys.release(key_id)
             vm.key_id = None
-            return self._map_status(status)
+            return self._map_status(vm, result.status, result.rcx)
         vm.initialized = True
+        vm.cpuid, vm.faulting = result.cpuid, result.faulting
         return 0, 0
 
-    def _map_status(self, status: int) -> tuple[int, int]:
-        """(errno, hw_error) of a failed TDH.MNG.INIT: only an invalid operand is the caller's."""
+    def _map_status(self, vm: Vm, status: int, rcx: int) -> tuple[int, int]:
+        """(errno, hw_error) of a failed TDH.MNG.INIT (__tdx_td_init).
+
+        TDX_OPERAND_INVALID is the caller's: -EINVAL and the status in hw_error.  Anything
+        else is TDX_BUG_ON_1: a WARN, the error logged, the VM bugged (from the TDX_BUG_ON
+        conversion on), -EIO and hw_error left as the caller passed it (0)."""
         if status_class(status) == TdxStatus.TDX_OPERAND_INVALID:
             return errno.EINVAL, 0 if self.bug is mutants.HW_ERROR_NOT_COPIED else status
+        self.log.tdx_bug_on("TDH_MNG_INIT", status, rcx, vm, self.bugs_vm)
         return errno.EIO, 0

@@ -17,7 +17,7 @@ from kvmtdx.model.profiles import Host
 from kvmtdx.sim import mutants
 from kvmtdx.sim.mutants import Mutant
 from kvmtdx.sim.profile_module import TdxModule
-from kvmtdx.sim.state import KeyIds, Vm
+from kvmtdx.sim.state import KernelLog, KeyIds, Vm
 from kvmtdx.sim.tables import CpuidTables, supported_attrs, supported_xfam
 from kvmtdx.sim.td_init import TdInit
 from kvmtdx.sim.uaccess import copy_from_user, copy_to_user, fail
@@ -28,7 +28,7 @@ class Tdx:
     """KVM's TDX support on a host running `module`, under `policy` (and `bug`)."""
 
     def __init__(self, module: TdxModule, host: Host, policy: Policy, keys: KeyIds,
-                 bug: Mutant | None) -> None:
+                 bug: Mutant | None, log: KernelLog) -> None:
         self.policy = policy
         self.keys = keys
         self.bug = bug
@@ -38,8 +38,11 @@ class Tdx:
         self.tables = CpuidTables(conf, policy, bug)
         self.nent = len(conf.cpuid_config)
         self.caps_bytes = layout.pack_capabilities(self._capabilities())
+        # Linux 6.16 WARNs on a failed TDH.MNG.INIT but leaves the VM usable; the
+        # TDX_BUG_ON conversion (read in 7.3) also marks it bugged.
+        bugs_vm = bool(getattr(policy, "module_error_bugs_vm", True))
         self.td_init = TdInit(self.tables, self.supported_attrs, self.supported_xfam, host,
-                              module, keys, bug)
+                              module, keys, bug, log, bugs_vm)
 
     def memory_encrypt_op(self, vm: Vm, arg: int) -> int:
         """tdx_vm_ioctl."""
