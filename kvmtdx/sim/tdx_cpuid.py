@@ -65,25 +65,38 @@ class Td:
     config_flags: int
     tsc_frequency: int
     config_values: tuple[Regs, ...]  # TD_PARAMS.CPUID_CONFIG_VALUES, per configurable row
-    values: list[Regs]  # TDCS CPUID_VALUES, per lookup entry, as far as processed
+    values: list[int]  # TDCS CPUID_VALUES per lookup entry, packed (see `pack`)
     monitor: bool = False
     la57: bool = False
     perfmon_ext: bool = False
     leaf_23_bitmap: int = 0
 
 
+def pack(r: Regs) -> int:
+    """Four registers as one 128-bit word, EAX lowest: one integer operation per row."""
+    return r[0] | r[1] << 32 | r[2] << 64 | r[3] << 96
+
+
+def unpack(v: int) -> Regs:
+    return (v & _U32, v >> 32 & _U32, v >> 64 & _U32, v >> 96)
+
+
+_U32 = 0xFFFFFFFF
+_U128 = (1 << 128) - 1
+
+
 @dataclass(frozen=True, slots=True)
 class _Entry:
-    """One cpuid_lookup entry with everything the loop needs, looked up once."""
+    """One cpuid_lookup entry, with its row's masks packed, looked up once."""
 
+    index: int
     leaf: int
     subleaf: int | None
     row: int | None  # config_index
-    config_direct: Regs
-    allow_direct: Regs
-    fixed0_or_dynamic: Regs
-    fixed1: Regs
-    native: Regs
+    allowed: int  # config_direct | allow_direct
+    base: int  # the native value, FIXED0/DYNAMIC cleared, FIXED1 set, config_direct cleared
+    config_direct: int
+    keep: int  # ~allow_direct: bits a 0 in the request does not clear
     handler: Handler | None
 
 
@@ -104,17 +117,11 @@ def _zero(td: Td, sub: int | None, v: Regs) -> Regs:
     return ZERO
 
 
-def _configured(e: _Entry, cfg: Regs) -> Regs:
-    """The row's CPUID_CONFIG value checked and merged, register by register."""
-    out = []
-    for n in range(4):
-        cd, ad = e.config_direct[n], e.allow_direct[n]
-        if cfg[n] & ~(cd | ad):
-            raise Refusal(TDX_OPERAND_INVALID + OPERAND_CPUID_CONFIG, rcx_of(e.leaf, e.subleaf))
-        x = (e.native[n] & ~e.fixed0_or_dynamic[n]) | e.fixed1[n]
-        x = (x & ~cd) | (cfg[n] & cd)
-        out.append(x & (cfg[n] | ~ad))
-    return (out[0], out[1], out[2], out[3])
+# Leaves whose rule reads only ATTRIBUTES, XFAM, TSC_FREQUENCY and the platform, never a
+# flag an earlier entry set: without a CPUID_CONFIG row they come out the same for the same
+# three inputs, so they are worked out once per combination (KVM sends few).
+_PARAMS_ONLY = frozenset({0xA, 0xD, 0x14, 0x15, 0x19, 0x1A, 0x1C, 0x1D})
+_STATIC_CACHE_SIZE = 64
 
 
 class CpuidProcessor:
@@ -137,19 +144,32 @@ class CpuidProcessor:
         if gen.perfmon_ext:
             handlers[0x1A] = self._leaf_1a
             handlers[0x23] = self._leaf_23
-        entries = []
-        for i, e in enumerate(tables.lookup):
-            row = None if e.config_index is None else tables.configurable[e.config_index]
-            entries.append(_Entry(
-                leaf=e.leaf, subleaf=e.subleaf, row=e.config_index,
-                config_direct=ZERO if row is None else row.config_direct,
-                allow_direct=ZERO if row is None else row.allow_direct,
-                fixed0_or_dynamic=e.fixed0_or_dynamic, fixed1=e.fixed1,
-                native=platform.native[i], handler=handlers.get(e.leaf)))
-        self.entries = tuple(entries)
-        self.keys = tuple((e.leaf, e.subleaf) for e in entries)
+        self.keys = tuple(e.key for e in tables.lookup)
+        self.native = tuple(pack(v) for v in platform.native)
+        # 7.2 has no rule: its value is only read for flags the module keeps for itself.
+        entries = [self._entry(tables, i, None if e.key == (7, 2) else handlers.get(e.leaf))
+                   for i, e in enumerate(tables.lookup)]
+        # Entries that can refuse or read what an earlier one found, in lookup order; the
+        # rest only ever depend on (attributes, xfam, tsc_frequency).
+        self.dynamic = tuple(e for e in entries if e.row is not None or (
+            e.handler is not None and e.leaf not in _PARAMS_ONLY))
+        self.static = tuple(e for e in entries if e not in self.dynamic and e.handler)
+        self._static_values: dict[tuple[int, int, int], tuple[int, ...]] = {}
         self.faulting = frozenset(
-            (e.leaf, e.subleaf) for e in tables.lookup if e.faulting and gen.faulting_leaves)
+            e.key for e in tables.lookup if e.faulting and gen.faulting_leaves)
+        self.topology_rows = tuple(self.lookup_index(0x1F, s) for s in range(
+            self.level_type_max)) if gen.topology else ()
+        self.leaf_0b = tuple(self.lookup_index(0xB, n) for n in range(3)) if gen.topology else ()
+
+    def _entry(self, tables: ModuleTables, i: int, handler: Handler | None) -> _Entry:
+        e = tables.lookup[i]
+        row = None if e.config_index is None else tables.configurable[e.config_index]
+        cd = 0 if row is None else pack(row.config_direct)
+        ad = 0 if row is None else pack(row.allow_direct)
+        fixed = (self.native[i] & ~pack(e.fixed0_or_dynamic)) | pack(e.fixed1)
+        return _Entry(index=i, leaf=e.leaf, subleaf=e.subleaf, row=e.config_index,
+                      allowed=cd | ad, base=fixed & ~cd, config_direct=cd,
+                      keep=~ad & _U128, handler=handler)
 
     def lookup_index(self, leaf: int, subleaf: int) -> int:
         """get_cpuid_lookup_entry: the first entry of the leaf for that (or any) sub-leaf."""
@@ -159,14 +179,39 @@ class CpuidProcessor:
         raise Unmodelled(f"TDX module {self.name} has no CPUID 0x{leaf:x}.{subleaf}")
 
     def run(self, td: Td) -> None:
-        """Every lookup entry in array order into td.values, then the topology; raises Refusal."""
-        for e in self.entries:
-            v = e.native if e.row is None else _configured(e, td.config_values[e.row])
+        """Every lookup entry into td.values (lookup order decides between refusals), then
+        the topology; raises Refusal."""
+        values = td.values = list(self._static_part(td))
+        config = td.config_values
+        for e in self.dynamic:
+            if e.row is None:
+                v = self.native[e.index]
+            else:
+                a, b, c, d = config[e.row]
+                cfg = a | b << 32 | c << 64 | d << 96  # pack(), inline: this loop is hot
+                if cfg & ~e.allowed:
+                    raise Refusal(TDX_OPERAND_INVALID + OPERAND_CPUID_CONFIG,
+                                  rcx_of(e.leaf, e.subleaf))
+                # CONFIG_DIRECT bits from the request; ALLOW_DIRECT bits kept only if asked.
+                v = (e.base | cfg & e.config_direct) & (cfg | e.keep)
             if e.handler is not None:
-                v = e.handler(td, e.subleaf, v)
-            td.values.append(v)
+                v = pack(e.handler(td, e.subleaf, unpack(v)))
+            values[e.index] = v
         if self.gen.topology:
             self._topology(td)
+
+    def _static_part(self, td: Td) -> tuple[int, ...]:
+        key = (td.attributes, td.xfam, td.tsc_frequency)
+        cached = self._static_values.get(key)
+        if cached is None:
+            values = list(self.native)
+            for e in self.static:
+                assert e.handler is not None
+                values[e.index] = pack(e.handler(td, e.subleaf, unpack(self.native[e.index])))
+            if len(self._static_values) >= _STATIC_CACHE_SIZE:
+                self._static_values.clear()
+            cached = self._static_values[key] = tuple(values)
+        return cached
 
     # ------------------------------------------------------------------
     # The leaf rules: each returns the entry's value, or raises Refusal.
@@ -290,15 +335,15 @@ class CpuidProcessor:
         level_type = 0
         last = ZERO
         smt = False
-        for s in range(self.level_type_max):
-            i = self.lookup_index(0x1F, s)
-            v = td.values[i]
+        for s, i in enumerate(self.topology_rows):
+            v = unpack(td.values[i])
             if s == 0:
                 null = v == ZERO  # all zero: take the hardware's topology
             elif null and v != ZERO:
                 raise Refusal(TDX_CPUID_LEAF_1F_FORMAT_UNRECOGNIZED)
             if null:
-                v = td.values[i] = self.platform.native[i]
+                td.values[i] = self.native[i]
+                v = unpack(self.native[i])
             prev, level_type = level_type, v[2] >> 8 & 0xFF
             if level_type:
                 if level_type <= prev or level_type >= self.level_type_max:
@@ -307,7 +352,7 @@ class CpuidProcessor:
                         level_type == LEVEL_SMT and s != 0)):
                     raise Refusal(TDX_CPUID_LEAF_1F_FORMAT_UNRECOGNIZED)
                 if level_type == LEVEL_SMT:
-                    td.values[self.lookup_index(0xB, 0)] = v
+                    td.values[self.leaf_0b[0]] = pack(v)
                     smt = True
                 elif level_type == LEVEL_CORE:
                     core_seen = True
@@ -316,14 +361,14 @@ class CpuidProcessor:
                 raise Refusal(TDX_CPUID_LEAF_1F_FORMAT_UNRECOGNIZED)
             if self.gen.topology == 1:
                 # 1.5.05 writes 0xB.1 on every pass: the last sub-leaf scanned wins.
-                td.values[self.lookup_index(0xB, 1)] = (
-                    v[0], v[1], (v[2] & ~0xFF00) | LEVEL_CORE << 8, v[3])
+                td.values[self.leaf_0b[1]] = pack(
+                    (v[0], v[1], (v[2] & ~0xFF00) | LEVEL_CORE << 8, v[3]))
         if self.gen.topology == 2:
             self._derive_0b(td, last, 1 if smt else 0)
 
     def _derive_0b(self, td: Td, last: Regs, level: int) -> None:
         """2.0: 0xB.level is the last valid 0x1F level as CORE, then empty levels up to 2."""
-        td.values[self.lookup_index(0xB, level)] = (
-            last[0], last[1], level | LEVEL_CORE << 8, last[3])
+        td.values[self.leaf_0b[level]] = pack(
+            (last[0], last[1], level | LEVEL_CORE << 8, last[3]))
         for n in range(level + 1, 3):
-            td.values[self.lookup_index(0xB, n)] = (0, 0, n, last[3])
+            td.values[self.leaf_0b[n]] = pack((0, 0, n, last[3]))

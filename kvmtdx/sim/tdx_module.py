@@ -16,7 +16,7 @@ host state a request cannot change (IA32_TSC_ADJUST, MISC_ENABLE, TDCS pages).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from kvmtdx.model.tdx_module_tables import ModuleTables
 from kvmtdx.sim.tdx_cpuid import (
@@ -30,6 +30,7 @@ from kvmtdx.sim.tdx_cpuid import (
     CpuidProcessor,
     Refusal,
     Td,
+    unpack,
 )
 from kvmtdx.sim.tdx_platform import CpuHost, Platform, Regs, generation_of, sys_init
 
@@ -91,10 +92,16 @@ class MngInit:
 
     status: int
     rcx: int = 0
-    # TDCS CPUID_VALUES per (leaf, sub-leaf or None): what KVM_TDX_GET_CPUID reads later.
-    cpuid: Mapping[tuple[int, int | None], Regs] = field(default_factory=dict)
+    # TDCS CPUID_VALUES per cpuid_lookup entry, packed (tdx_cpuid.pack), and their keys.
+    values: tuple[int, ...] = ()
+    keys: tuple[tuple[int, int | None], ...] = ()
     # Entries whose CPUID_VALID is 0 (1.5.x faulting leaves): the TD gets #VE there.
     faulting: frozenset[tuple[int, int | None]] = frozenset()
+
+    @property
+    def cpuid(self) -> Mapping[tuple[int, int | None], Regs]:
+        """The TD's CPUID per (leaf, sub-leaf or None): what KVM_TDX_GET_CPUID reads later."""
+        return {k: unpack(v) for k, v in zip(self.keys, self.values, strict=True)}
 
 
 class TdxModule:
@@ -127,7 +134,7 @@ class TdxModule:
             self.cpuid.run(td)
         except Refusal as r:
             return MngInit(r.status, r.rcx)
-        return MngInit(0, cpuid=dict(zip(self.cpuid.keys, td.values, strict=True)),
+        return MngInit(0, values=tuple(td.values), keys=self.cpuid.keys,
                        faulting=self.cpuid.faulting)
 
     # ------------------------------------------------------------------
