@@ -50,7 +50,7 @@ def test_a_non_operand_status_is_eio_a_warn_and_a_bugged_vm(host: SimulatedHost)
         (event,) = host.kernel_log.events
         assert event.line == ("kvm_intel: SEAMCALL TDH_MNG_INIT failed: "
                               "0xc00009210000010a, rcx 0x0")
-        assert (event.status, event.rcx, event.splat, event.vm_bugged) == (
+        assert (event.status, event.rcx, event.splat, event.vm_dead) == (
             INCORRECT_MSR_VALUE_TSX, 0, True, True)
         assert host.free_key_ids == 4  # torn down: the key ID is back at once
         # Every later ioctl on the VM fd: -EIO, before the kernel even looks at it.

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 
 from kvmtdx.device import Kvm, Seam, TdxVm
 from kvmtdx.knowledge import Knowledge
-from kvmtdx.model import builders, mirror
+from kvmtdx.model import builders, lifecycle, mirror
 from kvmtdx.model.builders import Trap
 from kvmtdx.model.catalog import BitRef
+from kvmtdx.model.lifecycle import SequencePrediction
 from kvmtdx.model.mirror import CapsPrediction
 from kvmtdx.model.policy import Policy
 from kvmtdx.model.profiles import Host, ModuleProfile
@@ -48,6 +49,7 @@ class Context:
     # Every trap request sent, with its answer, for adversarial_matches_prediction.
     trap_log: list[tuple[str, Request, Outcome]] = field(default_factory=list)
     proc: ProcessNumbers = field(default_factory=ProcessNumbers)
+    _fms: int | None = None
 
     # What is known.
 
@@ -67,6 +69,28 @@ class Context:
         if m is None:
             return None
         return mirror.predict_init_vm(*m, req, td_initialized=td_initialized)
+
+    def predict_sequence(self, reqs: Sequence[Request]) -> SequencePrediction | None:
+        """INIT_VM calls on one TD, in order (kvmtdx.model.lifecycle)."""
+        m = self.model()
+        if m is None:
+            return None
+        return lifecycle.predict_sequence(*m, reqs)
+
+    def native_fms(self) -> int:
+        """The host's family/model/stepping (CPUID 1 EAX), which a TD's leaf 1 EAX must equal
+        when not 0: the known host's, else what KVM_GET_SUPPORTED_CPUID says of the CPU."""
+        if self.know.host_exact and self.know.host is not None:
+            return self.know.host.native_fms()
+        if self._fms is None:
+            leaf1 = [e for e in self.kvm.supported_cpuid() if e.function == 1]
+            self._fms = leaf1[0].eax if leaf1 else 0
+        return self._fms
+
+    def free_key_ids(self) -> int | None:
+        """The backend's free TDX key IDs, where it says (the simulated host does)."""
+        free = getattr(self.seam, "free_key_ids", None)
+        return free if isinstance(free, int) else None
 
     def predict_caps(self, nent: int, *, flags: int = 0, hw_error: int = 0,
                      caller: bytes | None = None) -> CapsPrediction | None:

@@ -180,6 +180,10 @@ class Policy:
     # principle, both): what KVM hides and refuses beyond the module's own rules.
     denylist: Denylist | None
     allowlist: Allowlist | None
+    # A TDH.MNG.INIT status other than an invalid operand: Linux 6.19 on reports it
+    # with TDX_BUG_ON_1, which marks the VM bugged (every later VM ioctl -EIO);
+    # Linux 6.16 only warned, and the TD could take another INIT_VM.
+    module_error_kills_vm: bool = True
 
     @property
     def allowlist_name(self) -> str | None:
@@ -205,7 +209,7 @@ POLICIES: tuple[Policy, ...] = (
         name="upstream-6.16", kernels="Linux 6.16",
         description="HLE/RTM/WAITPKG denylist; capabilities echo the caller's header",
         caps_echoes_caller=True, caps_writes_cmd_back=True, user_tdvmcallinfo_1_r11=0x3,
-        denylist=TSX_WAITPKG_DENYLIST, allowlist=None,
+        denylist=TSX_WAITPKG_DENYLIST, allowlist=None, module_error_kills_vm=False,
     ),
     Policy(
         name="upstream", kernels="Linux 6.19 to 7.3",

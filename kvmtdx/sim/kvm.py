@@ -58,7 +58,7 @@ class Kvm:
 
     def _vm_ioctl(self, vm: Vm, request: int, arg: int) -> int:
         """An ioctl on a VM fd (kvm_vm_ioctl)."""
-        if vm.bugged:
+        if vm.dead:
             raise fail(errno.EIO)  # kvm->vm_dead: refused before the ioctl is even looked at
         if request == uapi.Ioctl.KVM_CHECK_EXTENSION:
             return _check_extension(arg)

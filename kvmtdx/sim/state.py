@@ -24,8 +24,9 @@ class Vm:
     initialized: bool = False
     finalized: bool = False
     key_id: int | None = None
-    # kvm->vm_bugged (and with it vm_dead): every later ioctl on the VM fd is -EIO.
-    bugged: bool = False
+    # kvm_vm_bugged (kvm->vm_dead): a TDH.MNG.INIT failure that was not the caller's
+    # operand; every later ioctl on the VM fd is -EIO.
+    dead: bool = False
     # The TD's CPUID as TDH.MNG.INIT left it in TDCS (what KVM_TDX_GET_CPUID reads), and
     # the entries whose CPUID_VALID is 0; set once INIT_VM succeeded.
     cpuid: Mapping[tuple[int, int | None], Regs] = field(default_factory=dict)
@@ -70,7 +71,7 @@ class KernelWarning:
     rcx: int
     line: str  # what pr_err_ratelimited logs
     splat: bool  # the first at this call site: the WARNING splat is printed
-    vm_bugged: bool
+    vm_dead: bool  # kvm_vm_bugged() (Linux 6.19 on)
 
 
 class KernelLog:
@@ -84,11 +85,12 @@ class KernelLog:
         """How often a WARN_ON_ONCE condition held (each a kernel bug if userspace caused it)."""
         return len(self.events)
 
-    def tdx_bug_on(self, seamcall: str, status: int, rcx: int, vm: Vm, bugs_vm: bool) -> None:
-        """TDX_BUG_ON_1(status, seamcall, rcx, kvm) with a non-zero status on a live VM."""
+    def tdx_bug_on(self, seamcall: str, status: int, rcx: int, vm: Vm, kills_vm: bool) -> None:
+        """TDX_BUG_ON_1(status, seamcall, rcx, kvm) with a non-zero status on a live VM
+        (Linux 6.16: WARN_ON_ONCE and the error line, the VM left alive)."""
         splat = all(e.seamcall != seamcall for e in self.events)
-        if bugs_vm:
-            vm.bugged = True
+        if kills_vm:
+            vm.dead = True
         # pr_fmt is KBUILD_MODNAME ": ": tdx.c is part of kvm-intel.ko.
         line = f"kvm_intel: SEAMCALL {seamcall} failed: 0x{status:x}, rcx 0x{rcx:x}"
-        self.events.append(KernelWarning(seamcall, status, rcx, line, splat, bugs_vm))
+        self.events.append(KernelWarning(seamcall, status, rcx, line, splat, kills_vm))

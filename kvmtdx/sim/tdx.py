@@ -38,11 +38,8 @@ class Tdx:
         self.tables = CpuidTables(conf, policy, bug)
         self.nent = len(conf.cpuid_config)
         self.caps_bytes = layout.pack_capabilities(self._capabilities())
-        # Linux 6.16 WARNs on a failed TDH.MNG.INIT but leaves the VM usable; the
-        # TDX_BUG_ON conversion (read in 7.3) also marks it bugged.
-        bugs_vm = bool(getattr(policy, "module_error_bugs_vm", True))
         self.td_init = TdInit(self.tables, self.supported_attrs, self.supported_xfam, host,
-                              module, keys, bug, log, bugs_vm)
+                              module, keys, bug, kills_vm=policy.module_error_kills_vm, log=log)
 
     def memory_encrypt_op(self, vm: Vm, arg: int) -> int:
         """tdx_vm_ioctl."""
@@ -51,6 +48,8 @@ class Tdx:
         if cmd.hw_error:
             raise fail(errno.EINVAL)
         if cmd.id == uapi.TdxCommand.KVM_TDX_CAPABILITIES:
+            if vm.initialized and self.bug is mutants.CAPS_REFUSED_AFTER_INIT_VM:
+                raise fail(errno.EINVAL)
             if not self.policy.caps_writes_cmd_back:
                 return self._get_capabilities(cmd)
             try:
