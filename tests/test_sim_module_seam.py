@@ -77,6 +77,14 @@ def test_warn_on_once_prints_once_but_every_failure_counts(host: SimulatedHost) 
     assert [e.splat for e in host.kernel_log.events] == [True, False]
 
 
+def test_linux_6_16_warns_but_leaves_the_vm_usable(no_fd_leak: object) -> None:
+    s = sim("upstream-6.16")
+    with Kvm(s) as kvm, kvm.create_td() as td:
+        assert td.init_vm_raw(bypass(ebx=HLE_RTM, ecx=0)).errno == errno.EIO
+        assert s.kernel_warnings == 1 and not s.kernel_log.events[0].vm_dead
+        assert td.init_vm(bypass(ecx=0)).errno == 0  # the TD takes another INIT_VM
+
+
 def test_an_operand_status_is_einval_with_hw_error_and_no_warn(host: SimulatedHost) -> None:
     with Kvm(host) as kvm, kvm.create_td() as td:
         res = td.init_vm_raw(bypass(ebx=1 << 4, ecx=0))  # HLE without RTM: CPUID_CONFIG
@@ -84,4 +92,5 @@ def test_an_operand_status_is_einval_with_hw_error_and_no_warn(host: SimulatedHo
         assert host.kernel_warnings == 0
         # The TD is still uninitialised and usable: a valid INIT_VM goes through.
         assert td.init_vm(bypass(ecx=0)).errno == 0
+
 
