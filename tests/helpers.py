@@ -7,10 +7,13 @@ the seam factories below load the way a user's do: `--backend helpers:no_tdx`.
 
 from __future__ import annotations
 
+import atexit
 import errno
 import json
 import os
 import re
+import signal
+import sys
 from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
@@ -37,8 +40,12 @@ class CliRun(NamedTuple):
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> CliRun:
-    """`kvmtdx ARGV` through cli.main: exit code, stdout and stderr."""
-    rc = cli.main(list(argv))
+    """`kvmtdx ARGV` through cli.main: exit code, stdout and stderr (a usage error, which
+    argparse raises as SystemExit, gives its code)."""
+    try:
+        rc = cli.main(list(argv))
+    except SystemExit as e:
+        rc = e.code if isinstance(e.code, int) else 1
     out, err = capsys.readouterr()
     return CliRun(rc, out, err)
 
@@ -111,6 +118,49 @@ def old_api() -> OldApiKvm:
     return OldApiKvm()
 
 
+class SignalMidway:
+    """The simulated host (module 2.0, upstream) that sends this process `signum` at its
+    `at`-th ioctl, as a user's Ctrl-C or a runner's timeout would.  At exit it says on
+    stderr how many of its fds are still open (the handles must have closed them)."""
+
+    def __init__(self, signum: int, at: int = 300) -> None:
+        from kvmtdx.model.policy import get_policy
+        from kvmtdx.model.profiles import MAX_HOST, load_profile
+        from kvmtdx.sim import SimulatedHost
+
+        self.sim = SimulatedHost(load_profile("2.0"), MAX_HOST, get_policy("upstream"))
+        self.signum, self.at, self.calls = signum, at, 0
+        atexit.register(self.report)
+
+    def open(self, path: str, flags: int) -> int:
+        return self.sim.open(path, flags)
+
+    def close(self, fd: int) -> None:
+        self.sim.close(fd)
+
+    def ioctl(self, fd: int, request: int, arg: int) -> int:
+        self.calls += 1
+        if self.calls == self.at:
+            os.kill(os.getpid(), self.signum)
+        return self.sim.ioctl(fd, request, arg)
+
+    def report(self) -> None:
+        sys.stderr.write(f"simulated fds open at exit: {len(self.sim.open_fds)}\n")
+
+
+def sigint_midway() -> SignalMidway:
+    return SignalMidway(signal.SIGINT)
+
+
+def sigterm_midway() -> SignalMidway:
+    return SignalMidway(signal.SIGTERM)
+
+
+def must_not_run() -> AbsentKvm:
+    """For runs that must stop before they open a backend (a bad option, a bad path)."""
+    raise AssertionError("the backend was opened: the run went ahead")
+
+
 # ---------------------------------------------------------------------------
 # The lookup trap of spec section 4: the denylist bypass of Linux 6.16 to 7.3.
 
@@ -177,7 +227,8 @@ def _ktap_result(line: str, i: int, expected_num: int) -> dict[str, Any]:
 
 
 def parse_ktap(text: str) -> dict[str, Any]:
-    """Version line, one plan before any result, results numbered 1..N, count = plan."""
+    """Version line, one plan before any result, results numbered 1..N, count = plan, unless
+    a `Bail out!` line (the run was cut short) ends the results; its reason is "bail_out"."""
     if not text.endswith("\n"):
         raise KtapError("output does not end with a newline")
     lines = text.split("\n")[:-1]
@@ -186,8 +237,14 @@ def parse_ktap(text: str) -> dict[str, Any]:
     plan: int | None = None
     plan_skip: str | None = None
     results: list[dict[str, Any]] = []
+    bail_out: str | None = None
     for i, line in enumerate(lines[1:], 2):
         if line == "#" or line.startswith("# "):
+            continue
+        if bail_out is not None:
+            raise KtapError(f"line {i}: a result after 'Bail out!'")
+        if line.startswith("Bail out!"):
+            bail_out = line.removeprefix("Bail out!").strip()
             continue
         m = _PLAN.fullmatch(line)
         if m is None:
@@ -202,9 +259,9 @@ def parse_ktap(text: str) -> dict[str, Any]:
             raise KtapError(f"line {i}: a SKIP plan must be 1..0")
     if plan is None:
         raise KtapError("no plan")
-    if len(results) != plan:
+    if len(results) != plan and (bail_out is None or len(results) > plan):
         raise KtapError(f"plan says {plan}, {len(results)} results")
-    return {"plan": plan, "plan_skip": plan_skip, "results": results}
+    return {"plan": plan, "plan_skip": plan_skip, "results": results, "bail_out": bail_out}
 
 
 # ---------------------------------------------------------------------------

@@ -16,13 +16,14 @@ from helpers import run_cli as run
 from helpers import write_request
 
 from kvmtdx import cli
+from kvmtdx.errors import DataError
 from kvmtdx.model import mirror
 from kvmtdx.model.policy import get_policy
 from kvmtdx.model.profiles import MAX_HOST, load_profile
 from kvmtdx.model.requests import Request
 from kvmtdx.report.schema import ENVELOPE
 from kvmtdx.session import load_plugin, open_backend
-from kvmtdx.sim import MUTANTS, SimulatedHost
+from kvmtdx.sim import CATALOGUE, MUTANTS, SimulatedHost
 from kvmtdx.structs import CpuidEntry
 
 THIS = __name__
@@ -84,7 +85,7 @@ def test_init_vm_reports_kvm_and_module_rejections(capsys: pytest.CaptureFixture
                      write_request(tmp_path, bad_fms))
     doc = json.loads(out)
     assert rc == 0 and doc["outcome"] == "MODULE_REJECTED" and doc["errno"] == "EINVAL"
-    assert doc["hw_error"] == 0xC000010000000045
+    assert doc["hw_error"] == "0xc000010000000045"
     assert doc["hw_error_decoded"] == {"status": "TDX_OPERAND_INVALID", "operand": 69,
                                        "operand_name": "CPUID_CONFIG"}
     rc, out, _ = run(capsys, "init-vm", "--simulate", "2.0", "--request",
@@ -99,7 +100,7 @@ def test_init_vm_with_the_callers_hw_error_is_a_kvm_rejection(
     rc, out, _ = run(capsys, "init-vm", "--simulate", "2.0", "--request",
                      write_request(tmp_path, req))
     doc = json.loads(out)
-    assert (rc, doc["outcome"], doc["hw_error"]) == (0, "KVM_REJECTED", 0)
+    assert (rc, doc["outcome"], doc["hw_error"]) == (0, "KVM_REJECTED", "0x0000000000000000")
 
 
 def test_init_vm_with_a_lying_nent_reads_zeroed_room(capsys: pytest.CaptureFixture[str],
@@ -119,7 +120,8 @@ def test_init_vm_through_a_plugin_backend(capsys: pytest.CaptureFixture[str], tm
     out_file = tmp_path / "out.json"
     rc, out, err = run(capsys, "init-vm", "--backend", f"{THIS}:rfc_host", "--request", path,
                        "--output", str(out_file))
-    assert (rc, out, err) == (0, "", "")
+    assert (rc, out) == (0, "")
+    assert err == f"kvmtdx init-vm: KVM_TDX_INIT_VM ACCEPTED -> {out_file}\n"
     assert json.loads(out_file.read_text())["outcome"] == "ACCEPTED"
     sim = LAST[-1]
     # The TD was closed, so its key ID came back, and no simulated fd is left open.
@@ -168,7 +170,8 @@ def test_simulate_list_from_every_command(command: str,
     doc = json.loads(out)
     assert doc["modules"] == ["1.5.01", "1.5-late", "2.0"]
     assert doc["policies"] == ["upstream-6.16", "upstream", "rfc-v2"]
-    assert doc["mutants"] == [{"name": n, "description": d} for n, d in MUTANTS.items()]
+    assert doc["mutants"] == [{"name": m.name, "description": m.description,
+                               "policies": list(m.policies)} for m in CATALOGUE]
     rc, out, _ = run(capsys, command, "--simulate", "list")
     assert rc == 0
     assert "rfc-v2" in out and all(n in out for n in MUTANTS)
@@ -182,9 +185,31 @@ def test_every_listed_choice_opens(capsys: pytest.CaptureFixture[str]) -> None:
         for policy in doc["policies"]:
             assert open_backend(simulate=f"{module}:{policy}").simulated
     for m in doc["mutants"]:
-        backend = open_backend(simulate=f"2.0:rfc-v2:{m['name']}")
+        backend = open_backend(simulate=f"2.0:{m['policies'][0]}:{m['name']}")
         assert backend.simulation is not None and backend.simulation.mutant == m["name"]
         assert m["name"] in backend.label
+
+
+@pytest.mark.parametrize("command", ["verify", "probe", "caps", "info"])
+def test_a_mutant_of_another_policy_is_refused_naming_its_policies(
+        command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A denylist bug under the allowlist kernel changes nothing: a run that passed with it
+    would say nothing about the mutant, so it is an input error, not a silent pass."""
+    rc, out, err = run(capsys, command, "--simulate", "2.0:rfc-v2:denylist_hle_not_rtm")
+    assert (rc, out) == (2, "")
+    assert err.count("\n") == 1 and "denylist_hle_not_rtm" in err
+    assert "upstream, upstream-6.16" in err and "rfc-v2" in err
+    with pytest.raises(DataError, match=r"2\.0:upstream:denylist_hle_not_rtm"):
+        open_backend(simulate="2.0:rfc-v2:denylist_hle_not_rtm")
+    # Every mutant opens under each policy it names, and under no other.
+    for mutant in CATALOGUE:
+        for policy in ("upstream-6.16", "upstream", "rfc-v2"):
+            spec = f"2.0:{policy}:{mutant.name}"
+            if policy in mutant.policies:
+                assert open_backend(simulate=spec).simulated
+            else:
+                with pytest.raises(DataError, match=mutant.name):
+                    open_backend(simulate=spec)
 
 
 def test_caps_on_the_simulated_rfc_v2_kernel(capsys: pytest.CaptureFixture[str]) -> None:

@@ -7,7 +7,7 @@ Golden files: tests/golden/verify-2.0-upstream.ktap (and .xml, and the same for
     KVMTDX_REGEN_GOLDEN=1 scripts/test tests/test_verify_formats.py
 
 and review their diff before committing.  The JUnit files have the hygiene check's
-fd and RSS figures (this process's, not the run's) written as N.
+fd and RSS figures (this process's, not the run's) and each check's time written as N.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,7 @@ from kvmtdx.model.profiles import MAX_HOST, load_profile
 from kvmtdx.report import verify as render
 from kvmtdx.report.schema import ENVELOPE
 from kvmtdx.session import simulated_backend
+from kvmtdx.verdict import Status
 
 ROOT = Path(__file__).resolve().parent.parent
 BYPASS_PREFIX = "adversarial_denylist_bypass_"
@@ -57,7 +59,12 @@ GOLDEN_RUNS = [("2.0:upstream", 1), ("2.0:rfc-v2", 0)]
 _PROCESS_FIGURES = re.compile(r"\d+ fds as before; RSS \d+ MiB -&gt; \d+ MiB")
 
 
+_TIMES = re.compile(r' time="\d+\.\d{3}"')
+
+
 def _stable(junit: str) -> str:
+    """The run's own figures as N: the process's fds and RSS, and each check's time."""
+    junit = _TIMES.sub(' time="N"', junit)
     return _PROCESS_FIGURES.sub("N fds as before; RSS N MiB -&gt; N MiB", junit)
 
 
@@ -152,7 +159,9 @@ def test_json_has_the_envelope_then_the_documented_schema_1_fields(
     for key in ("verdict", "total", "passed", "failed", "skipped", "tds_created", "ioctls"):
         assert key in data["summary"], key
     for c in data["checks"]:
-        assert set(c) == {"id", "group", "status", "detail", "expected", "actual", "bits"}
+        assert set(c) == {"id", "group", "status", "detail", "expected", "actual", "bits",
+                          "request", "seconds"}
+        assert isinstance(c["seconds"], float) and c["seconds"] >= 0
         assert c["status"] in ("pass", "fail", "skip")
         assert re.fullmatch(r"[a-z0-9_]+", c["id"]) and c["group"] in checks.GROUPS
         assert "\n" not in c["detail"]
@@ -201,3 +210,33 @@ def test_kselftest_wrapper_passes_ktap_and_the_exit_code_through() -> None:
     assert proc.returncode == 1, proc.stderr
     k = parse_ktap(proc.stdout)
     assert any(not r["ok"] and r["desc"] == f"{BYPASS_PREFIX}waitpkg" for r in k["results"])
+
+
+def test_kselftest_wrapper_skips_when_kvmtdx_is_not_installed(tmp_path: Path) -> None:
+    # A python3 that cannot import kvmtdx (no site-packages), and no kvmtdx on PATH.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    python3 = bin_dir / "python3"
+    python3.write_text(f'#!/bin/sh\nexec "{sys.executable}" -S "$@"\n')
+    python3.chmod(0o755)
+    env = {"PATH": f"{bin_dir}{os.pathsep}/usr/bin{os.pathsep}/bin", "HOME": str(tmp_path)}
+    proc = subprocess.run([str(ROOT / "scripts" / "kselftest-verify"), "--simulate", "2.0"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60,
+                          check=False)
+    assert proc.returncode == 4, proc.stderr
+    k = parse_ktap(proc.stdout)
+    assert k["plan"] == 0 and "kvmtdx is not installed" in str(k["plan_skip"])
+
+
+def test_groups_line_counts_failures_and_skips_apart(
+        upstream_report: checks.VerifyReport) -> None:
+    """`adversarial 0/6` for six skips would read as six failures: skips are named."""
+    line = next(x for x in render.render_text(upstream_report).splitlines()
+                if x.strip().startswith("groups"))
+    assert "policy 2/5 (3 skipped)," in line
+    assert "adversarial 4/8 (3 FAILED, 1 skipped)," in line
+    assert "capabilities 9/9," in line
+    mixed = [checks.CheckResult(f"c{i}", "adversarial", s, "x")
+             for i, s in enumerate([Status.PASS, Status.FAIL, Status.SKIP, Status.SKIP])]
+    both = replace(upstream_report, checks=tuple(mixed))
+    assert "adversarial 1/4 (1 FAILED, 2 skipped)" in render.render_text(both)

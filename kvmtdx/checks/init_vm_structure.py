@@ -7,7 +7,6 @@ import errno
 
 from kvmtdx.checks.context import Context
 from kvmtdx.checks.registry import (
-    NEEDS_MODULE,
     Verdict,
     bad,
     check,
@@ -49,11 +48,11 @@ def init_vm_hw_error_rejected(ctx: Context) -> Verdict:
         res = td.init_vm_raw(req.init_vm, hw_error=1)
     got = errno_name(res.errno)
     if res.errno != errno.EINVAL:
-        return bad(f"hw_error 1: {got}, expected EINVAL", "EINVAL", got)
+        return bad(f"hw_error 1: {got}, expected EINVAL", "EINVAL", got, request=req)
     if res.cmd.hw_error != 1:
         return bad(f"EINVAL, but cmd was written back (hw_error 0x{res.cmd.hw_error:x}); "
                    "KVM must refuse before touching it", "hw_error 1 left",
-                   f"hw_error 0x{res.cmd.hw_error:x}")
+                   f"hw_error 0x{res.cmd.hw_error:x}", request=req)
     return ok("hw_error 1: EINVAL, cmd left alone", "EINVAL", got)
 
 
@@ -166,7 +165,7 @@ def module_refused_bit(ctx: Context) -> tuple[CpuidEntry, BitRef] | None:
 def init_vm_module_status_written_back(ctx: Context) -> Verdict:
     found = module_refused_bit(ctx)
     if found is None:
-        return skip(NEEDS_MODULE if ctx.know.module is None
+        return skip(ctx.needs_module if ctx.know.module is None
                     else "no bit the module refuses in a listed row")
     e, ref = found
     req = ctx.base((e,))
@@ -174,7 +173,7 @@ def init_vm_module_status_written_back(ctx: Context) -> Verdict:
     v = judge(ctx, req, actual, None, f"{ref.label()} (not configurable)", bits=(ref,))
     if v.status is Status.PASS and actual.hw.operand != Operand.CPUID_CONFIG:
         return bad(f"hw_error {actual.hw}, expected operand CPUID_CONFIG", v.expected,
-                   v.actual, (ref,))
+                   v.actual, (ref,), request=req)
     return v
 
 

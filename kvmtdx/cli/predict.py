@@ -4,15 +4,25 @@ from __future__ import annotations
 
 import argparse
 
-from kvmtdx.cli.common import Command, model_options, output_options, policy_from, write
+from kvmtdx.cli.common import (
+    HOST_FORMS,
+    HOST_METAVAR,
+    Command,
+    model_options,
+    output_options,
+    policy_from,
+    write,
+)
 from kvmtdx.errors import DataError, ExitCode
 
 
 def arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", metavar="FILE|max|native", default="max",
-                   help="the host's native CPUID (default: max)")
-    model_options(p, "upstream")
-    p.add_argument("--request", metavar="FILE", help="an INIT_VM request (JSON) to predict")
+    p.add_argument("--host", metavar=HOST_METAVAR, default="max",
+                   help=f"the host CPU's native CPUID: {HOST_FORMS} (default: max)")
+    model_options(p, "upstream", module="required", policy="the kernel to predict")
+    p.add_argument("--request", metavar="FILE",
+                   help="a KVM_TDX_INIT_VM request (JSON, see README; '-' reads standard input) "
+                        "whose outcome to predict")
     output_options(p, ("text", "json"))
 
 
@@ -32,7 +42,11 @@ def run(args: argparse.Namespace) -> int:
     caps = mirror.predict_capabilities(module, host, policy, len(module.rows))
     outcome = None if request is None else mirror.predict_init_vm(module, host, policy, request)
     fmt = render.render_json if args.format == "json" else render.render_text
-    write(args, fmt(module, host, policy, caps, outcome))
+    said = (f"{caps.caps.nent} CPUID entries predicted" if caps.caps is not None
+            else "KVM_TDX_CAPABILITIES predicted to fail")
+    if outcome is not None:
+        said += f"; KVM_TDX_INIT_VM {outcome.describe()}"
+    write(args, fmt(module, host, policy, caps, outcome), said)
     return ExitCode.PASS
 
 

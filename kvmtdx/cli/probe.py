@@ -4,33 +4,43 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from kvmtdx.cli.common import (
+    JUDGED_BY,
     Command,
     backend_options,
     given_from,
     model_options,
     open_session,
+    output_file,
     output_options,
+    save,
     write,
 )
 from kvmtdx.errors import DataError, ExitCode, ProbeError
+
+if TYPE_CHECKING:
+    from kvmtdx.probe import ProbeResult
 
 DESCRIPTION = (
     "Classify every bit of every row KVM_TDX_CAPABILITIES lists by real "
     "KVM_TDX_INIT_VM outcomes: REPORTED_ACCEPTED, REPORTED_REJECTED, "
     "HIDDEN_KVM_REJECTED, HIDDEN_MODULE_REJECTED, HIDDEN_ACCEPTED.  Reported "
-    "bits are tried in groups, hidden bits one per TD.")
+    "bits are tried in groups, hidden bits one per TD; then each hidden leaf-7.0 "
+    "bit KVM refused is steered onto its row through KVM's lookup (a lookup "
+    "trap), which KVM must refuse too.")
 EPILOG = (
-    "exit codes: 0 every probed bit behaves as it should, 1 a REPORTED_REJECTED "
-    "no module coupling explains or a HIDDEN_ACCEPTED (or the probe could not go "
-    "on), 2 usage or input error, 4 no TDX here.  A run cut short by --max-tds "
-    "is reported incomplete and judged on the bits it tried.")
+    "exit codes: 0 every probed bit behaves as it should and KVM refuses every "
+    "lookup trap, 1 a REPORTED_REJECTED no module coupling explains, a "
+    "HIDDEN_ACCEPTED, a lookup trap past KVM, or a run cut short by --max-tds "
+    "(INCOMPLETE: it decided only part of the bits), 2 usage or input error, 4 no "
+    "TDX here.")
 
 
 def arguments(p: argparse.ArgumentParser) -> None:
-    backend_options(p)
-    model_options(p, "auto", auto=True)
+    backend_options(p, judges_host=True)
+    model_options(p, "auto", auto=True, **JUDGED_BY)
     p.add_argument("--exhaustive", action="store_true",
                    help="every bit of every listed row (the default without a module profile; "
                         "with one, the default tries the bits whose class can differ between "
@@ -40,17 +50,19 @@ def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="TDs in parallel (real device; the simulated host runs one ioctl at a "
                         "time)")
-    p.add_argument("--emit-allowlist", metavar="FILE",
-                   help="write the effective allowlist, loadable with --allowlist")
-    output_options(p, ("text", "json"))
+    p.add_argument("--emit-allowlist", metavar="FILE", type=output_file("--emit-allowlist"),
+                   help="write the effective allowlist the probe found, loadable with "
+                        "--allowlist (bits it never tried are listed apart, under 'untried')")
+    output_options(p, ("text", "json", "ktap", "junit"))
 
 
 def run(args: argparse.Namespace) -> int:
     import datetime
 
-    from kvmtdx import probe
-    from kvmtdx.report import emit
+    from kvmtdx import probe, verdict
+    from kvmtdx.probe.allowlist import untried_bits
     from kvmtdx.report import probe as render
+    from kvmtdx.report import probe_cases as cases
 
     if args.jobs < 1:
         raise DataError("--jobs must be at least 1")
@@ -65,12 +77,27 @@ def run(args: argparse.Namespace) -> int:
         _end_progress(tty)  # before the error line main() writes
         raise
     _end_progress(tty)
+    code = verdict.exit_code(result.verdict)
     if args.emit_allowlist:
-        emit(render.allowlist_text(result, datetime.date.today().isoformat()),
-             args.emit_allowlist)
-    write(args, render.render_json(result) if args.format == "json"
-          else render.render_text(result))
-    return ExitCode.FAIL if result.failures else ExitCode.PASS
+        untried = untried_bits(result)
+        if untried:
+            n = sum(bin(m).count("1") for m in untried.values())
+            result.notes.append(f"{args.emit_allowlist}: {n} bits never tried are listed under "
+                                "'untried', not in 'allowed' (no evidence KVM blocks them)")
+    renderers = {"text": render.render_text, "json": render.render_json,
+                 "ktap": cases.render_ktap, "junit": cases.render_junit}
+    # The report first: a side file that cannot be written must not take it along.
+    write(args, renderers[args.format](result), _verdict(result, code))
+    if args.emit_allowlist:
+        save(render.allowlist_text(result, datetime.date.today().isoformat()),
+             args.emit_allowlist, "--emit-allowlist")
+    return code
+
+
+def _verdict(result: ProbeResult, code: ExitCode) -> str:
+    done = "" if result.complete else ", incomplete"
+    return (f"{'FAIL' if code else 'PASS'} ({len(result.bits)} bits, {len(result.failures)} "
+            f"failing, {result.tds} TDs{done})")
 
 
 def _end_progress(tty: bool) -> None:

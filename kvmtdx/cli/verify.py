@@ -7,43 +7,88 @@ import sys
 from collections.abc import Callable
 
 from kvmtdx.cli.common import (
+    JUDGED_BY,
     SIM_HINT,
     Command,
     backend_options,
     given_from,
+    interruption,
     model_options,
     open_session,
+    output_directory,
     output_options,
+    save,
     say,
     write,
 )
+from kvmtdx.errors import ExitCode
 
 
 def arguments(p: argparse.ArgumentParser) -> None:
-    backend_options(p)
-    model_options(p, "auto", auto=True)
+    backend_options(p, judges_host=True)
+    model_options(p, "auto", auto=True, **JUDGED_BY)
     output_options(p, ("text", "json", "ktap", "junit"))
+    g = p.add_argument_group("which checks")
+    g.add_argument("--list-checks", action="store_true",
+                   help="list the checks (id, group, description) and exit; with --check or "
+                        "--group, the ones they select")
+    g.add_argument("--check", action="append", default=[], metavar="ID",
+                   help="run this check (repeatable; with the checks it judges)")
+    g.add_argument("--group", action="append", default=[], metavar="NAME",
+                   help="run this group's checks (repeatable)")
+    p.add_argument("--save-failures", metavar="DIR", type=output_directory("--save-failures"),
+                   help="write each failing INIT_VM check's request to DIR/CHECK_ID.json, "
+                        "which 'kvmtdx init-vm --request' replays (DIR is created)")
 
 
 def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from kvmtdx.checks import run_verify
+    from kvmtdx.checks import CheckResult, run_verify, select
     from kvmtdx.report import verify as render
 
+    specs = select(args.check, args.group)
+    if args.list_checks:
+        write(args, render.render_check_list(specs, args.format), f"{len(specs)} checks listed")
+        return ExitCode.PASS
     backend = open_session(args)
     tty = sys.stderr.isatty()
-    report = run_verify(backend.seam, backend_label=backend.label,
-                        given=given_from(args, backend), progress=_progress() if tty else None)
-    if tty:
-        sys.stderr.write("\r\033[K")
+    only = [s.id for s in specs] if args.check or args.group else None
+    done: list[CheckResult] = []
+    try:
+        report = run_verify(backend.seam, backend_label=backend.label, only=only,
+                            given=given_from(args, backend),
+                            progress=_progress() if tty else None, record=done)
+    except KeyboardInterrupt as e:
+        _end_progress(tty)
+        if args.format == "ktap":  # a KTAP runner must see the run was cut short
+            why = interruption(e)
+            write(args, render.interrupted_ktap(done, len(specs), backend.label, why),
+                  f"{why.upper()} after {len(done)} of {len(specs)} checks")
+        raise
+    _end_progress(tty)
     if report.skip_reason is not None:
         reason = f"{report.skip_reason}; {SIM_HINT}"
         report = replace(report, skip_reason=reason)
-        if args.format != "text" or args.output:
+        if args.format != "text" and not args.output:
             say("skip", reason)
-    write(args, render.render(report, args.format))
+    write(args, render.render(report, args.format), render.verdict_line(report))
+    if args.save_failures:
+        _save_failures(args.save_failures, render.failure_requests(report))
     return render.exit_code(report)
+
+
+def _end_progress(tty: bool) -> None:
+    if tty:
+        sys.stderr.write("\r\033[K")
+
+
+def _save_failures(path: str, requests: dict[str, str]) -> None:
+    import os
+
+    os.makedirs(path, exist_ok=True)
+    for check_id, text in requests.items():
+        save(text, os.path.join(path, f"{check_id}.json"), "--save-failures")
 
 
 def _progress() -> Callable[[int, int, int], None]:

@@ -9,11 +9,13 @@ simulated host reads them to behave; each interprets them on its own.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from kvmtdx import jsonfile
 from kvmtdx.errors import DataError
-from kvmtdx.model.profiles import bundled_json, load_json, parse_int
+from kvmtdx.jsonfile import objects, parse_int
+from kvmtdx.model.profiles import bundled_json
 from kvmtdx.model.rules import (
     ANY,
     FULL,
@@ -42,6 +44,9 @@ class Allowlist:
     allowed: dict[tuple[int, int, str], int]
     passthrough: frozenset[tuple[int, int, str]]  # sub-leaf / register may be ANY
     names: dict[tuple[int, int, str, int], str]
+    # Bits nobody tried (a probe cut short, or targeted): not allowed here, yet not known to
+    # be blocked either.  Kept so that whoever loads the table can see it.
+    untried: dict[tuple[int, int, str], int] = field(default_factory=dict)
 
     def is_passthrough(self, leaf: int, index: int, register: str) -> bool:
         return key_matches(self.passthrough, leaf, index, register)
@@ -62,68 +67,103 @@ def _sub(value: Any, where: str) -> int:
     return 0 if n == 0xFFFFFFFF else n
 
 
+_ALLOWLIST_FIELDS = ("name", "provenance", "allowed", "passthrough", "untried")
+_ALLOWED_FIELDS = ("leaf", "subleaf", "register", "bits", "mask")
+_PASSTHROUGH_FIELDS = ("leaf", "subleaf", "register")
+ALLOWLIST_KIND = "allowlist"  # the kind `probe --emit-allowlist` writes
+
+
+def _register(e: dict[str, Any], w: str, default: str | None = None) -> str:
+    reg = e.get("register", default)
+    if reg not in REGISTERS and not (default == "*" and reg == "*"):
+        either = "'*' or one of " if default == "*" else "one of "
+        raise DataError(f"{w}.register: must be {either}{', '.join(REGISTERS)}")
+    return str(reg)
+
+
+def _bits(e: dict[str, Any], w: str, key: tuple[int, int, str],
+          names: dict[tuple[int, int, str, int], str]) -> int:
+    """The mask an `allowed` entry gives: bits by number (with names) or a mask."""
+    bits = e.get("bits")
+    mask = 0
+    if isinstance(bits, dict):
+        for b, nm in bits.items():
+            bit = parse_int(b, f"{w}.bits key", 5)
+            if not isinstance(nm, str):
+                raise DataError(f"{w}.bits.{b}: expected a name (a string), got "
+                                f"{jsonfile.type_name(nm)}")
+            mask |= 1 << bit
+            names[(key[0], key[1], key[2], bit)] = nm
+    elif isinstance(bits, list):
+        for j, b in enumerate(bits):
+            mask |= 1 << parse_int(b, f"{w}.bits[{j}]", 5)
+    elif "mask" in e and bits is None:
+        mask = parse_int(e["mask"], f"{w}.mask", 32)
+    else:
+        raise DataError(f"{w}: needs 'bits' (object or list of bit numbers) or 'mask'")
+    return mask
+
+
+def _passthrough(data: dict[str, Any], origin: str) -> frozenset[tuple[int, int, str]]:
+    # Without a list of its own, an allowlist passes the value registers kvmtdx knows.
+    if "passthrough" not in data:
+        return frozenset(VALUE_REGISTERS)
+    out: set[tuple[int, int, str]] = set()
+    for w, e in objects(data["passthrough"], jsonfile.sub(origin, "passthrough")):
+        jsonfile.check_fields(e, w, _PASSTHROUGH_FIELDS)
+        out.add((parse_int(e.get("leaf"), f"{w}.leaf", 32), _sub(e.get("subleaf"), f"{w}.subleaf"),
+                 _register(e, w, "*")))
+    return frozenset(out)
+
+
 def allowlist_from_json(data: Any, origin: str) -> Allowlist:
-    if not isinstance(data, dict):
-        raise DataError(f"{origin}: an allowlist must be a JSON object")
+    jsonfile.document(data, origin, "an allowlist", _ALLOWLIST_FIELDS, kind=ALLOWLIST_KIND)
     allowed: dict[tuple[int, int, str], int] = {}
     names: dict[tuple[int, int, str, int], str] = {}
-    entries = data.get("allowed")
-    if not isinstance(entries, list):
+    if "allowed" not in data:
         raise DataError(f"{origin}: field 'allowed' must be a list")
-    for i, e in enumerate(entries):
-        w = f"{origin}: allowed[{i}]"
-        if not isinstance(e, dict):
-            raise DataError(f"{w}: must be an object")
-        leaf = parse_int(e.get("leaf"), f"{w}.leaf", 32)
-        sub = _sub(e.get("subleaf"), f"{w}.subleaf")
+    for w, e in objects(data["allowed"], jsonfile.sub(origin, "allowed")):
+        jsonfile.check_fields(e, w, _ALLOWED_FIELDS)
+        key = (parse_int(e.get("leaf"), f"{w}.leaf", 32), _sub(e.get("subleaf"), f"{w}.subleaf"),
+               _register(e, w))
+        allowed[key] = allowed.get(key, 0) | _bits(e, w, key, names)
+    return Allowlist(
+        name=jsonfile.text(data, "name", origin, origin),
+        provenance=jsonfile.text(data, "provenance", origin, f"loaded from {origin}"),
+        allowed=allowed,
+        passthrough=_passthrough(data, origin),
+        names=names,
+        untried=_untried(data.get("untried", []), origin),
+    )
+
+
+def _untried(value: Any, origin: str) -> dict[tuple[int, int, str], int]:
+    if not isinstance(value, list):
+        raise DataError(f"{origin}: field 'untried' must be a list")
+    out: dict[tuple[int, int, str], int] = {}
+    for i, e in enumerate(value):
+        w = f"{origin}: untried[{i}]"
+        if not isinstance(e, dict) or not isinstance(e.get("bits"), (dict, list)):
+            raise DataError(f"{w}: must be an object with 'bits'")
         reg = e.get("register")
         if reg not in REGISTERS:
             raise DataError(f"{w}.register: must be one of {', '.join(REGISTERS)}")
-        bits = e.get("bits")
-        mask = 0
-        if isinstance(bits, dict):
-            for b, nm in bits.items():
-                bit = parse_int(b, f"{w}.bits key", 5)
-                mask |= 1 << bit
-                names[(leaf, sub, str(reg), bit)] = str(nm)
-        elif isinstance(bits, list):
-            for j, b in enumerate(bits):
-                mask |= 1 << parse_int(b, f"{w}.bits[{j}]", 5)
-        elif "mask" in e:
-            mask = parse_int(e["mask"], f"{w}.mask", 32)
-        else:
-            raise DataError(f"{w}: needs 'bits' (object or list of bit numbers) or 'mask'")
-        key = (leaf, sub, str(reg))
-        allowed[key] = allowed.get(key, 0) | mask
-    # Without a list of its own, an allowlist passes the value registers kvmtdx knows.
-    passthrough = set() if "passthrough" in data else set(VALUE_REGISTERS)
-    pt = data.get("passthrough", [])
-    if not isinstance(pt, list):
-        raise DataError(f"{origin}: field 'passthrough' must be a list")
-    for i, e in enumerate(pt):
-        w = f"{origin}: passthrough[{i}]"
-        if not isinstance(e, dict):
-            raise DataError(f"{w}: must be an object")
-        reg = e.get("register", "*")
-        if reg != "*" and reg not in REGISTERS:
-            raise DataError(f"{w}.register: must be '*' or one of {', '.join(REGISTERS)}")
-        passthrough.add(
-            (parse_int(e.get("leaf"), f"{w}.leaf", 32), _sub(e.get("subleaf"), f"{w}.subleaf"),
-             str(reg))
-        )
-    name = data.get("name", origin)
-    return Allowlist(
-        name=str(name),
-        provenance=str(data.get("provenance", f"loaded from {origin}")),
-        allowed=allowed,
-        passthrough=frozenset(passthrough),
-        names=names,
-    )
+        key = (parse_int(e.get("leaf"), f"{w}.leaf", 32), _sub(e.get("subleaf"), f"{w}.subleaf"),
+               str(reg))
+        for j, b in enumerate(e["bits"]):
+            out[key] = out.get(key, 0) | 1 << parse_int(b, f"{w}.bits[{j}]", 5)
+    return out
 
 
 def allowlist_to_json(a: Allowlist) -> dict[str, Any]:
     def sub(s: int) -> Any:
         return "*" if s == ANY else s
+
+    def named(table: dict[tuple[int, int, str], int]) -> list[dict[str, Any]]:
+        return [{"leaf": f"0x{leaf:x}", "subleaf": sub(s), "register": r,
+                 "bits": {str(b): a.names.get((leaf, s, r, b), f"bit{b}")
+                          for b in range(32) if m >> b & 1}}
+                for (leaf, s, r), m in sorted(table.items())]
 
     return {
         "schema": 1,
@@ -133,18 +173,8 @@ def allowlist_to_json(a: Allowlist) -> dict[str, Any]:
             {"leaf": f"0x{leaf:x}", "subleaf": sub(s), "register": r}
             for leaf, s, r in sorted(a.passthrough)
         ],
-        "allowed": [
-            {
-                "leaf": f"0x{leaf:x}",
-                "subleaf": sub(s),
-                "register": r,
-                "bits": {
-                    str(b): a.names.get((leaf, s, r, b), f"bit{b}")
-                    for b in range(32) if m >> b & 1
-                },
-            }
-            for (leaf, s, r), m in sorted(a.allowed.items())
-        ],
+        "allowed": named(a.allowed),
+        "untried": named(a.untried),
     }
 
 
@@ -155,7 +185,7 @@ def bundled_allowlist() -> Allowlist:
 
 
 def load_allowlist(path: str) -> Allowlist:
-    return allowlist_from_json(load_json(path), path)
+    return allowlist_from_json(jsonfile.load(path), path)
 
 
 @dataclass(frozen=True, slots=True)

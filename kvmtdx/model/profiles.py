@@ -17,29 +17,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from kvmtdx import jsonfile
 from kvmtdx.errors import DataError
-from kvmtdx.structs import NO_SUBLEAF, REGISTERS
+from kvmtdx.jsonfile import flag, hex64, objects, parse_int, sub, text
+from kvmtdx.structs import KVM_MAX_CPUID_ENTRIES, NO_SUBLEAF, REGISTERS
 
 Regs = tuple[int, int, int, int]
 ZERO_REGS: Regs = (0, 0, 0, 0)
-
-
-def parse_int(value: Any, where: str, bits: int = 64) -> int:
-    """An integer written as a JSON number or a string ("0x1f", "31")."""
-    if isinstance(value, bool):
-        raise DataError(f"{where}: expected an integer, got {value!r}")
-    if isinstance(value, int):
-        n = value
-    elif isinstance(value, str):
-        try:
-            n = int(value.strip(), 0)
-        except ValueError:
-            raise DataError(f"{where}: not an integer: {value!r}") from None
-    else:
-        raise DataError(f"{where}: expected an integer, got {type(value).__name__}")
-    if n < 0 or n >> bits:
-        raise DataError(f"{where}: {value!r} does not fit in {bits} bits")
-    return n
 
 
 def parse_regs(value: Any, where: str) -> Regs:
@@ -47,20 +31,6 @@ def parse_regs(value: Any, where: str) -> Regs:
         raise DataError(f"{where}: expected a list of 4 registers [eax, ebx, ecx, edx]")
     a, b, c, d = (parse_int(v, f"{where}[{i}]", 32) for i, v in enumerate(value))
     return (a, b, c, d)
-
-
-def load_json(path: str | Path) -> Any:
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as e:
-        raise DataError(f"{p}: cannot read: {e.strerror}") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(
-            f"{p}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
-        ) from None
 
 
 def bundled_json(name: str) -> Any:
@@ -203,64 +173,72 @@ def _subleaf(value: Any, where: str) -> int | None:
     return None if n == NO_SUBLEAF else n
 
 
-def profile_from_json(data: Any, origin: str) -> ModuleProfile:
-    if not isinstance(data, dict):
-        raise DataError(f"{origin}: a module profile must be a JSON object")
-    name = data.get("name")
-    if not isinstance(name, str) or not name:
-        raise DataError(f"{origin}: field 'name' must be a non-empty string")
-    rows_in = data.get("rows")
-    if not isinstance(rows_in, list) or not rows_in:
-        raise DataError(f"{origin}: field 'rows' must be a non-empty list")
+_PROFILE_FIELDS = ("name", "source", "rows", "attributes_fixed0", "attributes_fixed1",
+                   "xfam_fixed0", "xfam_fixed1", "xfam_gates")
+_ROW_FIELDS = ("leaf", "subleaf", "config_direct", "allow_direct", "unknown")
+_GATE_FIELDS = ("xfam", "leaf", "subleaf", "register", "mask", "why")
+PROFILE_KIND = "module-profile"  # the kind `caps --save-module` writes
+
+
+def _rows(value: Any, where: str) -> tuple[tuple[CpuidRow, ...], tuple[Regs, ...]]:
+    """The CPUID_CONFIG rows, and per row the bits whose configurability is unknown."""
     rows: list[CpuidRow] = []
     unknown: list[Regs] = []
-    for i, r in enumerate(rows_in):
-        w = f"{origin}: rows[{i}]"
-        if not isinstance(r, dict):
-            raise DataError(f"{w}: must be an object")
+    for w, r in objects(value, where):
+        jsonfile.check_fields(r, w, _ROW_FIELDS)
         for key in ("leaf", "config_direct", "allow_direct"):
             if key not in r:
                 raise DataError(f"{w}: missing field '{key}'")
-        rows.append(
-            CpuidRow(
-                leaf=parse_int(r["leaf"], f"{w}.leaf", 32),
-                subleaf=_subleaf(r.get("subleaf"), f"{w}.subleaf"),
-                config_direct=parse_regs(r["config_direct"], f"{w}.config_direct"),
-                allow_direct=parse_regs(r["allow_direct"], f"{w}.allow_direct"),
-            )
-        )
+        rows.append(CpuidRow(leaf=parse_int(r["leaf"], f"{w}.leaf", 32),
+                             subleaf=_subleaf(r.get("subleaf"), f"{w}.subleaf"),
+                             config_direct=parse_regs(r["config_direct"], f"{w}.config_direct"),
+                             allow_direct=parse_regs(r["allow_direct"], f"{w}.allow_direct")))
         unknown.append(parse_regs(r.get("unknown", [0, 0, 0, 0]), f"{w}.unknown"))
+    if not rows:
+        raise DataError(f"{where}: must list at least one row")
+    # KVM_TDX_CAPABILITIES and INIT_VM carry at most this many entries: a profile with
+    # more could only ever end in E2BIG, which would read as the kernel's failure.
+    if len(rows) > KVM_MAX_CPUID_ENTRIES:
+        raise DataError(f"{where}: {len(rows)} rows; KVM takes at most {KVM_MAX_CPUID_ENTRIES} "
+                        "CPUID entries (KVM_MAX_CPUID_ENTRIES)")
+    return tuple(rows), tuple(unknown)
+
+
+def _gates(value: Any, where: str) -> tuple[XfamGate, ...]:
     gates: list[XfamGate] = []
-    for i, g in enumerate(data.get("xfam_gates", [])):
-        w = f"{origin}: xfam_gates[{i}]"
-        if not isinstance(g, dict):
-            raise DataError(f"{w}: must be an object")
+    for w, g in objects(value, where):
+        jsonfile.check_fields(g, w, _GATE_FIELDS)
         reg = g.get("register")
         if reg not in REGISTERS:
             raise DataError(f"{w}.register: must be one of {', '.join(REGISTERS)}")
-        gates.append(
-            XfamGate(
-                xfam=parse_int(g.get("xfam"), f"{w}.xfam"),
-                leaf=parse_int(g.get("leaf"), f"{w}.leaf", 32),
-                subleaf=_subleaf(g.get("subleaf"), f"{w}.subleaf"),
-                register=str(reg),
-                mask=parse_int(g.get("mask"), f"{w}.mask", 32),
-                why=str(g.get("why", "")),
-            )
-        )
+        gates.append(XfamGate(xfam=parse_int(g.get("xfam"), f"{w}.xfam"),
+                              leaf=parse_int(g.get("leaf"), f"{w}.leaf", 32),
+                              subleaf=_subleaf(g.get("subleaf"), f"{w}.subleaf"),
+                              register=str(reg), mask=parse_int(g.get("mask"), f"{w}.mask", 32),
+                              why=text(g, "why", w, "")))
+    return tuple(gates)
+
+
+def profile_from_json(data: Any, origin: str) -> ModuleProfile:
+    jsonfile.document(data, origin, "a module profile", _PROFILE_FIELDS, kind=PROFILE_KIND)
+    name = text(data, "name", origin)
+    if not name:
+        raise DataError(f"{origin}: field 'name' must be a non-empty string")
+    rows, unknown = _rows(data.get("rows"), sub(origin, "rows"))
+
+    def word(key: str, default: int | str) -> int:
+        return parse_int(data.get(key, default), sub(origin, key))
+
     return ModuleProfile(
         name=name,
-        source=str(data.get("source", origin)),
-        rows=tuple(rows),
-        attributes_fixed0=parse_int(data.get("attributes_fixed0", "0xffffffffffffffff"),
-                                    f"{origin}: attributes_fixed0"),
-        attributes_fixed1=parse_int(data.get("attributes_fixed1", 0),
-                                    f"{origin}: attributes_fixed1"),
-        xfam_fixed0=parse_int(data.get("xfam_fixed0", "0xffffffffffffffff"),
-                              f"{origin}: xfam_fixed0"),
-        xfam_fixed1=parse_int(data.get("xfam_fixed1", 0), f"{origin}: xfam_fixed1"),
-        xfam_gates=tuple(gates),
-        unknown=tuple(unknown) if any(any(u) for u in unknown) else (),
+        source=text(data, "source", origin, origin),
+        rows=rows,
+        attributes_fixed0=word("attributes_fixed0", "0xffffffffffffffff"),
+        attributes_fixed1=word("attributes_fixed1", 0),
+        xfam_fixed0=word("xfam_fixed0", "0xffffffffffffffff"),
+        xfam_fixed1=word("xfam_fixed1", 0),
+        xfam_gates=_gates(data.get("xfam_gates", []), sub(origin, "xfam_gates")),
+        unknown=unknown if any(any(u) for u in unknown) else (),
     )
 
 
@@ -282,12 +260,12 @@ def profile_to_json(p: ModuleProfile) -> dict[str, Any]:
     return {
         "name": p.name,
         "source": p.source,
-        "attributes_fixed0": hx(p.attributes_fixed0),
-        "attributes_fixed1": hx(p.attributes_fixed1),
-        "xfam_fixed0": hx(p.xfam_fixed0),
-        "xfam_fixed1": hx(p.xfam_fixed1),
+        "attributes_fixed0": hex64(p.attributes_fixed0),
+        "attributes_fixed1": hex64(p.attributes_fixed1),
+        "xfam_fixed0": hex64(p.xfam_fixed0),
+        "xfam_fixed1": hex64(p.xfam_fixed1),
         "xfam_gates": [
-            {"xfam": hx(g.xfam), "leaf": hx(g.leaf), "subleaf": g.subleaf,
+            {"xfam": hex64(g.xfam), "leaf": hx(g.leaf), "subleaf": g.subleaf,
              "register": g.register, "mask": hx(g.mask), "why": g.why}
             for g in p.xfam_gates
         ],
@@ -317,40 +295,36 @@ def load_profile(name_or_file: str) -> ModuleProfile:
     if name_or_file in bundled:
         return bundled[name_or_file]
     if name_or_file.endswith(".json") or Path(name_or_file).exists():
-        return profile_from_json(load_json(name_or_file), name_or_file)
+        return profile_from_json(jsonfile.load(name_or_file), name_or_file)
     raise DataError(
         f"unknown TDX module {name_or_file!r}: use one of {', '.join(bundled)} or a JSON file"
     )
 
 
-def host_from_json(data: Any, origin: str) -> Host:
-    if not isinstance(data, dict):
-        raise DataError(f"{origin}: a host must be a JSON object")
+_HOST_FIELDS = ("name", "cpuid", "xfam_supported", "ept_5level", "tsx_ctrl")
+_HOST_ENTRY_FIELDS = ("leaf", "function", "subleaf", "index", *REGISTERS)
+
+
+def _native(value: Any, where: str) -> dict[tuple[int, int | None], Regs]:
     native: dict[tuple[int, int | None], Regs] = {}
-    cpuid = data.get("cpuid", [])
-    if not isinstance(cpuid, list):
-        raise DataError(f"{origin}: field 'cpuid' must be a list")
-    for i, e in enumerate(cpuid):
-        w = f"{origin}: cpuid[{i}]"
-        if not isinstance(e, dict):
-            raise DataError(f"{w}: must be an object")
+    for w, e in objects(value, where):
+        jsonfile.check_fields(e, w, _HOST_ENTRY_FIELDS)
         leaf = parse_int(e.get("leaf", e.get("function")), f"{w}.leaf", 32)
-        sub = _subleaf(e.get("subleaf", e.get("index")), f"{w}.subleaf")
-        native[(leaf, sub)] = (
-            parse_int(e.get("eax", 0), f"{w}.eax", 32),
-            parse_int(e.get("ebx", 0), f"{w}.ebx", 32),
-            parse_int(e.get("ecx", 0), f"{w}.ecx", 32),
-            parse_int(e.get("edx", 0), f"{w}.edx", 32),
-        )
-    for key in ("ept_5level", "tsx_ctrl"):
-        if not isinstance(data.get(key, False), bool):
-            raise DataError(f"{origin}: field '{key}' must be true or false")
+        subleaf = _subleaf(e.get("subleaf", e.get("index")), f"{w}.subleaf")
+        a, b, c, d = (parse_int(e.get(r, 0), f"{w}.{r}", 32) for r in REGISTERS)
+        native[(leaf, subleaf)] = (a, b, c, d)
+    return native
+
+
+def host_from_json(data: Any, origin: str) -> Host:
+    jsonfile.document(data, origin, "a host", _HOST_FIELDS)
     return Host(
-        name=str(data.get("name", origin)),
-        native=native,
-        xfam_supported=parse_int(data.get("xfam_supported", "0x2e7"), f"{origin}: xfam_supported"),
-        ept_5level=bool(data.get("ept_5level", False)),
-        tsx_ctrl=bool(data.get("tsx_ctrl", False)),
+        name=text(data, "name", origin, origin),
+        native=_native(data.get("cpuid", []), sub(origin, "cpuid")),
+        xfam_supported=parse_int(data.get("xfam_supported", "0x2e7"),
+                                 sub(origin, "xfam_supported")),
+        ept_5level=flag(data, "ept_5level", origin),
+        tsx_ctrl=flag(data, "tsx_ctrl", origin),
     )
 
 
@@ -358,7 +332,7 @@ def host_to_json(h: Host, leaves: tuple[tuple[int, int | None], ...] = ()) -> di
     keys = sorted(h.native, key=lambda k: (k[0], -1 if k[1] is None else k[1])) or list(leaves)
     return {
         "name": h.name,
-        "xfam_supported": f"0x{h.xfam_supported:x}",
+        "xfam_supported": hex64(h.xfam_supported),
         "ept_5level": h.ept_5level,
         "tsx_ctrl": h.tsx_ctrl,
         "cpuid": [
@@ -372,4 +346,4 @@ def host_to_json(h: Host, leaves: tuple[tuple[int, int | None], ...] = ()) -> di
 def load_host(name_or_file: str) -> Host:
     if name_or_file == "max":
         return MAX_HOST
-    return host_from_json(load_json(name_or_file), name_or_file)
+    return host_from_json(jsonfile.load(name_or_file), name_or_file)

@@ -20,7 +20,7 @@ from typing import Any
 
 from kvmtdx import __version__
 from kvmtdx.errors import DataError
-from kvmtdx.model.profiles import load_json
+from kvmtdx.jsonfile import load as load_json
 from kvmtdx.report import to_json
 
 SCHEMA = 1
@@ -31,7 +31,9 @@ class ReportKind(str, Enum):
     CAPS = "caps"
     PREDICT = "predict"
     INIT_VM = "init-vm"
+    REQUEST = "request"  # a KVM_TDX_INIT_VM request (verify --save-failures)
     VERIFY = "verify"
+    CHECK_LIST = "check-list"  # verify --list-checks
     PROBE = "probe"
     DIFF = "diff"
     POLICY_DIFF = "policy-diff"

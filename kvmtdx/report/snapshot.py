@@ -13,7 +13,7 @@ from typing import Any
 
 from kvmtdx.diff import Key, Snapshot
 from kvmtdx.errors import DataError
-from kvmtdx.model.profiles import parse_int
+from kvmtdx.jsonfile import parse_int
 from kvmtdx.report.schema import ReportKind, expect, read_report
 from kvmtdx.structs import REGISTERS
 
@@ -65,7 +65,7 @@ def _caps_header(doc: dict[str, Any], where: str, snap: Snapshot) -> None:
 
 
 def _probe(doc: dict[str, Any], origin: str) -> Snapshot:
-    snap = Snapshot(origin, ReportKind.PROBE.value)
+    snap = Snapshot(origin, ReportKind.PROBE.value, verdict=_verdict(doc, origin))
     for w, b in _objects(doc.get("bits"), f"{origin}: bits"):
         key = _bit_key(b, w)
         cls = b.get("class")
@@ -81,17 +81,29 @@ def _probe(doc: dict[str, Any], origin: str) -> Snapshot:
 
 def _verify(doc: dict[str, Any], origin: str) -> Snapshot:
     """A bit's "class" in a verify report: every check that names it, with its status."""
-    snap = Snapshot(origin, ReportKind.VERIFY.value)
+    checks: dict[str, str] = {}
+    snap = Snapshot(origin, ReportKind.VERIFY.value, checks=checks,
+                    verdict=_verdict(doc, origin))
     verdicts: dict[Key, list[str]] = {}
     for w, c in _objects(doc.get("checks"), f"{origin}: checks"):
         cid, status = c.get("id"), c.get("status")
         if not isinstance(cid, str) or not isinstance(status, str):
             raise DataError(f"{w}: expected string fields 'id' and 'status'")
+        if cid in checks:
+            raise DataError(f"{w}.id: check {cid!r} appears twice")
+        checks[cid] = status
         for wb, b in _objects(c.get("bits", []), f"{w}.bits"):
             verdicts.setdefault(_bit_key(b, wb), []).append(f"{cid}={status}")
     for key, v in verdicts.items():
         snap.classes[key] = ", ".join(sorted(set(v)))
     return snap
+
+
+def _verdict(doc: dict[str, Any], origin: str) -> str | None:
+    v = doc.get("verdict")
+    if v is not None and not isinstance(v, str):
+        raise DataError(f"{origin}: verdict: expected a string")
+    return v
 
 
 def _caps(doc: dict[str, Any], origin: str) -> Snapshot:
