@@ -26,6 +26,7 @@ from helpers import KtapError, assert_golden, parse_ktap, run_cli
 
 from kvmtdx import checks
 from kvmtdx.device import tdx_status
+from kvmtdx.identity import identify
 from kvmtdx.knowledge import given
 from kvmtdx.model.policy import get_policy
 from kvmtdx.model.profiles import MAX_HOST, load_profile
@@ -148,8 +149,10 @@ def test_ktap_marks_the_bypass_not_ok_and_skips_with_a_reason(
 
 def test_json_has_the_envelope_then_the_documented_schema_1_fields(
         upstream_report: checks.VerifyReport) -> None:
-    data = json.loads(render.render_json(upstream_report))
-    assert list(data)[:4] == [*ENVELOPE, "kvmtdx"]
+    backend = simulated_backend(load_profile("1.5.01"), MAX_HOST, get_policy("upstream"))
+    data = json.loads(render.render_json(upstream_report,
+                                         identify(backend, upstream_report.knowledge)))
+    assert list(data)[:5] == [*ENVELOPE, "host_identity", "kvmtdx"]
     assert (data["schema"], data["kind"]) == (1, "verify")
     assert data["tool_version"] == data["kvmtdx"]
     for key in ("verdict", "backend", "policy", "policy_reason", "module", "allowlist",

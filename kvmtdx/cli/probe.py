@@ -11,12 +11,14 @@ from kvmtdx.cli.common import (
     Command,
     backend_options,
     given_from,
+    identity_of,
     model_options,
     open_session,
     output_file,
     output_options,
     save,
     write,
+    write_also,
 )
 from kvmtdx.errors import DataError, ExitCode, ProbeError
 
@@ -53,7 +55,7 @@ def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--emit-allowlist", metavar="FILE", type=output_file("--emit-allowlist"),
                    help="write the effective allowlist the probe found, loadable with "
                         "--allowlist (bits it never tried are listed apart, under 'untried')")
-    output_options(p, ("text", "json", "ktap", "junit"))
+    output_options(p, ("text", "json", "ktap", "junit"), also=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -84,10 +86,16 @@ def run(args: argparse.Namespace) -> int:
             n = sum(bin(m).count("1") for m in untried.values())
             result.notes.append(f"{args.emit_allowlist}: {n} bits never tried are listed under "
                                 "'untried', not in 'allowed' (no evidence KVM blocks them)")
-    renderers = {"text": render.render_text, "json": render.render_json,
-                 "ktap": cases.render_ktap, "junit": cases.render_junit}
+    identity = identity_of(backend, result.knowledge)
+    renderers = {"text": render.render_text, "ktap": cases.render_ktap,
+                 "junit": cases.render_junit}
+
+    def rendered(fmt: str) -> str:
+        return render.render_json(result, identity) if fmt == "json" \
+            else renderers[fmt](result)
     # The report first: a side file that cannot be written must not take it along.
-    write(args, renderers[args.format](result), _verdict(result, code))
+    write(args, rendered(args.format), _verdict(result, code))
+    write_also(args, rendered)
     if args.emit_allowlist:
         save(render.allowlist_text(result, datetime.date.today().isoformat()),
              args.emit_allowlist, "--emit-allowlist")

@@ -12,6 +12,7 @@ from kvmtdx.cli.common import (
     Command,
     backend_options,
     given_from,
+    identity_of,
     interruption,
     model_options,
     open_session,
@@ -20,6 +21,7 @@ from kvmtdx.cli.common import (
     save,
     say,
     write,
+    write_also,
 )
 from kvmtdx.errors import ExitCode
 
@@ -27,7 +29,7 @@ from kvmtdx.errors import ExitCode
 def arguments(p: argparse.ArgumentParser) -> None:
     backend_options(p, judges_host=True)
     model_options(p, "auto", auto=True, **JUDGED_BY)
-    output_options(p, ("text", "json", "ktap", "junit"))
+    output_options(p, ("text", "json", "ktap", "junit"), also=True)
     g = p.add_argument_group("which checks")
     g.add_argument("--list-checks", action="store_true",
                    help="list the checks (id, group, description) and exit; with --check or "
@@ -72,7 +74,9 @@ def run(args: argparse.Namespace) -> int:
         report = replace(report, skip_reason=reason)
         if args.format != "text" and not args.output:
             say("skip", reason)
-    write(args, render.render(report, args.format), render.verdict_line(report))
+    identity = identity_of(backend, report.knowledge)
+    write(args, render.render(report, args.format, identity), render.verdict_line(report))
+    write_also(args, lambda fmt: render.render(report, fmt, identity))
     if args.save_failures:
         _save_failures(args.save_failures, render.failure_requests(report))
     return render.exit_code(report)

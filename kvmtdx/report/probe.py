@@ -6,13 +6,14 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+from kvmtdx.identity import HostIdentity
 from kvmtdx.jsonfile import hex64
 from kvmtdx.model.policy import allowlist_to_json
 from kvmtdx.model.requests import request_to_json
 from kvmtdx.outcome import Outcome
 from kvmtdx.probe import BitClass, BitResult, FieldResult, ProbeResult, effective_allowlist
 from kvmtdx.report import hx
-from kvmtdx.report.encode import capabilities_json
+from kvmtdx.report.encode import capabilities_json, host_identity_json
 from kvmtdx.report.schema import ReportKind, document
 from kvmtdx.structs import CpuidEntry
 
@@ -80,8 +81,8 @@ def result_to_json(r: ProbeResult) -> dict[str, Any]:
     }
 
 
-def render_json(r: ProbeResult) -> str:
-    return document(ReportKind.PROBE, result_to_json(r))
+def render_json(r: ProbeResult, identity: HostIdentity) -> str:
+    return document(ReportKind.PROBE, result_to_json(r), host_identity_json(identity))
 
 
 def _why(b: BitResult) -> str:

@@ -15,9 +15,10 @@ from typing import Any
 from kvmtdx import __version__, verdict
 from kvmtdx.checks import GROUPS, CheckResult, CheckSpec, Summary, VerifyReport
 from kvmtdx.errors import ExitCode
+from kvmtdx.identity import HostIdentity
 from kvmtdx.model.requests import Request, request_to_json
 from kvmtdx.report import junit, ktap
-from kvmtdx.report.encode import bitref_json
+from kvmtdx.report.encode import bitref_json, host_identity_json
 from kvmtdx.report.schema import ReportKind, document
 from kvmtdx.structs import FLAG_SIGNIFICANT_INDEX, REGISTERS, CpuidEntry
 from kvmtdx.verdict import Status
@@ -240,8 +241,8 @@ def report_to_json(report: VerifyReport) -> dict[str, Any]:
     return out
 
 
-def render_json(report: VerifyReport) -> str:
-    return document(ReportKind.VERIFY, report_to_json(report))
+def render_json(report: VerifyReport, identity: HostIdentity) -> str:
+    return document(ReportKind.VERIFY, report_to_json(report), host_identity_json(identity))
 
 
 # ---------------------------------------------------------------------------
@@ -283,9 +284,9 @@ def render_check_list(specs: Sequence[CheckSpec], fmt: str) -> str:
     return "".join(f"{s.id:<{idw}}  {s.group:<{gw}}  {s.about}\n" for s in specs)
 
 
-RENDERERS = {"text": render_text, "ktap": render_ktap, "json": render_json,
-             "junit": render_junit}
-
-
-def render(report: VerifyReport, fmt: str) -> str:
-    return RENDERERS[fmt](report)
+def render(report: VerifyReport, fmt: str, identity: HostIdentity) -> str:
+    """`report` in `fmt`; only JSON carries the host identity (text, KTAP and JUnit stay
+    byte-for-byte the same on every machine)."""
+    if fmt == "json":
+        return render_json(report, identity)
+    return {"text": render_text, "ktap": render_ktap, "junit": render_junit}[fmt](report)
