@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import pytest
 
 from kvmtdx import cli, uapi
+from kvmtdx.model.profiles import MAX_HOST, Host
 from kvmtdx.model.requests import Request, request_to_json
 from kvmtdx.structs import FLAG_SIGNIFICANT_INDEX, CpuidEntry, InitVm
 
@@ -226,3 +227,22 @@ def assert_golden(name: str, text: str) -> None:
     assert text == expected, (
         f"output differs from golden/{name}; if the change is intended, rerun with "
         "KVMTDX_REGEN_GOLDEN=1 and review the diff of the golden file")
+
+
+# ---------------------------------------------------------------------------
+# Hosts: the max host with features taken away.
+
+
+def host_without(name: str, cleared: dict[tuple[int, int | None], dict[str, int]] | None = None,
+                 **facts: Any) -> Host:
+    """MAX_HOST with the bits of `cleared` ({(leaf, sub-leaf): {register: mask}}) cleared and
+    its MSR facts (tsx_ctrl, ept_5level, kvm_xfam ...) replaced: a realistic host that
+    lacks a feature, still one every bundled module initialises on."""
+    native = dict(MAX_HOST.native)
+    for key, regs in (cleared or {}).items():
+        values = list(MAX_HOST.cpuid(*key))
+        for register, mask in regs.items():
+            i = ("eax", "ebx", "ecx", "edx").index(register)
+            values[i] &= ~mask
+        native[key] = (values[0], values[1], values[2], values[3])
+    return replace(MAX_HOST, name=name, native=native, **facts)

@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from helpers import host_without
 
 from kvmtdx.explain.diagnose import Diagnosis, diagnose
 from kvmtdx.explain.reasons import CHECK_REASONS, Category, reason_of
@@ -201,8 +202,7 @@ def test_an_accepted_request_reports_what_the_host_lacks_as_silently_dropped() -
     row = MODULE.rows[MODULE.row_index(7, 0) or 0]
     allow_only = row.allow_direct[2] & ~row.config_direct[2] & ~(1 << 5)  # not WAITPKG
     bit = (allow_only & -allow_only).bit_length() - 1
-    host = replace(MAX_HOST, name="lacking", all_ones=False,
-                   native={(7, 0): (0, 0, 0, 0), (1, None): (0x806F8, 0, 0, 0)})
+    host = host_without("lacking", {(7, 0): {"ecx": 1 << bit}})
     d = diagnose(MODULE, host, OPEN, request(leaf7(ecx=1 << bit)))
     assert d.final.kind == Kind.ACCEPTED and not d.faults
     assert [(s.bit.bit, "lacks" in s.why) for s in d.silent] == [(bit, True)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import errno
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from kvmtdx.kernelsrc import KernelSourceError, bundled_patches, open_backend
 from kvmtdx.kernelsrc.extract import TDX_C
 from kvmtdx.model import mirror
 from kvmtdx.model.policy import bundled_allowlist, get_policy
-from kvmtdx.model.profiles import BUNDLED_MODULES, MAX_HOST, Host, profile_from_json
+from kvmtdx.model.profiles import BUNDLED_MODULES, MAX_HOST, profile_from_json
 from kvmtdx.model.requests import Request
 from kvmtdx.model.rules import ANY, VALUE_REGISTERS
 from kvmtdx.structs import FLAG_SIGNIFICANT_INDEX, CpuidEntry, InitVm
@@ -113,8 +114,7 @@ def test_the_warn_a_request_can_reach_is_seen(tree: Path) -> None:
 
     (The simulated host answers the first call alike but keeps the VM usable: a later valid
     INIT_VM is ACCEPTED there.  A finding about the sim, spec section 4 step 10.)"""
-    host = Host(name="no-tsx-ctrl", native={}, xfam_supported=0x2E7, all_ones=True,
-                fms=0x806F8, tsx_ctrl=False)
+    host = replace(MAX_HOST, name="no-tsx-ctrl", tsx_ctrl=False)
     b = backend(tree, host=host)
     base = mirror.full_request(b.module, host, get_policy("upstream")).init_vm
     smuggled = InitVm(attributes=base.attributes, xfam=base.xfam, entries=(

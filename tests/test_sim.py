@@ -7,6 +7,7 @@ import errno
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -99,7 +100,7 @@ def test_supported_cpuid_grows_and_e2big_leaves_the_buffer_alone(sim: SimulatedH
 
 def test_a_partial_host_lists_its_own_leaves(no_fd_leak: object) -> None:
     host = Host(name="h", native={(1, None): (0x906EA, 0, 1, 2), (7, 0): (0, 5, 6, 7)},
-                xfam_supported=0x2E7)
+                kvm_xfam=0x2E7)
     with Kvm(make(host=host)) as kvm:
         got = kvm.supported_cpuid()
     assert got == (CpuidEntry(function=1, eax=0x906EA, ecx=1, edx=2),
@@ -184,7 +185,7 @@ def test_capabilities_errors_leave_the_buffer_alone(policy: str, no_fd_leak: obj
 
 
 def test_no_tdx_xfam_means_eio(no_fd_leak: object) -> None:
-    s = make(host=Host(name="no-x87", xfam_supported=0x2E6))
+    s = make(host=replace(MAX_HOST, name="no-x87", kvm_xfam=0x2E6))
     with Kvm(s) as kvm, kvm.create_td() as td:
         assert td.capabilities_raw(28).errno == errno.EIO
 

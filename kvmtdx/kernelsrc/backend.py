@@ -133,6 +133,12 @@ class KernelSourceHost:
         return self._stats()[2]
 
     @property
+    def kernel_warnings(self) -> int:
+        """WARN splats so far, under the name every backend that counts them uses (the
+        simulated host too): verify's init_vm_no_kernel_warn and init-vm read it."""
+        return self.warnings
+
+    @property
     def open_fds(self) -> tuple[int, ...]:
         return tuple(sorted(self._files))
 

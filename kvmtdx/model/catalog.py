@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-from kvmtdx.model.profiles import bundled_json, parse_int
+from kvmtdx.model.values import bundled_json, parse_int
 from kvmtdx.structs import NO_SUBLEAF, REGISTERS
 
 DATA_FILE = "feature-names.json"

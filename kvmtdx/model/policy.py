@@ -13,7 +13,6 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from kvmtdx.errors import DataError
-from kvmtdx.model.profiles import bundled_json, load_json, parse_int
 from kvmtdx.model.rules import (
     ANY,
     FULL,
@@ -24,6 +23,7 @@ from kvmtdx.model.rules import (
     Denylist,
     key_matches,
 )
+from kvmtdx.model.values import bundled_json, load_json, parse_int
 from kvmtdx.structs import REGISTERS
 
 
@@ -180,6 +180,10 @@ class Policy:
     # principle, both): what KVM hides and refuses beyond the module's own rules.
     denylist: Denylist | None
     allowlist: Allowlist | None
+    # A TDH.MNG.INIT status other than TDX_OPERAND_INVALID: -EIO and a WARN_ON_ONCE splat
+    # on every kernel; from the TDX_BUG_ON conversion (read in Linux 7.3) KVM also marks
+    # the VM bugged, so every later ioctl on it fails.  Linux 6.16 does not.
+    module_error_bugs_vm: bool = True
 
     @property
     def allowlist_name(self) -> str | None:
@@ -205,7 +209,7 @@ POLICIES: tuple[Policy, ...] = (
         name="upstream-6.16", kernels="Linux 6.16",
         description="HLE/RTM/WAITPKG denylist; capabilities echo the caller's header",
         caps_echoes_caller=True, caps_writes_cmd_back=True, user_tdvmcallinfo_1_r11=0x3,
-        denylist=TSX_WAITPKG_DENYLIST, allowlist=None,
+        denylist=TSX_WAITPKG_DENYLIST, allowlist=None, module_error_bugs_vm=False,
     ),
     Policy(
         name="upstream", kernels="Linux 6.19 to 7.3",

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvmtdx.errors import DataError
-from kvmtdx.model.profiles import load_json, parse_int
+from kvmtdx.model.values import load_json, parse_int
 from kvmtdx.structs import REGISTERS, CpuidEntry, InitVm
 
 

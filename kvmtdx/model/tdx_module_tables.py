@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from importlib import resources
 from typing import Any
 
@@ -235,6 +236,27 @@ def tables_from_json(data: Any, origin: str) -> ModuleTables:
             xfam_masks=masks, variant=variant_for(str(data["version"])))
     except (KeyError, TypeError, AttributeError) as e:
         raise TablesError(f"{origin}: malformed module table ({e!r})") from None
+
+
+def with_configurable(tables: ModuleTables, rows: Sequence[ConfigRow]) -> ModuleTables:
+    """`tables` with its CPUID_CONFIG rows replaced by `rows` (a module build whose masks
+    differ from the public source's, read off a kernel).  Each row must be a leaf the module
+    virtualises (a cpuid_lookup[] entry); its lookup_index is taken from there."""
+    index = {e.key: e.index for e in tables.lookup}
+    out: list[ConfigRow] = []
+    config_index: dict[int, int] = {}
+    for i, r in enumerate(rows):
+        at = index.get(r.key)
+        sub = "" if r.subleaf is None else f".{r.subleaf}"
+        if at is None:
+            raise TablesError(f"row {i} (leaf 0x{r.leaf:x}{sub}) is not a leaf module "
+                              f"{tables.name} virtualises")
+        if at in config_index:
+            raise TablesError(f"row {i} (leaf 0x{r.leaf:x}{sub}) is listed twice")
+        config_index[at] = i
+        out.append(replace(r, lookup_index=at))
+    entries = tuple(replace(e, config_index=config_index.get(e.index)) for e in tables.lookup)
+    return replace(tables, configurable=tuple(out), lookup=entries)
 
 
 def load_tables(name: str) -> ModuleTables:

@@ -1,8 +1,10 @@
 """What a probe request is made of: the listed rows, units of bits that go in together,
 value fields at valid values, and which hidden bits are worth a TD.
 
-A unit respects the module's couplings (rules.MODULE_COUPLINGS, the module
-profile's XFAM gates), so a coupling never passes for a kernel bug.
+A unit respects the module's couplings (rules.MODULE_COUPLINGS: HLE with RTM), so a
+coupling never passes for a kernel bug.  Bits the module clears rather than refuses
+(a feature whose XSAVE state the TD's XFAM lacks, PKS set from ATTRIBUTES.PKS) need
+no unit of their own: a request carrying them is accepted.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from kvmtdx.errors import ProbeError
 from kvmtdx.knowledge import Knowledge
 from kvmtdx.model import catalog, rules
 from kvmtdx.model.policy import Policy
-from kvmtdx.model.profiles import BUNDLED_MODULES, Host, ModuleProfile, XfamGate, load_profile
+from kvmtdx.model.profiles import BUNDLED_MODULES, Host, ModuleProfile, load_profile
 from kvmtdx.probe.result import BitKey
 from kvmtdx.structs import FLAG_SIGNIFICANT_INDEX, REGISTERS, Capabilities, CpuidEntry, InitVm
 
@@ -134,32 +136,19 @@ class Layout:
         return rules.coupling_of(*self.key(row, register, bit))
 
     def unit(self, row: int, register: str, bit: int) -> Unit:
-        c = self.coupling(row, register, bit)
-        # 0 when the coupling is not to an attribute, or KVM does not offer it
-        attrs = self.caps.supported_attrs & c.attribute if c is not None else 0
-        return Unit(((row, register, 1 << bit),), attrs)
+        return Unit(((row, register, 1 << bit),))
 
     def partner(self, row: int, register: str, bit: int) -> Unit | None:
         """The bits the module wants equal to this one, as a unit (None: no such coupling)."""
         c = self.coupling(row, register, bit)
-        if c is None or c.attribute:
+        if c is None:
             return None
         return Unit(((row, register, c.mask & ~(1 << bit)),))
 
-    def coupling_unmet(self, row: int, register: str, bit: int,
-                       gates: tuple[XfamGate, ...]) -> str | None:
+    def coupling_unmet(self, row: int, register: str, bit: int) -> str | None:
         """A module coupling that no request within the capabilities can meet for this bit."""
-        leaf, index, _, _ = self.key(row, register, bit)
         c = self.coupling(row, register, bit)
-        if c is not None and c.attribute and not self.caps.supported_attrs & c.attribute:
-            return f"module coupling: {c.why}, which KVM does not offer"
-        xfam = self.caps.supported_xfam
-        for g in gates:
-            if (g.leaf, g.subleaf or 0, g.register) == (leaf, index, register) \
-                    and g.mask >> bit & 1 and xfam & g.xfam != g.xfam:
-                return (f"module coupling: needs XFAM 0x{g.xfam:x}, which KVM does not offer "
-                        f"({g.why})")
-        if c is not None and not c.attribute:
+        if c is not None:
             partners = c.mask & ~(1 << bit)
             if self.reported(row, register) & partners != partners:
                 return f"module coupling: {c.why}, and the other is not reported"

@@ -56,7 +56,7 @@ class TdxModule:
         self.leaf7 = profile.row_index(7, 0)
         self.gates = tuple(
             (g.xfam, profile.row_index(g.leaf, g.subleaf), REGISTERS.index(g.register), g.mask)
-            for g in profile.xfam_gates
+            for g in getattr(profile, "xfam_gates", ())
         )
         self.fms = host.native_fms()
 
