@@ -15,6 +15,7 @@ from helpers import host_without
 from kvmtdx.explain.diagnose import Diagnosis, diagnose
 from kvmtdx.explain.reasons import CHECK_REASONS, Category, reason_of
 from kvmtdx.model import mirror
+from kvmtdx.model.mirror_module import MODULE_CHECKS
 from kvmtdx.model.policy import Policy, get_policy
 from kvmtdx.model.profiles import MAX_HOST, Host, load_profile
 from kvmtdx.model.requests import Request
@@ -189,7 +190,7 @@ def _mirror_check_names() -> set[str]:
         args += [k.value for k in node.keywords if k.arg == "check"]
         names |= {a.value for a in args
                   if isinstance(a, ast.Constant) and isinstance(a.value, str)}
-    return names | {c.check for c in MODULE_COUPLINGS}
+    return names | {c.check for c in MODULE_COUPLINGS} | MODULE_CHECKS
 
 
 def test_every_check_the_mirror_names_has_a_reason_row() -> None:

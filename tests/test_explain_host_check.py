@@ -40,6 +40,11 @@ def test_simulated_upstream_host_names_what_kvm_hides_and_what_the_module_keeps(
     assert not listed & {"fpu", "sse2", "avx", "avx2", "movdir64b", "core-capability"}
     assert h.wanted == h.available + len(h.missing)
     assert h.policy == "upstream" and h.module == "2.0" and h.host == "max"
+    # The max host has exactly the XSAVE state a module allows; one whose KVM also has MPX
+    # and APX state gets them named as XFAM bits the module does not offer.
+    assert h.xfam_missing == ()
+    more = replace(MAX_HOST, name="max+mpx+apx", kvm_xfam=MAX_HOST.xfam_supported | 0x18 | 1 << 19)
+    h = host_check.run(simulated_backend(MODULE, more, get_policy("upstream")))
     assert {name for _, name, _ in h.xfam_missing} >= {"MPX_BNDREGS", "APX"}
 
 

@@ -334,11 +334,10 @@ def test_module_attributes_and_xfam() -> None:
                           MAX_HOST, get_policy("upstream"), req)
     assert (out.kind, out.hw_error, out.check) == (
         Kind.MODULE_REJECTED, 0xC000010000000040, "module_attributes")
-    # check_xfam names the operand, not a bit.
     out = predict_init_vm(custom(prof, xfam_fixed1=0x3, xfam_fixed0=0x1), MAX_HOST,
                           get_policy("upstream"), replace(req, xfam=0))
     assert (out.kind, out.hw_error, out.check, out.bit) == (
-        Kind.MODULE_REJECTED, 0xC000010000000041, "module_xfam", None)
+        Kind.MODULE_REJECTED, 0xC000010000000041, "module_xfam", 1)
 
 
 def test_module_pks_is_overwritten_not_refused() -> None:

@@ -24,7 +24,7 @@ from kvmtdx.model import tdx_status as st
 from kvmtdx.model.memo import per_pair
 from kvmtdx.model.policy import Policy
 from kvmtdx.model.profiles import Host, ModuleProfile
-from kvmtdx.model.rules import is_value_register, lowest_bit
+from kvmtdx.model.rules import lowest_bit
 from kvmtdx.model.tdx_host import row_natives
 from kvmtdx.model.tdx_module import Change, MngInitResult, TdParams, kvm73_td_params, mng_init
 from kvmtdx.model.tdx_module_tables import ModuleTables, Regs
@@ -58,6 +58,7 @@ RULE_CHECKS: dict[str, str] = {
     "td_immutable_state_cross_check": "module_immutable_state",
 }
 MODULE_CHECKS: frozenset[str] = frozenset(RULE_CHECKS.values())
+VALUE_CHECKS = frozenset({"module_fms", "module_fms_config", "module_topology"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,16 +140,37 @@ def td_params(module: ModuleProfile, host: Host, attributes: int, xfam: int,
                            guest_pa_bits=gpaw, tsc_khz=tsc_khz, max_vcpus=max_vcpus)
 
 
-def outcome_of(result: MngInitResult, policy: Policy) -> tuple[Outcome, bool, bool]:
+def xfam_culprit(tables: ModuleTables, host: Host, xfam: int) -> int | None:
+    """The XFAM bit check_xfam objects to (the status names only the operand): one the
+    platform lacks, else a present bit of a group that must be all or none (AVX-512 and
+    its AVX, CET, AMX), dropping which is a step towards a valid XFAM."""
+    allowed = tables.xfam_fixed0 & (host.xcr0_supported(tables) | host.xss_supported(tables))
+    bad = xfam & ~allowed | tables.xfam_fixed1 & ~xfam
+    if not bad and xfam >> 5 & 1 and not xfam >> 2 & 1:
+        bad = 1 << 5
+    for group in (0b111 << 5, 0b11 << 11, 0b11 << 17):
+        if not bad and xfam & group not in (0, group):
+            bad = xfam & group
+    return lowest_bit(bad) if bad else None
+
+
+def _bit_of(result: MngInitResult, module: ModuleProfile, host: Host,
+            params: TdParams) -> int | None:
+    if result.rule == "check_xfam":
+        return xfam_culprit(module.tables, host, params.xfam)
+    # A value (F/M/S, the 0x1F topology) is refused as a whole: no bit to name.
+    named = result.mask and RULE_CHECKS.get(result.rule) not in VALUE_CHECKS
+    return lowest_bit(result.mask) if named else None
+
+
+def outcome_of(result: MngInitResult, module: ModuleProfile, host: Host, policy: Policy,
+               params: TdParams) -> tuple[Outcome, bool, bool]:
     """(the Outcome, KVM WARNs, the VM is bugged) for a TDH.MNG.INIT result."""
     kvm = st.kvm73_outcome(result.status)
     if result.accepted:
         return Outcome.classify(0, 0, check=ACCEPTED), False, False
-    # A value register (F/M/S, the 0x1F topology) is refused as a whole: no bit to name.
-    named = result.mask and result.leaf is not None and result.register is not None \
-        and not is_value_register(result.leaf, result.subleaf, result.register)
     where = dict(leaf=result.leaf, subleaf=result.subleaf, register=result.register,
-                 bit=lowest_bit(result.mask) if named else None)
+                 bit=_bit_of(result, module, host, params))
     check = RULE_CHECKS.get(result.rule, f"module_{result.rule}")
     out = Outcome.classify(-kvm.errno, kvm.hw_error, check=check, decider=Decider.MODULE,
                            **where)
@@ -162,7 +184,7 @@ def module_prediction(module: ModuleProfile, host: Host, policy: Policy, params:
         result = mng_init(module.tables, host, params)
     else:
         result = decide(module.tables, host, params)
-    outcome, warns, bugged = outcome_of(result, policy)
+    outcome, warns, bugged = outcome_of(result, module, host, policy, params)
     return InitVmPrediction(outcome, result.status, result.rule, result.source, result.rcx,
                             warns, bugged, result.cpuid, result.faulting, result.changes,
                             params)

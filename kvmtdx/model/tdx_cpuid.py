@@ -129,8 +129,8 @@ def configured_row(td: Td, pos: int, e: LookupEntry) -> Refusal | None:
         v = (v & ~row.config_direct[i]) | (cfg[i] & row.config_direct[i])
         lacking = cfg[i] & row.allow_direct[i] & ~v
         if lacking and td.log:
-            td.events.append(Event(pos, i, lacking, False,
-                                   "allow_direct: the CPU's native bit is 0"))
+            td.events.append(Event(pos, i, lacking, False, "allow_direct and the host lacks "
+                                   "it: the CPU's native bit is 0"))
         out[i] = v & (cfg[i] | ~row.allow_direct[i])
     td.values[pos] = (out[0], out[1], out[2], out[3])
     return None

@@ -240,23 +240,27 @@ def tables_from_json(data: Any, origin: str) -> ModuleTables:
 
 def with_configurable(tables: ModuleTables, rows: Sequence[ConfigRow]) -> ModuleTables:
     """`tables` with its CPUID_CONFIG rows replaced by `rows` (a module build whose masks
-    differ from the public source's, read off a kernel).  Each row must be a leaf the module
-    virtualises (a cpuid_lookup[] entry); its lookup_index is taken from there."""
+    differ from the public source's, read off a kernel).  A row's lookup_index is the
+    cpuid_lookup[] entry of its leaf; a leaf the base does not virtualise (a later build's
+    row) becomes a new entry after the base's, with no fixed bits: its value is what the
+    VMM configures within the row's masks."""
     index = {e.key: e.index for e in tables.lookup}
+    extra: list[LookupEntry] = []
     out: list[ConfigRow] = []
     config_index: dict[int, int] = {}
     for i, r in enumerate(rows):
         at = index.get(r.key)
-        sub = "" if r.subleaf is None else f".{r.subleaf}"
         if at is None:
-            raise TablesError(f"row {i} (leaf 0x{r.leaf:x}{sub}) is not a leaf module "
-                              f"{tables.name} virtualises")
-        if at in config_index:
+            at = len(tables.lookup) + len(extra)
+            extra.append(LookupEntry(at, r.leaf, r.subleaf, False, i, ZERO, ZERO, ZERO, ZERO))
+            index[r.key] = at
+        elif at in config_index:
+            sub = "" if r.subleaf is None else f".{r.subleaf}"
             raise TablesError(f"row {i} (leaf 0x{r.leaf:x}{sub}) is listed twice")
         config_index[at] = i
         out.append(replace(r, lookup_index=at))
     entries = tuple(replace(e, config_index=config_index.get(e.index)) for e in tables.lookup)
-    return replace(tables, configurable=tuple(out), lookup=entries)
+    return replace(tables, configurable=tuple(out), lookup=(*entries, *extra))
 
 
 def load_tables(name: str) -> ModuleTables:

@@ -59,10 +59,10 @@ def render_json(module: ModuleProfile, host: Host, policy: Policy, caps: CapsPre
     note = kernel_note(module)
     doc: dict[str, Any] = {
         "module": module.name,
-        "module_version": module.version,
         "policy": policy.name,
         "allowlist": allowlist_ref_json(policy),
         "host": host.name,
+        "module_version": module.version,
         "notes": [note] if note else [],
         "capabilities": capabilities_json(caps.caps) if caps.caps else None,
     }
