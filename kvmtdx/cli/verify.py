@@ -22,6 +22,10 @@ from kvmtdx.cli.common import (
 def arguments(p: argparse.ArgumentParser) -> None:
     backend_options(p)
     model_options(p, "auto", auto=True)
+    p.add_argument("--allow-kernel-warn", action="store_true",
+                   help="on a real kernel, let init_vm_no_kernel_warn provoke the kernel WARN it "
+                        "looks for (this taints the kernel; never done with "
+                        "kernel.panic_on_warn=1); simulated backends always run it")
     output_options(p, ("text", "json", "ktap", "junit"))
 
 
@@ -34,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
     backend = open_session(args)
     tty = sys.stderr.isatty()
     report = run_verify(backend.seam, backend_label=backend.label,
-                        given=given_from(args, backend), progress=_progress() if tty else None)
+                        given=given_from(args, backend), progress=_progress() if tty else None,
+                        allow_kernel_warn=args.allow_kernel_warn)
     if tty:
         sys.stderr.write("\r\033[K")
     if report.skip_reason is not None:
