@@ -58,6 +58,11 @@ class KvmError(KvmtdxError):
         return ExitCode.SKIP if self.skip else ExitCode.FAIL
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread as SIGINT raises KeyboardInterrupt, so every
+    handle's context manager runs on the way out (exit 143)."""
+
+
 class ProbeError(KvmtdxError):
     """A probe could not go on (TDX key IDs exhausted by another holder, ...)."""
 
@@ -66,6 +71,8 @@ def exit_code_of(error: BaseException) -> ExitCode:
     """The exit code for an error that reached the command line."""
     if isinstance(error, KvmtdxError):
         return error.code
+    if isinstance(error, Terminated):
+        return ExitCode.TERMINATED
     if isinstance(error, KeyboardInterrupt):
         return ExitCode.INTERRUPTED
     return ExitCode.FAIL

@@ -72,14 +72,22 @@ def load_plugin(target: str) -> Seam:
     mod_name, sep, attr = target.partition(":")
     if not sep or not mod_name or not attr:
         raise DataError(f"--backend {target!r}: expected package.module:factory")
+    # A plug-in is someone else's code: whatever it raises is a bad --backend, in one line.
     try:
         mod = importlib.import_module(mod_name)
     except ImportError as e:
         raise DataError(f"--backend {target!r}: cannot import {mod_name}: {e}") from None
+    except Exception as e:
+        raise DataError(f"--backend {target!r}: cannot import {mod_name}: "
+                        f"{type(e).__name__}: {e}") from None
     factory = getattr(mod, attr, None)
     if not callable(factory):
         raise DataError(f"--backend {target!r}: {mod_name} has no callable {attr!r}")
-    seam = factory()
+    try:
+        seam = factory()
+    except Exception as e:
+        raise DataError(f"--backend {target!r}: {attr}() failed: {type(e).__name__}: {e}"
+                        ) from None
     if not isinstance(seam, Seam):
         raise DataError(
             f"--backend {target!r}: the factory must return an object with "
@@ -103,14 +111,18 @@ def open_backend(
                              ("--kernel-source", kernel_source)) if v is not None]
     if len(chosen) > 1:
         raise DataError(f"{' and '.join(chosen)} exclude each other")
+    for option, value in (("--simulate", simulate), ("--backend", backend),
+                          ("--kernel-source", kernel_source)):
+        if value is not None and not value.strip():
+            raise DataError(f"{option} is empty: leave it out to use the real {DEFAULT_KVM_PATH}")
     if patches and kernel_source is None:
         raise DataError("--patch needs --kernel-source (it patches a kernel tree)")
     if kernel_source is not None:
         return kernel_source_backend(kernel_source, patches, load_profile(module or "2.0"),
                                      host if host is not None else MAX_HOST, key_ids=key_ids)
-    if backend:
+    if backend is not None:
         return Backend(seam=load_plugin(backend), label=f"backend {backend}")
-    if simulate:
+    if simulate is not None:
         spec = parse_simulate(simulate)
         return simulated_backend(load_profile(spec.module), host if host is not None else MAX_HOST,
                                  get_policy(spec.policy, allowlist), mutant=spec.mutant,

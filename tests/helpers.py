@@ -7,10 +7,13 @@ the seam factories below load the way a user's do: `--backend helpers:no_tdx`.
 
 from __future__ import annotations
 
+import atexit
 import errno
 import json
 import os
 import re
+import signal
+import sys
 from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
@@ -38,8 +41,12 @@ class CliRun(NamedTuple):
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> CliRun:
-    """`kvmtdx ARGV` through cli.main: exit code, stdout and stderr."""
-    rc = cli.main(list(argv))
+    """`kvmtdx ARGV` through cli.main: exit code, stdout and stderr (a usage error, which
+    argparse raises as SystemExit, gives its code)."""
+    try:
+        rc = cli.main(list(argv))
+    except SystemExit as e:
+        rc = e.code if isinstance(e.code, int) else 1
     out, err = capsys.readouterr()
     return CliRun(rc, out, err)
 
@@ -112,6 +119,49 @@ def old_api() -> OldApiKvm:
     return OldApiKvm()
 
 
+class SignalMidway:
+    """The simulated host (module 2.0, upstream) that sends this process `signum` at its
+    `at`-th ioctl, as a user's Ctrl-C or a runner's timeout would.  At exit it says on
+    stderr how many of its fds are still open (the handles must have closed them)."""
+
+    def __init__(self, signum: int, at: int = 300) -> None:
+        from kvmtdx.model.policy import get_policy
+        from kvmtdx.model.profiles import MAX_HOST, load_profile
+        from kvmtdx.sim import SimulatedHost
+
+        self.sim = SimulatedHost(load_profile("2.0"), MAX_HOST, get_policy("upstream"))
+        self.signum, self.at, self.calls = signum, at, 0
+        atexit.register(self.report)
+
+    def open(self, path: str, flags: int) -> int:
+        return self.sim.open(path, flags)
+
+    def close(self, fd: int) -> None:
+        self.sim.close(fd)
+
+    def ioctl(self, fd: int, request: int, arg: int) -> int:
+        self.calls += 1
+        if self.calls == self.at:
+            os.kill(os.getpid(), self.signum)
+        return self.sim.ioctl(fd, request, arg)
+
+    def report(self) -> None:
+        sys.stderr.write(f"simulated fds open at exit: {len(self.sim.open_fds)}\n")
+
+
+def sigint_midway() -> SignalMidway:
+    return SignalMidway(signal.SIGINT)
+
+
+def sigterm_midway() -> SignalMidway:
+    return SignalMidway(signal.SIGTERM)
+
+
+def must_not_run() -> AbsentKvm:
+    """For runs that must stop before they open a backend (a bad option, a bad path)."""
+    raise AssertionError("the backend was opened: the run went ahead")
+
+
 # ---------------------------------------------------------------------------
 # The lookup trap of spec section 4: the denylist bypass of Linux 6.16 to 7.3.
 
@@ -178,7 +228,8 @@ def _ktap_result(line: str, i: int, expected_num: int) -> dict[str, Any]:
 
 
 def parse_ktap(text: str) -> dict[str, Any]:
-    """Version line, one plan before any result, results numbered 1..N, count = plan."""
+    """Version line, one plan before any result, results numbered 1..N, count = plan, unless
+    a `Bail out!` line (the run was cut short) ends the results; its reason is "bail_out"."""
     if not text.endswith("\n"):
         raise KtapError("output does not end with a newline")
     lines = text.split("\n")[:-1]
@@ -187,8 +238,14 @@ def parse_ktap(text: str) -> dict[str, Any]:
     plan: int | None = None
     plan_skip: str | None = None
     results: list[dict[str, Any]] = []
+    bail_out: str | None = None
     for i, line in enumerate(lines[1:], 2):
         if line == "#" or line.startswith("# "):
+            continue
+        if bail_out is not None:
+            raise KtapError(f"line {i}: a result after 'Bail out!'")
+        if line.startswith("Bail out!"):
+            bail_out = line.removeprefix("Bail out!").strip()
             continue
         m = _PLAN.fullmatch(line)
         if m is None:
@@ -203,9 +260,9 @@ def parse_ktap(text: str) -> dict[str, Any]:
             raise KtapError(f"line {i}: a SKIP plan must be 1..0")
     if plan is None:
         raise KtapError("no plan")
-    if len(results) != plan:
+    if len(results) != plan and (bail_out is None or len(results) > plan):
         raise KtapError(f"plan says {plan}, {len(results)} results")
-    return {"plan": plan, "plan_skip": plan_skip, "results": results}
+    return {"plan": plan, "plan_skip": plan_skip, "results": results, "bail_out": bail_out}
 
 
 # ---------------------------------------------------------------------------
@@ -246,3 +303,20 @@ def host_without(name: str, cleared: dict[tuple[int, int | None], dict[str, int]
             values[i] &= ~mask
         native[key] = (values[0], values[1], values[2], values[3])
     return replace(MAX_HOST, name=name, native=native, **facts)
+
+
+# The leaves TDH.SYS.INIT of every bundled module needs from a CPU (its CPUID checks), with
+# the max host's values: the smallest host file a module initialises on.
+SYS_INIT_LEAVES: tuple[tuple[int, int | None], ...] = (
+    (0, None), (1, None), (4, 0), (4, 1), (4, 2), (4, 3), (7, 0), (7, 2), (0xA, None),
+    (0xD, 0), (0xD, 1), (0x14, 0), (0x15, None), (0x1C, None), (0x1F, 0), (0x1F, 1),
+    (0x80000000, None), (0x80000001, None), (0x80000006, None), (0x80000007, None),
+    (0x80000008, None))
+
+
+def small_host_json(name: str = "h") -> dict[str, Any]:
+    """A host file in the user layout (eax..edx) with only SYS_INIT_LEAVES."""
+    entries = [{"leaf": leaf, "subleaf": sub,
+                **dict(zip(("eax", "ebx", "ecx", "edx"), MAX_HOST.cpuid(leaf, sub), strict=True))}
+               for leaf, sub in SYS_INIT_LEAVES]
+    return {"name": name, "ept_5level": True, "tsx_ctrl": False, "cpuid": entries}

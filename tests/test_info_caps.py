@@ -100,13 +100,13 @@ def test_caps_simulated_json(capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, err = run(capsys, "caps", "--simulate", "2.0:rfc-v2", "--format", "json")
     assert rc == 0, err
     doc = json.loads(out)
-    assert doc["supported_attrs"] == 1 << 28
+    assert doc["supported_attrs"] == "0x0000000010000000"
     assert doc["names"]["supported_attrs"] == ["SEPT_VE_DISABLE"]
     assert "AMX_XTILEDATA" in doc["names"]["supported_xfam"]
-    assert doc["user_tdvmcallinfo_1_r11"] == 2
+    assert doc["user_tdvmcallinfo_1_r11"] == "0x0000000000000002"
     for key in ("kernel_tdvmcallinfo_1_r11", "kernel_tdvmcallinfo_1_r12",
                 "user_tdvmcallinfo_1_r12"):
-        assert doc[key] == 0
+        assert doc[key] == "0x0000000000000000"
     assert len(doc["cpuid"]) == doc["nent"] == 28
     for e, names in zip(doc["cpuid"], doc["names"]["cpuid"], strict=True):
         assert set(e) == {"function", "index", "flags", "eax", "ebx", "ecx", "edx"}

@@ -53,7 +53,8 @@ def test_predict_json_gives_capabilities_by_uapi_field_names(
     assert (doc["module"], doc["policy"], doc["allowlist"]) == ("1.5.01", "upstream", None)
     caps = doc["capabilities"]
     assert set(caps) == CAPS_KEYS
-    assert caps["supported_attrs"] == 1 << 28 and caps["user_tdvmcallinfo_1_r11"] == 2
+    assert caps["supported_attrs"] == "0x0000000010000000"
+    assert caps["user_tdvmcallinfo_1_r11"] == "0x0000000000000002"
     assert len(caps["cpuid"]) == 12
     assert set(caps["cpuid"][0]) == {"function", "index", "flags", "eax", "ebx", "ecx", "edx"}
     gpaw = [e for e in caps["cpuid"] if e["function"] == 0x80000008]
@@ -73,7 +74,8 @@ def test_predict_bypass_accepted_upstream_refused_by_rfc_v2(
         answers[policy] = doc["init_vm"]
     assert answers["upstream"]["outcome"] == answers["upstream-6.16"]["outcome"] == "ACCEPTED"
     assert answers["upstream"]["errno"] is None
-    assert answers["rfc-v2"] == {"outcome": "KVM_REJECTED", "errno": "EINVAL", "hw_error": 0,
+    assert answers["rfc-v2"] == {"outcome": "KVM_REJECTED", "errno": "EINVAL",
+                                 "hw_error": "0x0000000000000000",
                                  "check": "allowlist", "leaf": 7, "subleaf": 0,
                                  "register": "ecx", "bit": 5, "module": None}
     code, out, _ = run_cli(capsys, "predict", "--module", "2.0", "--policy", "rfc-v2",
@@ -95,7 +97,7 @@ def test_predict_names_the_module_refusal_and_its_status(
                            "--format", "json")
     got = json.loads(out)["init_vm"]
     assert code == 0 and got["outcome"] == "MODULE_REJECTED"
-    assert got["hw_error"] == 0xC000010000000045 and got["check"] == "module_cpuid_config"
+    assert got["hw_error"] == "0xc000010000000045" and got["check"] == "module_cpuid_config"
 
 
 def test_a_user_allowlist_replaces_the_bundled_one_and_is_named(

@@ -19,7 +19,7 @@ MODEL_MODULES = sorted(
     f"kvmtdx.model.{m.name}" for m in pkgutil.iter_modules(kvmtdx.model.__path__)
 )
 FOUNDATION = ("kvmtdx.structs", "kvmtdx.layout", "kvmtdx.status", "kvmtdx.outcome",
-              "kvmtdx.errors", "kvmtdx.verdict")
+              "kvmtdx.errors", "kvmtdx.verdict", "kvmtdx.jsonfile")
 # What a pure module must not bring in, directly or through another import.
 IMPURE = ("cffi", "_cffi_backend", "psutil", "kvmtdx.uapi", "kvmtdx.device", "kvmtdx.sim",
           "kvmtdx.native", "kvmtdx.hostinfo", "kvmtdx.session", "ctypes", "subprocess",

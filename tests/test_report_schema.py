@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,7 @@ from kvmtdx import __version__
 from kvmtdx.model import mirror
 from kvmtdx.model.policy import get_policy
 from kvmtdx.model.profiles import MAX_HOST, load_profile
+from kvmtdx.model.requests import Request
 from kvmtdx.report.schema import ENVELOPE, SCHEMA, ReportKind, envelope
 
 
@@ -74,3 +78,52 @@ def test_the_envelope_replaces_fields_of_the_same_name_in_the_body() -> None:
     doc = envelope(ReportKind.ALLOWLIST, {"schema": 0, "kind": "x", "name": "n"})
     assert doc == {"schema": SCHEMA, "kind": "allowlist", "tool_version": __version__,
                    "name": "n"}
+
+
+# 64-bit words: jq 1.6 (and any reader that parses JSON numbers as doubles) rounds integers
+# past 2**53, so every report writes them as "0x" strings of 16 hex digits.
+SIXTY_FOUR_BIT = frozenset({
+    "hw_error", "attributes", "xfam", "supported_attrs", "supported_xfam",
+    "kernel_tdvmcallinfo_1_r11", "user_tdvmcallinfo_1_r11",
+    "kernel_tdvmcallinfo_1_r12", "user_tdvmcallinfo_1_r12",
+    "attributes_fixed0", "attributes_fixed1", "xfam_fixed0", "xfam_fixed1", "xfam_supported",
+})
+HEX64 = re.compile(r"0x[0-9a-f]{16}")
+
+
+def _words(node: Any, path: str = "") -> Iterator[tuple[str, str, Any]]:
+    """(path, key, value) of every field in a JSON document."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield path, k, v
+            yield from _words(v, f"{path}.{k}")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _words(v, f"{path}[{i}]")
+
+
+def _module_refusal() -> Request:
+    """A full request with a family/model/stepping the module does not take (leaf 1 EAX)."""
+    full = mirror.full_request(load_profile("2.0"), MAX_HOST, get_policy("upstream"))
+    entries = tuple(e.with_reg("eax", 0x12345) if (e.function, e.index) == (1, 0) else e
+                    for e in full.init_vm.entries)
+    return replace(full, init_vm=replace(full.init_vm, entries=entries))
+
+
+def test_every_64_bit_value_in_every_report_is_a_hex_string(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    docs = _reports(capsys, tmp_path)
+    refused = run_cli(capsys, "init-vm", "--simulate", "2.0:upstream", "--request",
+                      write_request(tmp_path, _module_refusal(), "stray.json"))
+    docs["init-vm refused"] = refused.json()
+    assert docs["init-vm refused"]["hw_error"] == "0xc000010000000045"
+    seen = set()
+    for kind, doc in docs.items():
+        for path, key, value in _words(doc):
+            assert not (isinstance(value, int) and value >= 2**53), (kind, path, key, value)
+            if key in SIXTY_FOUR_BIT and not isinstance(value, list):  # "names" lists names
+                seen.add(key)
+                assert isinstance(value, str) and HEX64.fullmatch(value), (kind, path, key,
+                                                                          value)
+    assert {"hw_error", "supported_attrs", "supported_xfam", "user_tdvmcallinfo_1_r11",
+            "attributes_fixed0", "xfam_fixed1"} <= seen

@@ -10,16 +10,17 @@ two readings of the contract is wrong.
 
 from __future__ import annotations
 
+import errno
 import functools
 from dataclasses import replace
 
-from helpers import with_bypass
+from helpers import bypass, with_bypass
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvmtdx import layout
 from kvmtdx.device import Kvm
-from kvmtdx.model import mirror
+from kvmtdx.model import builders, lifecycle, mirror
 from kvmtdx.model.policy import Policy, get_policy
 from kvmtdx.model.profiles import BUNDLED_MODULES, MAX_HOST, Host, ModuleProfile, load_profile
 from kvmtdx.model.requests import Request
@@ -84,7 +85,11 @@ OPS = st.lists(st.sampled_from([
     "module_row", "flag", "index", "function",
     "drop", "dup", "trap", "swap", "bypass", "attributes", "xfam", "gpaw", "fms",
     "reserved", "padding", "entry_padding", "mr", "flags", "hw_error",
+    "reverse", "flag_bits", "steer", "steer", "realistic", "measure",
 ]), max_size=4)
+# Request shapes the verify suite's accepting checks send (kvmtdx.model.builders).
+SHAPE_OPS = frozenset({"reverse", "flag_bits", "steer", "realistic", "measure"})
+FLAG_BITS = st.sampled_from([2, 4, 6, 0x80000000])
 ENTRY_OPS = frozenset({"flip", "module_bit", "deny", "module_row", "flag", "index", "function",
                        "drop", "dup", "swap", "entry_padding"})
 REG = st.sampled_from(REGISTERS)
@@ -99,7 +104,7 @@ ATTRIBUTES = st.one_of(st.sampled_from([0, 1 << 28, 1 << 30, 1 << 28 | 1 << 30, 
 BIT64 = st.integers(0, 63)
 GPAW = st.sampled_from([48, 52, 0, 39, 57, 0xFF])
 LIE = st.sampled_from([None] * 8 + ["down", "up", "huge"])
-HUGE = st.sampled_from([257, 1000, 0xFFFFFFFF])
+HUGE = st.sampled_from([257, 1000, 0x80000000, 0xFFFFFFFF])
 NONZERO64 = st.integers(1, 2**64 - 1)
 NONZERO32 = st.integers(1, 0xFFFFFFFF)
 
@@ -188,6 +193,10 @@ def requests(draw: st.DrawFn, module: str, host: str, policy: str) -> tuple[Requ
             entries[i] = replace(entries[i], padding=(draw(u32), 0, 0))
         elif op == "mr":
             iv = replace(iv, mrowner=(draw(u64),) * 6)
+        elif op in SHAPE_OPS:
+            iv = replace(iv, entries=tuple(entries))
+            iv = _shaped(draw, op, module, host, policy, iv)
+            entries = list(iv.entries)
         elif op == "flags":
             flags = draw(NONZERO32)
         elif op == "hw_error":
@@ -205,6 +214,33 @@ def requests(draw: st.DrawFn, module: str, host: str, policy: str) -> tuple[Requ
         # The kernel reads nent entries; the mirror models the room as zeroed.
         data += bytes((iv.nent - len(entries)) * layout.SIZEOF_CPUID_ENTRY2)
     return Request(init_vm=iv, flags=flags, hw_error=hw_error), data
+
+
+def _shaped(draw: st.DrawFn, op: str, module: str, host: str, policy: str,
+            iv: InitVm) -> InitVm:
+    """`iv` in one of the shapes verify's accepting checks send, on whatever it holds now."""
+    m, h, _ = combo(module, host, policy)
+    req = Request(init_vm=iv)
+    reported = mirror.reported_entries(m, h, policy_named(policy))
+    if op == "reverse":
+        req = builders.reversed_order(req)
+    elif op == "flag_bits":
+        req = builders.with_flag_bits(req, draw(FLAG_BITS))
+    elif op == "realistic":
+        req = builders.realistic_values(req, reported, fms=h.native_fms() ^ draw(st.integers(0, 1)))
+    elif op == "measure":
+        req = builders.with_measurements(req)
+    else:
+        rows = [(leaf, i) for leaf, ix in builders.multi_row_leaves(reported).items() for i in ix]
+        if rows:
+            leaf, i = rows[draw(pick) % len(rows)]
+            e = next((x for x in iv.entries if (x.function, x.index) == (leaf, i)), None)
+            regs = list(e.regs() if e is not None else (0, 0, 0, 0))
+            r, k = draw(st.integers(0, 3)), m.row_index(leaf, i)
+            if k is not None:  # a bit the module takes, reported or not
+                regs[r] |= m.rows[k].module_allows()[r] & draw(u32)
+            req = builders.steered(req, reported, leaf, i, regs)
+    return req.init_vm
 
 
 def _answer(sim: SimulatedHost, data: bytes, req: Request, second: bool) -> Outcome:
@@ -380,3 +416,114 @@ def test_init_vm_bypass_request_is_accepted_by_both_on_upstream() -> None:
     req = Request(init_vm=iv)
     assert mirror.predict_init_vm(m, h, get_policy("upstream"), req).kind.value == "ACCEPTED"
     assert _answer(sim, layout.pack_init_vm(iv), req, False).kind.value == "ACCEPTED"
+
+
+# ---------------------------------------------------------------------------
+# Several INIT_VM calls on one TD: what each call leaves behind (kvmtdx.model.lifecycle).
+
+SEQUENCE_SETTINGS = settings(max_examples=400 // BATCH, deadline=None,
+                             suppress_health_check=[HealthCheck.too_slow,
+                                                    HealthCheck.data_too_large])
+SequenceCase = tuple[str, str, str, list[tuple[Request, bytes]]]
+
+
+@st.composite
+def sequence_cases(draw: st.DrawFn, policy: str) -> SequenceCase:
+    """One module/host and two to four requests for one TD; now and then a valid one in
+    between, so a sequence reaches an initialised TD after refusals."""
+    module, host = draw(MODULE), draw(HOST)
+    calls = []
+    for _ in range(draw(st.integers(2, 4))):
+        if draw(st.integers(0, 3)) == 0:
+            req = base_request(module, host, policy)
+            calls.append((req, layout.pack_init_vm(req.init_vm)))
+        else:
+            calls.append(draw(requests(module, host, policy)))
+    return module, host, policy, calls
+
+
+def check_sequence(case: SequenceCase) -> None:
+    module, host, policy, calls = case
+    m, h, sim = combo(module, host, policy)
+    predicted = lifecycle.predict_sequence(m, h, policy_named(policy), [r for r, _ in calls])
+    with Kvm(sim) as kvm:
+        with kvm.create_td() as fresh:
+            fresh_caps = fresh.capabilities_raw(64)
+        with kvm.create_td() as td:
+            for k, ((req, data), want) in enumerate(zip(calls, predicted.outcomes, strict=True)):
+                got = td.init_vm(data, flags=req.flags, hw_error=req.hw_error)
+                assert got.same_answer(want), (
+                    f"{module}/{host}/{policy} call {k + 1}: sim {got.describe()} but mirror "
+                    f"{want.describe()} (states {[s.value for s in predicted.states]})")
+            caps = td.capabilities_raw(64)
+    assert caps.errno == (lifecycle.caps_errno_in(predicted.final) or fresh_caps.errno)
+    if caps.errno == 0:
+        assert caps.data == fresh_caps.data
+    assert sim.live_tds == 0 and sim.free_key_ids == 4
+
+
+@SEQUENCE_SETTINGS
+@given(sequence_cases("upstream"))
+def test_init_vm_sequences_agree_upstream(case: SequenceCase) -> None:
+    check_sequence(case)
+
+
+@SEQUENCE_SETTINGS
+@given(sequence_cases("upstream-6.16"))
+def test_init_vm_sequences_agree_upstream_6_16(case: SequenceCase) -> None:
+    check_sequence(case)
+
+
+@SEQUENCE_SETTINGS
+@given(sequence_cases("rfc-v2"))
+def test_init_vm_sequences_agree_rfc_v2(case: SequenceCase) -> None:
+    check_sequence(case)
+
+
+def _tsx_bypass_then_valid(policy: str) -> tuple[lifecycle.SequencePrediction, list[int]]:
+    """On a host without TSX_CTRL, HLE+RTM smuggled past the denylist make TDH.MNG.INIT fail
+    with a status that is not an operand's (-EIO); then a valid request and capabilities."""
+    m, h, sim = combo("2.0", "partial", policy)
+    valid = base_request("2.0", "partial", policy)
+    tsx = Request(init_vm=bypass(valid.init_vm, ebx=1 << 4 | 1 << 11, ecx=0))
+    predicted = lifecycle.predict_sequence(m, h, policy_named(policy), [tsx, valid])
+    with Kvm(sim) as kvm, kvm.create_td() as td:
+        got = [td.init_vm(tsx.init_vm).errno, td.init_vm(valid.init_vm).errno,
+               td.capabilities_raw(64).errno]
+    return predicted, got
+
+
+def test_a_module_error_kills_the_vm_from_linux_6_19_on() -> None:
+    predicted, got = _tsx_bypass_then_valid("upstream")
+    assert [o.errno for o in predicted.outcomes] == got[:2] == [errno.EIO, errno.EIO]
+    assert predicted.final is lifecycle.TdState.DEAD and got[2] == errno.EIO
+
+
+def test_linux_6_16_only_warns_on_a_module_error() -> None:
+    predicted, got = _tsx_bypass_then_valid("upstream-6.16")
+    assert [o.errno for o in predicted.outcomes] == got[:2] == [errno.EIO, 0]
+    assert predicted.final is lifecycle.TdState.INITIALIZED and got[2] == 0
+
+
+def test_the_sequence_draws_reach_a_retry_after_each_kind_of_refusal() -> None:
+    """The sequences are not all refusals: a TD is initialised after KVM refused it and after
+    the module refused it, and refused once initialised."""
+    seen: set[str] = set()
+
+    @settings(max_examples=150, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(sequence_cases("upstream"))
+    def sample(case: SequenceCase) -> None:
+        module, host, policy, calls = case
+        m, h, _ = combo(module, host, policy)
+        p = lifecycle.predict_sequence(m, h, policy_named(policy), [r for r, _ in calls])
+        kinds = [o.kind.value for o in p.outcomes]
+        for k in range(1, len(kinds)):
+            if kinds[k] == "ACCEPTED":
+                seen.add(f"ACCEPTED after {kinds[k - 1]}")
+            if p.states[k - 1] is lifecycle.TdState.INITIALIZED:
+                seen.add(f"{kinds[k]} when initialised")
+
+    sample()
+    assert {"ACCEPTED after KVM_REJECTED", "ACCEPTED after MODULE_REJECTED",
+            "KVM_REJECTED when initialised"} <= seen, seen

@@ -17,9 +17,10 @@ from helpers import bypass
 
 from kvmtdx import layout
 from kvmtdx.device import Kvm
-from kvmtdx.model import mirror, rules
+from kvmtdx.model import builders, mirror, rules
 from kvmtdx.model.policy import get_policy
 from kvmtdx.model.profiles import MAX_HOST, load_profile
+from kvmtdx.model.requests import Request
 from kvmtdx.sim import MUTANTS, SimulatedHost
 from kvmtdx.structs import REGISTERS, Capabilities, CpuidEntry, InitVm
 
@@ -92,6 +93,44 @@ def garbage_header(nent: int = 28) -> bytes:
         nent=nent, cpuid_padding=0x33), nent_room=nent)
 
 
+def request(policy: str) -> Request:
+    return Request(init_vm=full(policy))
+
+
+def reported(policy: str) -> tuple[CpuidEntry, ...]:
+    return mirror.reported_entries(MODULE, MAX_HOST, get_policy(policy))
+
+
+def steered_7(policy: str, index: int, register: str = "eax", bit: int | None = None
+              ) -> InitVm:
+    """Row 7.`index` reached by an unflagged entry at an unlisted index (with `bit` added)."""
+    req = request(policy)
+    e = next(x for x in req.init_vm.entries if (x.function, x.index) == (7, index))
+    if bit is not None:
+        e = e.with_reg(register, e.reg(register) | 1 << bit)
+    return builders.steered(req, reported(policy), 7, index, e.regs()).init_vm
+
+
+def one_td(*steps: InitVm | str) -> Probe:
+    """Calls on one TD: an INIT_VM request, or "caps", "keys" (free key IDs) or "nent257"."""
+    def probe(sim: SimulatedHost) -> Observation:
+        out: list[object] = []
+        with Kvm(sim) as kvm, kvm.create_td() as td:
+            for s in steps:
+                if s == "caps":
+                    out.append(td.capabilities_raw(64).errno)
+                elif s == "keys":
+                    out.append(sim.free_key_ids)
+                elif s == "nent257":
+                    out.append(td.init_vm(replace(full("rfc-v2"), nent=257)).errno)
+                else:
+                    assert isinstance(s, InitVm)
+                    out.append(td.init_vm(s).describe())
+        return out
+
+    return probe
+
+
 @dataclass(frozen=True)
 class Witness:
     policy: str
@@ -129,6 +168,39 @@ WITNESSES: dict[str, Witness] = {
         full("upstream"), entries=(*full("upstream").entries, CpuidEntry(function=0xD))))),
     "nent_limit_off_by_one": Witness("upstream", nent_256),
     "caps_header_not_echoed": Witness("upstream-6.16", caps(fill=garbage_header())),
+    "lookup_resumes_after_flagged_match": Witness(
+        "rfc-v2", init_vm(builders.reversed_order(request("rfc-v2")).init_vm)),
+    "flags_compared_whole": Witness(
+        "rfc-v2", init_vm(builders.with_flag_bits(request("rfc-v2")).init_vm)),
+    "no_subleaf_index_checked": Witness(
+        "rfc-v2", init_vm(builders.with_ignored_indexes(request("rfc-v2")).init_vm)),
+    "steered_entry_refused": Witness("rfc-v2", init_vm(steered_7("rfc-v2", 0))),
+    "init_vm_value_registers_filtered": Witness("rfc-v2", init_vm(builders.realistic_values(
+        request("rfc-v2"), reported("rfc-v2"), fms=MAX_HOST.native_fms()).init_vm)),
+    "reserved_check_covers_mrownerconfig": Witness(
+        "upstream", init_vm(builders.with_measurements(request("upstream")).init_vm)),
+    # PERFMON (63): not supported by KVM, taken by the module.
+    "attributes_checked_32_bits": Witness(
+        "upstream", init_vm(replace(full("upstream"), attributes=1 << 63))),
+    "xfam_checked_32_bits": Witness(
+        "upstream", init_vm(replace(full("upstream"), xfam=full("upstream").xfam | 1 << 40))),
+    "gpaw_range_check": Witness("upstream", init_vm(replace(full("upstream"), entries=tuple(
+        replace(e, eax=50 << 16) if e.function == 0x80000008 else e
+        for e in full("upstream").entries)))),
+    "nent_signed_compare": Witness(
+        "upstream", init_vm(replace(full("upstream"), nent=0x80000000))),
+    "reserved_low_halves_only": Witness(
+        "upstream", init_vm(replace(full("upstream"), reserved=(0,) * 3 + (1 << 63,) + (0,) * 8))),
+    # 7.1 EAX bit 3 (RAO-INT), hidden by the allowlist, steered onto row 7.1.
+    "allowlist_steered_by_entry_index": Witness(
+        "rfc-v2", init_vm(steered_7("rfc-v2", 1, "eax", 3))),
+    "td_state_set_before_checks": Witness(
+        "upstream", one_td(replace(full("upstream"), attributes=1), full("upstream"))),
+    "module_refusal_leaves_td_initialized": Witness(
+        "upstream", one_td(bad_fms("upstream"), full("upstream"))),
+    "key_id_held_after_refusal": Witness("upstream", one_td("keys", bad_fms("upstream"), "keys")),
+    "caps_refused_after_init_vm": Witness("upstream", one_td(full("upstream"), "caps")),
+    "td_state_checked_after_copy": Witness("upstream", one_td(full("upstream"), "nent257")),
 }
 
 

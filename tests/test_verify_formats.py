@@ -201,3 +201,19 @@ def test_kselftest_wrapper_passes_ktap_and_the_exit_code_through() -> None:
     assert proc.returncode == 1, proc.stderr
     k = parse_ktap(proc.stdout)
     assert any(not r["ok"] and r["desc"] == f"{BYPASS_PREFIX}waitpkg" for r in k["results"])
+
+
+def test_kselftest_wrapper_skips_when_kvmtdx_is_not_installed(tmp_path: Path) -> None:
+    # A python3 that cannot import kvmtdx (no site-packages), and no kvmtdx on PATH.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    python3 = bin_dir / "python3"
+    python3.write_text(f'#!/bin/sh\nexec "{sys.executable}" -S "$@"\n')
+    python3.chmod(0o755)
+    env = {"PATH": f"{bin_dir}{os.pathsep}/usr/bin{os.pathsep}/bin", "HOME": str(tmp_path)}
+    proc = subprocess.run([str(ROOT / "scripts" / "kselftest-verify"), "--simulate", "2.0"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60,
+                          check=False)
+    assert proc.returncode == 4, proc.stderr
+    k = parse_ktap(proc.stdout)
+    assert k["plan"] == 0 and "kvmtdx is not installed" in str(k["plan_skip"])

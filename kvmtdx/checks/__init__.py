@@ -25,6 +25,7 @@ from kvmtdx.checks import (  # noqa: F401
     hygiene,
     init_vm_content,
     init_vm_structure,
+    lifecycle,
     policy,
 )
 from kvmtdx.checks.registry import GROUPS, CheckSpec, registered

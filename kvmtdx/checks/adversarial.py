@@ -20,12 +20,20 @@ from kvmtdx.checks.registry import (
     predicted_bit,
     skip,
 )
-from kvmtdx.model import invariant
+from kvmtdx.checks.sweep import Sweep
+from kvmtdx.model import builders, invariant
 from kvmtdx.model.builders import Trap
 from kvmtdx.model.catalog import BitRef
 from kvmtdx.model.profiles import enumerated
-from kvmtdx.model.rules import LEAF7_EBX_HLE, LEAF7_EBX_RTM, LEAF7_ECX_WAITPKG, bits_of
+from kvmtdx.model.rules import (
+    LEAF7_EBX_HLE,
+    LEAF7_EBX_RTM,
+    LEAF7_ECX_WAITPKG,
+    bits_of,
+    is_value_register,
+)
 from kvmtdx.outcome import Kind, Outcome
+from kvmtdx.structs import REGISTERS
 from kvmtdx.verdict import Status
 
 GROUP = "adversarial"
@@ -131,3 +139,78 @@ def adversarial_matches_prediction(ctx: Context) -> Verdict:
             return bad(f"{what}: {describe(actual)}, expected {describe(pred)}",
                        pred.describe(), describe(actual), predicted_bit(pred))
     return ok(f"{len(ctx.trap_log)} trap requests as predicted")
+
+
+# ---------------------------------------------------------------------------
+# Every row of a leaf with several sub-leaf rows, reached through find() (not only 7.0).
+
+
+def _steerable_rows(ctx: Context) -> list[tuple[int, int, tuple[int, int, int, int]]]:
+    """(leaf, index, the full request's registers for that row) for every reported row of a
+    leaf reported with several rows."""
+    full = {(e.function, e.index): e for e in ctx.full_request().init_vm.entries}
+    out = []
+    for leaf, indexes in builders.multi_row_leaves(ctx.caps.entries).items():
+        for i in indexes:
+            e = full.get((leaf, i))
+            out.append((leaf, i, e.regs() if e is not None else (0, 0, 0, 0)))
+    return out
+
+
+@check("adversarial_steer_legal_accepted", GROUP,
+       "the twin of the traps: each row of a leaf with several sub-leaf rows, its reported "
+       "bits carried by an unflagged entry at an unlisted index that find() lands on that row "
+       "(flagged entries for the leaf's other rows first), is ACCEPTED")
+def adversarial_steer_legal_accepted(ctx: Context) -> Verdict:
+    t = Sweep("rows reached by a steered entry")
+    full = ctx.full_request()
+    for leaf, i, regs in _steerable_rows(ctx):
+        req = builders.steered(full, ctx.caps.entries, leaf, i, regs)
+        t.send(ctx, f"row 0x{leaf:x}.{i}", req, Kind.ACCEPTED)
+    return t.verdict()
+
+
+# The bits the denylist traps above already steer into row 7.0.
+_TRAPPED = {(7, 0, "ebx"): HLE_RTM, (7, 0, "ecx"): WAITPKG}
+
+
+def _hidden_in_row(ctx: Context, leaf: int, index: int) -> list[tuple[str, int]]:
+    """(register, bit) of every feature bit the module lists for the row (it would take it)
+    that KVM did not report, the profile knows, and no trap above already steers."""
+    k = ctx.know
+    assert k.module is not None and k.host is not None
+    reported = next((e for e in ctx.caps.entries if (e.function, e.index) == (leaf, index)),
+                    None)
+    row = None if reported is None else ctx.row_of(reported)
+    if row is None or reported is None:
+        return []
+    listed, unknown = enumerated(k.module, k.host)[row], k.module.unknown_mask(row)
+    out = []
+    for j, r in enumerate(REGISTERS):
+        if is_value_register(leaf, index, r):
+            continue
+        hidden = listed[j] & ~reported.reg(r) & ~unknown[j] & ~_TRAPPED.get((leaf, index, r), 0)
+        out += [(r, b) for b in bits_of(hidden)]
+    return out
+
+
+@check("adversarial_steer_every_row", GROUP,
+       "each bit KVM hides (and the module would take) in any row of a leaf with several "
+       "sub-leaf rows, carried alone by an unflagged entry that find() lands on that row: "
+       "KVM must refuse it")
+def adversarial_steer_every_row(ctx: Context) -> Verdict:
+    if ctx.know.module is None or ctx.know.host is None:
+        return skip(NEEDS_MODULE)
+    t = Sweep("hidden bits steered onto their rows")
+    full = ctx.full_request()
+    for leaf, i, regs in _steerable_rows(ctx):
+        for r, b in _hidden_in_row(ctx, leaf, i):
+            carried = list(regs)
+            carried[REGISTERS.index(r)] |= 1 << b
+            req = builders.steered(full, ctx.caps.entries, leaf, i, carried)
+            ref = ctx.ref(leaf, i, r, b)
+            t.send(ctx, ref.label(), req, Kind.KVM_REJECTED, bits=(ref,))
+    if not t.tried:
+        return skip("no row of a multi-row leaf hides a bit the module would take, beyond "
+                    "those the denylist traps steer")
+    return t.verdict()

@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from kvmtdx.device import Kvm, Seam, TdxVm
 from kvmtdx.kmsg import KernelLog
 from kvmtdx.knowledge import Knowledge
-from kvmtdx.model import builders, mirror
+from kvmtdx.model import builders, lifecycle, mirror
 from kvmtdx.model.builders import Trap
 from kvmtdx.model.catalog import BitRef
+from kvmtdx.model.lifecycle import SequencePrediction
 from kvmtdx.model.mirror import CapsPrediction, InitVmPrediction
 from kvmtdx.model.policy import Policy
 from kvmtdx.model.profiles import Host, ModuleProfile
@@ -55,6 +56,7 @@ class Context:
     kernel_log: KernelLog = field(default_factory=KernelLog)
     log_start: int | None = None
     log_unreadable: str | None = None
+    _fms: int | None = None
 
     # What is known.
 
@@ -79,6 +81,28 @@ class Context:
         """The mirror's whole answer: the module's status, the WARN, the TD's CPUID."""
         m = self.model()
         return None if m is None else mirror.init_vm_prediction(*m, req)
+
+    def predict_sequence(self, reqs: Sequence[Request]) -> SequencePrediction | None:
+        """INIT_VM calls on one TD, in order (kvmtdx.model.lifecycle)."""
+        m = self.model()
+        if m is None:
+            return None
+        return lifecycle.predict_sequence(*m, reqs)
+
+    def native_fms(self) -> int:
+        """The host's family/model/stepping (CPUID 1 EAX), which a TD's leaf 1 EAX must equal
+        when not 0: the known host's, else what KVM_GET_SUPPORTED_CPUID says of the CPU."""
+        if self.know.host_exact and self.know.host is not None:
+            return self.know.host.native_fms()
+        if self._fms is None:
+            leaf1 = [e for e in self.kvm.supported_cpuid() if e.function == 1]
+            self._fms = leaf1[0].eax if leaf1 else 0
+        return self._fms
+
+    def free_key_ids(self) -> int | None:
+        """The backend's free TDX key IDs, where it says (the simulated host does)."""
+        free = getattr(self.seam, "free_key_ids", None)
+        return free if isinstance(free, int) else None
 
     def predict_caps(self, nent: int, *, flags: int = 0, hw_error: int = 0,
                      caller: bytes | None = None) -> CapsPrediction | None:

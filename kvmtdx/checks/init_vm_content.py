@@ -11,8 +11,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from kvmtdx.checks.context import Context
-from kvmtdx.checks.registry import Verdict, bad, check, describe, labels, ok, predicted_bit, skip
-from kvmtdx.model import invariant
+from kvmtdx.checks.registry import (
+    Verdict,
+    bad,
+    check,
+    describe,
+    judge,
+    labels,
+    ok,
+    predicted_bit,
+    skip,
+)
+from kvmtdx.model import builders, invariant
 from kvmtdx.model.catalog import BitRef
 from kvmtdx.model.rules import bits_of, is_value_register
 from kvmtdx.outcome import Kind
@@ -124,3 +134,31 @@ def init_vm_unreported_bits_refused(ctx: Context) -> Verdict:
             continue
         _try_bit(ctx, t, e, r, b)
     return _tally_verdict(t, m is not None)
+
+
+# ---------------------------------------------------------------------------
+# The first half of the invariant in encodings other than the plain one.
+
+
+@check("init_vm_entry_order_accepted", GROUP,
+       "every reported bit with the entries in reverse order is ACCEPTED (find() takes each "
+       "row's entry wherever it is)")
+def init_vm_entry_order_accepted(ctx: Context) -> Verdict:
+    req = builders.reversed_order(ctx.full_request())
+    return judge(ctx, req, ctx.attempt(req), Kind.ACCEPTED, "entries last to first")
+
+
+@check("init_vm_value_registers_realistic_accepted", GROUP,
+       "every reported bit with the value registers at realistic non-zero values inside what "
+       "was reported (leaf 1 EAX the host's F/M/S, cache and TLB leaves, an SMT+core 0x1F "
+       "topology, address widths) is ACCEPTED")
+def init_vm_value_registers_realistic_accepted(ctx: Context) -> Verdict:
+    req = builders.realistic_values(ctx.full_request(), ctx.caps.entries, fms=ctx.native_fms())
+    actual = ctx.attempt(req)
+    what = "realistic value registers"
+    if ctx.know.host_exact:
+        return judge(ctx, req, actual, Kind.ACCEPTED, what)
+    # The host's F/M/S came from KVM_GET_SUPPORTED_CPUID, which the mirror does not know.
+    if actual.kind == Kind.ACCEPTED:
+        return ok(f"{what}: ACCEPTED", "ACCEPTED", describe(actual))
+    return bad(f"{what}: {describe(actual)}, expected ACCEPTED", "ACCEPTED", describe(actual))

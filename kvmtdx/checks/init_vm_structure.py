@@ -17,10 +17,12 @@ from kvmtdx.checks.registry import (
     ok,
     skip,
 )
+from kvmtdx.checks.sweep import Sweep
+from kvmtdx.model import builders
 from kvmtdx.model.builders import STRAY_LEAF, strays
 from kvmtdx.model.catalog import BitRef
 from kvmtdx.model.requests import Request
-from kvmtdx.model.rules import is_value_register, lowest_bit
+from kvmtdx.model.rules import bits_of, is_value_register, lowest_bit
 from kvmtdx.outcome import Kind
 from kvmtdx.status import Operand, errno_name
 from kvmtdx.structs import FLAG_SIGNIFICANT_INDEX, REGISTERS, CpuidEntry
@@ -143,7 +145,7 @@ def init_vm_second_call_rejected(ctx: Context) -> Verdict:
     return judge(ctx, req, second, Kind.KVM_REJECTED, "second INIT_VM", td_initialized=True)
 
 
-def _module_refused_bit(ctx: Context) -> tuple[CpuidEntry, BitRef] | None:
+def module_refused_bit(ctx: Context) -> tuple[CpuidEntry, BitRef] | None:
     """A bit of a listed feature register (leaf 7 aside) that the module itself refuses."""
     m = ctx.know.module
     if m is None:
@@ -163,7 +165,7 @@ def _module_refused_bit(ctx: Context) -> tuple[CpuidEntry, BitRef] | None:
 @check("init_vm_module_status_written_back", GROUP,
        "a module refusal comes back as EINVAL with the TDX status in cmd.hw_error")
 def init_vm_module_status_written_back(ctx: Context) -> Verdict:
-    found = _module_refused_bit(ctx)
+    found = module_refused_bit(ctx)
     if found is None:
         return skip(NEEDS_MODULE if ctx.know.module is None
                     else "no bit the module refuses in a listed row")
@@ -207,3 +209,105 @@ def init_vm_no_kernel_warn(ctx: Context) -> Verdict:
     return bad(f"{p.what}: {kernel_warn.answered(p)} with a kernel WARN ({p.evidence()}): a "
                f"WARN userspace can trigger is a kernel bug{tail}", "refused, no WARN",
                f"{describe(p.outcome)}, kernel WARN")
+
+
+# ---------------------------------------------------------------------------
+# The other direction: legal requests in encodings a kernel must not mistake for bad ones.
+
+
+def _accepted(ctx: Context, what: str, req: Request) -> Verdict:
+    return judge(ctx, req, ctx.attempt(req), Kind.ACCEPTED, what)
+
+
+@check("init_vm_ignored_flag_bits_accepted", GROUP,
+       "every reported bit, each entry with flag bits the CPUID lookup ignores "
+       "(STATEFUL_FUNC, STATE_READ_NEXT) set too, is ACCEPTED")
+def init_vm_ignored_flag_bits_accepted(ctx: Context) -> Verdict:
+    return _accepted(ctx, f"flags |= 0x{builders.IGNORED_FLAG_BITS:x} on every entry",
+                     builders.with_flag_bits(ctx.full_request()))
+
+
+@check("init_vm_ignored_index_accepted", GROUP,
+       "every reported bit, each leaf with one row sent unflagged with an index the lookup "
+       "ignores (0xffffffff, 1, 0x80000000), is ACCEPTED")
+def init_vm_ignored_index_accepted(ctx: Context) -> Verdict:
+    return _accepted(ctx, "one-row leaves unflagged with ignored indexes",
+                     builders.with_ignored_indexes(ctx.full_request()))
+
+
+@check("init_vm_measurements_accepted", GROUP,
+       "non-zero MRCONFIGID, MROWNER and MROWNERCONFIG (not reserved words) are ACCEPTED")
+def init_vm_measurements_accepted(ctx: Context) -> Verdict:
+    return _accepted(ctx, "SHA-384 values in MRCONFIGID, MROWNER, MROWNERCONFIG",
+                     builders.with_measurements(ctx.base()))
+
+
+# ---------------------------------------------------------------------------
+# Whole domains: every value a field can take that a kernel must refuse, one TD each where a
+# bug could single one out.
+
+
+def _each_unsupported_bit(ctx: Context, field: str, supported: int) -> Verdict:
+    """Each bit of a 64-bit field (attributes, or XFAM on top of the reported XFAM) that
+    KVM did not report, alone on its own TD: a bug may drop any one bit, or a whole half."""
+    t = Sweep(f"unsupported {field} bits")
+    for b in bits_of(~supported & _WORD_64, 64):
+        req = (ctx.base(attributes=1 << b) if field == "attribute"
+               else ctx.base(xfam=supported | 1 << b))
+        t.send(ctx, f"{field} bit {b}", req, Kind.KVM_REJECTED)
+    return t.verdict()
+
+
+@check("init_vm_attributes_each_bit_rejected", GROUP,
+       "each of the 64 attribute bits outside supported_attrs, alone on its own TD, is "
+       "refused by KVM (EINVAL)")
+def init_vm_attributes_each_bit_rejected(ctx: Context) -> Verdict:
+    return _each_unsupported_bit(ctx, "attribute", ctx.caps.supported_attrs)
+
+
+@check("init_vm_xfam_each_bit_rejected", GROUP,
+       "each of the 64 XFAM bits outside supported_xfam, with the reported XFAM, alone on its "
+       "own TD, is refused by KVM (EINVAL)")
+def init_vm_xfam_each_bit_rejected(ctx: Context) -> Verdict:
+    return _each_unsupported_bit(ctx, "XFAM", ctx.caps.supported_xfam)
+
+
+# Widths around and between 48 and 52, and the values a field read with the wrong width or
+# shift (bits 22:16, 21:16, 19:16) would mistake for 48 or 52.
+GPAW_INVALID = (0, 1, 32, 39, 40, 47, 49, 50, 51, 53, 56, 57, 63, 64, 0x70, 0x74, 0xB0, 0xB4,
+                0xF0, 0xFF)
+
+
+@check("init_vm_gpaw_domain_rejected", GROUP,
+       "every GPAW around and between the valid widths 48 and 52 (0, 1, 47, 49-51, 53, 57, "
+       "0xff, and aliases of 48/52 under a wrong field width) is refused by KVM")
+def init_vm_gpaw_domain_rejected(ctx: Context) -> Verdict:
+    t = Sweep("invalid GPAW values")
+    for g in GPAW_INVALID:
+        t.send(ctx, f"GPAW {g}", ctx.base(gpaw=g), Kind.KVM_REJECTED)
+    return t.verdict()
+
+
+@check("init_vm_nent_limits", GROUP,
+       "nent around every limit: 0 (no GPAW entry) and 255 (strays) refused by KVM; 258, "
+       "0x80000000 and 0xffffffff E2BIG (an unsigned compare)")
+def init_vm_nent_limits(ctx: Context) -> Verdict:
+    t = Sweep("nent values")
+    t.send(ctx, "nent 0", ctx.base(gpaw=None), Kind.KVM_REJECTED)
+    t.send(ctx, "nent 255 (254 strays)", ctx.base(strays(254)), Kind.KVM_REJECTED)
+    for n in (258, 0x80000000, 0xFFFFFFFF):
+        t.send(ctx, f"nent 0x{n:x}", ctx.base(nent=n), Kind.ERROR, errno_=errno.E2BIG)
+    return t.verdict()
+
+
+@check("init_vm_reserved_each_word_rejected", GROUP,
+       "each of the 12 reserved words with its lowest and with its highest bit set, and "
+       "cpuid.padding's highest bit, one TD each, is refused by KVM (EINVAL)")
+def init_vm_reserved_each_word_rejected(ctx: Context) -> Verdict:
+    t = Sweep("reserved words")
+    for i in range(12):
+        for bit in (0, 63):
+            words = tuple(1 << bit if j == i else 0 for j in range(12))
+            t.send(ctx, f"reserved[{i}] bit {bit}", ctx.base(reserved=words), Kind.KVM_REJECTED)
+    t.send(ctx, "cpuid.padding bit 31", ctx.base(cpuid_padding=1 << 31), Kind.KVM_REJECTED)
+    return t.verdict()

@@ -21,7 +21,7 @@ from kvmtdx.verdict import Status
 
 GROUPS: tuple[str, ...] = (
     "availability", "capabilities", "init_vm_structure", "init_vm_content", "policy",
-    "adversarial", "hygiene",
+    "adversarial", "lifecycle", "hygiene",
 )
 NEEDS_MODULE = ("needs a TDX module profile: give --module NAME|FILE "
                 "(kvmtdx caps --save-module FILE writes one)")

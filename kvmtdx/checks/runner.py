@@ -95,10 +95,13 @@ def _run_one(s: CheckSpec, ctx: Context) -> CheckResult:
     return CheckResult(s.id, s.group, v.status, v.detail, v.expected, v.actual, v.bits)
 
 
-def _run_all(specs: Iterable[CheckSpec], ctx: Context, ticker: _Ticker) -> list[CheckResult]:
+def _run_all(specs: Iterable[CheckSpec], ctx: Context, ticker: _Ticker,
+             record: list[CheckResult] | None = None) -> list[CheckResult]:
     out = []
     for s in specs:
         out.append(_run_one(s, ctx))
+        if record is not None:
+            record.append(out[-1])
         ticker.tick()
     return out
 
@@ -128,15 +131,18 @@ def _log_start(ctx: Context) -> None:
 
 def run_verify(seam: Seam, *, backend_label: str, given: Given | None = None,
                kernel_release: str | None = None, only: Sequence[str] | None = None,
-               progress: Progress | None = None, allow_kernel_warn: bool = False,
+               progress: Progress | None = None,
+               record: list[CheckResult] | None = None, allow_kernel_warn: bool = False,
                kernel_log: KernelLog | None = None) -> VerifyReport:
     """Run the suite over `seam`; nothing here prints.
 
     `given` is what is known before the kernel is asked (kvmtdx.knowledge.given);
     the policy and host are completed from the capabilities as `probe` does.
-    `only` limits the run to those check ids.  `allow_kernel_warn` lets a check provoke a
-    WARN on a real kernel (the simulated and kernel-source hosts always allow it), read
-    through `kernel_log` (default: /dev/kmsg and its sysctls).
+    `only` limits the run to those check ids.  `record` gets each result as it is
+    done, so a caller whose run is interrupted still has the checks done so far.
+    `allow_kernel_warn` lets a check provoke a WARN on a real kernel (the simulated and
+    kernel-source hosts always allow it), read through `kernel_log` (default: /dev/kmsg
+    and its sysctls).
     """
     fds0, rss0 = _proc_numbers()
     start = _Start(backend_label, fds0, rss0)
@@ -159,10 +165,10 @@ def run_verify(seam: Seam, *, backend_label: str, given: Given | None = None,
         ticker = _Ticker(len(specs), kvm.counters, progress)
         if progress is not None:
             ctx.on_td = ticker.show
-        results = _run_all((s for s in specs if not s.after_close), ctx, ticker)
+        results = _run_all((s for s in specs if not s.after_close), ctx, ticker, record)
     fds1, rss1 = _proc_numbers()
     ctx.proc = ProcessNumbers(fds0, fds1, rss0, rss1)
-    results += _run_all((s for s in specs if s.after_close), ctx, ticker)
+    results += _run_all((s for s in specs if s.after_close), ctx, ticker, record)
     order = {s.id: i for i, s in enumerate(specs)}
     results.sort(key=lambda r: order[r.id])
     return VerifyReport(backend_label, know, tuple(results), _summary(results, kvm.counters,

@@ -10,13 +10,17 @@ error that reaches `main` gets its code from kvmtdx.errors.exit_code_of.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from types import FrameType
 
 from kvmtdx import __version__
-from kvmtdx.cli import caps, diff, explain, info, init_vm, predict, probe, verify
+from kvmtdx.cli import caps, diff, explain, info, init_vm, options, predict, probe, verify
 from kvmtdx.cli.common import Command, Parser, error_line, simulate_list
-from kvmtdx.errors import KvmtdxError, exit_code_of
+from kvmtdx.errors import KvmtdxError, Terminated, exit_code_of
 
 COMMANDS: tuple[Command, ...] = (
     info.COMMAND,
@@ -51,12 +55,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    with _sigterm_raises():
+        try:
+            args = build_parser().parse_args(argv)
+            if getattr(args, "simulate", None) == "list":
+                return simulate_list(args)
+            options.check(args)
+            code: int = args.run(args)
+            return code
+        except (KvmtdxError, OSError, KeyboardInterrupt) as e:
+            sys.stderr.write(error_line(e))
+            return exit_code_of(e)
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises Terminated in the main thread while main() runs, as SIGINT raises
+    KeyboardInterrupt: a runner's timeout then closes every fd and TD on the way out
+    instead of killing the process where it stands."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers belong to the main thread
+        return
+
+    def terminate(signum: int, frame: FrameType | None) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
     try:
-        if getattr(args, "simulate", None) == "list":
-            return simulate_list(args)
-        code: int = args.run(args)
-        return code
-    except (KvmtdxError, OSError, KeyboardInterrupt) as e:
-        sys.stderr.write(error_line(e))
-        return exit_code_of(e)
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -10,8 +10,10 @@ from kvmtdx.cli.common import (
     backend_options,
     model_options,
     open_session,
+    output_file,
     output_options,
     policy_from,
+    save,
     write,
 )
 from kvmtdx.errors import DataError, ExitCode
@@ -23,16 +25,18 @@ if TYPE_CHECKING:
 
 def arguments(p: argparse.ArgumentParser) -> None:
     backend_options(p)
-    model_options(p, None)
-    p.add_argument("--save-module", metavar="FILE",
-                   help="write the module profile these capabilities imply (needs --policy)")
+    model_options(p, None, module="for --save-module: fill the bits the policy hides from "
+                                   "this module's table",
+                  policy="for --save-module: the running kernel's, which says the bits it hides")
+    p.add_argument("--save-module", metavar="FILE", type=output_file("--save-module"),
+                   help="write the module profile these capabilities imply, loadable with "
+                        "--module (needs --policy: the running kernel's)")
     output_options(p, ("text", "json"))
 
 
 def run(args: argparse.Namespace) -> int:
     from kvmtdx.hostinfo import read_capabilities
     from kvmtdx.report import caps as render
-    from kvmtdx.report import emit
 
     if args.save_module and not args.policy:
         raise DataError("--save-module needs --policy: the policy of the running kernel "
@@ -40,10 +44,11 @@ def run(args: argparse.Namespace) -> int:
     backend = open_session(args)
     reading = read_capabilities(backend)  # KvmError(skip) without TDX: main() exits 4
     fmt = render.render_json if args.format == "json" else render.render_text
-    write(args, fmt(reading.caps, backend.label, reading.counters))
+    write(args, fmt(reading.caps, backend.label, reading.counters),
+          f"KVM_TDX_CAPABILITIES, {reading.caps.nent} CPUID entries")
     if args.save_module:
-        emit(render.module_profile_json(_saved_module(args, reading.caps, backend.label)),
-             args.save_module)
+        save(render.module_profile_json(_saved_module(args, reading.caps, backend.label)),
+             args.save_module, "--save-module")
     return ExitCode.PASS
 
 

@@ -13,7 +13,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from kvmtdx.errors import ExitCode, KvmtdxError
+from kvmtdx import outfile
+from kvmtdx.errors import DataError, ExitCode, KvmtdxError, Terminated
 
 if TYPE_CHECKING:
     from kvmtdx.knowledge import Given
@@ -50,41 +51,88 @@ class Command:
 # Option groups.
 
 
-def backend_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("what to talk to")
+HOST_FORMS = ("FILE (a host JSON file: name, xfam_supported, ept_5level, tsx_ctrl, cpuid "
+              "rows), native (this machine's, read from /dev/cpu/0/cpuid; modprobe cpuid) or "
+              "max (every feature any module allows)")
+HOST_METAVAR = "FILE|native|max"
+
+
+def backend_options(p: argparse.ArgumentParser, *, judges_host: bool = False) -> None:
+    """--simulate, --backend and --host.  `judges_host`: the command also judges a real
+    device by --host (verify, probe); elsewhere it only shapes the simulated host."""
+    g = p.add_argument_group("what to talk to (default: the real /dev/kvm)")
     g.add_argument("--simulate", metavar="MODULE[:POLICY[:MUTANT]]",
-                   help="use the simulated TDX host instead of /dev/kvm "
-                        "(default policy 'upstream'; 'list' prints the choices)")
+                   help="use the simulated TDX host instead of /dev/kvm: MODULE 1.5.01, "
+                        "1.5-late, 2.0 or a module profile JSON file; POLICY upstream-6.16, "
+                        "upstream (the default) or rfc-v2; MUTANT one of its seeded kernel bugs; "
+                        "'list' prints the choices")
     g.add_argument("--backend", metavar="package.module:factory",
-                   help="use a syscall seam of your own (open/ioctl/close)")
+                   help="use a syscall seam of your own: the factory returns an object with "
+                        "open(path, flags), ioctl(fd, request, arg) and close(fd)")
     g.add_argument("--kernel-source", metavar="DIR",
                    help="use a kernel tree's own KVM TDX code, compiled for userspace, with the "
-                        "TDX module answered by kvmtdx's model (needs a C compiler)")
+                        "TDX module answered by kvmtdx's model (needs a C compiler; --module "
+                        "picks the module, default 2.0)")
     g.add_argument("--patch", action="append", default=[], metavar="FILE|NAME",
                    help="apply this patch to a private copy of --kernel-source first "
                         "(repeatable; 'rfc-v2' is the bundled reconstruction of the series)")
-    g.add_argument("--host", metavar="FILE|max",
-                   help="native CPUID of the simulated or kernel-source host "
-                        "(default: max, every feature)")
+    real = ("; on a real device or --backend, the host the run is judged by (default: "
+            "inferred from the capabilities)") if judges_host else \
+        " (needs --simulate or --kernel-source; a real device has its own)"
+    g.add_argument("--host", metavar=HOST_METAVAR,
+                   help=f"the host CPU's native CPUID: {HOST_FORMS}; with --simulate or "
+                        f"--kernel-source, the CPU that host runs on (default max){real}")
 
 
-def model_options(p: argparse.ArgumentParser, policy_default: str | None,
-                  auto: bool = False) -> None:
+def model_options(p: argparse.ArgumentParser, policy_default: str | None, *, module: str,
+                  policy: str, auto: bool = False) -> None:
+    """--module, --policy and --allowlist; `module` and `policy` say what the command does
+    with them (the policy's default is added here)."""
     g = p.add_argument_group("what the kernel should do")
     g.add_argument("--module", metavar="NAME|FILE",
-                   help="TDX module profile: 1.5.01, 1.5-late, 2.0, or a JSON file")
+                   help=f"TDX module profile: 1.5.01, 1.5-late, 2.0, or a JSON file; {module}")
     choices = [*POLICY_CHOICES, *(["auto"] if auto else [])]
+    default = f" (default: {policy_default})" if policy_default is not None else ""
     g.add_argument("--policy", choices=choices, default=policy_default,
-                   help=f"kernel policy (default: {policy_default})")
+                   help=f"the kernel policy: {policy}{default}")
     g.add_argument("--allowlist", metavar="FILE",
-                   help="the tested kernel's allowlist as JSON (replaces the bundled rfc-v2 table)")
+                   help="the tested kernel's allowlist as JSON, replacing the bundled rfc-v2 "
+                        "table (only for a policy with an allowlist: rfc-v2)")
+
+
+# What verify and probe do with --module and --policy.
+JUDGED_BY = {
+    "module": "gives exact predictions (with --simulate, the simulated host's module is "
+              "known; on a real device without it, the checks that need one skip)",
+    "policy": "the kernel the run is judged by; auto picks the policy whose predicted "
+              "capabilities match the kernel's",
+}
+
+
+FORMATS = {"text": "text (for people)", "json": "json (schema 1, see README)",
+           "ktap": "ktap (KTAP v1, for kselftest runners)", "junit": "junit (JUnit XML)"}
 
 
 def output_options(p: argparse.ArgumentParser, formats: Sequence[str]) -> None:
     """--format (the first of `formats` is the default) and --output."""
     g = p.add_argument_group("output")
-    g.add_argument("--format", choices=list(formats), default=formats[0])
-    g.add_argument("--output", metavar="FILE", help="write the report here (atomically)")
+    g.add_argument("--format", choices=list(formats), default=formats[0],
+                   help="the report's format: " + ", ".join(FORMATS[f] for f in formats)
+                        + f" (default: {formats[0]})")
+    g.add_argument("--output", metavar="FILE", type=output_file("--output"),
+                   help="write the report to FILE instead of standard output: a regular file "
+                        "is replaced atomically, anything else (a symlink's target, a device, "
+                        "a FIFO) written through as sh's > does; the verdict goes to stderr")
+
+
+def output_file(option: str) -> Callable[[str], str]:
+    """The argparse `type=` of an option naming a file to write: checked before the run."""
+    return outfile.argument(outfile.check_file, option)
+
+
+def output_directory(option: str) -> Callable[[str], str]:
+    """The argparse `type=` of an option naming a directory to write files into."""
+    return outfile.argument(outfile.check_directory, option)
 
 
 # ---------------------------------------------------------------------------
@@ -148,11 +196,33 @@ def policy_from(args: argparse.Namespace, name: str) -> Policy:
 # Output.
 
 
-def write(args: argparse.Namespace, text: str) -> None:
-    """The report to stdout, or atomically to --output."""
-    from kvmtdx.report import emit
+def write(args: argparse.Namespace, text: str, verdict: str) -> None:
+    """The report to stdout, or to --output with `verdict` (one line: the outcome in
+    brief) on stderr, so a console still hears how the run went.
 
-    emit(text, getattr(args, "output", None))
+    A report that cannot be written after the run goes to stdout all the same (a long
+    run is not lost), and the error (exit 2) names the user's path.
+    """
+    output = getattr(args, "output", None)
+    if output is None or output == outfile.STDOUT:
+        _stdout(text)
+        return
+    try:
+        outfile.write(text, output, "--output")
+    except outfile.OutputError as e:
+        _stdout(text)
+        raise DataError(f"{e} (the report went to standard output)") from None
+    sys.stderr.write(f"kvmtdx {args.command}: {verdict} -> {output}\n")
+
+
+def save(text: str, path: str, option: str) -> None:
+    """A file beside the report (--emit-allowlist, --save-module ...), written as --output."""
+    outfile.write(text, path, option)
+
+
+def _stdout(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 def say(label: str, message: str) -> None:
@@ -173,11 +243,16 @@ def note_module(module: ModuleProfile | None) -> None:
 def error_line(error: BaseException) -> str:
     """The one line an error that reached `main` prints (its exit code: errors.exit_code_of)."""
     if isinstance(error, KeyboardInterrupt):
-        return "kvmtdx: interrupted\n"
+        return f"kvmtdx: {interruption(error)}\n"
     if isinstance(error, KvmtdxError):
         hint = f"; {SIM_HINT}" if error.code == ExitCode.SKIP else ""
         return f"kvmtdx: {error.label}: {error}{hint}\n"
     return f"kvmtdx: error: {error}\n"
+
+
+def interruption(error: KeyboardInterrupt) -> str:
+    """What stopped the run, in a word: "terminated" (SIGTERM) or "interrupted" (SIGINT)."""
+    return "terminated" if isinstance(error, Terminated) else "interrupted"
 
 
 def simulate_list(args: argparse.Namespace) -> int:
@@ -186,5 +261,5 @@ def simulate_list(args: argparse.Namespace) -> int:
     from kvmtdx.report import sim as render
 
     fmt = render.choices_json if getattr(args, "format", "text") == "json" else render.choices_text
-    write(args, fmt(sim.choices()))
+    write(args, fmt(sim.choices()), "the simulated host's modules, policies and mutants")
     return ExitCode.PASS

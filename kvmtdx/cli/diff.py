@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from kvmtdx.cli.common import Command, output_options, policy_from, write
+from kvmtdx.cli.common import HOST_FORMS, HOST_METAVAR, Command, output_options, policy_from, write
 from kvmtdx.errors import DataError, ExitCode
 
 DESCRIPTION = (
@@ -18,12 +18,20 @@ EPILOG = (
 
 
 def arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("files", nargs="*", metavar="A.json B.json")
-    p.add_argument("--module", metavar="NAME|FILE")
+    p.add_argument("files", nargs="*", metavar="A.json B.json",
+                   help="two kvmtdx JSON reports (probe, verify, caps or predict) to compare")
+    p.add_argument("--module", metavar="NAME|FILE",
+                   help="for a policy diff: the TDX module profile (1.5.01, 1.5-late, 2.0 or "
+                        "a JSON file)")
     p.add_argument("--policy", action="append", metavar="P",
-                   help="give twice: compare what two kernel policies let TDs have")
-    p.add_argument("--host", metavar="FILE|max", default="max")
-    p.add_argument("--allowlist", metavar="FILE")
+                   help="give twice: compare what two kernel policies (upstream-6.16, upstream, "
+                        "rfc-v2) let TDs have")
+    p.add_argument("--host", metavar=HOST_METAVAR,
+                   help=f"for a policy diff: the host CPU's native CPUID: {HOST_FORMS} "
+                        "(default: max)")
+    p.add_argument("--allowlist", metavar="FILE",
+                   help="for a policy diff with rfc-v2: the kernel's allowlist (JSON), "
+                        "replacing the bundled table")
     output_options(p, ("text", "json"))
 
 
@@ -41,17 +49,20 @@ def run(args: argparse.Namespace) -> int:
         if not args.module or not args.policy or len(args.policy) != 2:
             raise DataError("a policy diff needs --module M and --policy given twice "
                             "(e.g. --policy upstream --policy rfc-v2)")
-        result = diff.diff_policies(load_profile(args.module), host_by_name(args.host),
+        result = diff.diff_policies(load_profile(args.module), host_by_name(args.host or "max"),
                                     policy_from(args, args.policy[0]),
                                     policy_from(args, args.policy[1]))
         differs = result.differs
+        said = (f"{len(result.no_longer)} bits no longer available, {len(result.newly)} "
+                "newly available")
     else:
         if len(args.files) != 2:
             raise DataError("diff needs two JSON files (probe, verify, caps or predict reports), "
                             "or --module M --policy A --policy B")
         result = diff.diff_files(load_snapshot(args.files[0]), load_snapshot(args.files[1]))
         differs = bool(result.changes or result.only_a or result.only_b)
-    write(args, render.render(result, args.format))
+        said = f"{result.count} differences" if differs else "no differences"
+    write(args, render.render(result, args.format), said)
     return ExitCode.FAIL if differs else ExitCode.PASS
 
 

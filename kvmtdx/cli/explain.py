@@ -93,7 +93,8 @@ def _host_check(args: argparse.Namespace) -> int:
     result = host_check.run(backend, module=module, policy=policy.name if policy else "auto",
                             host=host, allowlist=allowlist)
     write(args, to_json(render.host_check_json(result)) if args.format == "json"
-          else render.host_check_text(result))
+          else render.host_check_text(result),
+          f"{len(result.missing)} features a -cpu host TD cannot get here")
     return ExitCode.PASS
 
 
@@ -115,8 +116,11 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None) -> int:
         policy = _auto_policy(args, backend, module, host)
     result = explain(inputs, request=request, module=module, host=host, policy=policy,
                      backend=backend)
+    said = (f"{len(result.items)} statuses or errors explained"
+            + (", the request replayed" if result.diagnosis is not None else "")
+            if result.found else "nothing recognised")
     write(args, to_json(render.explanation_json(result)) if args.format == "json"
-          else render.explanation_text(result))
+          else render.explanation_text(result), said)
     return ExitCode.PASS if result.found else ExitCode.FAIL
 
 

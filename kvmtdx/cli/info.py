@@ -18,7 +18,8 @@ def run(args: argparse.Namespace) -> int:
     from kvmtdx.report import info as render
 
     info = gather_info(open_session(args))
-    write(args, (render.render_json if args.format == "json" else render.render_text)(info))
+    write(args, (render.render_json if args.format == "json" else render.render_text)(info),
+          "TDX usable" if info.tdx_available else "TDX not usable")
     if not info.tdx_available:
         # The report is out; the reason goes to stderr as every other command's does.
         raise KvmError(info.reason, skip=info.skip)

@@ -10,9 +10,13 @@ from kvmtdx.errors import DataError, ExitCode
 
 def arguments(p: argparse.ArgumentParser) -> None:
     backend_options(p)
-    p.add_argument("--allowlist", metavar="FILE", help="allowlist of the simulated rfc-v2 kernel")
+    p.add_argument("--allowlist", metavar="FILE",
+                   help="the allowlist of the simulated rfc-v2 kernel (JSON), replacing the "
+                        "bundled table (needs --simulate MODULE:rfc-v2)")
     # Required, but checked in run() so that --simulate list works here too.
-    p.add_argument("--request", metavar="FILE", help="the request (JSON); required")
+    p.add_argument("--request", metavar="FILE",
+                   help="the KVM_TDX_INIT_VM request to send (JSON, see README; '-' reads "
+                        "standard input); required")
     output_options(p, ("json", "text"))
 
 
@@ -25,7 +29,8 @@ def run(args: argparse.Namespace) -> int:
         raise DataError("init-vm needs --request FILE (a KVM_TDX_INIT_VM request as JSON)")
     request = load_request(args.request)
     outcome = init_vm_once(open_session(args), request)  # KvmError(skip) without TDX: exit 4
-    write(args, (render.init_vm_json if args.format == "json" else render.init_vm_text)(outcome))
+    write(args, (render.init_vm_json if args.format == "json" else render.init_vm_text)(outcome),
+          f"KVM_TDX_INIT_VM {outcome.outcome.describe()}")
     return ExitCode.PASS
 
 

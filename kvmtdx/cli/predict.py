@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 
 from kvmtdx.cli.common import (
+    HOST_FORMS,
+    HOST_METAVAR,
     Command,
     model_options,
     note_module,
@@ -16,10 +18,12 @@ from kvmtdx.errors import DataError, ExitCode
 
 
 def arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", metavar="FILE|max|native", default="max",
-                   help="the host's native CPUID (default: max)")
-    model_options(p, "upstream")
-    p.add_argument("--request", metavar="FILE", help="an INIT_VM request (JSON) to predict")
+    p.add_argument("--host", metavar=HOST_METAVAR, default="max",
+                   help=f"the host CPU's native CPUID: {HOST_FORMS} (default: max)")
+    model_options(p, "upstream", module="required", policy="the kernel to predict")
+    p.add_argument("--request", metavar="FILE",
+                   help="a KVM_TDX_INIT_VM request (JSON, see README; '-' reads standard input) "
+                        "whose outcome to predict")
     output_options(p, ("text", "json"))
 
 
@@ -43,7 +47,11 @@ def run(args: argparse.Namespace) -> int:
     caps = mirror.predict_capabilities(module, host, policy, len(module.rows))
     pred = None if request is None else mirror.init_vm_prediction(module, host, policy, request)
     fmt = render.render_json if args.format == "json" else render.render_text
-    write(args, fmt(module, host, policy, caps, pred))
+    said = (f"{caps.caps.nent} CPUID entries predicted" if caps.caps is not None
+            else "KVM_TDX_CAPABILITIES predicted to fail")
+    if pred is not None:
+        said += f"; KVM_TDX_INIT_VM {pred.outcome.describe()}"
+    write(args, fmt(module, host, policy, caps, pred), said)
     return ExitCode.PASS
 
 

@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from kvmtdx.cli.common import (
+    JUDGED_BY,
     Command,
     backend_options,
     given_from,
     model_options,
     open_session,
+    output_file,
     output_options,
+    save,
     write,
 )
 from kvmtdx.errors import DataError, ExitCode, ProbeError
+
+if TYPE_CHECKING:
+    from kvmtdx.probe import ProbeResult
 
 DESCRIPTION = (
     "Classify every bit of every row KVM_TDX_CAPABILITIES lists by real "
@@ -29,8 +36,8 @@ EPILOG = (
 
 
 def arguments(p: argparse.ArgumentParser) -> None:
-    backend_options(p)
-    model_options(p, "auto", auto=True)
+    backend_options(p, judges_host=True)
+    model_options(p, "auto", auto=True, **JUDGED_BY)
     p.add_argument("--exhaustive", action="store_true",
                    help="every bit of every listed row (the default without a module profile; "
                         "with one, the default tries the bits whose class can differ between "
@@ -40,8 +47,9 @@ def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="TDs in parallel (real device; the simulated host runs one ioctl at a "
                         "time)")
-    p.add_argument("--emit-allowlist", metavar="FILE",
-                   help="write the effective allowlist, loadable with --allowlist")
+    p.add_argument("--emit-allowlist", metavar="FILE", type=output_file("--emit-allowlist"),
+                   help="write the effective allowlist the probe found, loadable with "
+                        "--allowlist")
     output_options(p, ("text", "json"))
 
 
@@ -49,7 +57,6 @@ def run(args: argparse.Namespace) -> int:
     import datetime
 
     from kvmtdx import probe
-    from kvmtdx.report import emit
     from kvmtdx.report import probe as render
 
     if args.jobs < 1:
@@ -65,12 +72,20 @@ def run(args: argparse.Namespace) -> int:
         _end_progress(tty)  # before the error line main() writes
         raise
     _end_progress(tty)
-    if args.emit_allowlist:
-        emit(render.allowlist_text(result, datetime.date.today().isoformat()),
-             args.emit_allowlist)
+    code = ExitCode.FAIL if result.failures else ExitCode.PASS
+    # The report first: a side file that cannot be written must not take it along.
     write(args, render.render_json(result) if args.format == "json"
-          else render.render_text(result))
-    return ExitCode.FAIL if result.failures else ExitCode.PASS
+          else render.render_text(result), _verdict(result, code))
+    if args.emit_allowlist:
+        save(render.allowlist_text(result, datetime.date.today().isoformat()),
+             args.emit_allowlist, "--emit-allowlist")
+    return code
+
+
+def _verdict(result: ProbeResult, code: ExitCode) -> str:
+    done = "" if result.complete else ", incomplete"
+    return (f"{'FAIL' if code else 'PASS'} ({len(result.bits)} bits, {len(result.failures)} "
+            f"failing, {result.tds} TDs{done})")
 
 
 def _end_progress(tty: bool) -> None:

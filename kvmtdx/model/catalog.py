@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-from kvmtdx.model.values import bundled_json, parse_int
+from kvmtdx.jsonfile import parse_int
+from kvmtdx.model.profiles import bundled_json
 from kvmtdx.structs import NO_SUBLEAF, REGISTERS
 
 DATA_FILE = "feature-names.json"

@@ -16,13 +16,16 @@ import json
 from importlib import resources
 from typing import Any
 
+from kvmtdx import jsonfile
 from kvmtdx.errors import DataError
+from kvmtdx.jsonfile import flag, hex64, objects, parse_int, sub, text
 from kvmtdx.model.tdx_host import Host
-from kvmtdx.model.tdx_module_tables import Regs
-from kvmtdx.model.values import load_json, parse_int
+from kvmtdx.model.values import Regs, parse_regs
 from kvmtdx.structs import NO_SUBLEAF, REGISTERS
 
 BUNDLED_HOSTS: tuple[str, ...] = ("max",)
+_HOST_FIELDS = ("name", "cpuid", "xfam_supported", "ept_5level", "tsx_ctrl", "tdx_io")
+_ENTRY_FIELDS = ("leaf", "function", "subleaf", "index", "regs", *REGISTERS)
 
 
 def _subleaf(value: Any, where: str) -> int | None:
@@ -34,46 +37,35 @@ def _subleaf(value: Any, where: str) -> int | None:
 
 def _regs(e: dict[str, Any], where: str) -> Regs:
     if "regs" in e:
-        regs = e["regs"]
-        if not isinstance(regs, list) or len(regs) != 4:
-            raise DataError(f"{where}.regs: expected [eax, ebx, ecx, edx]")
-        values = [parse_int(v, f"{where}.regs[{i}]", 32) for i, v in enumerate(regs)]
-    else:
-        values = [parse_int(e.get(r, 0), f"{where}.{r}", 32) for r in REGISTERS]
-    return (values[0], values[1], values[2], values[3])
+        if any(r in e for r in REGISTERS):
+            raise DataError(f"{where}: give either 'regs' or eax..edx, not both")
+        return parse_regs(e["regs"], sub(where, "regs"))
+    a, b, c, d = (parse_int(e.get(r, 0), sub(where, r), 32) for r in REGISTERS)
+    return (a, b, c, d)
 
 
-def _native(data: dict[str, Any], origin: str) -> dict[tuple[int, int | None], Regs]:
-    cpuid = data.get("cpuid", [])
-    if not isinstance(cpuid, list):
-        raise DataError(f"{origin}: field 'cpuid' must be a list")
+def _native(value: Any, where: str) -> dict[tuple[int, int | None], Regs]:
     native: dict[tuple[int, int | None], Regs] = {}
-    for i, e in enumerate(cpuid):
-        w = f"{origin}: cpuid[{i}]"
-        if not isinstance(e, dict):
-            raise DataError(f"{w}: must be an object")
-        leaf = parse_int(e.get("leaf", e.get("function")), f"{w}.leaf", 32)
-        native[(leaf, _subleaf(e.get("subleaf", e.get("index")), f"{w}.subleaf"))] = \
+    for w, e in objects(value, where):
+        jsonfile.check_fields(e, w, _ENTRY_FIELDS)
+        leaf = parse_int(e.get("leaf", e.get("function")), sub(w, "leaf"), 32)
+        native[(leaf, _subleaf(e.get("subleaf", e.get("index")), sub(w, "subleaf")))] = \
             _regs(e, w)
     return native
 
 
 def host_from_json(data: Any, origin: str) -> Host:
     """A host from either file layout; every error is one line naming `origin`."""
-    if not isinstance(data, dict):
-        raise DataError(f"{origin}: a host must be a JSON object")
-    for key in ("ept_5level", "tsx_ctrl", "tdx_io"):
-        if not isinstance(data.get(key, False), bool):
-            raise DataError(f"{origin}: field '{key}' must be true or false")
+    jsonfile.document(data, origin, "a host", _HOST_FIELDS)
     xfam = data.get("xfam_supported")
     return Host(
-        name=str(data.get("name", origin)),
-        native=_native(data, origin),
-        tsx_ctrl=bool(data.get("tsx_ctrl", False)),
-        ept_5level=bool(data.get("ept_5level", False)),
-        tdx_io=bool(data.get("tdx_io", False)),
-        about=str(data.get("about", "")),
-        kvm_xfam=None if xfam is None else parse_int(xfam, f"{origin}: xfam_supported"),
+        name=text(data, "name", origin, origin),
+        native=_native(data.get("cpuid", []), sub(origin, "cpuid")),
+        tsx_ctrl=flag(data, "tsx_ctrl", origin),
+        ept_5level=flag(data, "ept_5level", origin),
+        tdx_io=flag(data, "tdx_io", origin),
+        about=text(data, "about", origin, ""),
+        kvm_xfam=None if xfam is None else parse_int(xfam, sub(origin, "xfam_supported")),
     )
 
 
@@ -85,7 +77,7 @@ def host_to_json(h: Host) -> dict[str, Any]:
         out["about"] = h.about
     out.update({"tsx_ctrl": h.tsx_ctrl, "ept_5level": h.ept_5level, "tdx_io": h.tdx_io})
     if h.kvm_xfam is not None:
-        out["xfam_supported"] = f"0x{h.kvm_xfam:x}"
+        out["xfam_supported"] = hex64(h.kvm_xfam)
     out["cpuid"] = [{"leaf": f"0x{k[0]:x}", "subleaf": k[1],
                      "regs": [f"0x{v:08x}" for v in h.native[k]]} for k in keys]
     return out
@@ -106,7 +98,7 @@ def load_host(name_or_file: str = "max") -> Host:
     """A bundled host by name, or a host JSON file."""
     if name_or_file in BUNDLED_HOSTS:
         return bundled_host(name_or_file)
-    return host_from_json(load_json(name_or_file), name_or_file)
+    return host_from_json(jsonfile.load(name_or_file), name_or_file)
 
 
 # The host every command assumes unless told otherwise: a constructed Sapphire Rapids

@@ -174,7 +174,7 @@ def outcome_of(result: MngInitResult, module: ModuleProfile, host: Host, policy:
     check = RULE_CHECKS.get(result.rule, f"module_{result.rule}")
     out = Outcome.classify(-kvm.errno, kvm.hw_error, check=check, decider=Decider.MODULE,
                            **where)
-    return out, kvm.warns, kvm.warns and policy.module_error_bugs_vm
+    return out, kvm.warns, kvm.warns and policy.module_error_kills_vm
 
 
 def module_prediction(module: ModuleProfile, host: Host, policy: Policy, params: TdParams,

@@ -12,7 +12,10 @@ import functools
 from dataclasses import dataclass, replace
 from typing import Any
 
+from kvmtdx import jsonfile
 from kvmtdx.errors import DataError
+from kvmtdx.jsonfile import objects, parse_int
+from kvmtdx.model.profiles import bundled_json
 from kvmtdx.model.rules import (
     ANY,
     FULL,
@@ -23,7 +26,6 @@ from kvmtdx.model.rules import (
     Denylist,
     key_matches,
 )
-from kvmtdx.model.values import bundled_json, load_json, parse_int
 from kvmtdx.structs import REGISTERS
 
 
@@ -62,61 +64,71 @@ def _sub(value: Any, where: str) -> int:
     return 0 if n == 0xFFFFFFFF else n
 
 
+_ALLOWLIST_FIELDS = ("name", "provenance", "allowed", "passthrough")
+_ALLOWED_FIELDS = ("leaf", "subleaf", "register", "bits", "mask")
+_PASSTHROUGH_FIELDS = ("leaf", "subleaf", "register")
+ALLOWLIST_KIND = "allowlist"  # the kind `probe --emit-allowlist` writes
+
+
+def _register(e: dict[str, Any], w: str, default: str | None = None) -> str:
+    reg = e.get("register", default)
+    if reg not in REGISTERS and not (default == "*" and reg == "*"):
+        either = "'*' or one of " if default == "*" else "one of "
+        raise DataError(f"{w}.register: must be {either}{', '.join(REGISTERS)}")
+    return str(reg)
+
+
+def _bits(e: dict[str, Any], w: str, key: tuple[int, int, str],
+          names: dict[tuple[int, int, str, int], str]) -> int:
+    """The mask an `allowed` entry gives: bits by number (with names) or a mask."""
+    bits = e.get("bits")
+    mask = 0
+    if isinstance(bits, dict):
+        for b, nm in bits.items():
+            bit = parse_int(b, f"{w}.bits key", 5)
+            if not isinstance(nm, str):
+                raise DataError(f"{w}.bits.{b}: expected a name (a string), got "
+                                f"{jsonfile.type_name(nm)}")
+            mask |= 1 << bit
+            names[(key[0], key[1], key[2], bit)] = nm
+    elif isinstance(bits, list):
+        for j, b in enumerate(bits):
+            mask |= 1 << parse_int(b, f"{w}.bits[{j}]", 5)
+    elif "mask" in e and bits is None:
+        mask = parse_int(e["mask"], f"{w}.mask", 32)
+    else:
+        raise DataError(f"{w}: needs 'bits' (object or list of bit numbers) or 'mask'")
+    return mask
+
+
+def _passthrough(data: dict[str, Any], origin: str) -> frozenset[tuple[int, int, str]]:
+    # Without a list of its own, an allowlist passes the value registers kvmtdx knows.
+    if "passthrough" not in data:
+        return frozenset(VALUE_REGISTERS)
+    out: set[tuple[int, int, str]] = set()
+    for w, e in objects(data["passthrough"], jsonfile.sub(origin, "passthrough")):
+        jsonfile.check_fields(e, w, _PASSTHROUGH_FIELDS)
+        out.add((parse_int(e.get("leaf"), f"{w}.leaf", 32), _sub(e.get("subleaf"), f"{w}.subleaf"),
+                 _register(e, w, "*")))
+    return frozenset(out)
+
+
 def allowlist_from_json(data: Any, origin: str) -> Allowlist:
-    if not isinstance(data, dict):
-        raise DataError(f"{origin}: an allowlist must be a JSON object")
+    jsonfile.document(data, origin, "an allowlist", _ALLOWLIST_FIELDS, kind=ALLOWLIST_KIND)
     allowed: dict[tuple[int, int, str], int] = {}
     names: dict[tuple[int, int, str, int], str] = {}
-    entries = data.get("allowed")
-    if not isinstance(entries, list):
+    if "allowed" not in data:
         raise DataError(f"{origin}: field 'allowed' must be a list")
-    for i, e in enumerate(entries):
-        w = f"{origin}: allowed[{i}]"
-        if not isinstance(e, dict):
-            raise DataError(f"{w}: must be an object")
-        leaf = parse_int(e.get("leaf"), f"{w}.leaf", 32)
-        sub = _sub(e.get("subleaf"), f"{w}.subleaf")
-        reg = e.get("register")
-        if reg not in REGISTERS:
-            raise DataError(f"{w}.register: must be one of {', '.join(REGISTERS)}")
-        bits = e.get("bits")
-        mask = 0
-        if isinstance(bits, dict):
-            for b, nm in bits.items():
-                bit = parse_int(b, f"{w}.bits key", 5)
-                mask |= 1 << bit
-                names[(leaf, sub, str(reg), bit)] = str(nm)
-        elif isinstance(bits, list):
-            for j, b in enumerate(bits):
-                mask |= 1 << parse_int(b, f"{w}.bits[{j}]", 5)
-        elif "mask" in e:
-            mask = parse_int(e["mask"], f"{w}.mask", 32)
-        else:
-            raise DataError(f"{w}: needs 'bits' (object or list of bit numbers) or 'mask'")
-        key = (leaf, sub, str(reg))
-        allowed[key] = allowed.get(key, 0) | mask
-    # Without a list of its own, an allowlist passes the value registers kvmtdx knows.
-    passthrough = set() if "passthrough" in data else set(VALUE_REGISTERS)
-    pt = data.get("passthrough", [])
-    if not isinstance(pt, list):
-        raise DataError(f"{origin}: field 'passthrough' must be a list")
-    for i, e in enumerate(pt):
-        w = f"{origin}: passthrough[{i}]"
-        if not isinstance(e, dict):
-            raise DataError(f"{w}: must be an object")
-        reg = e.get("register", "*")
-        if reg != "*" and reg not in REGISTERS:
-            raise DataError(f"{w}.register: must be '*' or one of {', '.join(REGISTERS)}")
-        passthrough.add(
-            (parse_int(e.get("leaf"), f"{w}.leaf", 32), _sub(e.get("subleaf"), f"{w}.subleaf"),
-             str(reg))
-        )
-    name = data.get("name", origin)
+    for w, e in objects(data["allowed"], jsonfile.sub(origin, "allowed")):
+        jsonfile.check_fields(e, w, _ALLOWED_FIELDS)
+        key = (parse_int(e.get("leaf"), f"{w}.leaf", 32), _sub(e.get("subleaf"), f"{w}.subleaf"),
+               _register(e, w))
+        allowed[key] = allowed.get(key, 0) | _bits(e, w, key, names)
     return Allowlist(
-        name=str(name),
-        provenance=str(data.get("provenance", f"loaded from {origin}")),
+        name=jsonfile.text(data, "name", origin, origin),
+        provenance=jsonfile.text(data, "provenance", origin, f"loaded from {origin}"),
         allowed=allowed,
-        passthrough=frozenset(passthrough),
+        passthrough=_passthrough(data, origin),
         names=names,
     )
 
@@ -155,7 +167,7 @@ def bundled_allowlist() -> Allowlist:
 
 
 def load_allowlist(path: str) -> Allowlist:
-    return allowlist_from_json(load_json(path), path)
+    return allowlist_from_json(jsonfile.load(path), path)
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,10 +192,10 @@ class Policy:
     # principle, both): what KVM hides and refuses beyond the module's own rules.
     denylist: Denylist | None
     allowlist: Allowlist | None
-    # A TDH.MNG.INIT status other than TDX_OPERAND_INVALID: -EIO and a WARN_ON_ONCE splat
-    # on every kernel; from the TDX_BUG_ON conversion (read in Linux 7.3) KVM also marks
-    # the VM bugged, so every later ioctl on it fails.  Linux 6.16 does not.
-    module_error_bugs_vm: bool = True
+    # A TDH.MNG.INIT status other than an invalid operand: Linux 6.19 on reports it
+    # with TDX_BUG_ON_1, which marks the VM bugged (every later VM ioctl -EIO);
+    # Linux 6.16 only warned, and the TD could take another INIT_VM.
+    module_error_kills_vm: bool = True
 
     @property
     def allowlist_name(self) -> str | None:
@@ -209,7 +221,7 @@ POLICIES: tuple[Policy, ...] = (
         name="upstream-6.16", kernels="Linux 6.16",
         description="HLE/RTM/WAITPKG denylist; capabilities echo the caller's header",
         caps_echoes_caller=True, caps_writes_cmd_back=True, user_tdvmcallinfo_1_r11=0x3,
-        denylist=TSX_WAITPKG_DENYLIST, allowlist=None, module_error_bugs_vm=False,
+        denylist=TSX_WAITPKG_DENYLIST, allowlist=None, module_error_kills_vm=False,
     ),
     Policy(
         name="upstream", kernels="Linux 6.19 to 7.3",

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kvmtdx import jsonfile
 from kvmtdx.errors import DataError
+from kvmtdx.jsonfile import objects, parse_int, sub, text
 from kvmtdx.model.host_files import MAX_HOST, host_from_json, host_to_json, load_host
 from kvmtdx.model.tdx_host import Host, enumerate_config, host_problems, reported_xfam_fixed0
 from kvmtdx.model.tdx_module_tables import (
@@ -31,20 +33,13 @@ from kvmtdx.model.tdx_module_tables import (
     load_tables,
     with_configurable,
 )
-from kvmtdx.model.values import (
-    ZERO_REGS,
-    Regs,
-    bundled_json,
-    load_json,
-    parse_int,
-    parse_regs,
-)
-from kvmtdx.structs import NO_SUBLEAF
+from kvmtdx.model.values import ZERO_REGS, Regs, bundled_json, parse_regs
+from kvmtdx.structs import KVM_MAX_CPUID_ENTRIES, NO_SUBLEAF
 
 __all__ = ["BUNDLED_MODULES", "MAX_HOST", "ZERO_REGS", "CpuidRow", "Host", "ModuleProfile",
            "Regs", "bundled_json", "enumerated", "host_from_json", "host_to_json",
-           "load_host", "load_json", "load_profile", "parse_int", "parse_regs",
-           "profile_from_json", "profile_of", "profile_to_json"]
+           "load_host", "load_profile", "parse_regs", "profile_from_json", "profile_of",
+           "profile_to_json"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,7 +195,7 @@ def load_profile(name_or_file: str) -> ModuleProfile:
     if is_bundled(name_or_file):
         return _bundled(name_or_file)
     if name_or_file.endswith(".json") or Path(name_or_file).exists():
-        return profile_from_json(load_json(name_or_file), name_or_file)
+        return profile_from_json(jsonfile.load(name_or_file), name_or_file)
     raise DataError(f"unknown TDX module {name_or_file!r}: use one of {MODULE_CHOICES} "
                     "or a module profile JSON file")
 
@@ -216,15 +211,17 @@ def _subleaf(value: Any, where: str) -> int | None:
     return None if n == NO_SUBLEAF else n
 
 
-def _file_rows(rows_in: Any, origin: str) -> tuple[list[ConfigRow], list[Regs]]:
-    if not isinstance(rows_in, list) or not rows_in:
-        raise DataError(f"{origin}: field 'rows' must be a non-empty list")
+_PROFILE_FIELDS = ("name", "source", "base", "rows")
+_ROW_FIELDS = ("leaf", "subleaf", "config_direct", "allow_direct", "unknown")
+PROFILE_KIND = "module-profile"  # the kind `caps --save-module` writes
+
+
+def _file_rows(value: Any, where: str) -> tuple[list[ConfigRow], list[Regs]]:
+    """The CPUID_CONFIG rows, and per row the bits whose configurability is unknown."""
     rows: list[ConfigRow] = []
     unknown: list[Regs] = []
-    for i, r in enumerate(rows_in):
-        w = f"{origin}: rows[{i}]"
-        if not isinstance(r, dict):
-            raise DataError(f"{w}: must be an object")
+    for w, r in objects(value, where):
+        jsonfile.check_fields(r, w, _ROW_FIELDS)
         for key in ("leaf", "config_direct", "allow_direct"):
             if key not in r:
                 raise DataError(f"{w}: missing field '{key}'")
@@ -234,30 +231,36 @@ def _file_rows(rows_in: Any, origin: str) -> tuple[list[ConfigRow], list[Regs]]:
                               allow_direct=parse_regs(r["allow_direct"], f"{w}.allow_direct"),
                               lookup_index=-1))
         unknown.append(parse_regs(r.get("unknown", [0, 0, 0, 0]), f"{w}.unknown"))
+    if not rows:
+        raise DataError(f"{where}: must list at least one row")
+    # KVM_TDX_CAPABILITIES and INIT_VM carry at most this many entries: a profile with
+    # more could only ever end in E2BIG, which would read as the kernel's failure.
+    if len(rows) > KVM_MAX_CPUID_ENTRIES:
+        raise DataError(f"{where}: {len(rows)} rows; KVM takes at most {KVM_MAX_CPUID_ENTRIES} "
+                        "CPUID entries (KVM_MAX_CPUID_ENTRIES)")
     return rows, unknown
 
 
 def profile_from_json(data: Any, origin: str) -> ModuleProfile:
     """A profile file: `base` (a bundled module version whose rules it runs), `name`,
     `source`, and optionally `rows` replacing the base's CPUID_CONFIG rows."""
-    if not isinstance(data, dict):
-        raise DataError(f"{origin}: a module profile must be a JSON object")
+    jsonfile.document(data, origin, "a module profile", _PROFILE_FIELDS, kind=PROFILE_KIND)
     base = data.get("base")
     if not isinstance(base, str) or not is_bundled(base):
-        raise DataError(f"{origin}: field 'base' must name the module version whose rules the "
+        raise DataError(f"{sub(origin, 'base')}: must name the module version whose rules the "
                         f"profile runs ({MODULE_CHOICES}); TDH.MNG.INIT differs per version")
-    name = data.get("name", Path(origin).stem)
-    if not isinstance(name, str) or not name:
+    name = text(data, "name", origin, Path(origin).stem)
+    if not name:
         raise DataError(f"{origin}: field 'name' must be a non-empty string")
     tables = load_tables(base)
     unknown: list[Regs] = []
     if "rows" in data:
-        rows, unknown = _file_rows(data["rows"], origin)
+        rows, unknown = _file_rows(data["rows"], sub(origin, "rows"))
         try:
             tables = with_configurable(tables, rows)
         except TablesError as e:
-            raise DataError(f"{origin}: {e}") from None
-    source = str(data.get("source", origin))
+            raise DataError(f"{sub(origin, 'rows')}: {e}") from None
+    source = text(data, "source", origin, origin)
     return profile_of(tables, name, f"{source} (rules of module {tables.version})",
                       tuple(unknown) if any(any(u) for u in unknown) else ())
 

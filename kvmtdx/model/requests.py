@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from kvmtdx import jsonfile
 from kvmtdx.errors import DataError
-from kvmtdx.model.values import load_json, parse_int
+from kvmtdx.jsonfile import hex64, parse_int
 from kvmtdx.structs import REGISTERS, CpuidEntry, InitVm
 
 
@@ -33,7 +34,7 @@ _TOP_KEYS = frozenset(
     | {name for name, _ in _WORD_FIELDS}
 )
 # Free-text keys people put in hand-written files; ignored rather than refused.
-_NOTE_KEYS = frozenset({"name", "about", "comment", "description", "why"})
+_NOTE_KEYS = frozenset({"name", "why", *jsonfile.NOTE_KEYS})
 _ENTRY_KEYS = frozenset({"function", "index", "flags", "padding", *REGISTERS})
 
 
@@ -70,12 +71,7 @@ def _entry(value: Any, where: str) -> CpuidEntry:
 
 def request_from_json(data: Any, origin: str) -> Request:
     """A Request from parsed JSON; `origin` (a file name) prefixes every error."""
-    if not isinstance(data, dict):
-        raise DataError(f"{origin}: a request must be a JSON object")
-    for key in data:
-        if key not in _TOP_KEYS and key not in _NOTE_KEYS and not str(key).startswith("_"):
-            raise DataError(f"{origin}: {key}: unknown field (expected one of "
-                            f"{', '.join(sorted(_TOP_KEYS))})")
+    jsonfile.document(data, origin, "a request", _TOP_KEYS, notes=_NOTE_KEYS)
     for key in ("attributes", "xfam", "cpuid"):
         if key not in data:
             raise DataError(f"{origin}: {key}: missing")
@@ -104,7 +100,7 @@ def request_from_json(data: Any, origin: str) -> Request:
 
 
 def load_request(path: str) -> Request:
-    return request_from_json(load_json(path), path)
+    return request_from_json(jsonfile.load(path), path)
 
 
 def _hx(value: int) -> str:
@@ -124,15 +120,15 @@ def entry_to_json(e: CpuidEntry) -> dict[str, Any]:
 def request_to_json(req: Request) -> dict[str, Any]:
     """The JSON form request_from_json reads back; fields at their default are left out."""
     iv = req.init_vm
-    out: dict[str, Any] = {"attributes": _hx(iv.attributes), "xfam": _hx(iv.xfam)}
+    out: dict[str, Any] = {"attributes": hex64(iv.attributes), "xfam": hex64(iv.xfam)}
     if req.flags:
         out["flags"] = _hx(req.flags)
     if req.hw_error:
-        out["hw_error"] = _hx(req.hw_error)
+        out["hw_error"] = hex64(req.hw_error)
     for name, _ in _WORD_FIELDS:
         words: tuple[int, ...] = getattr(iv, name)
         if any(words):
-            out[name] = [_hx(w) for w in words]
+            out[name] = [hex64(w) for w in words]
     if iv.cpuid_padding:
         out["padding"] = _hx(iv.cpuid_padding)
     if iv.nent is not None:

@@ -2,13 +2,15 @@
 
 Domain types (Outcome, BitRef, Capabilities, Policy) know nothing of JSON; each
 is written here, once, so every report spells it the same way (leaves as hex
-strings where a bit is named, integers where predict's capabilities are).
+strings where a bit is named, integers where predict's capabilities are, 64-bit
+words always as "0x" + 16 hex digits: jsonfile.hex64).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from kvmtdx.jsonfile import hex64
 from kvmtdx.model.catalog import BitRef
 from kvmtdx.model.policy import Policy
 from kvmtdx.outcome import Outcome
@@ -20,7 +22,7 @@ def outcome_json(o: Outcome) -> dict[str, Any]:
     return {
         "outcome": o.kind.value,
         "errno": o.errno_name,
-        "hw_error": o.hw_error,
+        "hw_error": hex64(o.hw_error),
         "check": o.check,
         "leaf": o.leaf,
         "subleaf": o.subleaf,
@@ -40,14 +42,15 @@ def entry_json(e: CpuidEntry) -> dict[str, int]:
 
 
 def capabilities_json(caps: Capabilities) -> dict[str, Any]:
-    """KVM_TDX_CAPABILITIES with the uapi's field names, as integers (caps, predict, probe)."""
+    """KVM_TDX_CAPABILITIES with the uapi's field names (caps, predict, probe): the 64-bit
+    words as hex strings, the 32-bit CPUID words as integers."""
     return {
-        "supported_attrs": caps.supported_attrs,
-        "supported_xfam": caps.supported_xfam,
-        "kernel_tdvmcallinfo_1_r11": caps.kernel_tdvmcallinfo_1_r11,
-        "user_tdvmcallinfo_1_r11": caps.user_tdvmcallinfo_1_r11,
-        "kernel_tdvmcallinfo_1_r12": caps.kernel_tdvmcallinfo_1_r12,
-        "user_tdvmcallinfo_1_r12": caps.user_tdvmcallinfo_1_r12,
+        "supported_attrs": hex64(caps.supported_attrs),
+        "supported_xfam": hex64(caps.supported_xfam),
+        "kernel_tdvmcallinfo_1_r11": hex64(caps.kernel_tdvmcallinfo_1_r11),
+        "user_tdvmcallinfo_1_r11": hex64(caps.user_tdvmcallinfo_1_r11),
+        "kernel_tdvmcallinfo_1_r12": hex64(caps.kernel_tdvmcallinfo_1_r12),
+        "user_tdvmcallinfo_1_r12": hex64(caps.user_tdvmcallinfo_1_r12),
         "cpuid": [entry_json(e) for e in caps.entries],
     }
 

@@ -32,9 +32,15 @@ def skip_all(reason: str) -> str:
     return f"KTAP version 1\n1..0 # SKIP {text(reason)}\n"
 
 
-def render(header: Sequence[str], cases: Sequence[Case], *, bail_out: str | None = None) -> str:
-    """A KTAP document: `header` lines go out as `# ` comments before the plan."""
-    out = ["KTAP version 1", *(f"# {text(h)}" for h in header), f"1..{len(cases)}"]
+def render(header: Sequence[str], cases: Sequence[Case], *, bail_out: str | None = None,
+           plan: int | None = None) -> str:
+    """A KTAP document: `header` lines go out as `# ` comments before the plan.
+
+    A run cut short gives `bail_out` (why) and `plan`, the cases it meant to run, so
+    a runner sees both that it stopped and what is missing.
+    """
+    planned = len(cases) if plan is None else plan
+    out = ["KTAP version 1", *(f"# {text(h)}" for h in header), f"1..{planned}"]
     for n, c in enumerate(cases, 1):
         if c.status == Status.FAIL:
             out.append(f"# {c.name}: {text(c.detail)}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+from kvmtdx.jsonfile import hex64
 from kvmtdx.model.policy import allowlist_to_json
 from kvmtdx.outcome import Outcome
 from kvmtdx.probe import BitClass, BitResult, ProbeResult, effective_allowlist
@@ -23,7 +24,7 @@ def row_label(leaf: int, index: int, rows: tuple[CpuidEntry, ...]) -> str:
 def _outcome_json(o: Outcome | None) -> dict[str, Any] | None:
     if o is None:
         return None
-    return {"outcome": o.kind.value, "errno": o.errno_name, "hw_error": o.hw_error}
+    return {"outcome": o.kind.value, "errno": o.errno_name, "hw_error": hex64(o.hw_error)}
 
 
 def result_to_json(r: ProbeResult) -> dict[str, Any]:
@@ -37,8 +38,8 @@ def result_to_json(r: ProbeResult) -> dict[str, Any]:
         "tds": r.tds,
         "ioctls": r.ioctls,
         "seconds": round(r.seconds, 3),
-        "supported_attrs": r.caps.supported_attrs,
-        "supported_xfam": r.caps.supported_xfam,
+        "supported_attrs": hex64(r.caps.supported_attrs),
+        "supported_xfam": hex64(r.caps.supported_xfam),
         "capabilities": capabilities_json(r.caps),
         "summary": r.counts(),
         "untested": r.untested,

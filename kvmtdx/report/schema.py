@@ -20,7 +20,7 @@ from typing import Any
 
 from kvmtdx import __version__
 from kvmtdx.errors import DataError
-from kvmtdx.model.values import load_json
+from kvmtdx.jsonfile import load as load_json
 from kvmtdx.report import to_json
 
 SCHEMA = 1

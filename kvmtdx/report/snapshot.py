@@ -13,7 +13,7 @@ from typing import Any
 
 from kvmtdx.diff import Key, Snapshot
 from kvmtdx.errors import DataError
-from kvmtdx.model.values import parse_int
+from kvmtdx.jsonfile import parse_int
 from kvmtdx.report.schema import ReportKind, expect, read_report
 from kvmtdx.structs import REGISTERS
 

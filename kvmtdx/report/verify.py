@@ -9,6 +9,7 @@ no TDX is a skip in every format, with the reason.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from kvmtdx import __version__, verdict
@@ -55,6 +56,13 @@ def _facts(report: VerifyReport) -> list[tuple[str, str]]:
 def _counts(report: VerifyReport) -> str:
     s = report.summary
     return f"{s.passed} passed, {s.failed} failed, {s.skipped} skipped of {s.total} checks"
+
+
+def verdict_line(report: VerifyReport) -> str:
+    """The outcome in one line: "FAIL (35 passed, 3 failed, 3 skipped of 41 checks)"."""
+    if report.skip_reason is not None:
+        return f"SKIP ({_one_line(report.skip_reason)})"
+    return f"{report.verdict.upper()} ({_counts(report)})"
 
 
 # ---------------------------------------------------------------------------
@@ -105,11 +113,21 @@ def render_ktap(report: VerifyReport) -> str:
         return ktap.skip_all(report.skip_reason)
     header = [f"kvmtdx {__version__} verify: {_counts(report)}"]
     header += [f"{k}: {v}" for k, v in _facts(report)]
-    cases = [ktap.Case(c.id, c.status, c.detail,
-                       (f"expected: {c.expected}", f"actual: {c.actual}")
-                       if c.expected or c.actual else ())
-             for c in report.checks]
-    return ktap.render(header, cases)
+    return ktap.render(header, [_ktap_case(c) for c in report.checks])
+
+
+def _ktap_case(c: CheckResult) -> ktap.Case:
+    return ktap.Case(c.id, c.status, c.detail,
+                     (f"expected: {c.expected}", f"actual: {c.actual}")
+                     if c.expected or c.actual else ())
+
+
+def interrupted_ktap(done: Sequence[CheckResult], planned: int, backend: str, why: str) -> str:
+    """The checks done before the run was stopped (`why`: interrupted, terminated), the plan
+    it had, and `Bail out!`, so a KTAP runner records the run as cut short."""
+    stopped = f"{why} after {len(done)} of {planned} checks"
+    return ktap.render([f"kvmtdx {__version__} verify: {stopped}", f"backend: {backend}"],
+                       [_ktap_case(c) for c in done], bail_out=stopped, plan=planned)
 
 
 # ---------------------------------------------------------------------------

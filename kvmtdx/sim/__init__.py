@@ -5,7 +5,8 @@ policy, running a given TDX module on a given CPU, answers them.  It is
 written as operational code in the kernel's own order (Linux 7.3
 arch/x86/kvm/vmx/tdx.c and cpuid.c; the behaviour contract, sections 3 and 4),
 reads and writes the caller's memory at the addresses it is handed, and keeps
-per-VM state (initialised or not, the TDX key ID a TD holds).
+per-VM state (initialised or not, dead after a module error, the TDX key ID a TD
+holds).
 
 It deliberately knows nothing of `kvmtdx.model.mirror` (nor of the rules and
 request builders the mirror uses): the mirror predicts, this package behaves,

@@ -102,6 +102,70 @@ CAPS_HEADER_NOT_ECHOED = _mutant(
     "caps_header_not_echoed", ("upstream-6.16",),
     "capabilities zero the header words 6.16 echoes from the caller")
 
+# Bugs the suite's "both directions, whole domains, lifecycle" checks exist for: each is
+# caught by exactly one check (tests/test_verify_breadth.py holds them to that).
+LOOKUP_RESUMES_AFTER_FLAGGED_MATCH = _mutant(
+    "lookup_resumes_after_flagged_match", _ALL,
+    "the CPUID lookup resumes a leaf's search after that leaf's last flagged match "
+    "(assumes sub-leaves arrive in ascending order)")
+FLAGS_COMPARED_WHOLE = _mutant(
+    "flags_compared_whole", _ALL,
+    "the CPUID lookup takes an entry's index as significant only when flags is exactly 1: "
+    "other flag bits make it match every sub-leaf")
+NO_SUBLEAF_INDEX_CHECKED = _mutant(
+    "no_subleaf_index_checked", _ALL,
+    "an entry for a leaf without sub-leaves must carry index 0, though the lookup ignores it")
+STEERED_ENTRY_REFUSED = _mutant(
+    "steered_entry_refused", _ALL,
+    "a bypass fix gone too far: an unflagged entry the lookup lands on a row of another "
+    "index, in a leaf with several rows, is refused whatever it carries")
+INIT_VM_VALUE_REGISTERS_FILTERED = _mutant(
+    "init_vm_value_registers_filtered", _RFC_V2,
+    "capabilities pass value registers unfiltered but the INIT_VM allowlist check treats "
+    "them as features: a realistic non-zero value is refused")
+RESERVED_CHECK_COVERS_MROWNERCONFIG = _mutant(
+    "reserved_check_covers_mrownerconfig", _ALL,
+    "INIT_VM's reserved check starts at MROWNERCONFIG: a non-zero measurement is refused")
+ATTRIBUTES_CHECKED_32_BITS = _mutant(
+    "attributes_checked_32_bits", _ALL,
+    "INIT_VM checks only attributes bits 0-31 against supported_attrs: PERFMON (63) "
+    "reaches the module")
+XFAM_CHECKED_32_BITS = _mutant(
+    "xfam_checked_32_bits", _ALL,
+    "INIT_VM checks only XFAM bits 0-31 against supported_xfam: the module refuses the rest")
+GPAW_RANGE_CHECK = _mutant(
+    "gpaw_range_check", _ALL,
+    "GPAW accepted anywhere from 48 to 52, a range instead of the two widths")
+NENT_SIGNED_COMPARE = _mutant(
+    "nent_signed_compare", _ALL,
+    "INIT_VM compares nent as a signed int: 0x80000000 and above pass the limit and the "
+    "copy fails with ENOMEM instead of E2BIG")
+RESERVED_LOW_HALVES_ONLY = _mutant(
+    "reserved_low_halves_only", _ALL,
+    "INIT_VM's reserved check reads each word as 32 bits: upper halves go unchecked")
+ALLOWLIST_STEERED_BY_ENTRY_INDEX = _mutant(
+    "allowlist_steered_by_entry_index", _RFC_V2,
+    "the INIT_VM allowlist judges an unflagged entry by its own index on every row but 7.0 "
+    "(the bypass fixed only where it was reported)")
+TD_STATE_SET_BEFORE_CHECKS = _mutant(
+    "td_state_set_before_checks", _ALL,
+    "INIT_VM marks the TD initialised before KVM's checks and clears it only when "
+    "TDH.MNG.INIT fails: a TD KVM refused can never be initialised")
+MODULE_REFUSAL_LEAVES_TD_INITIALIZED = _mutant(
+    "module_refusal_leaves_td_initialized", _ALL,
+    "the teardown after a TDH.MNG.INIT refusal leaves the TD marked initialised: a "
+    "corrected INIT_VM on it is refused")
+KEY_ID_HELD_AFTER_REFUSAL = _mutant(
+    "key_id_held_after_refusal", _ALL,
+    "after a TDH.MNG.INIT refusal the TD keeps its key ID until its fd is closed")
+CAPS_REFUSED_AFTER_INIT_VM = _mutant(
+    "caps_refused_after_init_vm", _ALL,
+    "KVM_TDX_CAPABILITIES refused (EINVAL) on a TD once it is initialised")
+TD_STATE_CHECKED_AFTER_COPY = _mutant(
+    "td_state_checked_after_copy", _ALL,
+    "INIT_VM checks that the TD is uninitialised only after reading the request: a second "
+    "INIT_VM with nent 257 gets E2BIG")
+
 # In the order `--simulate list` shows them.
 CATALOGUE: tuple[Mutant, ...] = tuple(_defined)
 BY_NAME: dict[str, Mutant] = {m.name: m for m in CATALOGUE}

@@ -21,6 +21,8 @@ class Vm:
     initialized: bool = False
     finalized: bool = False
     key_id: int | None = None
+    # kvm_vm_bugged: a TDH.MNG.INIT failure that was not the caller's operand.
+    dead: bool = False
 
     @property
     def is_td(self) -> bool:

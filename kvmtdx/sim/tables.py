@@ -57,6 +57,7 @@ class Row:
 
     leaf: int
     index: int  # the index KVM looks the row up by
+    subleaves: bool  # the module lists the row with a sub-leaf
     # Upstream's TSX/WAITPKG denylist can fire on what this row matches.
     denylist: bool
     # INIT_VM allowlist (rfc-v2): bits the module lists that KVM does not allow.
@@ -79,6 +80,10 @@ class CpuidTables:
             rows_of.setdefault(row.leaf, []).append((k, row.index))
         # Per CPUID function: (row number, index) of every row of that function.
         self.rows_of_function = {f: tuple(v) for f, v in rows_of.items()}
+        # The allowlist's refusals per (leaf, index), for a bug that looks them up by
+        # an entry's own index.
+        self.forbidden_at = {(r.leaf, r.index): r.forbidden for r in self.rows
+                             if r.checks_allowlist}
 
     def _index(self, row: ConfigRow) -> int:
         """The index KVM reports and looks a row up by."""
@@ -121,7 +126,10 @@ class CpuidTables:
     def _forbidden(self, allowlist: Allowlist, row: ConfigRow, kvm_index: int) -> Regs:
         regs = []
         for r, v in zip(REGISTERS, row.values, strict=True):
-            bad = v & ~self._allowed(allowlist, row.leaf, kvm_index, r)
+            allowed = self._allowed(allowlist, row.leaf, kvm_index, r)
+            if self.bug is mutants.INIT_VM_VALUE_REGISTERS_FILTERED:
+                allowed = allowlist.allowed.get((row.leaf, kvm_index, r), 0)
+            bad = v & ~allowed
             if row.leaf == GPAW_LEAF and r == "eax":
                 bad &= ~GPAW_FIELD  # GPAW has its own rule
             if self.bug is mutants.ALLOWLIST_SKIPS_7_0_EDX and (
@@ -138,6 +146,6 @@ class CpuidTables:
             checks, forbidden = True, self._forbidden(allowlist, row, kvm_index)
         # find() only returns entries of the row's own function, so the denylist
         # (leaf 7 index 0 of the matched entry) can only fire on leaf 7 rows.
-        return Row(leaf=row.leaf, index=self._index(row),
+        return Row(leaf=row.leaf, index=self._index(row), subleaves=row.subleaf != NO_SUBLEAF,
                    denylist=self.policy.denylist is not None and row.leaf == 7,
                    forbidden=forbidden, checks_allowlist=checks)

@@ -39,7 +39,7 @@ class Tdx:
         self.nent = len(conf.cpuid_config)
         self.caps_bytes = layout.pack_capabilities(self._capabilities())
         self.td_init = TdInit(self.tables, self.supported_attrs, self.supported_xfam, host,
-                              module, keys, bug)
+                              module, keys, bug, kills_vm=policy.module_error_kills_vm)
 
     def memory_encrypt_op(self, vm: Vm, arg: int) -> int:
         """tdx_vm_ioctl."""
@@ -48,6 +48,8 @@ class Tdx:
         if cmd.hw_error:
             raise fail(errno.EINVAL)
         if cmd.id == uapi.TdxCommand.KVM_TDX_CAPABILITIES:
+            if vm.initialized and self.bug is mutants.CAPS_REFUSED_AFTER_INIT_VM:
+                raise fail(errno.EINVAL)
             if not self.policy.caps_writes_cmd_back:
                 return self._get_capabilities(cmd)
             try:
