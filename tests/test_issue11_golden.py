@@ -130,7 +130,7 @@ def _args(case: Case, tmp_path: Path) -> list[str]:
 
 
 def _expected(case: Case) -> dict[str, Any]:
-    return {"outcome": case.outcome, "errno": case.errno, "hw_error": case.hw_error}
+    return {"outcome": case.outcome, "errno": case.errno, "hw_error": f"0x{case.hw_error:016x}"}
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)

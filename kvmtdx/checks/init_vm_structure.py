@@ -202,13 +202,14 @@ def init_vm_no_kernel_warn(ctx: Context) -> Verdict:
         done = "; ".join(f"{p.what}: {kernel_warn.answered(p)}" for p in provoked)
         return ok(f"refused without a kernel WARN: {done}{tail}", "refused, no WARN",
                   "; ".join(describe(p.outcome) for p in provoked))
-    p = wrong[0]
-    if not p.warned:
-        return bad(f"{p.what} was ACCEPTED: no module takes it{tail}", "refused, no WARN",
-                   "ACCEPTED")
-    return bad(f"{p.what}: {kernel_warn.answered(p)} with a kernel WARN ({p.evidence()}): a "
-               f"WARN userspace can trigger is a kernel bug{tail}", "refused, no WARN",
-               f"{describe(p.outcome)}, kernel WARN")
+    warned = [p for p in wrong if p.warned]
+    if not warned:
+        return bad(f"{wrong[0].what} was ACCEPTED: no module takes it{tail}",
+                   "refused, no WARN", "ACCEPTED")
+    said = "; ".join(f"{p.what}: {kernel_warn.answered(p)} with a kernel WARN ({p.evidence()})"
+                     for p in warned)
+    return bad(f"{said}: a WARN userspace can trigger is a kernel bug{tail}",
+               "refused, no WARN", f"{describe(warned[0].outcome)}, kernel WARN")
 
 
 # ---------------------------------------------------------------------------
