@@ -159,6 +159,9 @@ def kernel_source_backend(tree: str, patches: tuple[str, ...], module: ModulePro
                             key_ids=16 if key_ids is None else key_ids)
     failure = ks.seam.bringup_failure
     if failure is not None:
+        if not module.enumerates_topology:
+            failure += (f" (module {module.name} has no topology enumeration, "
+                        "TDX_FEATURES0.TOPOLOGY_ENUM, which Linux 6.16 and later require)")
         raise KvmError(failure, skip=True)
     return Backend(seam=ks.seam, label=ks.label,
                    simulation=Simulation(module=ks.module, host=ks.host, policy=None))

@@ -18,7 +18,7 @@ import pytest
 from kernelsrc_support import BYPASS, WARN, backend, copy_tree, failed, linux_tree, verify
 
 from kvmtdx.device import Kvm
-from kvmtdx.errors import ExitCode
+from kvmtdx.errors import ExitCode, KvmError
 from kvmtdx.kernelsrc import KernelSourceError, bundled_patches, open_backend
 from kvmtdx.kernelsrc.extract import TDX_C
 from kvmtdx.model import mirror
@@ -26,6 +26,7 @@ from kvmtdx.model.policy import bundled_allowlist, get_policy
 from kvmtdx.model.profiles import BUNDLED_MODULES, MAX_HOST, load_profile, profile_from_json
 from kvmtdx.model.requests import Request
 from kvmtdx.model.rules import ANY, VALUE_REGISTERS
+from kvmtdx.session import kernel_source_backend
 from kvmtdx.structs import FLAG_SIGNIFICANT_INDEX, CpuidEntry, InitVm
 
 COUNT_CHECK = "\tif (copy_cnt != cpuid->nent)\n\t\treturn -EINVAL;\n"
@@ -63,6 +64,9 @@ def test_7_3_does_not_enable_tdx_on_a_module_without_topology_enumeration(tree: 
     assert b.seam.bringup_failure is not None
     report = verify(b)
     assert report.skip_reason is not None and not report.checks
+    with pytest.raises(KvmError) as e:
+        kernel_source_backend(str(tree), (), load_profile("1.5.01"), MAX_HOST)
+    assert e.value.skip and "has no topology enumeration" in e.value.reason
 
 
 @pytest.mark.parametrize("module", TOPOLOGY_MODULES)
