@@ -286,8 +286,12 @@ def test_a_failed_module_call_returns_its_key_id_unless_a_mutant_leaks_it(
 
 SIM_PACKAGE = ROOT / "kvmtdx" / "sim"
 # The sim's independent reading must not borrow the mirror's: neither the
-# mirror itself nor the rules and request builders it is made of.
-FORBIDDEN = ("kvmtdx.model.mirror", "kvmtdx.model.rules", "kvmtdx.model.builders")
+# mirror itself nor the rules and request builders it is made of, nor the model's
+# reading of the TDX module (the sim has its own: tdx_module, tdx_platform, tdx_cpuid;
+# both read only the module's converted tables, kvmtdx.model.tdx_module_tables).
+FORBIDDEN = ("kvmtdx.model.mirror", "kvmtdx.model.rules", "kvmtdx.model.builders",
+             "kvmtdx.model.tdx_module", "kvmtdx.model.tdx_cpuid", "kvmtdx.model.tdx_topology",
+             "kvmtdx.model.tdx_host", "kvmtdx.model.tdx_status")
 FORBIDDEN_NAMES = {"__import__", "import_module", "mirror", "rules", "builders",
                    "predict_init_vm", "predict_capabilities"}
 
@@ -320,6 +324,9 @@ def test_the_independence_check_sees_a_borrowed_rule() -> None:
     assert borrowed("x = importlib.import_module(name)") == ["import_module"]
     assert borrowed("mask = rules.GPAW_FIELD") == ["rules"]
     assert borrowed("from kvmtdx.model.policy import Policy") == []
+    assert borrowed("from kvmtdx.model.tdx_module import mng_init") == [
+        "kvmtdx.model.tdx_module", "kvmtdx.model.tdx_module.mng_init"]
+    assert borrowed("from kvmtdx.model.tdx_module_tables import ModuleTables") == []
 
 
 @pytest.mark.parametrize("path", sorted(SIM_PACKAGE.glob("*.py")), ids=lambda p: p.name)
@@ -330,7 +337,7 @@ def test_sim_source_never_imports_the_mirror(path: Path) -> None:
 def test_the_independence_check_reads_the_whole_package() -> None:
     assert {p.name for p in SIM_PACKAGE.glob("*.py")} >= {
         "__init__.py", "host.py", "kvm.py", "tdx.py", "td_init.py", "tdx_module.py",
-        "mutants.py"}
+        "tdx_platform.py", "tdx_cpuid.py", "mutants.py"}
     assert not (ROOT / "kvmtdx" / "sim.py").exists()
 
 

@@ -59,7 +59,7 @@ class Kvm:
     def _vm_ioctl(self, vm: Vm, request: int, arg: int) -> int:
         """An ioctl on a VM fd (kvm_vm_ioctl)."""
         if vm.dead:
-            raise fail(errno.EIO)  # a bugged VM answers nothing else
+            raise fail(errno.EIO)  # kvm->vm_dead: refused before the ioctl is even looked at
         if request == uapi.Ioctl.KVM_CHECK_EXTENSION:
             return _check_extension(arg)
         if request == uapi.Ioctl.KVM_MEMORY_ENCRYPT_OP and vm.is_td:

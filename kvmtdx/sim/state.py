@@ -1,10 +1,13 @@
-"""What the simulated kernel keeps between calls: open files, VMs, TDX key IDs."""
+"""What the simulated kernel keeps between calls: open files, VMs, TDX key IDs, its log."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from kvmtdx import uapi
+
+Regs = tuple[int, int, int, int]
 
 _FIRST_KEY_ID = 32  # private HKIDs start above the host's shared ones
 
@@ -21,8 +24,13 @@ class Vm:
     initialized: bool = False
     finalized: bool = False
     key_id: int | None = None
-    # kvm_vm_bugged: a TDH.MNG.INIT failure that was not the caller's operand.
+    # kvm_vm_bugged (kvm->vm_dead): a TDH.MNG.INIT failure that was not the caller's
+    # operand; every later ioctl on the VM fd is -EIO.
     dead: bool = False
+    # The TD's CPUID as TDH.MNG.INIT left it in TDCS (what KVM_TDX_GET_CPUID reads), and
+    # the entries whose CPUID_VALID is 0; set once INIT_VM succeeded.
+    cpuid: Mapping[tuple[int, int | None], Regs] = field(default_factory=dict)
+    faulting: frozenset[tuple[int, int | None]] = frozenset()
 
     @property
     def is_td(self) -> bool:
@@ -48,3 +56,41 @@ class KeyIds:
     def release(self, key_id: int) -> None:
         self._free.append(key_id)
         self._free.sort()
+
+
+@dataclass(frozen=True, slots=True)
+class KernelWarning:
+    """A TDX_BUG_ON the simulated kernel hit (Linux 7.3 arch/x86/kvm/vmx/tdx.c __TDX_BUG_ON).
+
+    WARN_ON_ONCE prints its splat once per boot and call site (`splat`), but the
+    condition holds, the VM is marked bugged and the error line is logged every time.
+    """
+
+    seamcall: str
+    status: int
+    rcx: int
+    line: str  # what pr_err_ratelimited logs
+    splat: bool  # the first at this call site: the WARNING splat is printed
+    vm_dead: bool  # kvm_vm_bugged() (Linux 6.19 on)
+
+
+class KernelLog:
+    """What the simulated kernel reported: its WARNs, in order."""
+
+    def __init__(self) -> None:
+        self.events: list[KernelWarning] = []
+
+    @property
+    def warnings(self) -> int:
+        """How often a WARN_ON_ONCE condition held (each a kernel bug if userspace caused it)."""
+        return len(self.events)
+
+    def tdx_bug_on(self, seamcall: str, status: int, rcx: int, vm: Vm, kills_vm: bool) -> None:
+        """TDX_BUG_ON_1(status, seamcall, rcx, kvm) with a non-zero status on a live VM
+        (Linux 6.16: WARN_ON_ONCE and the error line, the VM left alive)."""
+        splat = all(e.seamcall != seamcall for e in self.events)
+        if kills_vm:
+            vm.dead = True
+        # pr_fmt is KBUILD_MODNAME ": ": tdx.c is part of kvm-intel.ko.
+        line = f"kvm_intel: SEAMCALL {seamcall} failed: 0x{status:x}, rcx 0x{rcx:x}"
+        self.events.append(KernelWarning(seamcall, status, rcx, line, splat, kills_vm))
