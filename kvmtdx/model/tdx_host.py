@@ -18,6 +18,7 @@ from kvmtdx.model.memo import per_object, per_pair
 from kvmtdx.model.tdx_module_tables import ZERO, ModuleTables, Regs, TablesError
 
 XSAVE_LEGACY_AND_HEADER = 576  # 512-byte legacy region + 64-byte XSAVE header
+PERFMON_EXT_LEAF = 0x23
 LEVEL_TYPE_SMT, LEVEL_TYPE_CORE = 1, 2
 DEFAULT_TSC_KHZ = 2_100_000  # what a host without leaf 0x15 is taken to run at
 
@@ -128,13 +129,23 @@ class Host:
 HostCpu = Host
 
 
+def _sampled(tables: ModuleTables, host: Host, leaf: int, subleaf: int | None) -> Regs:
+    """What check_cpuid_configurations stores of one leaf before complete_cpuid_handling."""
+    if not host.in_range(leaf):
+        return ZERO
+    if leaf == PERFMON_EXT_LEAF and tables.variant.sysinit_23_zeroed \
+            and not host.cpuid(7, 1)[0] >> 8 & 1:
+        return ZERO  # 2.0.08: "the CPU doesn't support leaf 0x23"
+    return host.cpuid(leaf, subleaf)
+
+
 @per_pair
 def sampled_native(tables: ModuleTables, host: Host) -> tuple[Regs, ...]:
     """Global CPUID_VALUES per lookup entry: read (0 out of range), FIXED0/DYNAMIC cleared,
     FIXED1 set (tdh_sys_init.c check_cpuid_configurations, helpers.c complete_cpuid_handling)."""
     out: list[Regs] = []
     for e in tables.lookup:
-        raw = host.cpuid(e.leaf, e.subleaf) if host.in_range(e.leaf) else ZERO
+        raw = _sampled(tables, host, e.leaf, e.subleaf)
         a, b, c, d = ((v & ~f) | s for v, f, s in zip(raw, e.fixed0_or_dynamic, e.fixed1,
                                                       strict=True))
         out.append((a, b, c, d))
@@ -208,6 +219,24 @@ def _verify_problems(tables: ModuleTables, host: Host) -> list[str]:
     return out
 
 
+def _perfmon_ext_problems(tables: ModuleTables, host: Host) -> list[str]:
+    """2.0.08: with PERFMON_EXT, a 0x23 sub-leaf 0x23.0 EAX does not list must read as zeros,
+    and 0x23.1 EBX must be the fixed-counter bitmap leaf 0xA gives."""
+    if not tables.variant.sysinit_23_zeroed or not host.cpuid(7, 1)[0] >> 8 & 1:
+        return []
+    listed = host.cpuid(PERFMON_EXT_LEAF, 0)[0]
+    out = [f"leaf 0x23.{e.subleaf}: not listed in 0x23.0 EAX, yet not zero "
+           "(TDX_INCORRECT_CPUID_VALUE)" for e in tables.lookup
+           if e.leaf == PERFMON_EXT_LEAF and e.subleaf and not listed >> e.subleaf & 1
+           and host.cpuid(e.leaf, e.subleaf) != ZERO]
+    _, _, a_ecx, a_edx = host.cpuid(0xA, None)
+    if listed >> 1 & 1 and host.cpuid(PERFMON_EXT_LEAF, 1)[1] != ((1 << (a_edx & 0x1F)) - 1
+                                                                  | a_ecx):
+        out.append("leaf 0x23.1 EBX is not leaf 0xA's fixed-counter bitmap "
+                   "(TDX_INCORRECT_CPUID_VALUE)")
+    return out
+
+
 def _value_problems(host: Host) -> list[str]:
     out = []
     a_eax, _, _, a_edx = host.cpuid(0xA, None)
@@ -247,4 +276,4 @@ def _topology_problems(tables: ModuleTables, host: Host) -> list[str]:
 def host_problems(tables: ModuleTables, host: Host) -> list[str]:
     """Why TDH.SYS.INIT of this module would refuse this CPU; empty when it initialises."""
     return [*_verify_problems(tables, host), *_value_problems(host),
-            *_topology_problems(tables, host)]
+            *_perfmon_ext_problems(tables, host), *_topology_problems(tables, host)]

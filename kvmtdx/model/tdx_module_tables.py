@@ -94,6 +94,9 @@ class RuleVariant:
     topology: str  # "none" (1.5.01), "1.5" (check_cpuid_1f), "2.0" (..._and_compute_cpuid_0b)
     faulting_leaves: bool  # CPUID_VALID = !faulting (1.5.x); every leaf valid (2.0)
     migratable_l2_cross_check: bool  # MIGRATABLE with L2 VMs refused (1.5.x)
+    # TDH.SYS.INIT samples leaf 0x23 as zeros on a CPU without PERFMON_EXT (7.1 EAX[8]), and
+    # refuses a CPU whose unlisted 0x23 sub-leaves are not zero (2.0.08 tdh_sys_init.c).
+    sysinit_23_zeroed: bool = False
 
 
 V1_5_01 = RuleVariant(
@@ -113,7 +116,7 @@ V2_0_08 = RuleVariant(
     config_flags_maxpa=True, tsx_mismatch_sets_rcx=True, fms_check_native_substitute=False,
     lass_from_attributes=True, leaf_1a_zero_migratable=True, leaf_23="perfmon_subleaves",
     maxpa_0x80000008=True, topology="2.0", faulting_leaves=False,
-    migratable_l2_cross_check=False)
+    migratable_l2_cross_check=False, sysinit_23_zeroed=True)
 
 
 def variant_for(version: str) -> RuleVariant:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from kvmtdx.errors import ProbeError
 from kvmtdx.knowledge import Knowledge
-from kvmtdx.model import catalog, rules
+from kvmtdx.model import builders, catalog, rules
 from kvmtdx.model.policy import Policy
 from kvmtdx.model.profiles import BUNDLED_MODULES, Host, ModuleProfile, load_profile
 from kvmtdx.probe.result import BitKey
@@ -23,6 +23,7 @@ from kvmtdx.structs import FLAG_SIGNIFICANT_INDEX, REGISTERS, Capabilities, Cpui
 
 GPAW_BASE, GPAW_5LEVEL = rules.GPAW_VALUES
 FMS_LEAF = 1  # leaf 1 EAX: family/model/stepping
+TOPOLOGY_LEAF = 0x1F
 # A deterministic sample of the hidden bits targeted mode would otherwise skip.
 SAMPLE_PER_REGISTER = 2
 
@@ -74,9 +75,12 @@ class ValueField:
     value: int
     name: str
     informational: bool = False
+    # A field tried together with others (the 0x1F topology is valid only whole): every
+    # part of the unit; empty for a field tried alone.
+    parts: tuple[Part, ...] = ()
 
     def unit(self) -> Unit:
-        return Unit(((self.row, self.register, self.value),))
+        return Unit(self.parts or ((self.row, self.register, self.value),))
 
 
 @dataclass(frozen=True)
@@ -215,8 +219,13 @@ def value_fields(layout: Layout, native_fms: int | None) -> tuple[list[ValueFiel
     native FMS), and notes on those that cannot be tried."""
     out: list[ValueField] = []
     notes: list[str] = []
+    topology = topology_field(layout)
+    if topology is not None:
+        out.append(topology)
     for row, register in sorted(layout.value_regs):
         e = layout.rows[row]
+        if e.function == TOPOLOGY_LEAF:
+            continue
         mask = e.reg(register)
         if e.function == rules.GPAW_LEAF and register == "eax":
             mask &= ~rules.GPAW_FIELD
@@ -232,6 +241,25 @@ def value_fields(layout: Layout, native_fms: int | None) -> tuple[list[ValueFiel
         for lo, hi, name in field_spans(e.function, e.index, register, mask):
             out.append(ValueField(row, register, lo, hi, 1 << lo, name))
     return out, notes
+
+
+def topology_field(layout: Layout) -> ValueField | None:
+    """Leaf 0x1F as one field: the module checks its sub-leaves together (levels rising
+    from sub-leaf 0, a core level), so a field alone is no valid value.  Tried as an SMT
+    and a core level (builders.REALISTIC_VALUES) inside what was reported."""
+    parts: list[Part] = []
+    for (leaf, index), typical in builders.REALISTIC_VALUES.items():
+        row = layout.position(leaf, index) if leaf == TOPOLOGY_LEAF else None
+        if row is None:
+            continue
+        for register, value in zip(REGISTERS, typical, strict=True):
+            if value & layout.reported(row, register):
+                parts.append((row, register, value & layout.reported(row, register)))
+    if not parts:
+        return None
+    row, register, value = parts[0]
+    return ValueField(row, register, 0, 31, value, "0x1F topology (SMT and core levels)",
+                      parts=tuple(parts))
 
 
 def gpaw_5level(layout: Layout) -> ValueField:
