@@ -9,6 +9,7 @@ count and writes the kernel's line into a file laid out like /dev/kmsg.
 
 from __future__ import annotations
 
+import difflib
 import errno
 import json
 from pathlib import Path
@@ -16,9 +17,11 @@ from typing import Any
 
 import pytest
 from helpers import run_cli
+from kernelsrc_support import backend, linux_tree
 
 from kvmtdx import checks, uapi
 from kvmtdx.checks.result import CheckResult
+from kvmtdx.kernelsrc.extract import TDX_C
 from kvmtdx.kmsg import KernelLog, LogUnreadable
 from kvmtdx.knowledge import Given
 from kvmtdx.model.policy import get_policy
@@ -162,13 +165,25 @@ def test_the_simulated_7_3_kernel_warns_on_a_malformed_leaf_1f() -> None:
     assert r.actual == "ERROR -EIO, kernel WARN" and s.kernel_warnings == 1
 
 
-def test_a_kernel_that_refuses_the_request_itself_passes() -> None:
-    # The mutant that answers every module failure with -EINVAL and hw_error: no WARN.
-    s = SimulatedHost(load_profile("2.0"), MAX_HOST, get_policy("upstream"),
-                      mutant="module_error_einval")
-    r = run(s, None, allow=False)
+MAPPING = "\tif ((err & TDX_SEAMCALL_STATUS_MASK) == TDX_OPERAND_INVALID) {\n"
+
+
+def test_a_kernel_that_hands_every_status_to_userspace_passes(tmp_path: Path) -> None:
+    """Linux 7.3 with __tdx_td_init taking every module status as the caller's (-EINVAL, the
+    status in hw_error): no WARN, so the check passes, on the tree's own code."""
+    tree = linux_tree()
+    before = (tree / TDX_C).read_text()
+    assert before.count(MAPPING) == 1
+    after = before.replace(MAPPING, "\tif (err) {\n")
+    patch = tmp_path / "no-warn.patch"
+    patch.write_text("".join(difflib.unified_diff(
+        before.splitlines(keepends=True), after.splitlines(keepends=True),
+        f"a/{TDX_C}", f"b/{TDX_C}")))
+    b = backend(tree, [str(patch)])
+    r = run(b.seam, None, allow=False)
     assert r.status == "pass", r.detail
-    assert "refused without a kernel WARN" in r.detail and s.kernel_warnings == 0
+    assert "refused without a kernel WARN" in r.detail and b.seam.kernel_warnings == 0
+    assert "MODULE_REJECTED -EINVAL hw_error 0xc000090400000000" in r.detail
 
 
 def test_a_module_without_topology_rows_has_nothing_to_provoke() -> None:

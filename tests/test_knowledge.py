@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import WARN_CHECK
 
 from kvmtdx import checks, cli, probe
 from kvmtdx.knowledge import INFERRED_HOST, SIMULATED_HOST, Given, complete, given
@@ -50,8 +51,9 @@ def test_probe_and_verify_resolve_the_same_policy_and_host(policy: str) -> None:
 def test_the_commands_agree_end_to_end(capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["--backend", "test_knowledge:plugin_rfc_v2", "--module", "2.0", "--policy", "auto",
             "--format", "json"]
-    assert cli.main(["verify", *argv]) == 0
+    assert cli.main(["verify", *argv]) == 1
     verified = json.loads(capsys.readouterr().out)
+    assert {c["id"] for c in verified["checks"] if c["status"] == "fail"} == {WARN_CHECK}
     assert cli.main(["probe", *argv]) == 0
     probed = json.loads(capsys.readouterr().out)
     assert verified["policy"] == probed["policy"] == "rfc-v2"

@@ -23,8 +23,9 @@ from kvmtdx.structs import REGISTERS, CpuidEntry, InitVm
 
 HLE_RTM = (1 << 4) | (1 << 11)
 # Leaves whose native values must stay a real host's for any module to initialise on it
-# (TDH.SYS.INIT checks the 0x1F topology): hosts() leaves them as the max host has them.
-KEPT_LEAVES = (0x1F, 0xB)
+# (TDH.SYS.INIT checks the 0x1F topology and the address widths against LA57; a CPU with
+# 5-level EPT has a physical width 1.5.x's PML5 rule takes): hosts() keeps the max host's.
+KEPT_LEAVES = (0x1F, 0xB, 0x80000008)
 
 
 def valid_xfam(xfam: int) -> int:
