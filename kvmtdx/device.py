@@ -70,11 +70,13 @@ def open_error(path: str, err: OSError) -> KvmError:
             errno_=err.errno,
         )
     if err.errno in (errno.EACCES, errno.EPERM):
+        # kselftest's convention: a test that lacks a resource it needs is skipped, with
+        # how to get it; nothing about the kernel was judged.
         return KvmError(
             f"cannot open {path}: permission denied; run as root or add this user to the "
             f"group that owns {path} (usually 'kvm': sudo usermod -aG kvm $USER, "
             "then log in again)",
-            skip=False,
+            skip=True,
             errno_=err.errno,
         )
     return KvmError(f"cannot open {path}: {os.strerror(err.errno or 0)}", skip=False,

@@ -4,7 +4,8 @@ Two kinds of input:
 - two kvmtdx reports (probe, verify, caps or predict; read back into a
   `Snapshot` by report.snapshot), from two kernels, hosts or modules: every
   bit whose probed class, verify verdict or reported state differs, plus the
-  supported attributes and XFAM;
+  supported attributes and XFAM, and for two verify reports every check whose
+  status changed (most checks name no bit) and the verdict;
 - one module under two kernel policies, from the mirror: the bits TDs can no
   longer be given under the second, and those they newly can.
 
@@ -38,6 +39,21 @@ class Snapshot:
     classes: dict[Key, str] = field(default_factory=dict)
     supported_attrs: int | None = None
     supported_xfam: int | None = None
+    # A verify report's checks in report order (id -> status); None for other kinds.
+    checks: dict[str, str] | None = None
+    verdict: str | None = None  # the report's own verdict, where it has one
+
+
+ABSENT = "absent"  # a check one report has and the other does not
+
+
+@dataclass(frozen=True)
+class CheckChange:
+    """A check whose status differs between two verify reports (ABSENT: not in that one)."""
+
+    id: str
+    a: str
+    b: str
 
 
 @dataclass(frozen=True)
@@ -59,14 +75,24 @@ class FileDiff:
     changes: list[Change]
     only_a: list[RegKey]  # registers one file lists and the other does not
     only_b: list[RegKey]
+    checks: list[CheckChange] = field(default_factory=list)
+    verdict_a: str | None = None
+    verdict_b: str | None = None
+
+    @property
+    def verdict_changed(self) -> bool:
+        return self.verdict_a is not None and self.verdict_b is not None and \
+            self.verdict_a != self.verdict_b
 
     @property
     def count(self) -> int:
         """Differences: bits (one per bit, whether its class, reported state or both changed),
-        attribute and XFAM bits, and registers only one side lists."""
+        attribute and XFAM bits, registers only one side lists, checks whose status changed
+        (or that only one side ran) and the verdict."""
         bits = {(c.what in ("attribute", "xfam") and c.what, c.leaf, c.subleaf, c.register,
                  c.bit) for c in self.changes}
-        return len(bits) + len(self.only_a) + len(self.only_b)
+        return (len(bits) + len(self.only_a) + len(self.only_b) + len(self.checks)
+                + self.verdict_changed)
 
 
 def _name(key: Key) -> str:
@@ -100,7 +126,18 @@ def diff_files(a: Snapshot, b: Snapshot) -> FileDiff:
                                       "yes" if vb_ >> bit & 1 else "no"))
     only_a = sorted(set(a.reported) - set(b.reported), key=_reg_order)
     only_b = sorted(set(b.reported) - set(a.reported), key=_reg_order)
-    return FileDiff(a, b, changes, only_a, only_b)
+    return FileDiff(a, b, changes, only_a, only_b, diff_checks(a, b), a.verdict, b.verdict)
+
+
+def diff_checks(a: Snapshot, b: Snapshot) -> list[CheckChange]:
+    """Checks whose status differs, in a's order, then the checks only b ran.  A check's
+    status is compared whether or not it names bits: most failures name none."""
+    if a.checks is None or b.checks is None:
+        return []
+    out = [CheckChange(cid, sa, b.checks.get(cid, ABSENT)) for cid, sa in a.checks.items()
+           if b.checks.get(cid) != sa]
+    out += [CheckChange(cid, ABSENT, sb) for cid, sb in b.checks.items() if cid not in a.checks]
+    return out
 
 
 def _reg_order(rk: RegKey) -> tuple[int, int, int]:

@@ -44,6 +44,13 @@ class DataError(KvmtdxError, ValueError):
     exit_code = ExitCode.USAGE
 
 
+class MissingExtra(KvmtdxError):
+    """An optional dependency a command needs is not installed (the message names the pip
+    extra that brings it)."""
+
+    exit_code = ExitCode.USAGE
+
+
 class KvmError(KvmtdxError):
     """/dev/kvm or TDX is not usable here.  `skip` means "not present" (exit 4), else a failure."""
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 import platform
 from dataclasses import dataclass
-from pathlib import Path
 
 from kvmtdx.device import Counters, Kvm, require_tdx, tdx_status
+from kvmtdx.identity import read_cpu
 from kvmtdx.native import CPUID_DEVICE, CPUINFO, LOAD_HINT
 from kvmtdx.session import Backend
 from kvmtdx.structs import Capabilities
@@ -49,15 +49,7 @@ def vm_type_list(mask: int) -> tuple[int, ...]:
 
 
 def cpu_model(cpuinfo: str = CPUINFO) -> str:
-    try:
-        text = Path(cpuinfo).read_text(errors="replace")
-    except OSError:
-        text = ""
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if sep and key.strip() == "model name" and value.strip():
-            return value.strip()
-    return platform.processor() or platform.machine() or "unknown"
+    return read_cpu(cpuinfo).model_name
 
 
 def native_cpuid_source(cpu: int = 0) -> NativeCpuid:

@@ -8,9 +8,10 @@ thing to both:
 1. `given` — before the kernel is asked anything: the module (--module, else
    the simulated host's), the host (the simulated host's, else --host), the
    requested policy (a name, or "auto") and the allowlist.
-2. `complete` — once KVM_TDX_CAPABILITIES has been read: `--policy auto`
-   chosen from the capabilities (`choose_policy`, with its reason), and a host
-   inferred from them when none was given (`infer_host`).
+2. `complete` — once KVM_TDX_CAPABILITIES has been read: a module profile the
+   capabilities contradict set aside (kvmtdx.model.fit), `--policy auto` chosen
+   from the capabilities (`choose_policy`, with its reason), and a host inferred
+   from them when none was given (`infer_host`).
 
 Nothing here talks to a kernel; `given` reads only the files it is named.
 """
@@ -22,7 +23,9 @@ import re
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+from kvmtdx.errors import DataError
 from kvmtdx.model import mirror
+from kvmtdx.model.fit import profile_mismatch
 from kvmtdx.model.policy import POLICY_NAMES, Allowlist, Policy, get_policy, load_allowlist
 from kvmtdx.model.profiles import MAX_HOST, Host, ModuleProfile, Regs, load_profile
 from kvmtdx.model.rules import is_value_register
@@ -64,6 +67,9 @@ class Knowledge:
     policy: Policy | None
     policy_reason: str
     allowlist_source: str
+    # Why the module profile given cannot be this kernel's module (kvmtdx.model.fit); the
+    # run then knows no module, and `module_source` says which profile was set aside.
+    module_mismatch: str | None = None
 
     @property
     def exact(self) -> bool:
@@ -122,6 +128,13 @@ def complete(known: Given, caps: Capabilities, release: str | None = None) -> Kn
     `release` is the kernel release "auto" may fall back on (default: this one).
     """
     rel = release if release is not None else os.uname().release
+    mismatch = profile_mismatch(known.module, caps) if known.module is not None else []
+    if mismatch:
+        # Every prediction from it would be wrong, and each check holding the kernel to one
+        # would blame the kernel: judge as if no profile were given, and say why.
+        known = replace(known, module=None,
+                        module_source=f"{known.module_source}: does not match this kernel "
+                                      f"({mismatch[0]}); judged without a module profile")
     chosen, reason = choose_policy(known.policy, known.allowlist, known.module, known.host,
                                    caps, rel, fallback=known.fallback)
     host, hsrc, exact = known.host, known.host_source, known.host is not None
@@ -132,7 +145,8 @@ def complete(known: Given, caps: Capabilities, release: str | None = None) -> Kn
     else:
         asrc = (f"--allowlist {known.allowlist_given}" if known.allowlist_given
                 else "bundled") + f": {chosen.allowlist.name} ({chosen.allowlist.provenance})"
-    return Knowledge(known.module, known.module_source, host, hsrc, exact, chosen, reason, asrc)
+    return Knowledge(known.module, known.module_source, host, hsrc, exact, chosen, reason, asrc,
+                     "; ".join(mismatch) or None)
 
 
 # ---------------------------------------------------------------------------
@@ -200,45 +214,19 @@ def caps_equal(a: Capabilities, b: Capabilities, *, entry_flags: bool) -> bool:
 def choose_policy(requested: str | None, allowlist: Allowlist | None,
                   module: ModuleProfile | None, host: Host | None, caps: Capabilities,
                   release: str, fallback: Policy | None = None) -> tuple[Policy | None, str]:
-    """The policy to judge by, and why (`--policy auto` picks; a name is given; None: none)."""
+    """The policy to judge by, and why (`--policy auto` picks; a name is given; None: none).
+
+    Raises DataError when "auto" finds several policies that explain the capabilities
+    equally well: any pick would be a guess, and a wrong guess fails a correct kernel.
+    """
     if requested is None:
         return None, "none given: judged without a policy"
     if requested != "auto":
         return get_policy(requested, allowlist), f"--policy {requested} (given)"
     if module is not None:
-        matches: list[str] = []
-        for name in POLICY_NAMES:
-            p = get_policy(name, allowlist)
-            h = host if host is not None else infer_host(module, caps, p)
-            pred = mirror.predict_capabilities(module, h, p, len(module.rows))
-            if pred.caps is not None and caps_equal(
-                    pred.caps, caps, entry_flags=not p.caps_echoes_caller):
-                matches.append(name)
-        if len(matches) == 1:
-            return (get_policy(matches[0], allowlist),
-                    f"auto: {matches[0]}, the only policy whose predicted capabilities match "
-                    f"the kernel's (module {module.name})")
-        by_release = _policy_by_release(release)
-        if matches and host is None:
-            # With the host inferred, every policy can explain the report by a CPU
-            # that lacks what the policy would not hide; the likeliest reading is
-            # the one whose CPU lacks the fewest features the module allows.
-            missing = {n: _missing_features(module, caps, get_policy(n, allowlist))
-                       for n in matches}
-            fewest = min(missing.values())
-            best = [n for n in matches if missing[n] == fewest]
-            if len(best) == 1 and len(matches) > 1:
-                return (get_policy(best[0], allowlist),
-                        f"auto: {best[0]}: of the policies whose predictions match "
-                        f"({', '.join(matches)}), it needs the fewest features missing from "
-                        f"the CPU ({fewest}) to explain the kernel's capabilities")
-            matches = best
+        matches = _matching(module, host, caps, allowlist)
         if matches:
-            pick = by_release if by_release in matches else matches[0]
-            return (get_policy(pick, allowlist),
-                    f"auto: predicted capabilities of {', '.join(matches)} all match the "
-                    f"kernel's; chose {pick}"
-                    + (f" by kernel release {release}" if pick == by_release else ""))
+            return _one_of(matches, module, host, caps, allowlist)
         why = "auto: no policy's predicted capabilities match the kernel's"
     else:
         why = "auto: no module profile to compare predictions with"
@@ -252,3 +240,45 @@ def choose_policy(requested: str | None, allowlist: Allowlist | None,
         return get_policy(by_release, allowlist), f"{why}; {by_release} by kernel release {release}"
     return None, (f"{why}, and kernel release {release} is not a known TDX kernel; "
                   "checks that need a policy skip (give --policy)")
+
+
+def _matching(module: ModuleProfile, host: Host | None, caps: Capabilities,
+              allowlist: Allowlist | None) -> list[str]:
+    """The policies whose predicted capabilities are the kernel's (with the host inferred
+    for each when none is known)."""
+    matches: list[str] = []
+    for name in POLICY_NAMES:
+        p = get_policy(name, allowlist)
+        h = host if host is not None else infer_host(module, caps, p)
+        pred = mirror.predict_capabilities(module, h, p, len(module.rows))
+        if pred.caps is not None and caps_equal(
+                pred.caps, caps, entry_flags=not p.caps_echoes_caller):
+            matches.append(name)
+    return matches
+
+
+def _one_of(matches: list[str], module: ModuleProfile, host: Host | None, caps: Capabilities,
+            allowlist: Allowlist | None) -> tuple[Policy, str]:
+    if len(matches) == 1:
+        return (get_policy(matches[0], allowlist),
+                f"auto: {matches[0]}, the only policy whose predicted capabilities match "
+                f"the kernel's (module {module.name})")
+    if host is None:
+        # With the host inferred, every policy can explain the report by a CPU that lacks
+        # what the policy would not hide; the likeliest reading is the one whose CPU lacks
+        # the fewest features the module allows.
+        missing = {n: _missing_features(module, caps, get_policy(n, allowlist))
+                   for n in matches}
+        fewest = min(missing.values())
+        best = [n for n in matches if missing[n] == fewest]
+        if len(best) == 1:
+            return (get_policy(best[0], allowlist),
+                    f"auto: {best[0]}: of the policies whose predictions match "
+                    f"({', '.join(matches)}), it needs the fewest features missing from "
+                    f"the CPU ({fewest}) to explain the kernel's capabilities")
+        matches = best
+    where = f"host {host.name}" if host is not None else "the host inferred from them"
+    raise DataError(
+        f"--policy auto cannot tell {' from '.join(matches)}: each predicts exactly the "
+        f"kernel's capabilities for module {module.name} on {where} (the host lacks every bit "
+        f"they treat differently); give --policy {' or --policy '.join(matches)}")

@@ -124,10 +124,30 @@ def open_backend(
         return Backend(seam=load_plugin(backend), label=f"backend {backend}")
     if simulate is not None:
         spec = parse_simulate(simulate)
+        _check_mutant(spec)
         return simulated_backend(load_profile(spec.module), host if host is not None else MAX_HOST,
                                  get_policy(spec.policy, allowlist), mutant=spec.mutant,
                                  key_ids=key_ids)
     return Backend(seam=RealSeam(), label=f"real {DEFAULT_KVM_PATH}")
+
+
+def _check_mutant(spec: SimSpec) -> None:
+    """A mutant switched on under a policy whose answers it does not change makes a run that
+    passes while saying nothing of the mutant: refuse it, naming the policies it needs."""
+    if spec.mutant is None:
+        return
+    from kvmtdx.sim.mutants import BY_NAME  # only simulated runs need it
+
+    m = BY_NAME.get(spec.mutant)
+    if m is None:
+        raise DataError(f"--simulate: unknown mutant {spec.mutant!r}: see "
+                        "'kvmtdx verify --simulate list'")
+    if spec.policy not in m.policies:
+        raise DataError(
+            f"--simulate {spec.module}:{spec.policy}:{m.name}: mutant {m.name} changes only "
+            f"what {', '.join(m.policies)} answer{'s' if len(m.policies) == 1 else ''}, "
+            f"nothing under {spec.policy}; use e.g. --simulate "
+            f"{spec.module}:{m.policies[0]}:{m.name}")
 
 
 def simulated_backend(module: ModuleProfile, host: Host, policy: Policy, *,

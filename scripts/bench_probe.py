@@ -6,8 +6,9 @@ bits fail, so binary splitting has work to do), on the 'max' host:
 
   targeted   TDs of the default mode (module profile known), and its lower bound
   exhaustive TDs of --exhaustive, its lower bound, and the yardstick
-             hidden bits + d*ceil(log2 n)  (n reported units, d of them rejected:
-             binary splitting isolates each rejected unit in ceil(log2 n) halvings)
+             hidden bits + d*ceil(log2 n) + traps  (n reported units, d of them
+             rejected: binary splitting isolates each rejected unit in ceil(log2 n)
+             halvings; one TD per lookup trap)
   seconds    wall time of each run, the mirror's expected classes included
 
 Lower bound (for the same set of classified bits).  An INIT_VM answer is one
@@ -18,7 +19,8 @@ most one refused bit, and every refused bit (hidden or reported) needs a TD of
 its own; the accepted bits need at least one accepted TD between them, and the
 capabilities need one TD.  Hence
 
-    LB = 1 + R + [A > 0]       (R refused bits, A accepted bits)
+    LB = 1 + R + [A > 0] + T   (R refused bits, A accepted bits, T lookup traps: each
+                               trap asks its own question, which no other answer settles)
 
 The pure counting bound, ceil(log4(#classifications)), is weaker (each answer
 has four kinds, and a hidden bit has three possible classes, a reported one
@@ -64,7 +66,7 @@ def lower_bound(r: ProbeResult) -> int:
                   if b.cls not in (BitClass.REPORTED_ACCEPTED, BitClass.HIDDEN_ACCEPTED))
     refused += sum(1 for f in r.fields if f.cls.value == "FIELD_REJECTED")
     accepted = len(r.bits) + len(r.fields) - refused
-    return 1 + refused + (1 if accepted else 0)
+    return 1 + refused + (1 if accepted else 0) + len(r.traps)
 
 
 def counting_bound(r: ProbeResult) -> int:
@@ -77,7 +79,7 @@ def yardstick(r: ProbeResult) -> int:
     hidden = sum(1 for b in r.bits if not b.reported)
     units = sum(1 for b in r.bits if b.reported) + len(r.fields)
     rejected = sum(1 for b in r.bits if b.cls is BitClass.REPORTED_REJECTED)
-    return hidden + rejected * math.ceil(math.log2(max(units, 2)))
+    return hidden + rejected * math.ceil(math.log2(max(units, 2))) + len(r.traps)
 
 
 def main() -> int:

@@ -334,3 +334,55 @@ def warn_failures(module: str) -> set[str]:
     from kvmtdx.model.profiles import load_profile
 
     return {WARN_CHECK} if load_profile(module).enumerates_topology else set()
+
+
+# ---------------------------------------------------------------------------
+# Reports of simulated runs, and the report page parsed as a browser's parser would.
+
+MODULES = ("1.5.01", "1.5-late", "2.0")
+POLICIES = ("upstream-6.16", "upstream", "rfc-v2")
+UPSTREAM = ("upstream-6.16", "upstream")  # the kernels without the allowlist series
+BYPASS_CHECKS = ("adversarial_denylist_bypass_waitpkg", "adversarial_denylist_bypass_hle_rtm",
+                 "adversarial_denylist_bypass_stray_balance")
+
+
+def simulated_report(folder: Path, command: str, spec: str) -> Path:
+    """`kvmtdx COMMAND --simulate SPEC --format json` written to FOLDER/COMMAND-SPEC.json."""
+    out = folder / f"{command}-{spec.replace(':', '-')}.json"
+    rc = cli.main([command, "--simulate", spec, "--format", "json", "--output", str(out)])
+    assert rc in (0, 1) and out.is_file(), (command, spec, rc)
+    return out
+
+
+def grid_reports(folder: Path) -> list[Path]:
+    """verify --simulate for every module x policy, modules outer, in POLICIES order."""
+    return [simulated_report(folder, "verify", f"{m}:{p}") for m in MODULES for p in POLICIES]
+
+
+def parse_page(html: str) -> Any:
+    """The page as html5lib's strict parser builds it (raises on any HTML parse error);
+    elements without namespaces, SVG's too (see `tag`)."""
+    import html5lib
+
+    return html5lib.HTMLParser(strict=True, namespaceHTMLElements=False).parse(html)
+
+
+def tag(element: Any) -> str:
+    """An element's tag without its namespace (SVG elements keep theirs in html5lib)."""
+    return str(element.tag).rpartition("}")[2]
+
+
+def classes(element: Any) -> set[str]:
+    return set(str(element.get("class", "")).split())
+
+
+def find_all(root: Any, name: str, cls: str | None = None) -> list[Any]:
+    return [e for e in root.iter() if tag(e) == name and (cls is None or cls in classes(e))]
+
+
+def by_id(root: Any) -> dict[str, Any]:
+    return {str(e.get("id")): e for e in root.iter() if e.get("id")}
+
+
+def text_of(element: Any) -> str:
+    return " ".join("".join(element.itertext()).split())

@@ -151,12 +151,16 @@ def _subparsers() -> dict[str, argparse.ArgumentParser]:
 
 @pytest.mark.parametrize("command", [c.name for c in cli.COMMANDS])
 def test_every_option_of_every_command_is_explained(command: str) -> None:
-    p = _subparsers()[command]
-    for action in p._actions:
-        assert action.help and action.help != argparse.SUPPRESS, (command, action.option_strings)
-        assert "None" not in action.help, (command, action.help)
-    text = p.format_help()
-    assert "None" not in text, text
+    parsers = [_subparsers()[command]]
+    while parsers:  # a command's own subcommands too (report merge, report html)
+        p = parsers.pop()
+        for action in p._actions:
+            assert action.help and action.help != argparse.SUPPRESS, (command,
+                                                                      action.option_strings)
+            assert "None" not in action.help, (command, action.help)
+            if isinstance(action, argparse._SubParsersAction):
+                parsers += list(action.choices.values())
+        assert "None" not in p.format_help(), p.format_help()
 
 
 def test_host_spells_out_its_three_forms() -> None:

@@ -97,8 +97,9 @@ def _probe(tmp_path: Path, spec: str, rc: int = 0) -> Path:
 
 def test_diff_of_two_probes_lists_exactly_the_changed_bits(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    a, b = _probe(tmp_path, "2.0:upstream"), _probe(tmp_path, "2.0:rfc-v2")
+    a, b = _probe(tmp_path, "2.0:upstream", rc=1), _probe(tmp_path, "2.0:rfc-v2")
     d = diff.diff_files(load_snapshot(str(a)), load_snapshot(str(b)))
+    assert (d.verdict_a, d.verdict_b) == ("fail", "pass")  # the lookup traps
     changed = {(c.leaf, c.subleaf, c.register, c.bit): c.name for c in d.changes}
     policy = diff.diff_policies(load_profile("2.0"), MAX_HOST, get_policy("upstream"),
                                 get_policy("rfc-v2"))
@@ -110,7 +111,8 @@ def test_diff_of_two_probes_lists_exactly_the_changed_bits(
     capsys.readouterr()
     assert main(["diff", str(a), str(b)]) == 1
     out = capsys.readouterr().out
-    assert "MWAIT" in out and out.endswith("32 differences\n")  # one per bit, not per fact
+    # one per bit, not per fact, and the verdict
+    assert "MWAIT" in out and out.endswith("33 differences\n")
     assert main(["diff", str(a), str(a)]) == 0
     assert "no differences" in capsys.readouterr().out
 
@@ -237,7 +239,7 @@ def test_every_json_report_writes_leaves_as_hex_strings(
     import re
 
     hexleaf = re.compile(r"0x[0-9a-f]+")
-    a, b = _probe(tmp_path, "2.0:upstream"), _probe(tmp_path, "2.0:rfc-v2")
+    a, b = _probe(tmp_path, "2.0:upstream", rc=1), _probe(tmp_path, "2.0:rfc-v2")
     capsys.readouterr()
     docs = [json.loads(a.read_text())]
     assert main(["diff", str(a), str(b), "--format", "json"]) == 1
@@ -261,3 +263,56 @@ def test_every_json_report_writes_leaves_as_hex_strings(
         assert found, doc.get("kind")
         bad = [x for x in found if not (isinstance(x, str) and hexleaf.fullmatch(x))]
         assert not bad, f"{doc.get('kind')}: leaves not written as hex strings: {bad[:5]}"
+
+
+# ---------------------------------------------------------------------------
+# Verify reports: check statuses, not only the bits both name.
+
+
+def _verify_doc(verdict: str, checks: dict[str, str]) -> dict[str, object]:
+    return {"schema": 1, "kind": "verify", "verdict": verdict,
+            "checks": [{"id": cid, "group": "capabilities", "status": status, "detail": "",
+                        "bits": []} for cid, status in checks.items()]}
+
+
+def test_diff_of_verify_reports_names_every_check_status_change(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(_verify_doc("pass", {"kept": "pass", "broke": "pass",
+                                                 "healed": "fail", "gone": "pass"})))
+    b.write_text(json.dumps(_verify_doc("fail", {"kept": "pass", "broke": "fail",
+                                                 "healed": "pass", "new": "skip"})))
+    d = diff.diff_files(load_snapshot(str(a)), load_snapshot(str(b)))
+    assert [(c.id, c.a, c.b) for c in d.checks] == [
+        ("broke", "pass", "fail"), ("healed", "fail", "pass"), ("gone", "pass", "absent"),
+        ("new", "absent", "skip")]
+    assert (d.verdict_a, d.verdict_b) == ("pass", "fail")
+    assert d.count == 5  # four checks and the verdict
+    assert main(["diff", str(a), str(b)]) == 1
+    out = capsys.readouterr().out
+    assert "verdict" in out and "pass -> fail" in out
+    assert "check broke" in out and "check healed" in out and "fail -> pass" in out
+    assert "check new" in out and "absent -> skip" in out
+    assert main(["diff", str(a), str(b), "--format", "json"]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["verdict"] == {"a": "pass", "b": "fail"}
+    assert {(c["id"], c["a"], c["b"]) for c in doc["checks"]} == {
+        ("broke", "pass", "fail"), ("healed", "fail", "pass"), ("gone", "pass", "absent"),
+        ("new", "absent", "skip")}
+    assert doc["differences"] == 5
+    assert main(["diff", str(b), str(b)]) == 0
+
+
+def test_diff_of_a_passing_and_a_failing_verify_run_exits_1(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The failing checks of flags_unchecked name no bit: the diff must still see them."""
+    files = []
+    for spec, rc in (("2.0:rfc-v2", 0), ("2.0:rfc-v2:flags_unchecked", 1)):
+        files.append(tmp_path / f"{spec.replace(':', '_')}.json")
+        assert main(["verify", "--simulate", spec, "--format", "json",
+                     "--output", str(files[-1])]) == rc
+    capsys.readouterr()
+    assert main(["diff", *map(str, files)]) == 1
+    out = capsys.readouterr().out
+    assert "check caps_flags_rejected" in out and "check init_vm_flags_rejected" in out
+    assert "no differences" not in out

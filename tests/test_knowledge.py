@@ -5,15 +5,18 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from helpers import WARN_CHECK
 
 from kvmtdx import checks, cli, probe
+from kvmtdx.errors import DataError
 from kvmtdx.knowledge import INFERRED_HOST, SIMULATED_HOST, Given, complete, given
 from kvmtdx.model import mirror
 from kvmtdx.model.policy import POLICY_NAMES, get_policy
-from kvmtdx.model.profiles import MAX_HOST, load_profile
+from kvmtdx.model.profiles import MAX_HOST, Host, load_profile
+from kvmtdx.probe import TrapResult
 from kvmtdx.session import Backend, simulated_backend
 from kvmtdx.sim import SimulatedHost
 from kvmtdx.structs import Capabilities
@@ -45,7 +48,10 @@ def test_probe_and_verify_resolve_the_same_policy_and_host(policy: str) -> None:
     assert k.policy is not None and k.policy.name == policy
     assert k.host is not None and k.host_source == INFERRED_HOST and not k.host_exact
     assert p.policy == policy and p.module == "2.0" and p.mode == "targeted"
-    assert not p.failures and not p.mismatches
+    assert not p.mismatches
+    # Only the lookup traps fail, and only where the denylist judges the entry, not the row.
+    assert all(isinstance(f, TrapResult) for f in p.failures)
+    assert bool(p.failures) == (k.policy.denylist is not None)
 
 
 def test_the_commands_agree_end_to_end(capsys: pytest.CaptureFixture[str]) -> None:
@@ -103,3 +109,32 @@ def test_knowledge_takes_facts_and_never_loads_the_session_layer() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "False"
+
+
+# ---------------------------------------------------------------------------
+# --policy auto stops where the evidence cannot tell policies apart.
+
+
+def test_a_host_file_without_the_leaves_a_module_needs_stops_before_any_guess(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A host file without the leaves the policies treat differently would make upstream and
+    rfc-v2 predict the same capabilities; no TDX module initialises on such a CPU, so the
+    run stops at the host, in one line, before --policy auto could guess (told the policy,
+    it stops there too).  complete() itself stops where predictions tie: the test below."""
+    empty = tmp_path / "empty.json"
+    empty.write_text("{}")
+    for argv in (["verify"], ["probe"], ["verify", "--policy", "rfc-v2"]):
+        rc = cli.main([*argv, "--simulate", "2.0:rfc-v2", "--host", str(empty)])
+        out, err = capsys.readouterr()
+        assert (rc, out) == (2, ""), err
+        assert err.count("\n") == 1 and f"--host {empty}: TDX module 2.0.08 would not " \
+            "initialise" in err
+
+
+def test_auto_never_picks_among_equal_matches_by_release() -> None:
+    m = load_profile("2.0")
+    bare = Host(name="bare", kvm_xfam=MAX_HOST.xfam_supported)
+    pred = mirror.predict_capabilities(m, bare, get_policy("rfc-v2"), len(m.rows))
+    assert pred.caps is not None
+    with pytest.raises(DataError, match="cannot tell"):
+        complete(Given(module=m, host=bare, host_source="--host bare"), pred.caps, "7.3.0")

@@ -29,7 +29,7 @@ def test_probe_json_has_the_documented_schema(capsys: pytest.CaptureFixture[str]
 
 
 def test_probe_text_names_bits_and_passes(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["probe", "--simulate", "1.5.01:upstream"]) == 0
+    assert main(["probe", "--simulate", "1.5.01:rfc-v2"]) == 0
     out = capsys.readouterr().out
     assert "HLE" in out and "HIDDEN_KVM_REJECTED" in out and "PASS" in out
 
@@ -53,9 +53,9 @@ def test_probe_without_tdx_skips_naming_simulate(capsys: pytest.CaptureFixture[s
 
 
 def test_max_tds_reports_incomplete(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["probe", "--simulate", "2.0", "--max-tds", "5", "--format", "json"]) == 0
+    assert main(["probe", "--simulate", "2.0", "--max-tds", "5", "--format", "json"]) == 1
     doc = json.loads(capsys.readouterr().out)
-    assert doc["tds"] == 5 and doc["complete"] is False
+    assert doc["tds"] == 5 and doc["complete"] is False and doc["verdict"] == "fail"
 
 
 def test_bad_jobs_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
@@ -65,7 +65,8 @@ def test_bad_jobs_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
 def test_emitted_allowlist_loads_and_verifies_clean(tmp_path: Path,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "probed.json"
-    assert main(["probe", "--simulate", "2.0:upstream", "--emit-allowlist", str(path)]) == 0
+    # Today's kernel fails the probe's lookup traps; its per-bit table is still what it is.
+    assert main(["probe", "--simulate", "2.0:upstream", "--emit-allowlist", str(path)]) == 1
     allowlist = load_allowlist(str(path))
     assert allowlist.provenance.startswith("probed from simulated TDX host")
     assert allowlist.mask(1, 0, "ecx") >> 3 & 1  # MWAIT: today's kernel gives it

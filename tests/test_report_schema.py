@@ -17,7 +17,7 @@ from kvmtdx.model import mirror
 from kvmtdx.model.policy import get_policy
 from kvmtdx.model.profiles import MAX_HOST, load_profile
 from kvmtdx.model.requests import Request
-from kvmtdx.report.schema import ENVELOPE, SCHEMA, ReportKind, envelope
+from kvmtdx.report.schema import ENVELOPE, RUN_KINDS, SCHEMA, ReportKind, envelope
 
 
 def _reports(capsys: pytest.CaptureFixture[str], tmp: Path) -> dict[str, dict[str, Any]]:
@@ -30,13 +30,15 @@ def _reports(capsys: pytest.CaptureFixture[str], tmp: Path) -> dict[str, dict[st
         ("caps", 0, ["caps", "--simulate", "2.0", "--policy", "upstream", "--save-module", saved]),
         ("predict", 0, ["predict", "--module", "2.0", "--request", request]),
         ("init-vm", 0, ["init-vm", "--simulate", "2.0", "--request", request]),
-        ("verify", 1, ["verify", "--simulate", "2.0"]),
-        ("probe", 0, ["probe", "--simulate", "2.0", "--emit-allowlist", allow, "--output", pa]),
+        ("verify", 1, ["verify", "--simulate", "2.0", "--save-failures", str(tmp / "fails")]),
+        ("probe", 1, ["probe", "--simulate", "2.0", "--emit-allowlist", allow, "--output", pa]),
         ("probe", 0, ["probe", "--simulate", "2.0:rfc-v2", "--output", pb]),
         ("diff", 1, ["diff", pa, pb]),
         ("policy-diff", 1, ["diff", "--module", "2.0", "--policy", "upstream",
                             "--policy", "rfc-v2"]),
         ("simulate-list", 0, ["verify", "--simulate", "list"]),
+        ("check-list", 0, ["verify", "--list-checks"]),
+        ("matrix", 0, ["report", "merge", pa, pb]),
     ]
     docs = {}
     for name, rc, argv in runs:
@@ -45,6 +47,7 @@ def _reports(capsys: pytest.CaptureFixture[str], tmp: Path) -> dict[str, dict[st
         docs[name] = json.loads(Path(pa).read_text()) if name == "probe" else r.json()
     docs["module-profile"] = json.loads(Path(saved).read_text())
     docs["allowlist"] = json.loads(Path(allow).read_text())
+    docs["request"] = json.loads(min((tmp / "fails").iterdir()).read_text())
     return docs
 
 
@@ -58,20 +61,43 @@ def test_every_json_report_starts_with_the_envelope_naming_its_kind(
         assert (doc["schema"], doc["kind"], doc["tool_version"]) == (SCHEMA, kind, __version__)
 
 
+def test_every_run_carries_its_host_identity_after_the_envelope_and_nothing_else_does(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    docs = _reports(capsys, tmp_path)
+    runs = {k.value for k in RUN_KINDS}
+    for kind, doc in docs.items():
+        if kind not in runs:
+            assert "host_identity" not in doc, kind
+            continue
+        assert list(doc)[3] == "host_identity", kind
+        ident = doc["host_identity"]
+        assert ident["simulated"]["module"] == "2.0", kind
+        assert ident["kernel_release"] and ident["hostname"] and ident["cpu"]["model_name"]
+        assert ident["tdx_module"] == {"version": "2.0", "source": "simulated"}, kind
+        assert ident["backend"] == doc.get("backend", ident["backend"])
+
+
+def _own(doc: dict[str, Any]) -> list[str]:
+    """The kind's own fields: after the envelope and, for a run, its host identity."""
+    return [k for k in doc if k not in ENVELOPE and k != "host_identity"]
+
+
 def test_the_kinds_own_fields_follow_unchanged(capsys: pytest.CaptureFixture[str],
                                                tmp_path: Path) -> None:
     docs = _reports(capsys, tmp_path)
-    assert list(docs["info"])[3:6] == ["backend", "simulated", "kvm_path"]
-    assert list(docs["caps"])[3:5] == ["backend", "supported_attrs"]
+    assert _own(docs["info"])[:3] == ["backend", "simulated", "kvm_path"]
+    assert _own(docs["caps"])[:2] == ["backend", "supported_attrs"]
     assert list(docs["predict"])[3:5] == ["module", "policy"]
-    assert list(docs["init-vm"])[3:5] == ["outcome", "errno"]
-    assert list(docs["verify"])[3:5] == ["kvmtdx", "verdict"]
-    assert list(docs["probe"])[3:5] == ["backend", "module"]
+    assert _own(docs["init-vm"])[:2] == ["outcome", "errno"]
+    assert _own(docs["verify"])[:2] == ["kvmtdx", "verdict"]
+    assert _own(docs["probe"])[:2] == ["backend", "module"]
     assert list(docs["diff"])[3:6] == ["a", "b", "differences"]
     assert list(docs["policy-diff"])[3:5] == ["module", "host"]
     assert list(docs["simulate-list"])[3:6] == ["modules", "policies", "mutants"]
     assert list(docs["module-profile"])[3:5] == ["name", "source"]
     assert list(docs["allowlist"])[3:5] == ["name", "provenance"]
+    assert list(docs["request"])[3:6] == ["about", "attributes", "xfam"]
+    assert list(docs["matrix"])[3:5] == ["runs", "checks"]
 
 
 def test_the_envelope_replaces_fields_of_the_same_name_in_the_body() -> None:

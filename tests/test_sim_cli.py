@@ -16,13 +16,14 @@ from helpers import run_cli as run
 from helpers import write_request
 
 from kvmtdx import cli
+from kvmtdx.errors import DataError
 from kvmtdx.model import mirror
 from kvmtdx.model.policy import get_policy
 from kvmtdx.model.profiles import MAX_HOST, load_profile
 from kvmtdx.model.requests import Request
 from kvmtdx.report.schema import ENVELOPE
 from kvmtdx.session import load_plugin, open_backend
-from kvmtdx.sim import MUTANTS, SimulatedHost
+from kvmtdx.sim import CATALOGUE, MUTANTS, SimulatedHost
 from kvmtdx.structs import CpuidEntry
 
 THIS = __name__
@@ -61,8 +62,8 @@ def test_init_vm_accepts_a_valid_request(capsys: pytest.CaptureFixture[str], tmp
                        write_request(tmp_path, full("rfc-v2")))
     assert (rc, err) == (0, "")
     doc = json.loads(out)
-    assert list(doc) == [*ENVELOPE, *OUTCOME_KEYS, "hw_error_decoded", "kernel_warn",
-                         "vm_bugged"]
+    assert list(doc) == [*ENVELOPE, "host_identity", *OUTCOME_KEYS, "hw_error_decoded",
+                         "kernel_warn", "vm_bugged"]
     assert doc["kernel_warn"] is False and doc["vm_bugged"] is None  # counted; not -EIO
     assert doc["kind"] == "init-vm"
     assert doc["outcome"] == "ACCEPTED" and doc["errno"] is None
@@ -171,7 +172,8 @@ def test_simulate_list_from_every_command(command: str,
     doc = json.loads(out)
     assert doc["modules"] == ["1.5.01", "1.5-late", "2.0"]
     assert doc["policies"] == ["upstream-6.16", "upstream", "rfc-v2"]
-    assert doc["mutants"] == [{"name": n, "description": d} for n, d in MUTANTS.items()]
+    assert doc["mutants"] == [{"name": m.name, "description": m.description,
+                               "policies": list(m.policies)} for m in CATALOGUE]
     rc, out, _ = run(capsys, command, "--simulate", "list")
     assert rc == 0
     assert "rfc-v2" in out and all(n in out for n in MUTANTS)
@@ -185,9 +187,31 @@ def test_every_listed_choice_opens(capsys: pytest.CaptureFixture[str]) -> None:
         for policy in doc["policies"]:
             assert open_backend(simulate=f"{module}:{policy}").simulated
     for m in doc["mutants"]:
-        backend = open_backend(simulate=f"2.0:rfc-v2:{m['name']}")
+        backend = open_backend(simulate=f"2.0:{m['policies'][0]}:{m['name']}")
         assert backend.simulation is not None and backend.simulation.mutant == m["name"]
         assert m["name"] in backend.label
+
+
+@pytest.mark.parametrize("command", ["verify", "probe", "caps", "info"])
+def test_a_mutant_of_another_policy_is_refused_naming_its_policies(
+        command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A denylist bug under the allowlist kernel changes nothing: a run that passed with it
+    would say nothing about the mutant, so it is an input error, not a silent pass."""
+    rc, out, err = run(capsys, command, "--simulate", "2.0:rfc-v2:denylist_hle_not_rtm")
+    assert (rc, out) == (2, "")
+    assert err.count("\n") == 1 and "denylist_hle_not_rtm" in err
+    assert "upstream, upstream-6.16" in err and "rfc-v2" in err
+    with pytest.raises(DataError, match=r"2\.0:upstream:denylist_hle_not_rtm"):
+        open_backend(simulate="2.0:rfc-v2:denylist_hle_not_rtm")
+    # Every mutant opens under each policy it names, and under no other.
+    for mutant in CATALOGUE:
+        for policy in ("upstream-6.16", "upstream", "rfc-v2"):
+            spec = f"2.0:{policy}:{mutant.name}"
+            if policy in mutant.policies:
+                assert open_backend(simulate=spec).simulated
+            else:
+                with pytest.raises(DataError, match=mutant.name):
+                    open_backend(simulate=spec)
 
 
 def test_caps_on_the_simulated_rfc_v2_kernel(capsys: pytest.CaptureFixture[str]) -> None:

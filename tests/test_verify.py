@@ -90,7 +90,11 @@ def baseline_failures(policy: str) -> set[str]:
     return _BASELINE[policy]
 
 
-@pytest.mark.parametrize("mutant", sorted(sim.MUTANTS))
+BUGS = sorted(m.name for m in sim.CATALOGUE if not m.fix)
+FIXES = [(m.name, p) for m in sim.CATALOGUE if m.fix for p in m.policies]
+
+
+@pytest.mark.parametrize("mutant", BUGS)
 def test_every_mutant_is_caught(capsys: pytest.CaptureFixture[str], mutant: str) -> None:
     policy = mutant_policy(mutant)
     rc, data = run_json(capsys, "--simulate", f"2.0:{policy}:{mutant}", "--policy", policy)
@@ -198,3 +202,69 @@ def test_progress_and_hygiene(no_fd_leak: object) -> None:
     assert seen[-1][2] == r.summary.tds_created > 500
     assert seam.live_tds == 0 and seam.free_key_ids == seam.key_ids
     assert r.summary.ioctls > r.summary.tds_created
+
+
+# ---------------------------------------------------------------------------
+# Verdicts follow the invariant: an upstream kernel with the bypass fixed passes.
+
+
+def test_the_fixes_are_what_the_suite_passes() -> None:
+    assert FIXES == [("denylist_checks_row_index", "upstream"),
+                     ("denylist_checks_row_index", "upstream-6.16")]
+
+
+@pytest.mark.parametrize(("mutant", "policy"), FIXES)
+def test_upstream_with_the_bypass_fixed_passes(capsys: pytest.CaptureFixture[str], mutant: str,
+                                               policy: str) -> None:
+    """Predictions stay exact (the mirror's upstream ACCEPTS the bypass); the verdict follows
+    the invariant, so a kernel that refuses it passes."""
+    rc, data = run_json(capsys, "--simulate", f"2.0:{policy}:{mutant}")
+    assert failing(data) == {}
+    assert rc == 0
+    by_id = {c["id"]: c for c in data["checks"]}
+    match = by_id["adversarial_matches_prediction"]
+    assert match["status"] == "pass"
+    assert "stricter than the model" in match["detail"]
+    assert by_id[f"{BYPASS_PREFIX}waitpkg"]["status"] == "pass"
+
+
+# ---------------------------------------------------------------------------
+# A module profile that is not this host's module is said so once, before the kernel is
+# judged: not seven "kernel" failures.
+
+
+@pytest.mark.parametrize(("kernel", "profile", "why"), [
+    ("2.0", "1.5.01", "KVM lists 28 CPUID rows, module 1.5.01 has 12"),
+    ("1.5.01", "2.0", "KVM lists 12 CPUID rows, module 2.0 has 28"),
+    ("2.0", "1.5-late", "never lists: 0x7.1 EAX[0] SHA512"),
+])
+def test_a_wrong_module_profile_is_one_failure_and_the_exact_checks_skip(
+        capsys: pytest.CaptureFixture[str], kernel: str, profile: str, why: str) -> None:
+    rc, data = run_json(capsys, "--simulate", f"{kernel}:rfc-v2", "--module", profile)
+    assert rc == 1
+    fails = failing(data)
+    assert set(fails) == {"module_profile_matches"}
+    assert why in fails["module_profile_matches"]["detail"]
+    assert data["module"] is None and "does not match" in data["module_source"]
+    by_id = {c["id"]: c for c in data["checks"]}
+    assert [c["id"] for c in data["checks"][:2]] == ["tdx_available", "module_profile_matches"]
+    for cid in ("caps_entries_match_prediction", "caps_header_matches_prediction",
+                "adversarial_matches_prediction", "policy_value_registers_unfiltered"):
+        assert by_id[cid]["status"] == "skip", cid
+        assert "does not match" in by_id[cid]["detail"], cid
+    # The invariant, which needs no profile, still judges the kernel.
+    assert by_id["init_vm_unreported_bits_refused"]["status"] == "pass"
+
+
+def test_the_right_profile_matches_and_none_given_skips(capsys: pytest.CaptureFixture[str]
+                                                        ) -> None:
+    rc, data = run_json(capsys, "--simulate", "2.0:rfc-v2", "--module", "2.0")
+    assert rc == 0
+    check = next(c for c in data["checks"] if c["id"] == "module_profile_matches")
+    assert check["status"] == "pass" and "28 rows" in check["detail"]
+    m = load_profile("2.0")
+    plugin = Backend(sim.SimulatedHost(m, MAX_HOST, get_policy("rfc-v2")), "plug-in")
+    r = checks.run_verify(plugin.seam, backend_label="plug-in", given=given(None),
+                          kernel_release="7.3.0")
+    none = next(c for c in r.checks if c.id == "module_profile_matches")
+    assert none.status == "skip" and "--module" in none.detail

@@ -7,7 +7,7 @@ Golden files: tests/golden/verify-2.0-upstream.ktap (and .xml, and the same for
     KVMTDX_REGEN_GOLDEN=1 scripts/test tests/test_verify_formats.py
 
 and review their diff before committing.  The JUnit files have the hygiene check's
-fd and RSS figures (this process's, not the run's) written as N.
+fd and RSS figures (this process's, not the run's) and each check's time written as N.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -25,12 +26,14 @@ from helpers import KtapError, assert_golden, parse_ktap, run_cli
 
 from kvmtdx import checks
 from kvmtdx.device import tdx_status
+from kvmtdx.identity import identify
 from kvmtdx.knowledge import given
 from kvmtdx.model.policy import get_policy
 from kvmtdx.model.profiles import MAX_HOST, load_profile
 from kvmtdx.report import verify as render
 from kvmtdx.report.schema import ENVELOPE
 from kvmtdx.session import simulated_backend
+from kvmtdx.verdict import Status
 
 ROOT = Path(__file__).resolve().parent.parent
 BYPASS_PREFIX = "adversarial_denylist_bypass_"
@@ -58,7 +61,12 @@ GOLDEN_RUNS = [("2.0:upstream", 1), ("2.0:rfc-v2", 1)]
 _PROCESS_FIGURES = re.compile(r"\d+ fds as before; RSS \d+ MiB -&gt; \d+ MiB")
 
 
+_TIMES = re.compile(r' time="\d+\.\d{3}"')
+
+
 def _stable(junit: str) -> str:
+    """The run's own figures as N: the process's fds and RSS, and each check's time."""
+    junit = _TIMES.sub(' time="N"', junit)
     return _PROCESS_FIGURES.sub("N fds as before; RSS N MiB -&gt; N MiB", junit)
 
 
@@ -142,8 +150,10 @@ def test_ktap_marks_the_bypass_not_ok_and_skips_with_a_reason(
 
 def test_json_has_the_envelope_then_the_documented_schema_1_fields(
         upstream_report: checks.VerifyReport) -> None:
-    data = json.loads(render.render_json(upstream_report))
-    assert list(data)[:4] == [*ENVELOPE, "kvmtdx"]
+    backend = simulated_backend(load_profile("1.5.01"), MAX_HOST, get_policy("upstream"))
+    data = json.loads(render.render_json(upstream_report,
+                                         identify(backend, upstream_report.knowledge)))
+    assert list(data)[:5] == [*ENVELOPE, "host_identity", "kvmtdx"]
     assert (data["schema"], data["kind"]) == (1, "verify")
     assert data["tool_version"] == data["kvmtdx"]
     for key in ("verdict", "backend", "policy", "policy_reason", "module", "allowlist",
@@ -153,7 +163,9 @@ def test_json_has_the_envelope_then_the_documented_schema_1_fields(
     for key in ("verdict", "total", "passed", "failed", "skipped", "tds_created", "ioctls"):
         assert key in data["summary"], key
     for c in data["checks"]:
-        assert set(c) == {"id", "group", "status", "detail", "expected", "actual", "bits"}
+        assert set(c) == {"id", "group", "status", "detail", "expected", "actual", "bits",
+                          "request", "seconds"}
+        assert isinstance(c["seconds"], float) and c["seconds"] >= 0
         assert c["status"] in ("pass", "fail", "skip")
         assert re.fullmatch(r"[a-z0-9_]+", c["id"]) and c["group"] in checks.GROUPS
         assert "\n" not in c["detail"]
@@ -218,3 +230,17 @@ def test_kselftest_wrapper_skips_when_kvmtdx_is_not_installed(tmp_path: Path) ->
     assert proc.returncode == 4, proc.stderr
     k = parse_ktap(proc.stdout)
     assert k["plan"] == 0 and "kvmtdx is not installed" in str(k["plan_skip"])
+
+
+def test_groups_line_counts_failures_and_skips_apart(
+        upstream_report: checks.VerifyReport) -> None:
+    """`adversarial 0/6` for six skips would read as six failures: skips are named."""
+    line = next(x for x in render.render_text(upstream_report).splitlines()
+                if x.strip().startswith("groups"))
+    assert "policy 2/5 (3 skipped)," in line
+    assert "adversarial 4/8 (3 FAILED, 1 skipped)," in line
+    assert "capabilities 9/9," in line
+    mixed = [checks.CheckResult(f"c{i}", "adversarial", s, "x")
+             for i, s in enumerate([Status.PASS, Status.FAIL, Status.SKIP, Status.SKIP])]
+    both = replace(upstream_report, checks=tuple(mixed))
+    assert "adversarial 1/4 (1 FAILED, 2 skipped)" in render.render_text(both)

@@ -28,11 +28,11 @@ from kvmtdx.checks import (  # noqa: F401
     lifecycle,
     policy,
 )
-from kvmtdx.checks.registry import GROUPS, CheckSpec, registered
+from kvmtdx.checks.registry import GROUPS, CheckSpec, registered, select
 from kvmtdx.checks.result import CheckResult, Summary, VerifyReport
 from kvmtdx.checks.runner import Progress, run_verify
 
 CHECKS: tuple[CheckSpec, ...] = registered()
 
 __all__ = ["CHECKS", "GROUPS", "CheckResult", "CheckSpec", "Progress", "Summary",
-           "VerifyReport", "run_verify"]
+           "VerifyReport", "run_verify", "select"]

@@ -8,7 +8,6 @@ from collections.abc import Sequence
 from kvmtdx import layout
 from kvmtdx.checks.context import Context
 from kvmtdx.checks.registry import (
-    NEEDS_MODULE,
     NEEDS_POLICY,
     Verdict,
     bad,
@@ -157,7 +156,7 @@ def _first_difference(data: bytes, want: bytes) -> Verdict:
 @check("caps_buffer_matches_prediction", GROUP,
        "over a patterned caller buffer, every byte KVM leaves is the mirror's")
 def caps_buffer_matches_prediction(ctx: Context) -> Verdict:
-    m = need(ctx.model(), NEEDS_MODULE)
+    m = need(ctx.model(), ctx.needs_module)
     fill, data, err = _pattern_caps(ctx)
     n = len(ctx.caps.entries)
     pred = mirror.predict_capabilities(*m, n, caller=fill)
@@ -184,7 +183,7 @@ def caps_two_calls_equal(ctx: Context) -> Verdict:
 @check("caps_header_matches_prediction", GROUP,
        "supported_attrs, supported_xfam, tdvmcallinfo and nent are the mirror's")
 def caps_header_matches_prediction(ctx: Context) -> Verdict:
-    m = need(ctx.model(), NEEDS_MODULE)
+    m = need(ctx.model(), ctx.needs_module)
     pred = mirror.predict_capabilities(*m, len(m[0].rows))
     if pred.caps is None:
         return bad(f"the mirror predicts {errno_name(pred.errno)}, the kernel reported",
@@ -228,7 +227,7 @@ def _entries_differ(got: Sequence[CpuidEntry], module: ModuleProfile,
 @check("caps_entries_match_prediction", GROUP,
        "every row, register and bit reported is the mirror's")
 def caps_entries_match_prediction(ctx: Context) -> Verdict:
-    m = need(ctx.model(), NEEDS_MODULE)
+    m = need(ctx.model(), ctx.needs_module)
     module = m[0]
     want = mirror.reported_entries(*m)
     got = ctx.caps.entries

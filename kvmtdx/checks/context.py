@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from kvmtdx.device import Kvm, Seam, TdxVm
 from kvmtdx.kmsg import KernelLog
 from kvmtdx.knowledge import Knowledge
-from kvmtdx.model import builders, lifecycle, mirror
+from kvmtdx.model import builders, invariant, lifecycle, mirror
 from kvmtdx.model.builders import Trap
 from kvmtdx.model.catalog import BitRef
 from kvmtdx.model.lifecycle import SequencePrediction
@@ -26,6 +26,11 @@ from kvmtdx.model.profiles import Host, ModuleProfile
 from kvmtdx.model.requests import Request
 from kvmtdx.outcome import Outcome
 from kvmtdx.structs import Capabilities, CpuidEntry
+
+NEEDS_MODULE = ("needs a TDX module profile: give --module NAME|FILE "
+                "(kvmtdx caps --save-module FILE writes one)")
+PROFILE_SET_ASIDE = ("the module profile given does not match this kernel "
+                     "(module_profile_matches says why)")
 
 
 @dataclass
@@ -63,6 +68,11 @@ class Context:
     @property
     def exact(self) -> bool:
         return self.know.exact
+
+    @property
+    def needs_module(self) -> str:
+        """Why a check that needs the module profile skips."""
+        return NEEDS_MODULE if self.know.module_mismatch is None else PROFILE_SET_ASIDE
 
     def model(self) -> tuple[ModuleProfile, Host, Policy] | None:
         """Module, host and policy when all three are known: the mirror can predict."""
@@ -103,6 +113,12 @@ class Context:
         """The backend's free TDX key IDs, where it says (the simulated host does)."""
         free = getattr(self.seam, "free_key_ids", None)
         return free if isinstance(free, int) else None
+
+    def agreement(self, req: Request, pred: Outcome, actual: Outcome) -> invariant.Agreement:
+        """The answer against the exact prediction, as the invariant judges a departure
+        (kvmtdx.model.invariant.against_prediction)."""
+        return invariant.against_prediction(self.caps.entries, req, pred, actual,
+                                            module=self.know.module, host=self.know.host)
 
     def predict_caps(self, nent: int, *, flags: int = 0, hw_error: int = 0,
                      caller: bytes | None = None) -> CapsPrediction | None:

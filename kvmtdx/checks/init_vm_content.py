@@ -24,6 +24,7 @@ from kvmtdx.checks.registry import (
 )
 from kvmtdx.model import builders, invariant
 from kvmtdx.model.catalog import BitRef
+from kvmtdx.model.requests import Request
 from kvmtdx.model.rules import bits_of, is_value_register
 from kvmtdx.outcome import Kind
 from kvmtdx.structs import FLAG_SIGNIFICANT_INDEX, REGISTERS, CpuidEntry
@@ -51,7 +52,7 @@ def init_vm_all_reported_accepted(ctx: Context) -> Verdict:
     pred = ctx.predict(req)
     why = f" (mirror: {pred.describe()})" if pred is not None else ""
     return bad(f"every reported bit together: {describe(actual)}{why}", "ACCEPTED",
-               describe(actual), predicted_bit(pred))
+               describe(actual), predicted_bit(pred), request=req)
 
 
 @dataclass
@@ -59,7 +60,14 @@ class _BitTally:
     tested: int = 0
     exempt: int = 0
     unknown: int = 0
+    stricter: int = 0  # refused by KVM where the mirror reproduces the policy's known hole
     fails: list[tuple[BitRef, str, str]] = field(default_factory=list)  # bit, expected, actual
+    first_request: Request | None = None  # the request of the first failing bit
+
+    def fail(self, ref: BitRef, expected: str, actual: str, req: Request) -> None:
+        self.fails.append((ref, expected, actual))
+        if self.first_request is None:
+            self.first_request = req
 
     def notes(self, module_known: bool) -> str:
         notes = []
@@ -67,6 +75,9 @@ class _BitTally:
             notes.append(f"{self.exempt} silently cleared by the module (host lacks them)")
         if self.unknown:
             notes.append(f"{self.unknown} unknown to the profile, skipped")
+        if self.stricter:
+            notes.append(f"{self.stricter} refused by KVM where the model predicts the "
+                         "policy's known hole: stricter than the model")
         if not module_known:
             notes.append("no profile: invariant only")
         return f" ({'; '.join(notes)})" if notes else ""
@@ -97,13 +108,17 @@ def _try_bit(ctx: Context, t: _BitTally, e: CpuidEntry, register: str, bit: int)
     if judged.exempt:
         t.exempt += 1
     elif not judged.kept:
-        t.fails.append((ref, REFUSED, "ACCEPTED"))
+        t.fail(ref, REFUSED, "ACCEPTED", req)
         return
     elif pred is None and actual.kind not in (Kind.KVM_REJECTED, Kind.MODULE_REJECTED):
-        t.fails.append((ref, REFUSED, describe(actual)))
+        t.fail(ref, REFUSED, describe(actual), req)
         return
-    if pred is not None and not actual.same_answer(pred):
-        t.fails.append((ref, pred.describe(), describe(actual)))
+    if pred is None:
+        return
+    agreement = ctx.agreement(req, pred, actual)
+    if agreement is invariant.Agreement.DIFFERS:
+        t.fail(ref, pred.describe(), describe(actual), req)
+    t.stricter += agreement is invariant.Agreement.STRICTER
 
 
 def _tally_verdict(t: _BitTally, module_known: bool) -> Verdict:
@@ -118,7 +133,7 @@ def _tally_verdict(t: _BitTally, module_known: bool) -> Verdict:
             f"{len(t.fails)} of {t.tested} bits answered otherwise: {labels(list(refs))}")
     first = t.fails[0]
     return bad(f"{head}{tail}", f"{first[0].label()}: {first[1]}",
-               f"{first[0].label()}: {first[2]}", refs)
+               f"{first[0].label()}: {first[2]}", refs, request=t.first_request)
 
 
 @check("init_vm_unreported_bits_refused", GROUP,

@@ -8,7 +8,6 @@ import errno
 from kvmtdx.checks import kernel_warn
 from kvmtdx.checks.context import Context
 from kvmtdx.checks.registry import (
-    NEEDS_MODULE,
     Verdict,
     bad,
     check,
@@ -50,11 +49,11 @@ def init_vm_hw_error_rejected(ctx: Context) -> Verdict:
         res = td.init_vm_raw(req.init_vm, hw_error=1)
     got = errno_name(res.errno)
     if res.errno != errno.EINVAL:
-        return bad(f"hw_error 1: {got}, expected EINVAL", "EINVAL", got)
+        return bad(f"hw_error 1: {got}, expected EINVAL", "EINVAL", got, request=req)
     if res.cmd.hw_error != 1:
         return bad(f"EINVAL, but cmd was written back (hw_error 0x{res.cmd.hw_error:x}); "
                    "KVM must refuse before touching it", "hw_error 1 left",
-                   f"hw_error 0x{res.cmd.hw_error:x}")
+                   f"hw_error 0x{res.cmd.hw_error:x}", request=req)
     return ok("hw_error 1: EINVAL, cmd left alone", "EINVAL", got)
 
 
@@ -167,7 +166,7 @@ def module_refused_bit(ctx: Context) -> tuple[CpuidEntry, BitRef] | None:
 def init_vm_module_status_written_back(ctx: Context) -> Verdict:
     found = module_refused_bit(ctx)
     if found is None:
-        return skip(NEEDS_MODULE if ctx.know.module is None
+        return skip(ctx.needs_module if ctx.know.module is None
                     else "no bit the module refuses in a listed row")
     e, ref = found
     req = ctx.base((e,))
@@ -175,7 +174,7 @@ def init_vm_module_status_written_back(ctx: Context) -> Verdict:
     v = judge(ctx, req, actual, None, f"{ref.label()} (not configurable)", bits=(ref,))
     if v.status is Status.PASS and actual.hw.operand != Operand.CPUID_CONFIG:
         return bad(f"hw_error {actual.hw}, expected operand CPUID_CONFIG", v.expected,
-                   v.actual, (ref,))
+                   v.actual, (ref,), request=req)
     return v
 
 
@@ -191,7 +190,7 @@ def init_vm_no_kernel_warn(ctx: Context) -> Verdict:
     if not requests:
         return skip("no request reaches a non-operand module failure here (the module lists "
                     "no leaf 0x1F rows, and no TSX request reaches it on a host without "
-                    "TSX_CTRL" + ("" if ctx.exact else f": {NEEDS_MODULE}") + ")")
+                    "TSX_CTRL" + ("" if ctx.exact else f": {ctx.needs_module}") + ")")
     provoked = [kernel_warn.provoke(ctx, what, req) for what, req in requests]
     tail = kernel_warn.tainted_note(ctx, provoked)
     earlier = kernel_warn.since_start(ctx)

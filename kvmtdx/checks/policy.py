@@ -11,7 +11,6 @@ from collections.abc import Callable
 
 from kvmtdx.checks.context import Context
 from kvmtdx.checks.registry import (
-    NEEDS_MODULE,
     NEEDS_POLICY,
     Verdict,
     bad,
@@ -49,7 +48,7 @@ def _allowlist(ctx: Context) -> Allowlist:
 
 def _listed(ctx: Context) -> tuple[ModuleProfile, tuple[Regs, ...]]:
     """The module and what it lists on this host, row by row (mirror: enumerated)."""
-    m, h = need(ctx.know.module, NEEDS_MODULE), need(ctx.know.host, NEEDS_MODULE)
+    m, h = need(ctx.know.module, ctx.needs_module), need(ctx.know.host, ctx.needs_module)
     return m, enumerated(m, h)
 
 

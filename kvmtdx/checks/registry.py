@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from kvmtdx.checks.context import Context
+from kvmtdx.errors import DataError
 from kvmtdx.model.catalog import BitRef
+from kvmtdx.model.invariant import STRICTER_NOTE, Agreement
 from kvmtdx.model.requests import Request
 from kvmtdx.outcome import Kind, Outcome
 from kvmtdx.verdict import Status
@@ -23,8 +25,6 @@ GROUPS: tuple[str, ...] = (
     "availability", "capabilities", "init_vm_structure", "init_vm_content", "policy",
     "adversarial", "lifecycle", "hygiene",
 )
-NEEDS_MODULE = ("needs a TDX module profile: give --module NAME|FILE "
-                "(kvmtdx caps --save-module FILE writes one)")
 NEEDS_POLICY = "needs the kernel policy (give --policy)"
 
 
@@ -37,6 +37,10 @@ class Verdict:
     expected: str = ""
     actual: str = ""
     bits: tuple[BitRef, ...] = ()
+    # A failing INIT_VM check's request, as `kvmtdx init-vm --request` replays it, with a
+    # note where one fresh TD does not replay it (a second call on one TD).
+    request: Request | None = None
+    request_note: str = ""
 
 
 def ok(detail: str, expected: str = "", actual: str = "",
@@ -45,8 +49,9 @@ def ok(detail: str, expected: str = "", actual: str = "",
 
 
 def bad(detail: str, expected: str = "", actual: str = "",
-        bits: tuple[BitRef, ...] = ()) -> Verdict:
-    return Verdict(Status.FAIL, detail, expected, actual, bits)
+        bits: tuple[BitRef, ...] = (), *, request: Request | None = None,
+        request_note: str = "") -> Verdict:
+    return Verdict(Status.FAIL, detail, expected, actual, bits, request, request_note)
 
 
 def skip(reason: str) -> Verdict:
@@ -81,20 +86,23 @@ class CheckSpec:
     about: str
     fn: CheckFn
     after_close: bool = False  # runs once the KVM handle and every TD are closed
+    needs: tuple[str, ...] = ()  # checks whose work this one judges: run with it
 
 
 _REGISTERED: list[CheckSpec] = []
+SECOND_CALL = ("sent twice on one TD, the first ACCEPTED; the second answer is the one judged "
+               "(kvmtdx init-vm sends it once, on a fresh TD)")
 
 
-def check(id_: str, group: str, about: str, *, after_close: bool = False
-          ) -> Callable[[CheckFn], CheckFn]:
+def check(id_: str, group: str, about: str, *, after_close: bool = False,
+          needs: tuple[str, ...] = ()) -> Callable[[CheckFn], CheckFn]:
     if group not in GROUPS or not re.fullmatch(r"[a-z0-9_]+", id_):
         raise ValueError(f"check {id_!r}: bad id or unknown group {group!r}")
     if any(s.id == id_ for s in _REGISTERED):
         raise ValueError(f"check {id_!r} registered twice")
 
     def register(fn: CheckFn) -> CheckFn:
-        _REGISTERED.append(CheckSpec(id_, group, about, fn, after_close))
+        _REGISTERED.append(CheckSpec(id_, group, about, fn, after_close, needs))
         return fn
     return register
 
@@ -102,6 +110,27 @@ def check(id_: str, group: str, about: str, *, after_close: bool = False
 def registered() -> tuple[CheckSpec, ...]:
     """Every registered check, group by group in GROUPS order (stable within a group)."""
     return tuple(sorted(_REGISTERED, key=lambda s: GROUPS.index(s.group)))
+
+
+def select(ids: Sequence[str] = (), groups: Sequence[str] = ()) -> tuple[CheckSpec, ...]:
+    """The checks `--check ID` and `--group NAME` name (every check when neither is given),
+    with the checks each needs, in registry order; DataError names what is unknown."""
+    every = registered()
+    known = {s.id: s for s in every}
+    for cid in ids:
+        if cid not in known:
+            raise DataError(f"--check {cid!r}: no such check (kvmtdx verify --list-checks "
+                            f"lists them: {', '.join(known)})")
+    for g in groups:
+        if g not in GROUPS:
+            raise DataError(f"--group {g!r}: no such group ({', '.join(GROUPS)})")
+    if not ids and not groups:
+        return every
+    wanted = {s.id for s in every if s.id in ids or s.group in groups}
+    for s in every:
+        if s.id in wanted:
+            wanted.update(s.needs)
+    return tuple(s for s in every if s.id in wanted)
 
 
 # ---------------------------------------------------------------------------
@@ -128,17 +157,23 @@ def predicted_bit(pred: Outcome | None) -> tuple[BitRef, ...]:
 def judge(ctx: Context, req: Request, actual: Outcome, generic: Kind | None,
           what: str, *, td_initialized: bool = False,
           bits: tuple[BitRef, ...] = ()) -> Verdict:
-    """Exact knowledge: the kernel's answer must be the mirror's.  Otherwise the
-    answer must be of the kind the spec fixes for every kernel (`generic`)."""
+    """Exact knowledge: the kernel's answer must be the mirror's, or refuse where the
+    mirror reproduces the policy's known hole (invariant.against_prediction).  Otherwise
+    the answer must be of the kind the spec fixes for every kernel (`generic`)."""
     pred = ctx.predict(req, td_initialized=td_initialized)
     got = describe(actual)
     if pred is not None:
         exp = pred.describe()
-        if actual.same_answer(pred):
+        agreement = ctx.agreement(req, pred, actual)
+        if agreement is Agreement.SAME:
             return ok(f"{what}: {got}", exp, got, bits)
-        return bad(f"{what}: {got}, expected {describe(pred)}", exp, got, bits)
+        if agreement is Agreement.STRICTER:
+            return ok(f"{what}: {got}; {STRICTER_NOTE}", exp, got, bits)
+        return bad(f"{what}: {got}, expected {describe(pred)}", exp, got, bits, request=req,
+                   request_note=SECOND_CALL if td_initialized else "")
     if generic is None:
-        return skip(f"{what}: {NEEDS_MODULE}")
+        return skip(f"{what}: {ctx.needs_module}")
     if actual.kind == generic:
         return ok(f"{what}: {got} (no profile: kind only)", generic.value, got, bits)
-    return bad(f"{what}: {got}, expected {generic.value}", generic.value, got, bits)
+    return bad(f"{what}: {got}, expected {generic.value}", generic.value, got, bits,
+               request=req, request_note=SECOND_CALL if td_initialized else "")

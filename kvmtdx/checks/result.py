@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from kvmtdx.knowledge import Knowledge
 from kvmtdx.model.catalog import BitRef
+from kvmtdx.model.requests import Request
 from kvmtdx.verdict import Status
 
 
@@ -22,6 +23,9 @@ class CheckResult:
     expected: str = ""
     actual: str = ""
     bits: tuple[BitRef, ...] = ()
+    request: Request | None = None  # a failing INIT_VM check's request (init-vm replays it)
+    request_note: str = ""  # where one INIT_VM on a fresh TD does not replay it
+    seconds: float | None = None  # how long the check ran
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,6 +4,7 @@ every check (the hygiene ones once the KVM handle is closed) and count.  Nothing
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
@@ -84,6 +85,7 @@ class _Ticker:
 
 
 def _run_one(s: CheckSpec, ctx: Context) -> CheckResult:
+    start = time.monotonic()
     try:
         v: Verdict = s.fn(ctx)
     except Skip as e:
@@ -92,7 +94,8 @@ def _run_one(s: CheckSpec, ctx: Context) -> CheckResult:
         v = bad(f"{type(e).__name__}: {e}")
     except KvmError as e:
         v = bad(e.reason)
-    return CheckResult(s.id, s.group, v.status, v.detail, v.expected, v.actual, v.bits)
+    return CheckResult(s.id, s.group, v.status, v.detail, v.expected, v.actual, v.bits,
+                       v.request, v.request_note, time.monotonic() - start)
 
 
 def _run_all(specs: Iterable[CheckSpec], ctx: Context, ticker: _Ticker,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kvmtdx.checks.context import Context
-from kvmtdx.checks.registry import NEEDS_MODULE, Verdict, bad, describe, ok, skip
+from kvmtdx.checks.registry import Verdict, bad, describe, ok, skip
 from kvmtdx.model.catalog import BitRef
 from kvmtdx.model.requests import Request
 from kvmtdx.outcome import Kind, Outcome
@@ -58,6 +58,7 @@ class Sweep:
     tried: int = 0
     unjudged: int = 0
     misses: list[Miss] = field(default_factory=list)
+    needs: str = ""  # what an unjudged run lacks (the run's own reason, see Context.needs_module)
 
     def send(self, ctx: Context, label: str, req: Request, generic: Kind | None, *,
              exact: bool = True, errno_: int | None = None,
@@ -68,6 +69,7 @@ class Sweep:
         self.tried += 1
         if want is None:
             self.unjudged += 1
+            self.needs = ctx.needs_module
         else:
             m = miss(label, want, got, bits)
             if m is not None:
@@ -76,7 +78,7 @@ class Sweep:
 
     def verdict(self) -> Verdict:
         if self.tried and self.unjudged == self.tried:
-            return skip(f"{self.what}: {NEEDS_MODULE}")
+            return skip(f"{self.what}: {self.needs}")
         if not self.misses:
             if not self.tried:
                 return skip(f"no {self.what} to try")

@@ -18,7 +18,18 @@ from collections.abc import Iterator, Sequence
 from types import FrameType
 
 from kvmtdx import __version__
-from kvmtdx.cli import caps, diff, explain, info, init_vm, options, predict, probe, verify
+from kvmtdx.cli import (
+    caps,
+    diff,
+    explain,
+    info,
+    init_vm,
+    options,
+    predict,
+    probe,
+    report,
+    verify,
+)
 from kvmtdx.cli.common import Command, Parser, error_line, simulate_list
 from kvmtdx.errors import KvmtdxError, Terminated, exit_code_of
 
@@ -31,6 +42,7 @@ COMMANDS: tuple[Command, ...] = (
     probe.COMMAND,
     diff.COMMAND,
     explain.COMMAND,
+    report.COMMAND,
 )
 
 

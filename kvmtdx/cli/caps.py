@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from kvmtdx.cli.common import (
     Command,
     backend_options,
+    identity_of,
     model_options,
     open_session,
     output_file,
@@ -43,9 +44,12 @@ def run(args: argparse.Namespace) -> int:
                         "(upstream-6.16, upstream or rfc-v2) says which bits it hides")
     backend = open_session(args)
     reading = read_capabilities(backend)  # KvmError(skip) without TDX: main() exits 4
-    fmt = render.render_json if args.format == "json" else render.render_text
-    write(args, fmt(reading.caps, backend.label, reading.counters),
-          f"KVM_TDX_CAPABILITIES, {reading.caps.nent} CPUID entries")
+    said = f"KVM_TDX_CAPABILITIES, {reading.caps.nent} CPUID entries"
+    if args.format == "json":
+        write(args, render.render_json(reading.caps, backend.label, reading.counters,
+                                       identity_of(backend)), said)
+    else:
+        write(args, render.render_text(reading.caps, backend.label, reading.counters), said)
     if args.save_module:
         save(render.module_profile_json(_saved_module(args, reading.caps, backend.label)),
              args.save_module, "--save-module")

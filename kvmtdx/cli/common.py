@@ -17,7 +17,8 @@ from kvmtdx import outfile
 from kvmtdx.errors import DataError, ExitCode, KvmtdxError, Terminated
 
 if TYPE_CHECKING:
-    from kvmtdx.knowledge import Given
+    from kvmtdx.identity import HostIdentity
+    from kvmtdx.knowledge import Given, Knowledge
     from kvmtdx.model.policy import Policy
     from kvmtdx.model.profiles import Host, ModuleProfile
     from kvmtdx.session import Backend
@@ -110,11 +111,15 @@ JUDGED_BY = {
 
 
 FORMATS = {"text": "text (for people)", "json": "json (schema 1, see README)",
-           "ktap": "ktap (KTAP v1, for kselftest runners)", "junit": "junit (JUnit XML)"}
+           "ktap": "ktap (KTAP v1, for kselftest runners)", "junit": "junit (JUnit XML)",
+           "html": "html (one self-contained page)", "markdown": "markdown (a table)"}
 
 
-def output_options(p: argparse.ArgumentParser, formats: Sequence[str]) -> None:
-    """--format (the first of `formats` is the default) and --output."""
+def output_options(p: argparse.ArgumentParser, formats: Sequence[str],
+                   also: bool = False) -> None:
+    """--format (the first of `formats` is the default) and --output; with `also`, --also
+    FORMAT:FILE, the same run's report in more formats (one run's KTAP, JUnit and JSON
+    for a test harness that keeps them all)."""
     g = p.add_argument_group("output")
     g.add_argument("--format", choices=list(formats), default=formats[0],
                    help="the report's format: " + ", ".join(FORMATS[f] for f in formats)
@@ -123,6 +128,21 @@ def output_options(p: argparse.ArgumentParser, formats: Sequence[str]) -> None:
                    help="write the report to FILE instead of standard output: a regular file "
                         "is replaced atomically, anything else (a symlink's target, a device, "
                         "a FIFO) written through as sh's > does; the verdict goes to stderr")
+    if also:
+        g.add_argument("--also", action="append", default=[], metavar="FORMAT:FILE",
+                       type=_also_type(formats),
+                       help=f"also write the report as FORMAT ({', '.join(formats)}) to FILE, "
+                            "as --output writes it; repeatable")
+
+
+def _also_type(formats: Sequence[str]) -> Callable[[str], tuple[str, str]]:
+    def parse(text: str) -> tuple[str, str]:
+        fmt, sep, path = text.partition(":")
+        if not sep or not path or fmt not in formats:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: expected FORMAT:FILE with FORMAT one of {', '.join(formats)}")
+        return fmt, output_file("--also")(path)
+    return parse
 
 
 def output_file(option: str) -> Callable[[str], str]:
@@ -223,6 +243,19 @@ def save(text: str, path: str, option: str) -> None:
 def _stdout(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
+
+
+def write_also(args: argparse.Namespace, render: Callable[[str], str]) -> None:
+    """Each --also FORMAT:FILE: the report rendered in FORMAT, written as --output writes."""
+    for fmt, path in getattr(args, "also", []):
+        save(render(fmt), path, "--also")
+
+
+def identity_of(backend: Backend, knowledge: Knowledge | None = None) -> HostIdentity:
+    """The host identity a run's JSON report carries (kvmtdx.identity)."""
+    from kvmtdx.identity import identify
+
+    return identify(backend, knowledge)
 
 
 def say(label: str, message: str) -> None:

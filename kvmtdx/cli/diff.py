@@ -9,7 +9,8 @@ from kvmtdx.errors import DataError, ExitCode
 
 DESCRIPTION = (
     "kvmtdx diff A.json B.json: the bits whose class or reported state "
-    "changed between two probe, verify, caps or predict JSON reports.  "
+    "changed between two probe, verify, caps or predict JSON reports, and "
+    "between two verify reports every check whose status changed.  "
     "kvmtdx diff --module M --policy A --policy B: the bits TDs can no longer "
     "be given under B, and those they newly can, by the mirror.")
 EPILOG = (
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
             raise DataError("diff needs two JSON files (probe, verify, caps or predict reports), "
                             "or --module M --policy A --policy B")
         result = diff.diff_files(load_snapshot(args.files[0]), load_snapshot(args.files[1]))
-        differs = bool(result.changes or result.only_a or result.only_b)
+        differs = result.count > 0
         said = f"{result.count} differences" if differs else "no differences"
     write(args, render.render(result, args.format), said)
     return ExitCode.FAIL if differs else ExitCode.PASS

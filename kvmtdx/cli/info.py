@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from kvmtdx.cli.common import Command, backend_options, open_session, output_options, write
+from kvmtdx.cli.common import (
+    Command,
+    backend_options,
+    identity_of,
+    open_session,
+    output_options,
+    write,
+)
 from kvmtdx.errors import ExitCode, KvmError
 
 
@@ -17,9 +24,10 @@ def run(args: argparse.Namespace) -> int:
     from kvmtdx.hostinfo import gather_info
     from kvmtdx.report import info as render
 
-    info = gather_info(open_session(args))
-    write(args, (render.render_json if args.format == "json" else render.render_text)(info),
-          "TDX usable" if info.tdx_available else "TDX not usable")
+    backend = open_session(args)
+    info = gather_info(backend)
+    write(args, render.render_json(info, identity_of(backend)) if args.format == "json"
+          else render.render_text(info), "TDX usable" if info.tdx_available else "TDX not usable")
     if not info.tdx_available:
         # The report is out; the reason goes to stderr as every other command's does.
         raise KvmError(info.reason, skip=info.skip)

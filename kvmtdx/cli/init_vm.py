@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from kvmtdx.cli.common import Command, backend_options, open_session, output_options, write
+from kvmtdx.cli.common import (
+    Command,
+    backend_options,
+    identity_of,
+    open_session,
+    output_options,
+    write,
+)
 from kvmtdx.errors import DataError, ExitCode
 
 
@@ -28,9 +35,10 @@ def run(args: argparse.Namespace) -> int:
     if not args.request:
         raise DataError("init-vm needs --request FILE (a KVM_TDX_INIT_VM request as JSON)")
     request = load_request(args.request)
-    outcome = init_vm_once(open_session(args), request)  # KvmError(skip) without TDX: exit 4
-    write(args, (render.init_vm_json if args.format == "json" else render.init_vm_text)(outcome),
-          f"KVM_TDX_INIT_VM {outcome.outcome.describe()}")
+    backend = open_session(args)
+    outcome = init_vm_once(backend, request)  # KvmError(skip) without TDX: exit 4
+    write(args, render.init_vm_json(outcome, identity_of(backend)) if args.format == "json"
+          else render.init_vm_text(outcome), f"KVM_TDX_INIT_VM {outcome.outcome.describe()}")
     return ExitCode.PASS
 
 

@@ -11,12 +11,14 @@ from kvmtdx.cli.common import (
     Command,
     backend_options,
     given_from,
+    identity_of,
     model_options,
     open_session,
     output_file,
     output_options,
     save,
     write,
+    write_also,
 )
 from kvmtdx.errors import DataError, ExitCode, ProbeError
 
@@ -27,12 +29,15 @@ DESCRIPTION = (
     "Classify every bit of every row KVM_TDX_CAPABILITIES lists by real "
     "KVM_TDX_INIT_VM outcomes: REPORTED_ACCEPTED, REPORTED_REJECTED, "
     "HIDDEN_KVM_REJECTED, HIDDEN_MODULE_REJECTED, HIDDEN_ACCEPTED.  Reported "
-    "bits are tried in groups, hidden bits one per TD.")
+    "bits are tried in groups, hidden bits one per TD; then each hidden leaf-7.0 "
+    "bit KVM refused is steered onto its row through KVM's lookup (a lookup "
+    "trap), which KVM must refuse too.")
 EPILOG = (
-    "exit codes: 0 every probed bit behaves as it should, 1 a REPORTED_REJECTED "
-    "no module coupling explains or a HIDDEN_ACCEPTED (or the probe could not go "
-    "on), 2 usage or input error, 4 no TDX here.  A run cut short by --max-tds "
-    "is reported incomplete and judged on the bits it tried.")
+    "exit codes: 0 every probed bit behaves as it should and KVM refuses every "
+    "lookup trap, 1 a REPORTED_REJECTED no module coupling explains, a "
+    "HIDDEN_ACCEPTED, a lookup trap past KVM, or a run cut short by --max-tds "
+    "(INCOMPLETE: it decided only part of the bits), 2 usage or input error, 4 no "
+    "TDX here.")
 
 
 def arguments(p: argparse.ArgumentParser) -> None:
@@ -49,15 +54,17 @@ def arguments(p: argparse.ArgumentParser) -> None:
                         "time)")
     p.add_argument("--emit-allowlist", metavar="FILE", type=output_file("--emit-allowlist"),
                    help="write the effective allowlist the probe found, loadable with "
-                        "--allowlist")
-    output_options(p, ("text", "json"))
+                        "--allowlist (bits it never tried are listed apart, under 'untried')")
+    output_options(p, ("text", "json", "ktap", "junit"), also=True)
 
 
 def run(args: argparse.Namespace) -> int:
     import datetime
 
-    from kvmtdx import probe
+    from kvmtdx import probe, verdict
+    from kvmtdx.probe.allowlist import untried_bits
     from kvmtdx.report import probe as render
+    from kvmtdx.report import probe_cases as cases
 
     if args.jobs < 1:
         raise DataError("--jobs must be at least 1")
@@ -72,10 +79,23 @@ def run(args: argparse.Namespace) -> int:
         _end_progress(tty)  # before the error line main() writes
         raise
     _end_progress(tty)
-    code = ExitCode.FAIL if result.failures else ExitCode.PASS
+    code = verdict.exit_code(result.verdict)
+    if args.emit_allowlist:
+        untried = untried_bits(result)
+        if untried:
+            n = sum(bin(m).count("1") for m in untried.values())
+            result.notes.append(f"{args.emit_allowlist}: {n} bits never tried are listed under "
+                                "'untried', not in 'allowed' (no evidence KVM blocks them)")
+    identity = identity_of(backend, result.knowledge)
+    renderers = {"text": render.render_text, "ktap": cases.render_ktap,
+                 "junit": cases.render_junit}
+
+    def rendered(fmt: str) -> str:
+        return render.render_json(result, identity) if fmt == "json" \
+            else renderers[fmt](result)
     # The report first: a side file that cannot be written must not take it along.
-    write(args, render.render_json(result) if args.format == "json"
-          else render.render_text(result), _verdict(result, code))
+    write(args, rendered(args.format), _verdict(result, code))
+    write_also(args, rendered)
     if args.emit_allowlist:
         save(render.allowlist_text(result, datetime.date.today().isoformat()),
              args.emit_allowlist, "--emit-allowlist")

@@ -133,13 +133,13 @@ def leaf7_fillers(reported: Sequence[CpuidEntry]) -> tuple[CpuidEntry, ...]:
 
 
 def trap_request(trap: Trap, base: Request, reported: Sequence[CpuidEntry], *,
-                 ebx: int, ecx: int) -> Request:
-    """`base` (its entries kept last) with leaf-7 entries that carry `ebx`/`ecx` into row
-    7.0 by way of KVM's lookup rather than by their own index."""
-    smuggler = CpuidEntry(7, SMUGGLER_INDEX, 0, ebx=ebx, ecx=ecx)
+                 ebx: int, ecx: int, eax: int = 0, edx: int = 0) -> Request:
+    """`base` (its entries kept last) with leaf-7 entries that carry the given registers into
+    row 7.0 by way of KVM's lookup rather than by their own index."""
+    smuggler = CpuidEntry(7, SMUGGLER_INDEX, 0, eax=eax, ebx=ebx, ecx=ecx, edx=edx)
     fillers = leaf7_fillers(reported)
     rest = base.init_vm.entries
-    carrier = CpuidEntry(7, 0, FLAG_SIGNIFICANT_INDEX, ebx=ebx, ecx=ecx)
+    carrier = CpuidEntry(7, 0, FLAG_SIGNIFICANT_INDEX, eax=eax, ebx=ebx, ecx=ecx, edx=edx)
     empty = CpuidEntry(7, 0, FLAG_SIGNIFICANT_INDEX)
     entries = {
         Trap.STEER: (*fillers, smuggler, *rest),

@@ -8,22 +8,31 @@ contract has (spec section 4, "silently cleared"): an allow_direct bit the host 
 natively is reported by no policy, yet TDH.MNG.INIT drops it instead of refusing, so a
 request carrying it is ACCEPTED by a correct kernel.
 
-A request's bits (in its first nent entries, those KVM reads) are read entry by entry
-against the reported entry of the same function and index: an entry whose function and
-index KVM did not report carries only bits outside what was reported.  Value registers
-hold fields, not features, and are not judged.
+A request's bits are judged where KVM's lookup puts them: for each row KVM reported, the
+entry find() hands that row (the first of the function without the significant-index flag
+or with the row's index, among the first nent entries) carries the bits that reach the
+TD's row, and those outside the reported row are outside.  So an entry steered onto a row
+by the lookup trap is judged against the row it lands on, and a legal entry whose index
+the lookup ignores is judged against its row, not refused for its index.  Entries that
+land on no row reach no TD.  Value registers hold fields, not features, and are not judged.
+
+The invariant also decides where an exact prediction may be departed from
+(`against_prediction`): the mirror reproduces a policy's known hole (upstream ACCEPTS
+the lookup bypass), and a kernel that closes it must pass, not fail for being stricter
+than the model.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import Enum
 
-from kvmtdx.model.mirror import silently_cleared
-from kvmtdx.model.profiles import Host, ModuleProfile
+from kvmtdx.model.mirror import find, silently_cleared
+from kvmtdx.model.profiles import Host, ModuleProfile, enumerated
 from kvmtdx.model.requests import Request
 from kvmtdx.model.rules import bits_of, is_value_register
-from kvmtdx.outcome import Kind, Outcome
+from kvmtdx.outcome import Decider, Kind, Outcome
 from kvmtdx.structs import REGISTERS, CpuidEntry, InitVm
 
 BitKey = tuple[int, int, str, int]  # leaf, KVM index, register, bit (as the prober keys bits)
@@ -31,16 +40,18 @@ BitKey = tuple[int, int, str, int]  # leaf, KVM index, register, bit (as the pro
 
 def outside_reported(reported: Sequence[CpuidEntry],
                      entries: Sequence[CpuidEntry]) -> tuple[BitKey, ...]:
-    """The feature bits of `entries` that `reported` does not have, in entry order."""
-    have = {(e.function, e.index): e for e in reported}
+    """The feature bits `entries` put on the reported rows beyond what each row reported,
+    keyed by the row they land on (KVM's lookup), in row order."""
     out: list[BitKey] = []
-    for e in entries:
-        row = have.get((e.function, e.index))
+    for row in reported:
+        e = find(entries, row.function, row.index)
+        if e is None:
+            continue
         for r in REGISTERS:
-            if is_value_register(e.function, e.index, r):
+            if is_value_register(row.function, row.index, r):
                 continue
-            extra = e.reg(r) & ~(row.reg(r) if row is not None else 0)
-            out.extend((e.function, e.index, r, b) for b in bits_of(extra))
+            extra = e.reg(r) & ~row.reg(r)
+            out.extend((row.function, row.index, r, b) for b in bits_of(extra))
     return tuple(out)
 
 
@@ -86,3 +97,69 @@ def judge(reported: Sequence[CpuidEntry], request: Request | InitVm, outcome: Ou
             outside.append(key)
     kept = not (outcome.kind is Kind.ACCEPTED and outside)
     return InvariantJudgement(kept, tuple(outside), tuple(exempt))
+
+
+class Agreement(str, Enum):
+    """How an observed answer stands to the exact prediction, as spec section 5 judges it."""
+
+    SAME = "same"  # the answer is the prediction
+    # The prediction breaks the invariant (the policy's known hole: bits never reported
+    # ACCEPTED) and the kernel refused them itself: stricter than the model, and right.
+    STRICTER = "stricter"
+    DIFFERS = "differs"  # any other difference: the kernel is not the one predicted
+
+
+STRICTER_NOTE = ("the model predicts the policy's known hole (bits never reported reach the "
+                 "TD); this kernel refused them itself: stricter than the model, keeping the "
+                 "invariant")
+
+
+def against_prediction(reported: Sequence[CpuidEntry], request: Request | InitVm,
+                       predicted: Outcome, actual: Outcome, *,
+                       module: ModuleProfile | None = None,
+                       host: Host | None = None) -> Agreement:
+    """Predictions stay exact; verdicts follow the invariant.  Where the prediction itself
+    breaks the invariant (is_known_hole, judged against what this kernel reported), the
+    answer the invariant asks for is KVM's own refusal (spec section 5: a bit KVM hides but
+    the module would take comes back KVM_REJECTED), and that answer passes.  Every other departure
+    from the prediction, a refusal of a request the invariant lets through included, is a
+    difference."""
+    if actual.same_answer(predicted):
+        return Agreement.SAME
+    if actual.kind is Kind.KVM_REJECTED and \
+            is_known_hole(reported, request, predicted, module=module, host=host):
+        return Agreement.STRICTER
+    return Agreement.DIFFERS
+
+
+def hidden_landed(reported: Sequence[CpuidEntry], request: Request | InitVm,
+                  module: ModuleProfile, host: Host) -> tuple[BitKey, ...]:
+    """Bits the module would take that KVM did not report, as KVM's lookup (find) hands the
+    request's entries to the module's rows: what spec section 5 says KVM must refuse."""
+    iv = request.init_vm if isinstance(request, Request) else request
+    entries = iv.entries[:iv.effective_nent]
+    have = {(e.function, e.index): e for e in reported}
+    out: list[BitKey] = []
+    for i, (row, listed) in enumerate(zip(module.rows, enumerated(module, host), strict=True)):
+        e = find(entries, row.leaf, row.kvm_index)
+        if e is None:
+            continue
+        shown = have.get((row.leaf, row.kvm_index))
+        for r, take, unknown in zip(REGISTERS, listed, module.unknown_mask(i), strict=True):
+            if is_value_register(row.leaf, row.kvm_index, r):
+                continue
+            hid = e.reg(r) & take & ~unknown & ~(shown.reg(r) if shown is not None else 0)
+            out.extend((row.leaf, row.kvm_index, r, b) for b in bits_of(hid))
+    return tuple(out)
+
+
+def is_known_hole(reported: Sequence[CpuidEntry], request: Request | InitVm, predicted: Outcome,
+                  *, module: ModuleProfile | None = None, host: Host | None = None) -> bool:
+    """Whether a prediction breaks the invariant: bits never reported ACCEPTED, or (module
+    and host known) bits KVM hides but the module would take let through to the module."""
+    if not judge(reported, request, predicted, module=module, host=host).kept:
+        return True
+    past_kvm = predicted.kind in (Kind.ACCEPTED, Kind.MODULE_REJECTED) or \
+        predicted.decider is Decider.MODULE
+    return past_kvm and module is not None and host is not None and \
+        bool(hidden_landed(reported, request, module, host))

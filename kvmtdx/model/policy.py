@@ -9,7 +9,7 @@ simulated host reads them to behave; each interprets them on its own.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kvmtdx import jsonfile
@@ -44,6 +44,9 @@ class Allowlist:
     allowed: dict[tuple[int, int, str], int]
     passthrough: frozenset[tuple[int, int, str]]  # sub-leaf / register may be ANY
     names: dict[tuple[int, int, str, int], str]
+    # Bits nobody tried (a probe cut short, or targeted): not allowed here, yet not known to
+    # be blocked either.  Kept so that whoever loads the table can see it.
+    untried: dict[tuple[int, int, str], int] = field(default_factory=dict)
 
     def is_passthrough(self, leaf: int, index: int, register: str) -> bool:
         return key_matches(self.passthrough, leaf, index, register)
@@ -64,7 +67,7 @@ def _sub(value: Any, where: str) -> int:
     return 0 if n == 0xFFFFFFFF else n
 
 
-_ALLOWLIST_FIELDS = ("name", "provenance", "allowed", "passthrough")
+_ALLOWLIST_FIELDS = ("name", "provenance", "allowed", "passthrough", "untried")
 _ALLOWED_FIELDS = ("leaf", "subleaf", "register", "bits", "mask")
 _PASSTHROUGH_FIELDS = ("leaf", "subleaf", "register")
 ALLOWLIST_KIND = "allowlist"  # the kind `probe --emit-allowlist` writes
@@ -130,12 +133,37 @@ def allowlist_from_json(data: Any, origin: str) -> Allowlist:
         allowed=allowed,
         passthrough=_passthrough(data, origin),
         names=names,
+        untried=_untried(data.get("untried", []), origin),
     )
+
+
+def _untried(value: Any, origin: str) -> dict[tuple[int, int, str], int]:
+    if not isinstance(value, list):
+        raise DataError(f"{origin}: field 'untried' must be a list")
+    out: dict[tuple[int, int, str], int] = {}
+    for i, e in enumerate(value):
+        w = f"{origin}: untried[{i}]"
+        if not isinstance(e, dict) or not isinstance(e.get("bits"), (dict, list)):
+            raise DataError(f"{w}: must be an object with 'bits'")
+        reg = e.get("register")
+        if reg not in REGISTERS:
+            raise DataError(f"{w}.register: must be one of {', '.join(REGISTERS)}")
+        key = (parse_int(e.get("leaf"), f"{w}.leaf", 32), _sub(e.get("subleaf"), f"{w}.subleaf"),
+               str(reg))
+        for j, b in enumerate(e["bits"]):
+            out[key] = out.get(key, 0) | 1 << parse_int(b, f"{w}.bits[{j}]", 5)
+    return out
 
 
 def allowlist_to_json(a: Allowlist) -> dict[str, Any]:
     def sub(s: int) -> Any:
         return "*" if s == ANY else s
+
+    def named(table: dict[tuple[int, int, str], int]) -> list[dict[str, Any]]:
+        return [{"leaf": f"0x{leaf:x}", "subleaf": sub(s), "register": r,
+                 "bits": {str(b): a.names.get((leaf, s, r, b), f"bit{b}")
+                          for b in range(32) if m >> b & 1}}
+                for (leaf, s, r), m in sorted(table.items())]
 
     return {
         "schema": 1,
@@ -145,18 +173,8 @@ def allowlist_to_json(a: Allowlist) -> dict[str, Any]:
             {"leaf": f"0x{leaf:x}", "subleaf": sub(s), "register": r}
             for leaf, s, r in sorted(a.passthrough)
         ],
-        "allowed": [
-            {
-                "leaf": f"0x{leaf:x}",
-                "subleaf": sub(s),
-                "register": r,
-                "bits": {
-                    str(b): a.names.get((leaf, s, r, b), f"bit{b}")
-                    for b in range(32) if m >> b & 1
-                },
-            }
-            for (leaf, s, r), m in sorted(a.allowed.items())
-        ],
+        "allowed": named(a.allowed),
+        "untried": named(a.untried),
     }
 
 

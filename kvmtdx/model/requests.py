@@ -35,6 +35,8 @@ _TOP_KEYS = frozenset(
 )
 # Free-text keys people put in hand-written files; ignored rather than refused.
 _NOTE_KEYS = frozenset({"name", "why", *jsonfile.NOTE_KEYS})
+# The kind `verify --save-failures` writes on its requests; a request written by hand has none.
+REQUEST_KIND = "request"
 _ENTRY_KEYS = frozenset({"function", "index", "flags", "padding", *REGISTERS})
 
 
@@ -71,7 +73,7 @@ def _entry(value: Any, where: str) -> CpuidEntry:
 
 def request_from_json(data: Any, origin: str) -> Request:
     """A Request from parsed JSON; `origin` (a file name) prefixes every error."""
-    jsonfile.document(data, origin, "a request", _TOP_KEYS, notes=_NOTE_KEYS)
+    jsonfile.document(data, origin, "a request", _TOP_KEYS, kind=REQUEST_KIND, notes=_NOTE_KEYS)
     for key in ("attributes", "xfam", "cpuid"):
         if key not in data:
             raise DataError(f"{origin}: {key}: missing")

@@ -18,12 +18,21 @@ from kvmtdx.knowledge import Given, complete
 from kvmtdx.probe.allowlist import effective_allowlist
 from kvmtdx.probe.classify import bit_results, classify, expected_classes, field_results
 from kvmtdx.probe.oracle import DeviceOracle, Oracle, SerialSeam, mirror_oracle, native_fms
-from kvmtdx.probe.result import BitClass, BitKey, BitResult, FieldClass, FieldResult, ProbeResult
+from kvmtdx.probe.result import (
+    BitClass,
+    BitKey,
+    BitResult,
+    FieldClass,
+    FieldResult,
+    ProbeResult,
+    TrapResult,
+)
+from kvmtdx.probe.traps import lookup_traps
 from kvmtdx.probe.units import Model, read_layout
 
 __all__ = [
     "BitClass", "BitKey", "BitResult", "DeviceOracle", "FieldClass", "FieldResult", "Model",
-    "Oracle", "ProbeOptions", "ProbeResult", "classify", "effective_allowlist",
+    "Oracle", "ProbeOptions", "ProbeResult", "TrapResult", "classify", "effective_allowlist",
     "expected_classes", "mirror_oracle", "probe",
 ]
 
@@ -57,6 +66,7 @@ def probe(seam: Seam, options: ProbeOptions, *, label: str, given: Given | None 
         exhaustive = options.exhaustive or model is None
         got = classify(caps, oracle, model, exhaustive=exhaustive,
                        native_fms=native_fms(kvm, model))
+        traps = lookup_traps(caps, oracle, got.bits)
     layout = read_layout(caps, model)
     bits = bit_results(got, layout, model)  # the mirror's expectations count in `seconds`
     notes = list(got.notes)
@@ -65,10 +75,13 @@ def probe(seam: Seam, options: ProbeOptions, *, label: str, given: Given | None 
                      "(a lock around the seam), so jobs overlap but do not speed it up")
     if oracle.budget_spent:
         notes.append(f"--max-tds {options.max_tds} reached: the classification is incomplete")
+    if know.module_mismatch is not None:
+        notes.append(f"{know.module_source}: every listed bit probed, with no expectation")
     return ProbeResult(
         backend=label,
         mode="exhaustive" if exhaustive else "targeted",
-        complete=got.complete and not oracle.budget_spent,
+        complete=(got.complete and not oracle.budget_spent
+                  and all(t.outcome is not None for t in traps)),
         tds=kvm.counters.tds_created,
         ioctls=kvm.counters.ioctls,
         seconds=time.monotonic() - start,
@@ -80,4 +93,5 @@ def probe(seam: Seam, options: ProbeOptions, *, label: str, given: Given | None 
         policy=model.policy.name if model is not None and model.policy is not None else None,
         notes=notes,
         knowledge=know,
+        traps=traps,
     )

@@ -9,8 +9,10 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from kvmtdx.knowledge import Knowledge
-from kvmtdx.outcome import Outcome
+from kvmtdx.model.requests import Request
+from kvmtdx.outcome import Kind, Outcome
 from kvmtdx.structs import Capabilities
+from kvmtdx.verdict import Status
 
 
 class BitClass(str, Enum):
@@ -78,6 +80,26 @@ class FieldResult:
         return self.cls is FieldClass.FIELD_REJECTED and not self.informational
 
 
+@dataclass(frozen=True)
+class TrapResult:
+    """Hidden leaf-7.0 bits KVM refused when sent properly, steered onto row 7.0 through
+    KVM's lookup (an unflagged entry at another index, the other leaf-7 rows taken by
+    flagged entries: the trap verify's adversarial checks send).  A correct kernel refuses
+    them again itself (KVM_REJECTED); anything else let them past KVM."""
+
+    leaf: int
+    subleaf: int
+    register: str
+    bits: tuple[int, ...]
+    names: tuple[str, ...]
+    request: Request
+    outcome: Outcome | None  # None: not sent (the --max-tds budget ran out)
+
+    @property
+    def failed(self) -> bool:
+        return self.outcome is not None and self.outcome.kind is not Kind.KVM_REJECTED
+
+
 @dataclass
 class ProbeResult:
     backend: str
@@ -94,12 +116,20 @@ class ProbeResult:
     policy: str | None = None
     notes: list[str] = field(default_factory=list)
     knowledge: Knowledge | None = None  # what the run was judged by, and why
+    traps: list[TrapResult] = field(default_factory=list)
 
     @property
-    def failures(self) -> list[BitResult | FieldResult]:
-        out: list[BitResult | FieldResult] = [b for b in self.bits if b.failed]
+    def failures(self) -> list[BitResult | FieldResult | TrapResult]:
+        out: list[BitResult | FieldResult | TrapResult] = [b for b in self.bits if b.failed]
         out.extend(f for f in self.fields if f.failed)
+        out.extend(t for t in self.traps if t.failed)
         return out
+
+    @property
+    def verdict(self) -> Status:
+        """A kernel bug fails; so does a run cut short, which decided only part of what it
+        set out to (it must not pass on what it never tried)."""
+        return Status.FAIL if self.failures or not self.complete else Status.PASS
 
     @property
     def mismatches(self) -> list[BitResult]:

@@ -9,10 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 from kvmtdx.device import Counters
+from kvmtdx.identity import HostIdentity
 from kvmtdx.model import catalog
 from kvmtdx.model.profiles import ModuleProfile, profile_to_json
 from kvmtdx.report import hx
-from kvmtdx.report.encode import capabilities_json
+from kvmtdx.report.encode import capabilities_json, host_identity_json
 from kvmtdx.report.schema import ReportKind, document
 from kvmtdx.structs import FLAG_SIGNIFICANT_INDEX, REGISTERS, Capabilities, CpuidEntry
 
@@ -49,8 +50,10 @@ def caps_to_json(caps: Capabilities, backend: str, counters: Counters | None = N
     return doc
 
 
-def render_json(caps: Capabilities, backend: str, counters: Counters | None = None) -> str:
-    return document(ReportKind.CAPS, caps_to_json(caps, backend, counters))
+def render_json(caps: Capabilities, backend: str, counters: Counters | None,
+                identity: HostIdentity) -> str:
+    return document(ReportKind.CAPS, caps_to_json(caps, backend, counters),
+                    host_identity_json(identity))
 
 
 def render_text(caps: Capabilities, backend: str, counters: Counters | None = None) -> str:

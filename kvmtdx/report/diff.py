@@ -28,6 +28,8 @@ def file_diff_json(d: FileDiff) -> dict[str, Any]:
         "changes": [change_json(c) for c in d.changes],
         "only_a": [{"leaf": f"0x{k[0]:x}", "subleaf": k[1], "register": k[2]} for k in d.only_a],
         "only_b": [{"leaf": f"0x{k[0]:x}", "subleaf": k[1], "register": k[2]} for k in d.only_b],
+        "verdict": {"a": d.verdict_a, "b": d.verdict_b},  # null where a kind has none
+        "checks": [{"id": c.id, "a": c.a, "b": c.b} for c in d.checks],
     }
 
 
@@ -51,6 +53,9 @@ def file_diff_text(d: FileDiff) -> str:
         out.append(f"{_reg_label(rk):<26}listed only in a")
     for rk in d.only_b:
         out.append(f"{_reg_label(rk):<26}listed only in b")
+    if d.verdict_changed:
+        out.append(f"{'verdict':<26}{d.verdict_a} -> {d.verdict_b}")
+    out.extend(f"check {c.id}: {c.a} -> {c.b}" for c in d.checks)
     n = d.count
     out.append("" if n else "no differences")
     if n:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from kvmtdx.identity import HostIdentity
 from kvmtdx.jsonfile import hex64
 from kvmtdx.model.catalog import BitRef
 from kvmtdx.model.policy import Policy
@@ -59,3 +60,21 @@ def allowlist_ref_json(policy: Policy) -> dict[str, str] | None:
     """Which allowlist a policy judged by: its name and provenance (None without one)."""
     a = policy.allowlist
     return None if a is None else {"name": a.name, "provenance": a.provenance}
+
+
+def host_identity_json(h: HostIdentity) -> dict[str, Any]:
+    """The "host_identity" every report of a run carries (kvmtdx.identity): which machine,
+    kernel, CPU, TDX module and policy it ran on, so merged reports can be told apart."""
+    sim = h.simulated
+    return {
+        "hostname": h.hostname,
+        "kernel_release": h.kernel_release,
+        "cpu": {"vendor": h.cpu.vendor, "model_name": h.cpu.model_name,
+                "family": h.cpu.family, "model": h.cpu.model, "stepping": h.cpu.stepping,
+                "fms": h.cpu.fms},
+        "tdx_module": {"version": h.tdx_module, "source": h.tdx_module_source},
+        "policy": {"name": h.policy, "source": h.policy_source},
+        "backend": h.backend,
+        "simulated": None if sim is None else {"module": sim.module, "policy": sim.policy,
+                                               "mutant": sim.mutant, "host": sim.host},
+    }

@@ -6,6 +6,8 @@ from typing import Any
 
 from kvmtdx import uapi
 from kvmtdx.hostinfo import Info
+from kvmtdx.identity import HostIdentity
+from kvmtdx.report.encode import host_identity_json
 from kvmtdx.report.schema import ReportKind, document
 
 
@@ -30,8 +32,8 @@ def info_to_json(info: Info) -> dict[str, Any]:
     }
 
 
-def render_json(info: Info) -> str:
-    return document(ReportKind.INFO, info_to_json(info))
+def render_json(info: Info, identity: HostIdentity) -> str:
+    return document(ReportKind.INFO, info_to_json(info), host_identity_json(identity))
 
 
 def render_text(info: Info) -> str:

@@ -1,16 +1,19 @@
-"""Rendering of `kvmtdx probe`: a table by leaf, register and bit, or JSON (schema 1)."""
+"""Rendering of `kvmtdx probe`: a table by leaf, register and bit, or JSON (schema 1); KTAP
+and JUnit are in kvmtdx.report.probe_cases."""
 
 from __future__ import annotations
 
 from collections import Counter
 from typing import Any
 
+from kvmtdx.identity import HostIdentity
 from kvmtdx.jsonfile import hex64
 from kvmtdx.model.policy import allowlist_to_json
+from kvmtdx.model.requests import request_to_json
 from kvmtdx.outcome import Outcome
-from kvmtdx.probe import BitClass, BitResult, ProbeResult, effective_allowlist
+from kvmtdx.probe import BitClass, BitResult, FieldResult, ProbeResult, effective_allowlist
 from kvmtdx.report import hx
-from kvmtdx.report.encode import capabilities_json
+from kvmtdx.report.encode import capabilities_json, host_identity_json
 from kvmtdx.report.schema import ReportKind, document
 from kvmtdx.structs import CpuidEntry
 
@@ -41,8 +44,11 @@ def result_to_json(r: ProbeResult) -> dict[str, Any]:
         "supported_attrs": hex64(r.caps.supported_attrs),
         "supported_xfam": hex64(r.caps.supported_xfam),
         "capabilities": capabilities_json(r.caps),
+        "verdict": r.verdict,
         "summary": r.counts(),
         "untested": r.untested,
+        # Bits the run set out to classify and could not (cut short): the verdict is "fail".
+        "unclassified": 0 if r.complete else r.untested,
         "failures": len(r.failures),
         "mismatches": len(r.mismatches),
         "notes": r.notes,
@@ -65,11 +71,19 @@ def result_to_json(r: ProbeResult) -> dict[str, Any]:
             }
             for f in r.fields
         ],
+        "traps": [
+            {
+                "leaf": f"0x{t.leaf:x}", "subleaf": t.subleaf, "register": t.register,
+                "bits": list(t.bits), "names": list(t.names), "result": _outcome_json(t.outcome),
+                "failed": t.failed, "request": request_to_json(t.request),
+            }
+            for t in r.traps
+        ],
     }
 
 
-def render_json(r: ProbeResult) -> str:
-    return document(ReportKind.PROBE, result_to_json(r))
+def render_json(r: ProbeResult, identity: HostIdentity) -> str:
+    return document(ReportKind.PROBE, result_to_json(r), host_identity_json(identity))
 
 
 def _why(b: BitResult) -> str:
@@ -123,20 +137,54 @@ def render_text(r: ProbeResult) -> str:
             note = "  (informational)" if f.informational else ""
             out.append(f"  {row_label(f.leaf, f.subleaf, rows):<11}{f.register:<5}{span:>5}  "
                        f"{f.name:<28}{f.cls.value:<16}value {hx(f.value)}{note}")
+    out += _trap_lines(r)
     out.append("")
     counts = Counter({k: v for k, v in r.counts().items() if v})
-    out.append("summary: " + ", ".join(f"{k} {v}" for k, v in counts.items())
+    out.append("summary: " + (", ".join(f"{k} {v}" for k, v in counts.items())
+                              or "nothing classified")
                + (f"; {r.untested} bits not tried" if r.untested else ""))
     for n in r.notes:
         out.append(f"note: {n}")
-    fails = r.failures
     if r.mismatches:
         out.append(f"{len(r.mismatches)} bits differ from the mirror's prediction for policy "
                    f"{r.policy}")
-    out.append(f"FAIL: {len(fails)} bits break the rule that a kernel accepts what it "
-               "reports and nothing it hides" if fails
-               else "PASS: every probed bit is accepted if reported and refused if hidden")
+    out += _verdict_lines(r)
     return "\n".join(out) + "\n"
+
+
+def _trap_lines(r: ProbeResult) -> list[str]:
+    if not r.traps:
+        return []
+    out = ["", "lookup traps (each hidden 0x7.0 bit KVM refused, steered onto row 0x7.0 by an "
+               "unflagged leaf-7 entry at another index):"]
+    for t in r.traps:
+        got = t.outcome.describe() if t.outcome is not None else "not sent (--max-tds)"
+        bug = " - KERNEL BUG: the hidden bits got past KVM's check" if t.failed else ""
+        out.append(f"  0x{t.leaf:x}.{t.subleaf:<7}{t.register:<5}{' '.join(t.names):<22}"
+                   f"{got}{bug}")
+    return out
+
+
+def _verdict_lines(r: ProbeResult) -> list[str]:
+    """What the run establishes, and no more: the per-bit classes it decided and the traps."""
+    out = []
+    if not r.complete:
+        out.append(f"INCOMPLETE: {r.untested} bits not classified (the run was cut short); "
+                   "no verdict on them: rerun with a larger --max-tds")
+    bits = [f for f in r.failures if isinstance(f, BitResult | FieldResult)]
+    traps = [t for t in r.traps if t.failed]
+    if bits or traps:
+        parts = ([f"{len(bits)} bits break the rule that a kernel accepts what it reports and "
+                  "nothing it hides"] if bits else [])
+        parts += [f"{len(traps)} lookup traps let hidden bits past KVM"] if traps else []
+        out.append("FAIL: " + "; ".join(parts))
+    elif r.complete:
+        skipped = (f"; targeted: {r.untested} hidden bits the module profile says the module "
+                   "cannot take not tried" if r.untested else "")
+        out.append(f"PASS: {len(r.bits)} bits classified, each accepted if reported and "
+                   f"refused if hidden, and {len(r.traps)} lookup traps refused by KVM"
+                   f"{skipped} (verify runs the other structural and lookup checks)")
+    return out
 
 
 def allowlist_text(r: ProbeResult, date: str) -> str:

@@ -31,13 +31,16 @@ class ReportKind(str, Enum):
     CAPS = "caps"
     PREDICT = "predict"
     INIT_VM = "init-vm"
+    REQUEST = "request"  # a KVM_TDX_INIT_VM request (verify --save-failures)
     VERIFY = "verify"
+    CHECK_LIST = "check-list"  # verify --list-checks
     PROBE = "probe"
     DIFF = "diff"
     POLICY_DIFF = "policy-diff"
     SIMULATE_LIST = "simulate-list"
     ALLOWLIST = "allowlist"
     MODULE_PROFILE = "module-profile"
+    MATRIX = "matrix"
 
     def __str__(self) -> str:
         return self.value
@@ -45,17 +48,33 @@ class ReportKind(str, Enum):
 
 ENVELOPE: tuple[str, ...] = ("schema", "kind", "tool_version")
 
+# The reports of a run on a host (a device, a plug-in or the simulated host): each
+# carries "host_identity" (report.encode.host_identity_json) right after the envelope,
+# so reports from many machines and kernels can be told apart and merged.  predict
+# (the mirror alone), diff and the data documents describe no host.
+RUN_KINDS = frozenset({ReportKind.INFO, ReportKind.CAPS, ReportKind.INIT_VM,
+                       ReportKind.VERIFY, ReportKind.PROBE})
+HOST_IDENTITY = "host_identity"
 
-def envelope(kind: ReportKind, body: Mapping[str, Any]) -> dict[str, Any]:
-    """`body` behind the envelope; envelope fields `body` carries itself are replaced."""
+
+def envelope(kind: ReportKind, body: Mapping[str, Any],
+             host_identity: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """`body` behind the envelope (and, for a run, its host identity); envelope fields
+    `body` carries itself are replaced."""
+    if (host_identity is not None) != (kind in RUN_KINDS):
+        raise ValueError(f"a {kind.value} report {'needs' if kind in RUN_KINDS else 'has no'} "
+                         "host identity")
     doc: dict[str, Any] = {"schema": SCHEMA, "kind": kind.value, "tool_version": __version__}
-    doc.update((k, v) for k, v in body.items() if k not in ENVELOPE)
+    if host_identity is not None:
+        doc[HOST_IDENTITY] = dict(host_identity)
+    doc.update((k, v) for k, v in body.items() if k not in ENVELOPE and k != HOST_IDENTITY)
     return doc
 
 
-def document(kind: ReportKind, body: Mapping[str, Any]) -> str:
+def document(kind: ReportKind, body: Mapping[str, Any],
+             host_identity: Mapping[str, Any] | None = None) -> str:
     """The report as JSON text, envelope first."""
-    return to_json(envelope(kind, body))
+    return to_json(envelope(kind, body, host_identity))
 
 
 def kind_of(doc: Any, origin: str) -> ReportKind:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from kvmtdx.identity import HostIdentity
 from kvmtdx.model.policy import get_policy
-from kvmtdx.report.encode import outcome_json
+from kvmtdx.report.encode import host_identity_json, outcome_json
 from kvmtdx.report.schema import ReportKind, document
 from kvmtdx.session import DEFAULT_SIM_POLICY, InitVmRun
 
@@ -42,8 +43,8 @@ def init_vm_to_json(run: InitVmRun) -> dict[str, Any]:
     return doc
 
 
-def init_vm_json(run: InitVmRun) -> str:
-    return document(ReportKind.INIT_VM, init_vm_to_json(run))
+def init_vm_json(run: InitVmRun, identity: HostIdentity) -> str:
+    return document(ReportKind.INIT_VM, init_vm_to_json(run), host_identity_json(identity))
 
 
 def init_vm_text(run: InitVmRun) -> str:

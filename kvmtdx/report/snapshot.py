@@ -18,7 +18,7 @@ from kvmtdx.report.schema import ReportKind, expect, read_report
 from kvmtdx.structs import REGISTERS
 
 
-def _sub(value: Any, where: str) -> int:
+def json_subleaf(value: Any, where: str) -> int:
     """A sub-leaf as KVM reports it: "no sub-leaves" (null, "none", 0xffffffff) is index 0."""
     if value is None or value == "none":
         return 0
@@ -26,20 +26,21 @@ def _sub(value: Any, where: str) -> int:
     return 0 if n == 0xFFFFFFFF else n
 
 
-def _reg(value: Any, where: str) -> str:
+def json_register(value: Any, where: str) -> str:
     if value not in REGISTERS:
         raise DataError(f"{where}: expected one of {', '.join(REGISTERS)}, got {value!r}")
     return str(value)
 
 
-def _bit_key(b: dict[str, Any], where: str) -> Key:
+def json_bit_key(b: dict[str, Any], where: str) -> Key:
     return (parse_int(b.get("leaf"), f"{where}.leaf", 32),
-            _sub(b.get("subleaf"), f"{where}.subleaf"),
-            _reg(b.get("register"), f"{where}.register"),
+            json_subleaf(b.get("subleaf"), f"{where}.subleaf"),
+            json_register(b.get("register"), f"{where}.register"),
             parse_int(b.get("bit"), f"{where}.bit", 5))
 
 
-def _objects(value: Any, where: str, what: str = "a list") -> Iterator[tuple[str, dict[str, Any]]]:
+def json_objects(value: Any, where: str, what: str = "a list"
+                 ) -> Iterator[tuple[str, dict[str, Any]]]:
     """Each object of the JSON list `value`, with where it is ("file: field[i]")."""
     if not isinstance(value, list):
         raise DataError(f"{where}: expected {what}")
@@ -50,9 +51,9 @@ def _objects(value: Any, where: str, what: str = "a list") -> Iterator[tuple[str
 
 
 def _cpuid(entries: Any, where: str, snap: Snapshot) -> None:
-    for w, e in _objects(entries, where, "a list of CPUID entries"):
+    for w, e in json_objects(entries, where, "a list of CPUID entries"):
         leaf = parse_int(e.get("function", e.get("leaf")), f"{w}.function", 32)
-        index = _sub(e.get("index", e.get("subleaf", 0)), f"{w}.index")
+        index = json_subleaf(e.get("index", e.get("subleaf", 0)), f"{w}.index")
         for r in REGISTERS:
             snap.reported[(leaf, index, r)] = parse_int(e.get(r, 0), f"{w}.{r}", 32)
 
@@ -65,9 +66,9 @@ def _caps_header(doc: dict[str, Any], where: str, snap: Snapshot) -> None:
 
 
 def _probe(doc: dict[str, Any], origin: str) -> Snapshot:
-    snap = Snapshot(origin, ReportKind.PROBE.value)
-    for w, b in _objects(doc.get("bits"), f"{origin}: bits"):
-        key = _bit_key(b, w)
+    snap = Snapshot(origin, ReportKind.PROBE.value, verdict=_verdict(doc, origin))
+    for w, b in json_objects(doc.get("bits"), f"{origin}: bits"):
+        key = json_bit_key(b, w)
         cls = b.get("class")
         if not isinstance(cls, str):
             raise DataError(f"{w}.class: expected a string")
@@ -81,17 +82,29 @@ def _probe(doc: dict[str, Any], origin: str) -> Snapshot:
 
 def _verify(doc: dict[str, Any], origin: str) -> Snapshot:
     """A bit's "class" in a verify report: every check that names it, with its status."""
-    snap = Snapshot(origin, ReportKind.VERIFY.value)
+    checks: dict[str, str] = {}
+    snap = Snapshot(origin, ReportKind.VERIFY.value, checks=checks,
+                    verdict=_verdict(doc, origin))
     verdicts: dict[Key, list[str]] = {}
-    for w, c in _objects(doc.get("checks"), f"{origin}: checks"):
+    for w, c in json_objects(doc.get("checks"), f"{origin}: checks"):
         cid, status = c.get("id"), c.get("status")
         if not isinstance(cid, str) or not isinstance(status, str):
             raise DataError(f"{w}: expected string fields 'id' and 'status'")
-        for wb, b in _objects(c.get("bits", []), f"{w}.bits"):
-            verdicts.setdefault(_bit_key(b, wb), []).append(f"{cid}={status}")
+        if cid in checks:
+            raise DataError(f"{w}.id: check {cid!r} appears twice")
+        checks[cid] = status
+        for wb, b in json_objects(c.get("bits", []), f"{w}.bits"):
+            verdicts.setdefault(json_bit_key(b, wb), []).append(f"{cid}={status}")
     for key, v in verdicts.items():
         snap.classes[key] = ", ".join(sorted(set(v)))
     return snap
+
+
+def _verdict(doc: dict[str, Any], origin: str) -> str | None:
+    v = doc.get("verdict")
+    if v is not None and not isinstance(v, str):
+        raise DataError(f"{origin}: verdict: expected a string")
+    return v
 
 
 def _caps(doc: dict[str, Any], origin: str) -> Snapshot:

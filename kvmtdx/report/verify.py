@@ -13,11 +13,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from kvmtdx import __version__, verdict
-from kvmtdx.checks import GROUPS, CheckResult, Summary, VerifyReport
+from kvmtdx.checks import GROUPS, CheckResult, CheckSpec, Summary, VerifyReport
 from kvmtdx.errors import ExitCode
+from kvmtdx.identity import HostIdentity
+from kvmtdx.model.requests import Request, request_to_json
 from kvmtdx.report import junit, ktap
-from kvmtdx.report.encode import bitref_json
+from kvmtdx.report.encode import bitref_json, host_identity_json
 from kvmtdx.report.schema import ReportKind, document
+from kvmtdx.structs import FLAG_SIGNIFICANT_INDEX, REGISTERS, CpuidEntry
 from kvmtdx.verdict import Status
 
 PASS, FAIL, SKIP = Status.PASS, Status.FAIL, Status.SKIP
@@ -69,6 +72,44 @@ def verdict_line(report: VerifyReport) -> str:
 # text
 
 
+def _entry_short(e: CpuidEntry) -> str:
+    regs = [f"{r}=0x{v:x}" for r, v in zip(REGISTERS, e.regs(), strict=True) if v]
+    flag = "" if e.flags == FLAG_SIGNIFICANT_INDEX else (
+        " unflagged" if not e.flags else f" flags=0x{e.flags:x}")
+    return " ".join([f"0x{e.function:x}.{e.index}{flag}", *regs])
+
+
+def request_line(req: Request, limit: int = 6) -> str:
+    """A request in one line: the words a check set, then its entries (flagged unless said)."""
+    iv = req.init_vm
+    words = [f"attributes 0x{iv.attributes:x}", f"xfam 0x{iv.xfam:x}"]
+    words += [f"{name} 0x{v:x}" for name, v in (("flags", req.flags),
+                                                 ("hw_error", req.hw_error),
+                                                 ("padding", iv.cpuid_padding)) if v]
+    if iv.nent is not None:
+        words.append(f"nent {iv.nent}")
+    words += [f"reserved[{i}] 0x{w:x}" for i, w in enumerate(iv.reserved) if w]
+    shown = [_entry_short(e) for e in iv.entries[:limit]]
+    more = f", +{len(iv.entries) - limit} more" if len(iv.entries) > limit else ""
+    return (", ".join(words) + f"; {len(iv.entries)} entries: " + ", ".join(shown) + more)
+
+
+def _groups(results: Sequence[CheckResult]) -> str:
+    """Passed of total per group, failures and skips named apart: `adversarial 0/6` alone
+    would read as six failures when all six skipped."""
+    per_group = []
+    for g in GROUPS:
+        cs = [c for c in results if c.group == g]
+        if not cs:
+            continue
+        bad = sum(c.status == FAIL for c in cs)
+        skipped = sum(c.status == SKIP for c in cs)
+        notes = ([f"{bad} FAILED"] if bad else []) + ([f"{skipped} skipped"] if skipped else [])
+        per_group.append(f"{g} {sum(c.status == PASS for c in cs)}/{len(cs)}"
+                         + (f" ({', '.join(notes)})" if notes else ""))
+    return ", ".join(per_group)
+
+
 def render_text(report: VerifyReport) -> str:
     if report.skip_reason is not None:
         return (f"kvmtdx verify: SKIP: {report.skip_reason}\n"
@@ -76,14 +117,7 @@ def render_text(report: VerifyReport) -> str:
     out = [f"kvmtdx verify: {report.verdict.upper()} ({_counts(report)})"]
     width = max(len(k) for k, _ in _facts(report))
     out += [f"  {k:<{width}}  {v}" for k, v in _facts(report)]
-    per_group = []
-    for g in GROUPS:
-        cs = [c for c in report.checks if c.group == g]
-        if cs:
-            ok = sum(c.status == PASS for c in cs)
-            bad = sum(c.status == FAIL for c in cs)
-            per_group.append(f"{g} {ok}/{len(cs)}" + (f" ({bad} FAILED)" if bad else ""))
-    out.append(f"  {'groups':<{width}}  " + ", ".join(per_group))
+    out.append(f"  {'groups':<{width}}  " + _groups(report.checks))
     fails = report.failures()
     if fails:
         out += ["", "Failures:"]
@@ -97,6 +131,10 @@ def render_text(report: VerifyReport) -> str:
                 shown = ", ".join(b.label() for b in c.bits[:8])
                 more = f" (+{len(c.bits) - 8} more)" if len(c.bits) > 8 else ""
                 out.append(f"    bits:     {shown}{more}")
+            if c.request is not None:
+                out.append(f"    request:  {request_line(c.request)}")
+                if c.request_note:
+                    out.append(f"              ({c.request_note})")
     skips = [c for c in report.checks if c.status == SKIP]
     if skips:
         out += ["", "Skipped:"]
@@ -108,6 +146,13 @@ def render_text(report: VerifyReport) -> str:
 # KTAP v1 (written by kvmtdx.report.ktap)
 
 
+def _diagnostics(c: CheckResult) -> tuple[str, ...]:
+    out = [f"expected: {c.expected}", f"actual: {c.actual}"] if c.expected or c.actual else []
+    if c.request is not None:
+        out.append(f"request: {request_line(c.request)}")
+    return tuple(out)
+
+
 def render_ktap(report: VerifyReport) -> str:
     if report.skip_reason is not None:
         return ktap.skip_all(report.skip_reason)
@@ -117,9 +162,7 @@ def render_ktap(report: VerifyReport) -> str:
 
 
 def _ktap_case(c: CheckResult) -> ktap.Case:
-    return ktap.Case(c.id, c.status, c.detail,
-                     (f"expected: {c.expected}", f"actual: {c.actual}")
-                     if c.expected or c.actual else ())
+    return ktap.Case(c.id, c.status, c.detail, _diagnostics(c))
 
 
 def interrupted_ktap(done: Sequence[CheckResult], planned: int, backend: str, why: str) -> str:
@@ -134,9 +177,35 @@ def interrupted_ktap(done: Sequence[CheckResult], planned: int, backend: str, wh
 # JSON (schema documented in README.md, "kvmtdx verify")
 
 
+def request_json(c: CheckResult) -> dict[str, Any] | None:
+    """A failing check's request in the `kvmtdx init-vm --request` format (a note, where one
+    fresh TD does not replay it, in its "about")."""
+    if c.request is None:
+        return None
+    note = {"about": c.request_note} if c.request_note else {}
+    return {**note, **request_to_json(c.request)}
+
+
 def check_json(c: CheckResult) -> dict[str, Any]:
     return {"id": c.id, "group": c.group, "status": c.status, "detail": c.detail,
-            "expected": c.expected, "actual": c.actual, "bits": [bitref_json(b) for b in c.bits]}
+            "expected": c.expected, "actual": c.actual, "bits": [bitref_json(b) for b in c.bits],
+            "request": request_json(c),
+            "seconds": round(c.seconds, 6) if c.seconds is not None else None}
+
+
+def failure_requests(report: VerifyReport) -> dict[str, str]:
+    """check id -> its failing request as a JSON document `kvmtdx init-vm --request` reads
+    (verify --save-failures writes one file per entry)."""
+    out: dict[str, str] = {}
+    for c in report.failures():
+        body = request_json(c)
+        if body is None:
+            continue
+        about = (f"kvmtdx verify {c.id} on {report.backend}: expected {c.expected}, got "
+                 f"{c.actual}" + (f"; {c.request_note}" if c.request_note else ""))
+        body.pop("about", None)
+        out[c.id] = document(ReportKind.REQUEST, {"about": _one_line(about), **body})
+    return out
 
 
 def summary_json(s: Summary) -> dict[str, Any]:
@@ -172,8 +241,8 @@ def report_to_json(report: VerifyReport) -> dict[str, Any]:
     return out
 
 
-def render_json(report: VerifyReport) -> str:
-    return document(ReportKind.VERIFY, report_to_json(report))
+def render_json(report: VerifyReport, identity: HostIdentity) -> str:
+    return document(ReportKind.VERIFY, report_to_json(report), host_identity_json(identity))
 
 
 # ---------------------------------------------------------------------------
@@ -184,8 +253,11 @@ def _junit_case(c: CheckResult) -> junit.Case:
     text = c.detail
     if c.status == FAIL:
         lines = [c.detail, f"expected: {c.expected}", f"actual: {c.actual}"]
-        text = "\n".join(lines + [f"bit: {b.label()}" for b in c.bits])
-    return junit.Case(c.id, f"kvmtdx.verify.{c.group}", c.status, c.detail, text)
+        lines += [f"bit: {b.label()}" for b in c.bits]
+        if c.request is not None:
+            lines.append(f"request: {request_line(c.request)}")
+        text = "\n".join(lines)
+    return junit.Case(c.id, f"kvmtdx.verify.{c.group}", c.status, c.detail, text, c.seconds)
 
 
 def render_junit(report: VerifyReport) -> str:
@@ -201,9 +273,20 @@ def render_junit(report: VerifyReport) -> str:
     return junit.render("kvmtdx verify", [s for s in suites if s.cases])
 
 
-RENDERERS = {"text": render_text, "ktap": render_ktap, "json": render_json,
-             "junit": render_junit}
+def render_check_list(specs: Sequence[CheckSpec], fmt: str) -> str:
+    """`verify --list-checks`: id, group and one-line description of each check."""
+    if fmt == "json":
+        return document(ReportKind.CHECK_LIST, {
+            "groups": list(GROUPS),
+            "checks": [{"id": s.id, "group": s.group, "description": s.about} for s in specs]})
+    idw = max((len(s.id) for s in specs), default=0)
+    gw = max((len(s.group) for s in specs), default=0)
+    return "".join(f"{s.id:<{idw}}  {s.group:<{gw}}  {s.about}\n" for s in specs)
 
 
-def render(report: VerifyReport, fmt: str) -> str:
-    return RENDERERS[fmt](report)
+def render(report: VerifyReport, fmt: str, identity: HostIdentity) -> str:
+    """`report` in `fmt`; only JSON carries the host identity (text, KTAP and JUnit stay
+    byte-for-byte the same on every machine)."""
+    if fmt == "json":
+        return render_json(report, identity)
+    return {"text": render_text, "ktap": render_ktap, "junit": render_junit}[fmt](report)

@@ -39,5 +39,6 @@ def choices() -> dict[str, Any]:
     return {
         "modules": list(BUNDLED_MODULES),
         "policies": list(POLICY_NAMES),
-        "mutants": [{"name": m.name, "description": m.description} for m in CATALOGUE],
+        "mutants": [{"name": m.name, "description": m.description,
+                     "policies": list(m.policies)} for m in CATALOGUE],
     }

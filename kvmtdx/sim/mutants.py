@@ -1,10 +1,12 @@
 """Seeded kernel bugs: each switches one decision of the simulated kernel.
 
-The verifier proves it catches every one of them.  A mutant names the
-policies whose answers it changes as data (`Mutant.policies`); every mutant
-can still be switched on under any policy.  The simulated kernel asks for a
-bug by identity (`bug is FLAGS_UNCHECKED`), so a misspelt name is an error
-the type checker sees, not a decision that silently never fires.
+The verifier proves it catches every one of them, and passes the fixes among them
+(`Mutant.fix`: a kernel closing a known hole is stricter than the model, not wrong).
+A mutant names the policies whose answers it changes as data (`Mutant.policies`);
+`--simulate` refuses it under any other, but the simulated host can switch every
+mutant on under any policy.  The simulated kernel asks for a bug by identity
+(`bug is FLAGS_UNCHECKED`), so a misspelt name is an error the type checker sees,
+not a decision that silently never fires.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ class Mutant:
     name: str
     policies: tuple[str, ...]  # the policies whose answers the bug changes
     summary: str
+    # Not a bug: a change a correct kernel may make (closing a known hole).  The verifier
+    # must pass it, where it must fail every bug.
+    fix: bool = False
 
     @property
     def description(self) -> str:
@@ -33,8 +38,8 @@ _DENYLIST = ("upstream", "upstream-6.16")
 _defined: list[Mutant] = []
 
 
-def _mutant(name: str, policies: tuple[str, ...], summary: str) -> Mutant:
-    m = Mutant(name, policies, summary)
+def _mutant(name: str, policies: tuple[str, ...], summary: str, *, fix: bool = False) -> Mutant:
+    m = Mutant(name, policies, summary, fix)
     _defined.append(m)
     return m
 
@@ -91,7 +96,7 @@ KEY_ID_LEAK_ON_FAILURE = _mutant(
 DENYLIST_CHECKS_ROW_INDEX = _mutant(
     "denylist_checks_row_index", _DENYLIST,
     "a fix: the denylist tests the row's leaf/index, not the matched entry's, "
-    "closing the unflagged-entry bypass")
+    "closing the unflagged-entry bypass", fix=True)
 COUNT_CHECK_MISSING = _mutant(
     "count_check_missing", _ALL,
     "INIT_VM does not require every entry to land on a module row (count != nent)")
