@@ -346,6 +346,21 @@ BYPASS_CHECKS = ("adversarial_denylist_bypass_waitpkg", "adversarial_denylist_by
                  "adversarial_denylist_bypass_stray_balance")
 
 
+def grid_failures(module: str, kernel: str) -> set[str]:
+    """The checks the simulated `module`:`kernel` fails: the bypass on the kernels without
+    the series, the WARN on every kernel of a module with leaf 0x1F."""
+    return (set(BYPASS_CHECKS) if kernel in UPSTREAM else set()) | warn_failures(module)
+
+
+def grid_column(column: str | int) -> tuple[str, str]:
+    """(module, kernel) of a column of the merged grid (numbered from 1)."""
+    n = int(column) - 1
+    return MODULES[n // len(POLICIES)], POLICIES[n % len(POLICIES)]
+
+
+GRID_FAILURES = sum(len(grid_failures(m, p)) for m in MODULES for p in POLICIES)
+
+
 def simulated_report(folder: Path, command: str, spec: str) -> Path:
     """`kvmtdx COMMAND --simulate SPEC --format json` written to FOLDER/COMMAND-SPEC.json."""
     out = folder / f"{command}-{spec.replace(':', '-')}.json"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,11 +16,12 @@ from kvmtdx.errors import DataError
 from kvmtdx.knowledge import INFERRED_HOST, SIMULATED_HOST, Given, complete, given
 from kvmtdx.model import mirror
 from kvmtdx.model.policy import POLICY_NAMES, get_policy
-from kvmtdx.model.profiles import MAX_HOST, Host, load_profile
+from kvmtdx.model.profiles import MAX_HOST, Host, ModuleProfile, load_profile
+from kvmtdx.model.rules import is_value_register
 from kvmtdx.probe import TrapResult
 from kvmtdx.session import Backend, simulated_backend
 from kvmtdx.sim import SimulatedHost
-from kvmtdx.structs import Capabilities
+from kvmtdx.structs import REGISTERS, Capabilities
 
 
 def plugin(policy: str) -> Backend:
@@ -131,9 +133,29 @@ def test_a_host_file_without_the_leaves_a_module_needs_stops_before_any_guess(
             "initialise" in err
 
 
+def _without_what_tells_the_policies_apart(m: ModuleProfile) -> Host:
+    """The max host less every configurable bit rfc-v2 hides and upstream reports.
+
+    The module could not initialise on it (2.0 needs HTT and an LBR depth natively), but
+    KVM_TDX_CAPABILITIES reads the same under both policies, which is all auto sees.
+    """
+    up, rfc = get_policy("upstream"), get_policy("rfc-v2")
+    native = dict(MAX_HOST.native)
+    for row in m.rows:
+        regs = list(MAX_HOST.cpuid(row.leaf, row.subleaf))
+        for i, r in enumerate(REGISTERS):
+            if not is_value_register(row.leaf, row.subleaf, r):
+                idx = row.kvm_index
+                tells = rfc.hides(row.leaf, idx, r) & ~up.hides(row.leaf, idx, r)
+                regs[i] &= ~(row.allow_direct[i] & tells)
+        a, b, c, d = regs
+        native[(row.leaf, row.subleaf)] = (a, b, c, d)
+    return replace(MAX_HOST, name="bare", native=native)
+
+
 def test_auto_never_picks_among_equal_matches_by_release() -> None:
     m = load_profile("2.0")
-    bare = Host(name="bare", kvm_xfam=MAX_HOST.xfam_supported)
+    bare = _without_what_tells_the_policies_apart(m)
     pred = mirror.predict_capabilities(m, bare, get_policy("rfc-v2"), len(m.rows))
     assert pred.caps is not None
     with pytest.raises(DataError, match="cannot tell"):

@@ -204,11 +204,12 @@ def init_vm_no_kernel_warn(ctx: Context) -> Verdict:
     warned = [p for p in wrong if p.warned]
     if not warned:
         return bad(f"{wrong[0].what} was ACCEPTED: no module takes it{tail}",
-                   "refused, no WARN", "ACCEPTED")
+                   "refused, no WARN", "ACCEPTED", request=wrong[0].request)
     said = "; ".join(f"{p.what}: {kernel_warn.answered(p)} with a kernel WARN ({p.evidence()})"
                      for p in warned)
     return bad(f"{said}: a WARN userspace can trigger is a kernel bug{tail}",
-               "refused, no WARN", f"{describe(warned[0].outcome)}, kernel WARN")
+               "refused, no WARN", f"{describe(warned[0].outcome)}, kernel WARN",
+               request=warned[0].request, request_note=kernel_warn.REPLAY_NOTE)
 
 
 # ---------------------------------------------------------------------------

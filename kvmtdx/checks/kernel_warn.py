@@ -28,6 +28,8 @@ TOPOLOGY_LEAF = 0x1F
 CORE_LEVEL_1 = 0x201  # ECX of a core level (type 2) at level number 1
 HLE_RTM = LEAF7_EBX_HLE | LEAF7_EBX_RTM
 ALLOW_FLAG = "--allow-kernel-warn"
+REPLAY_NOTE = ("on a real kernel this request provokes the kernel WARN: replaying it taints "
+               "the kernel, and with kernel.panic_on_warn=1 crashes the host")
 
 
 def counted_warnings(seam: Seam) -> int | None:
@@ -102,6 +104,7 @@ def warn_requests(ctx: Context) -> list[tuple[str, Request]]:
 @dataclass
 class Provoked:
     what: str
+    request: Request
     outcome: Outcome
     vm_bugged: bool
     warnings: int | None  # counted by the backend
@@ -147,7 +150,7 @@ def provoke(ctx: Context, what: str, req: Request) -> Provoked:
         except LogUnreadable as e:
             unreadable = str(e)
     counted = None if before is None or after is None else after - before
-    return Provoked(what, outcome, bugged, counted, lines, unreadable)
+    return Provoked(what, req, outcome, bugged, counted, lines, unreadable)
 
 
 def since_start(ctx: Context) -> list[str]:
