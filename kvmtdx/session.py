@@ -7,6 +7,7 @@ for, keeping the real path free of it.
 
 from __future__ import annotations
 
+import errno
 import importlib
 from dataclasses import dataclass
 
@@ -178,6 +179,9 @@ def kernel_source_backend(tree: str, patches: tuple[str, ...], module: ModulePro
                             key_ids=16 if key_ids is None else key_ids)
     failure = ks.seam.bringup_failure
     if failure is not None:
+        if not module.enumerates_topology:
+            failure += (f" (module {module.name} has no topology enumeration, "
+                        "TDX_FEATURES0.TOPOLOGY_ENUM, which Linux 6.16 and later require)")
         raise KvmError(failure, skip=True)
     return Backend(seam=ks.seam, label=ks.label,
                    simulation=Simulation(module=ks.module, host=ks.host, policy=None))
@@ -196,11 +200,24 @@ def init_vm_bytes(init_vm: InitVm) -> bytes:
 
 @dataclass(frozen=True)
 class InitVmRun:
-    """One KVM_TDX_INIT_VM as `kvmtdx init-vm` sent it."""
+    """One KVM_TDX_INIT_VM as `kvmtdx init-vm` sent it.
+
+    `kernel_warnings`: WARN splats the kernel hit during the call, where the backend counts
+    them (the simulated and kernel-source hosts), else None.  `vm_bugged`: whether KVM then
+    refused every ioctl on the VM, asked only after an -EIO (None: not asked).
+    """
 
     outcome: Outcome
     backend: str
     counters: Counters
+    kernel_warnings: int | None = None
+    vm_bugged: bool | None = None
+
+
+def kernel_warnings(seam: Seam) -> int | None:
+    """The WARN splats a backend that counts them has seen so far (None: it does not say)."""
+    count = getattr(seam, "kernel_warnings", None)
+    return count if isinstance(count, int) and not isinstance(count, bool) else None
 
 
 def init_vm_once(backend: Backend, request: Request) -> InitVmRun:
@@ -208,9 +225,16 @@ def init_vm_once(backend: Backend, request: Request) -> InitVmRun:
 
     Raises KvmError(skip=True) when the seam offers no TDX.
     """
+    before = kernel_warnings(backend.seam)
+    bugged: bool | None = None
     with Kvm(backend.seam, backend.path) as kvm:
         td = kvm.create_td()
         with td:
             outcome = td.init_vm(init_vm_bytes(request.init_vm), flags=request.flags,
                                  hw_error=request.hw_error)
-    return InitVmRun(outcome=outcome, backend=backend.label, counters=kvm.counters)
+            if outcome.errno == errno.EIO:
+                bugged = td.is_dead()
+    after = kernel_warnings(backend.seam)
+    warned = None if before is None or after is None else after - before
+    return InitVmRun(outcome=outcome, backend=backend.label, counters=kvm.counters,
+                     kernel_warnings=warned, vm_bugged=bugged)

@@ -62,7 +62,9 @@ def test_init_vm_accepts_a_valid_request(capsys: pytest.CaptureFixture[str], tmp
                        write_request(tmp_path, full("rfc-v2")))
     assert (rc, err) == (0, "")
     doc = json.loads(out)
-    assert list(doc) == [*ENVELOPE, "host_identity", *OUTCOME_KEYS, "hw_error_decoded"]
+    assert list(doc) == [*ENVELOPE, "host_identity", *OUTCOME_KEYS, "hw_error_decoded",
+                         "kernel_warn", "vm_bugged"]
+    assert doc["kernel_warn"] is False and doc["vm_bugged"] is None  # counted; not -EIO
     assert doc["kind"] == "init-vm"
     assert doc["outcome"] == "ACCEPTED" and doc["errno"] is None
     assert doc["check"] is None and doc["hw_error_decoded"] is None

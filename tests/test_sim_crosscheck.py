@@ -14,7 +14,7 @@ import errno
 import functools
 from dataclasses import replace
 
-from helpers import bypass, with_bypass
+from helpers import bypass, host_without, with_bypass
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -54,10 +54,13 @@ _PARTIAL_NATIVE = {
 }
 HOSTS: dict[str, Host] = {
     "max": MAX_HOST,
-    "partial": Host(name="partial", native=_PARTIAL_NATIVE, xfam_supported=0x2E7),
+    "partial": replace(MAX_HOST, name="partial", native={**MAX_HOST.native, **_PARTIAL_NATIVE},
+                       kvm_xfam=0x2E7, ept_5level=False, tsx_ctrl=False),
     # Lacks an XFAM bit every module fixes to 1: KVM reports nothing (EIO).
-    "no-x87": Host(name="no-x87", native=_PARTIAL_NATIVE, xfam_supported=0x2E6,
-                   ept_5level=True, tsx_ctrl=True),
+    "no-x87": replace(MAX_HOST, name="no-x87", native={**MAX_HOST.native, **_PARTIAL_NATIVE},
+                      kvm_xfam=0x2E6, ept_5level=True, tsx_ctrl=True),
+    # No TSX at all (HLE and RTM absent, no TSX_CTRL): the module's final-value rule sees 0s.
+    "no-tsx": host_without("no-tsx", {(7, 0): {"ebx": 1 << 4 | 1 << 11}}, tsx_ctrl=False),
 }
 
 
@@ -85,6 +88,7 @@ OPS = st.lists(st.sampled_from([
     "drop", "dup", "trap", "swap", "bypass", "attributes", "xfam", "gpaw", "fms",
     "reserved", "padding", "entry_padding", "mr", "flags", "hw_error",
     "reverse", "flag_bits", "steer", "steer", "realistic", "measure",
+    "xfam_set", "xfam_set", "topology", "topology",
 ]), max_size=4)
 # Request shapes the verify suite's accepting checks send (kvmtdx.model.builders).
 SHAPE_OPS = frozenset({"reverse", "flag_bits", "steer", "realistic", "measure"})
@@ -104,6 +108,20 @@ BIT64 = st.integers(0, 63)
 GPAW = st.sampled_from([48, 52, 0, 39, 57, 0xFF])
 LIE = st.sampled_from([None] * 8 + ["down", "up", "huge"])
 HUGE = st.sampled_from([257, 1000, 0x80000000, 0xFFFFFFFF])
+# XFAM values check_xfam judges: AVX-512 with and without AVX, parts of it, CET and AMX
+# halves, PT, LBR, and what a host supports whole.
+XFAM_SET = st.sampled_from([0x3, 0x7, 0x23, 0x43, 0xE3, 0xE7, 0x20003, 0x40003, 0x60003,
+                            0x60007, 0x803, 0x1003, 0x1803, 0x103, 0x8003, 0x2E7, 0x6DBE7])
+# Leaf 0x1F sub-leaves (EAX shift, EBX count, ECX level type << 8 | level number): valid
+# SMT+core, all zero (the host's), zero then set, types not rising, no core, a level number
+# that is not its sub-leaf (2.0 refuses it).
+Level = tuple[int, int, int, int | None]
+LEVEL: st.SearchStrategy[Level] = st.tuples(
+    st.integers(0, 31), st.sampled_from([0, 1, 2, 0x70]), st.sampled_from([0, 1, 2, 3, 5, 6]),
+    st.sampled_from([None, 0, 1, 4]))
+SMT_CORE: list[Level] = [(1, 2, 1, None), (7, 0x70, 2, None)]
+TOPOLOGY: st.SearchStrategy[list[Level]] = st.one_of(
+    st.just(list[Level]()), st.just(SMT_CORE), st.lists(LEVEL, max_size=6))
 NONZERO64 = st.integers(1, 2**64 - 1)
 NONZERO32 = st.integers(1, 0xFFFFFFFF)
 
@@ -171,6 +189,10 @@ def requests(draw: st.DrawFn, module: str, host: str, policy: str) -> tuple[Requ
             iv = replace(iv, attributes=draw(ATTRIBUTES))
         elif op == "xfam":
             iv = replace(iv, xfam=iv.xfam ^ 1 << draw(BIT64))
+        elif op == "xfam_set":
+            iv = replace(iv, xfam=draw(XFAM_SET))
+        elif op == "topology":
+            entries = _topology(entries, draw(TOPOLOGY))
         elif op == "gpaw":
             g = draw(GPAW)
             hit = [k for k, x in enumerate(entries) if x.function == 0x80000008]
@@ -213,6 +235,19 @@ def requests(draw: st.DrawFn, module: str, host: str, policy: str) -> tuple[Requ
         # The kernel reads nent entries; the mirror models the room as zeroed.
         data += bytes((iv.nent - len(entries)) * layout.SIZEOF_CPUID_ENTRY2)
     return Request(init_vm=iv, flags=flags, hw_error=hw_error), data
+
+
+def _topology(entries: list[CpuidEntry], levels: list[Level]) -> list[CpuidEntry]:
+    """`entries` with every 0x1F entry set from `levels` (sub-leaf s gets levels[s], zeros
+    past the list); a level number of None is the sub-leaf itself."""
+    out = []
+    for e in entries:
+        if e.function == 0x1F and e.index < 6:
+            shift, count, kind, number = levels[e.index] if e.index < len(levels) else (0,) * 4
+            level = (e.index if number is None else number) if kind else 0
+            e = replace(e, eax=shift, ebx=count, ecx=kind << 8 | level, edx=0)
+        out.append(e)
+    return out
 
 
 def _shaped(draw: st.DrawFn, op: str, module: str, host: str, policy: str,

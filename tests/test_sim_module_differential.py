@@ -24,8 +24,9 @@ from hypothesis import strategies as st
 
 from kvmtdx.model import tdx_host
 from kvmtdx.model import tdx_module as model
+from kvmtdx.model.host_files import load_host
 from kvmtdx.model.tdx_cpuid import Unmodelled as ModelUnmodelled
-from kvmtdx.model.tdx_host import HostCpu, load_host
+from kvmtdx.model.tdx_host import HostCpu
 from kvmtdx.model.tdx_module_tables import load_tables
 from kvmtdx.sim.tdx_cpuid import Unmodelled
 from kvmtdx.sim.tdx_module import TdParams, TdxModule
@@ -196,8 +197,7 @@ def test_the_draws_reach_every_kind_of_answer() -> None:
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-@pytest.mark.parametrize("host", [h for h in HOSTS if h.name != "no-perfmon-ext"],
-                         ids=lambda h: h.name)
+@pytest.mark.parametrize("host", HOSTS, ids=lambda h: h.name)
 def test_the_reported_configuration_agrees(version: str, host: HostCpu) -> None:
     tables, _, sim = MODULES[(version, host.name)]
     conf = sim.td_conf
@@ -206,14 +206,12 @@ def test_the_reported_configuration_agrees(version: str, host: HostCpu) -> None:
     assert conf.attributes_fixed0 == tdx_host.reported_attributes_fixed0(tables, host)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "finding: 2.0.08 TDH.SYS.INIT zeroes the sampled leaf 0x23 on a CPU without "
-    "CPUID 7.1 EAX[8] (tdh_sys_init.c check_cpuid_configurations, 0x23 branch: 'The CPU "
-    "doesn't support leaf 0x23, set the sampled values to 0', intel/tdx-module 1666adc); "
-    "the model samples it as the CPU has it, so it reports row 0x23.0 EAX 0xf where the "
-    "sim reports 0"))
-def test_known_2_0_leaf_23_on_a_cpu_without_perfmon_ext() -> None:
+def test_2_0_samples_leaf_23_as_zeros_on_a_cpu_without_perfmon_ext() -> None:
+    """2.0.08 tdh_sys_init.c check_cpuid_configurations: "The CPU doesn't support leaf 0x23,
+    set the sampled values to 0" (intel/tdx-module 1666adc).  The sim's reading found it;
+    the model now has it too (RuleVariant.sysinit_23_zeroed)."""
     host = next(h for h in HOSTS if h.name == "no-perfmon-ext")
     tables, _, sim = MODULES[("2.0.08", host.name)]
-    assert tuple(r.values for r in sim.td_conf.cpuid_config) == tdx_host.enumerate_config(
-        tables, host)
+    reported = tuple(r.values for r in sim.td_conf.cpuid_config)
+    assert reported == tdx_host.enumerate_config(tables, host)
+    assert reported[tables.row_keys().index((0x23, 0))] == (0, 0, 0, 0)

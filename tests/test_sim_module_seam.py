@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 from helpers import bypass
@@ -19,13 +20,12 @@ from helpers import bypass
 from kvmtdx import uapi
 from kvmtdx.device import Kvm
 from kvmtdx.model.policy import get_policy
-from kvmtdx.model.profiles import Host, load_profile
+from kvmtdx.model.profiles import MAX_HOST, load_profile
 from kvmtdx.sim import SimulatedHost
 
 MODULE = load_profile("2.0")
 # A host without IA32_ARCH_CAPABILITIES.TSX_CTRL: virtual TSX is TDX_INCORRECT_MSR_VALUE.
-NO_TSX_CTRL = Host(name="no-tsx-ctrl", native={}, xfam_supported=0x2E7, all_ones=True,
-                   fms=0x806F8, tsx_ctrl=False)
+NO_TSX_CTRL = replace(MAX_HOST, name="no-tsx-ctrl", tsx_ctrl=False)
 HLE_RTM = 1 << 4 | 1 << 11
 INCORRECT_MSR_VALUE_TSX = 0xC00009210000010A
 

@@ -13,7 +13,8 @@ from dataclasses import replace
 
 import pytest
 
-from kvmtdx.model.tdx_host import HostCpu, load_host
+from kvmtdx.model.host_files import load_host
+from kvmtdx.model.tdx_host import HostCpu
 from kvmtdx.model.tdx_module_tables import load_tables
 from kvmtdx.sim.tdx_cpuid import rcx_of
 from kvmtdx.sim.tdx_module import MngInit, TdParams, TdxModule

@@ -38,6 +38,8 @@ def init_vm_to_json(run: InitVmRun) -> dict[str, Any]:
         "operand": hw.operand,
         "operand_name": hw.operand_name,
     }
+    doc["kernel_warn"] = None if run.kernel_warnings is None else run.kernel_warnings > 0
+    doc["vm_bugged"] = run.vm_bugged
     return doc
 
 
@@ -52,6 +54,12 @@ def init_vm_text(run: InitVmRun) -> str:
         f"  outcome   {o.kind.value}",
         f"  errno     {o.errno_name or 0}",
         f"  hw_error  {o.hw}",
-        f"  ioctls    {run.counters.ioctls}, TDs created {run.counters.tds_created}",
     ]
+    if run.kernel_warnings is not None:
+        lines.append(f"  kernel    {run.kernel_warnings} WARN splat(s) during the call"
+                     + (" (the kernel is now tainted)" if run.kernel_warnings else ""))
+    if run.vm_bugged is not None:
+        lines.append("  VM        " + ("marked bugged: every later ioctl on it fails with EIO"
+                                      if run.vm_bugged else "still answers ioctls"))
+    lines.append(f"  ioctls    {run.counters.ioctls}, TDs created {run.counters.tds_created}")
     return "\n".join(lines) + "\n"

@@ -9,9 +9,9 @@ from kvmtdx.model.policy import Policy
 from kvmtdx.model.profiles import Host, ModuleProfile
 from kvmtdx.sim.kvm import Kvm
 from kvmtdx.sim.mutants import get_mutant
-from kvmtdx.sim.profile_module import TdxModule
 from kvmtdx.sim.state import File, KernelLog, KeyIds, System, Vm
 from kvmtdx.sim.tdx import Tdx
+from kvmtdx.sim.tdx_module import TdxModule
 from kvmtdx.sim.uaccess import fail
 
 _FIRST_FD = 3
@@ -37,7 +37,8 @@ class SimulatedHost:
         self._files: dict[int, File] = {}
         self._keys = KeyIds(key_ids)
         self.kernel_log = KernelLog()
-        tdx = Tdx(TdxModule(module, host), host, policy, self._keys, bug, self.kernel_log)
+        # The module runs its own reading of its version's converted tables on this CPU.
+        tdx = Tdx(TdxModule(module.tables, host), host, policy, self._keys, bug, self.kernel_log)
         self._kvm = Kvm(host, module, tdx, self._install)
 
     # ------------------------------------------------------------------

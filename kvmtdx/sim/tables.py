@@ -25,7 +25,7 @@ from kvmtdx.sim.facts import (
     Regs,
 )
 from kvmtdx.sim.mutants import Mutant
-from kvmtdx.sim.profile_module import ConfigRow, TdConf
+from kvmtdx.sim.tdx_module import ConfigRow, TdConf
 from kvmtdx.structs import REGISTERS, CpuidEntry
 
 

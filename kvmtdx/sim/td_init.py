@@ -17,14 +17,20 @@ from kvmtdx.model.profiles import Host
 from kvmtdx.sim import mutants
 from kvmtdx.sim.facts import GPAW_FIELD, GPAW_LEAF, GPAW_SHIFT, WAITPKG, ZERO, Regs
 from kvmtdx.sim.mutants import Mutant
-from kvmtdx.sim.profile_module import TdxModule
 from kvmtdx.sim.state import KernelLog, KeyIds, Vm
 from kvmtdx.sim.tables import CpuidTables, Row
+from kvmtdx.sim.tdx_module import TdParams, TdxModule
 from kvmtdx.sim.uaccess import copy_from_user, fail
 from kvmtdx.status import TdxStatus, status_class
 from kvmtdx.structs import FLAG_SIGNIFICANT_INDEX, KVM_MAX_CPUID_ENTRIES, CpuidEntry, InitVm, TdxCmd
 
 _GPAW_VALUES = (48, 52)
+# TD_PARAMS words KVM 7.3 sets (setup_tdparams): NO_RBP_MOD always, MAX_GPAW for GPAW 52;
+# EPTP memory type WB with a 4- or 5-level walk.
+_NO_RBP_MOD, _MAX_GPAW = 1 << 2, 1 << 0
+_EPTP_WB, _PWL_4, _PWL_5 = 6, 3, 4
+_KVM_MAX_VCPUS = 1024  # x86-64 KVM_MAX_VCPUS without CONFIG_MAXSMP
+_DEFAULT_TSC_KHZ = 2_100_000
 _LOW_32 = 0xFFFFFFFF
 _ALL_64 = 0xFFFFFFFFFFFFFFFF
 
@@ -69,10 +75,10 @@ class TdInit:
             if self.bug is mutants.TD_STATE_SET_BEFORE_CHECKS:
                 vm.initialized = True
             # (No vCPUs are ever created on a simulated TD, so no -EBUSY.)
-            values = self._setup_tdparams(init_vm)
+            values, gpaw = self._setup_tdparams(init_vm)
         except OSError as e:
             return e.errno or errno.EIO, 0
-        return self._tdx_td_init(vm, init_vm, values)
+        return self._tdx_td_init(vm, self._td_params(init_vm, values, gpaw))
 
     # ------------------------------------------------------------------
     # tdx_td_init: the request comes in.
@@ -105,18 +111,19 @@ class TdInit:
     # ------------------------------------------------------------------
     # setup_tdparams: what KVM itself refuses.
 
-    def _setup_tdparams(self, init_vm: InitVm) -> list[Regs]:
-        """The TD_PARAMS.CPUID_VALUES KVM builds, once attributes, XFAM and CPUID pass."""
+    def _setup_tdparams(self, init_vm: InitVm) -> tuple[list[Regs], int]:
+        """The TD_PARAMS.CPUID_VALUES KVM builds and the GPAW, once attributes, XFAM and
+        CPUID pass."""
         if init_vm.attributes & self.attributes_checked & ~self.supported_attrs:
             raise fail(errno.EINVAL)
         if init_vm.xfam & self.xfam_checked & ~self.supported_xfam:
             raise fail(errno.EINVAL)
         gpaw_entry, matched = self._find_entries(init_vm.entries)
-        self._setup_eptp_controls(gpaw_entry)
+        gpaw = self._setup_eptp_controls(gpaw_entry)
         values, count = self._setup_cpuids(matched)
         if count != init_vm.effective_nent and self.bug is not mutants.COUNT_CHECK_MISSING:
             raise fail(errno.EINVAL)  # an entry that landed on no module row
-        return values
+        return values, gpaw
 
     def _find_entries(self, entries: tuple[CpuidEntry, ...]
                       ) -> tuple[CpuidEntry | None, list[CpuidEntry | None]]:
@@ -166,7 +173,7 @@ class TdInit:
             matched.append(found)
         return matched
 
-    def _setup_eptp_controls(self, gpaw_entry: CpuidEntry | None) -> None:
+    def _setup_eptp_controls(self, gpaw_entry: CpuidEntry | None) -> int:
         """The guest physical address width: 48, or 52 with 5-level EPT."""
         if gpaw_entry is None:
             raise fail(errno.EINVAL)
@@ -175,6 +182,7 @@ class TdInit:
             gpaw in _GPAW_VALUES)
         if not valid or (gpaw == 52 and not self.host.ept_5level):
             raise fail(errno.EINVAL)
+        return gpaw
 
     def _setup_cpuids(self, matched: list[CpuidEntry | None]) -> tuple[list[Regs], int]:
         """Each row's values from its matched entry (zeros without one), and how many matched."""
@@ -221,7 +229,20 @@ class TdInit:
     # ------------------------------------------------------------------
     # __tdx_td_init: a key ID, then the TDX module.
 
-    def _tdx_td_init(self, vm: Vm, init_vm: InitVm, values: list[Regs]) -> tuple[int, int]:
+    def _td_params(self, init_vm: InitVm, values: list[Regs], gpaw: int) -> TdParams:
+        """TD_PARAMS as setup_tdparams fills them: the fixed-1 attributes and XFAM bits
+        ORed in, the vCPU limit and TSC of this host, EPTP and CONFIG_FLAGS from the GPAW."""
+        conf = self.module.td_conf
+        wide = gpaw == 52
+        return TdParams(
+            attributes=init_vm.attributes | conf.attributes_fixed1,
+            xfam=init_vm.xfam | conf.xfam_fixed1, cpuid_values=tuple(values),
+            max_vcpus=min(_KVM_MAX_VCPUS, _present_cpus(self.host)),
+            config_flags=_NO_RBP_MOD | (_MAX_GPAW if wide else 0),
+            eptp_controls=_EPTP_WB | (_PWL_5 if wide else _PWL_4) << 3,
+            tsc_frequency=_tsc_khz(self.host) // 25000)
+
+    def _tdx_td_init(self, vm: Vm, params: TdParams) -> tuple[int, int]:
         # The TD takes a private key ID before the module sees it (a bug's TD may
         # still hold the one an earlier, refused INIT_VM took).
         key_id = vm.key_id if vm.key_id is not None else self.keys.alloc()
@@ -229,7 +250,7 @@ class TdInit:
             vm.initialized = False
             return errno.ENOSPC, 0
         vm.key_id = key_id
-        result = self.module.mng_init(init_vm.attributes, init_vm.xfam, values)
+        result = self.module.mng_init(params)
         if result.status:
             # Both failure paths tear the TD down (tdx_mmu_release_hkid): the key ID is freed.
             self._teardown(vm, key_id)
@@ -258,3 +279,16 @@ class TdInit:
             return errno.EINVAL, 0 if self.bug is mutants.HW_ERROR_NOT_COPIED else status
         self.log.tdx_bug_on("TDH_MNG_INIT", status, rcx, vm, self.kills_vm)
         return errno.EIO, 0
+
+
+def _present_cpus(host: Host) -> int:
+    """num_present_cpus(): the logical processors the host's CPUID 0x1F levels count."""
+    counts = [host.cpuid(0x1F, s)[1] & 0xFFFF for s in range(6)
+              if host.cpuid(0x1F, s)[2] >> 8 & 0xFF]
+    return max([1, *counts])
+
+
+def _tsc_khz(host: Host) -> int:
+    """The host's TSC in kHz (KVM's default_tsc_khz), from CPUID 0x15's crystal and ratio."""
+    den, num, crystal, _ = host.cpuid(0x15, None)
+    return crystal * num // den // 1000 if den and num and crystal else _DEFAULT_TSC_KHZ

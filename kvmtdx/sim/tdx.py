@@ -16,10 +16,10 @@ from kvmtdx.model.policy import Policy
 from kvmtdx.model.profiles import Host
 from kvmtdx.sim import mutants
 from kvmtdx.sim.mutants import Mutant
-from kvmtdx.sim.profile_module import TdxModule
 from kvmtdx.sim.state import KernelLog, KeyIds, Vm
 from kvmtdx.sim.tables import CpuidTables, supported_attrs, supported_xfam
 from kvmtdx.sim.td_init import TdInit
+from kvmtdx.sim.tdx_module import TdxModule
 from kvmtdx.sim.uaccess import copy_from_user, copy_to_user, fail
 from kvmtdx.structs import Capabilities, TdxCmd
 
