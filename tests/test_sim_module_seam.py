@@ -94,3 +94,10 @@ def test_an_operand_status_is_einval_with_hw_error_and_no_warn(host: SimulatedHo
         assert td.init_vm(bypass(ecx=0)).errno == 0
 
 
+def test_the_mutant_maps_every_status_to_einval() -> None:
+    s = sim(mutant="module_status_always_einval")
+    with Kvm(s) as kvm, kvm.create_td() as td:
+        res = td.init_vm_raw(bypass(ebx=HLE_RTM, ecx=0))
+        assert (res.errno, res.cmd.hw_error) == (errno.EINVAL, INCORRECT_MSR_VALUE_TSX)
+        assert s.kernel_warnings == 0
+        assert td.init_vm(bypass(ecx=0)).errno == 0  # not dead

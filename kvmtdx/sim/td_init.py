@@ -275,6 +275,8 @@ class TdInit:
         TDX_OPERAND_INVALID is the caller's: -EINVAL and the status in hw_error.  Anything
         else is TDX_BUG_ON_1: a WARN, the error logged, the VM dead (Linux 6.19 on), -EIO
         and hw_error left as the caller passed it (0)."""
+        if self.bug is mutants.MODULE_STATUS_ALWAYS_EINVAL:
+            return errno.EINVAL, status
         if status_class(status) == TdxStatus.TDX_OPERAND_INVALID:
             return errno.EINVAL, 0 if self.bug is mutants.HW_ERROR_NOT_COPIED else status
         self.log.tdx_bug_on("TDH_MNG_INIT", status, rcx, vm, self.kills_vm)
