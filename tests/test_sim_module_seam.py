@@ -23,6 +23,7 @@ from kvmtdx.model import mirror
 from kvmtdx.model.policy import Policy, get_policy
 from kvmtdx.model.profiles import MAX_HOST, Host, load_profile
 from kvmtdx.sim import SimulatedHost
+from kvmtdx.sim.state import KernelLog, Vm
 from kvmtdx.structs import InitVm
 
 MODULE = load_profile("2.0")
@@ -219,3 +220,12 @@ def test_the_topology_check_comes_after_every_entry() -> None:
     malformed 0x1F (checked once the loop is done): -EINVAL, not -EIO."""
     iv = _with(_topology(full(), [(0, 0, 0, 0), LEVEL_CORE]), 0x23, 0, "ebx", set_bits=1 << 31)
     assert attempt(on(), iv)[:2] == (errno.EINVAL, 0xC000010000000045)
+
+
+def test_the_kernel_log_counts_every_warn_but_keeps_only_the_first() -> None:
+    log = KernelLog()
+    for n in range(KernelLog.KEPT + 5):
+        log.tdx_bug_on("TDH_MNG_INIT", 0xC000090400000000, n, Vm(vm_type=5), kills_vm=True)
+    assert log.warnings == KernelLog.KEPT + 5
+    assert len(log.events) == KernelLog.KEPT
+    assert [e.splat for e in log.events[:2]] == [True, False]
