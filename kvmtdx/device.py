@@ -168,6 +168,16 @@ class Vm(_FdHandle):
         )
 
 
+    def is_dead(self) -> bool:
+        """Whether KVM marked this VM bugged (KVM_BUG_ON, TDX_BUG_ON): every ioctl on it then
+        fails with EIO, KVM_CHECK_EXTENSION included, which costs nothing otherwise."""
+        try:
+            self.ioctl(uapi.Ioctl.KVM_CHECK_EXTENSION, uapi.KVM_CAP_VM_TYPES)
+        except OSError as e:
+            return e.errno == errno.EIO
+        return False
+
+
 class TdxVm(Vm):
     """A VM of type KVM_X86_TDX_VM: KVM_TDX_CAPABILITIES and KVM_TDX_INIT_VM."""
 

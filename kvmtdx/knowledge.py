@@ -27,7 +27,8 @@ from kvmtdx.errors import DataError
 from kvmtdx.model import mirror
 from kvmtdx.model.fit import profile_mismatch
 from kvmtdx.model.policy import POLICY_NAMES, Allowlist, Policy, get_policy, load_allowlist
-from kvmtdx.model.profiles import Host, ModuleProfile, Regs, load_profile
+from kvmtdx.model.profiles import MAX_HOST, Host, ModuleProfile, Regs, load_profile
+from kvmtdx.model.rules import is_value_register
 from kvmtdx.structs import REGISTERS, Capabilities
 
 NO_MODULE = "none: checks that need exact predictions skip"
@@ -155,21 +156,23 @@ def complete(known: Given, caps: Capabilities, release: str | None = None) -> Kn
 def infer_host(module: ModuleProfile, caps: Capabilities, policy: Policy) -> Host:
     """The host a real run predicts against when no --host is given.
 
-    A reported allow_direct bit proves the CPU has it; a bit the policy hides is
-    assumed present (the public TDX hosts have HLE, RTM and WAITPKG); leaf 1 EAX
-    is 0, which the module reads as "native FMS"; XFAM is what KVM reported.
+    It is the max host (valid values wherever the module reads values) with the feature
+    registers of the module's rows read off the report: a reported allow_direct bit
+    proves the CPU has it; a bit the policy hides is assumed present (the public TDX
+    hosts have HLE, RTM and WAITPKG).  XFAM is what KVM reported.
     """
-    native: dict[tuple[int, int | None], Regs] = {}
+    native: dict[tuple[int, int | None], Regs] = dict(MAX_HOST.native)
     for row, e in zip(module.rows, caps.entries, strict=False):
-        regs = [e.reg(r) for r in REGISTERS]
+        regs = list(MAX_HOST.cpuid(row.leaf, row.subleaf))
         for i, r in enumerate(REGISTERS):
-            regs[i] |= row.allow_direct[i] & ~regs[i] & policy.hides(row.leaf, row.kvm_index, r)
-        if row.leaf == 1:
-            regs[0] = 0
+            if is_value_register(row.leaf, row.subleaf, r):
+                continue
+            hidden = row.allow_direct[i] & policy.hides(row.leaf, row.kvm_index, r)
+            regs[i] = e.reg(r) | hidden
         a, b, c, d = regs
         native[(row.leaf, row.subleaf)] = (a, b, c, d)
     return Host(name="inferred from KVM_TDX_CAPABILITIES", native=native,
-                xfam_supported=caps.supported_xfam, ept_5level=False, tsx_ctrl=True)
+                kvm_xfam=caps.supported_xfam, ept_5level=False, tsx_ctrl=True)
 
 
 def _missing_features(module: ModuleProfile, caps: Capabilities, policy: Policy) -> int:

@@ -4,9 +4,11 @@
 EAX, EBX, ECX, EDX of that CPU (Linux arch/x86/kernel/cpuid.c).  The driver is
 a module on most distributions (`modprobe cpuid`) and the node is root-only.
 
-Only the rows the bundled TDX modules list are read, plus leaf 0xD sub-leaves
-0 and 1 for the XCR0 | XSS state the host supports.  What the host KVM really
-supports may be narrower; for prediction this is the native ceiling.
+Every leaf a bundled TDX module reads is read (its cpuid_lookup[] entries:
+the configurable rows and every leaf it virtualises, 0xD's XSAVE components,
+the 0x1F topology, 0x15's TSC ratio...), so the module model starts from what
+TDH.SYS.INIT would sample here.  The XCR0 | XSS the host supports comes from
+leaf 0xD; what the host KVM really supports may be narrower.
 """
 
 from __future__ import annotations
@@ -28,15 +30,11 @@ LOAD_HINT = "load the cpuid driver with `modprobe cpuid` (as root)"
 
 
 def native_leaves() -> tuple[tuple[int, int | None], ...]:
-    """Every (leaf, sub-leaf) the bundled modules list, then leaf 0xD sub-leaves 0 and 1."""
-    keys: list[tuple[int, int | None]] = []
+    """Every (leaf, sub-leaf) a bundled module reads, in the first module's lookup order."""
+    keys: dict[tuple[int, int | None], None] = {}
     for name in BUNDLED_MODULES:
-        for row in load_profile(name).rows:
-            if (row.leaf, row.subleaf) not in keys:
-                keys.append((row.leaf, row.subleaf))
-    for key in ((0xD, 0), (0xD, 1)):
-        if key not in keys:
-            keys.append(key)
+        for e in load_profile(name).tables.lookup:
+            keys[e.key] = None
     return tuple(keys)
 
 
@@ -114,12 +112,9 @@ def native_host(cpu: int = 0, *, cpuid_path: str | None = None,
         native = {key: read_cpuid(fd, key[0], key[1] or 0, path) for key in native_leaves()}
     finally:
         os.close(fd)
-    xcr0, xss = native[(0xD, 0)], native[(0xD, 1)]
-    xfam = xcr0[0] | xcr0[3] << 32 | xss[2] | xss[3] << 32
     return Host(
         name=f"native (cpu {cpu})" if cpuid_path is None else f"native ({cpuid_path})",
         native=native,
-        xfam_supported=xfam,
         ept_5level=_ept_5level(cpuinfo_path),
         tsx_ctrl=_tsx_ctrl(None if msr_path is None else msr_path.format(cpu=cpu)),
     )

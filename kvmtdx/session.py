@@ -7,6 +7,7 @@ for, keeping the real path free of it.
 
 from __future__ import annotations
 
+import errno
 import importlib
 from dataclasses import dataclass
 
@@ -178,6 +179,9 @@ def kernel_source_backend(tree: str, patches: tuple[str, ...], module: ModulePro
                             key_ids=16 if key_ids is None else key_ids)
     failure = ks.seam.bringup_failure
     if failure is not None:
+        if not module.enumerates_topology:
+            failure += (f" (module {module.name} has no topology enumeration, "
+                        "TDX_FEATURES0.TOPOLOGY_ENUM, which Linux 6.16 and later require)")
         raise KvmError(failure, skip=True)
     return Backend(seam=ks.seam, label=ks.label,
                    simulation=Simulation(module=ks.module, host=ks.host, policy=None))
@@ -207,13 +211,26 @@ class KeyIdCount:
 @dataclass(frozen=True)
 class InitVmRun:
     """One KVM_TDX_INIT_VM as `kvmtdx init-vm` sent it (after the request's `before` calls
-    on the same TD, whose answers are `before`)."""
+    on the same TD, whose answers are `before`).
+
+    `kernel_warnings`: WARN splats the kernel hit during the call, where the backend counts
+    them (the simulated and kernel-source hosts), else None.  `vm_bugged`: whether KVM then
+    refused every ioctl on the VM, asked only after an -EIO (None: not asked).
+    """
 
     outcome: Outcome
     backend: str
     counters: Counters
+    kernel_warnings: int | None = None
+    vm_bugged: bool | None = None
     before: tuple[Outcome, ...] = ()
     key_ids: KeyIdCount | None = None
+
+
+def kernel_warnings(seam: Seam) -> int | None:
+    """The WARN splats a backend that counts them has seen so far (None: it does not say)."""
+    count = getattr(seam, "kernel_warnings", None)
+    return count if isinstance(count, int) and not isinstance(count, bool) else None
 
 
 def free_key_ids(seam: Seam) -> int | None:
@@ -228,15 +245,25 @@ def init_vm_once(backend: Backend, request: Request) -> InitVmRun:
 
     Raises KvmError(skip=True) when the seam offers no TDX.
     """
-    free0 = free_key_ids(backend.seam)
-    with Kvm(backend.seam, backend.path) as kvm:
+    seam = backend.seam
+    free0 = free_key_ids(seam)
+    bugged: bool | None = None
+    with Kvm(seam, backend.path) as kvm:
         td = kvm.create_td()
         with td:
             outcomes = [td.init_vm(init_vm_bytes(r.init_vm), flags=r.flags,
-                                   hw_error=r.hw_error) for r in request.calls]
-            free1 = free_key_ids(backend.seam)
-        free2 = free_key_ids(backend.seam)
+                                   hw_error=r.hw_error) for r in request.before]
+            warned0 = kernel_warnings(seam)
+            outcome = td.init_vm(init_vm_bytes(request.init_vm), flags=request.flags,
+                                 hw_error=request.hw_error)
+            warned1 = kernel_warnings(seam)
+            if outcome.errno == errno.EIO:
+                bugged = td.is_dead()
+            free1 = free_key_ids(seam)
+        free2 = free_key_ids(seam)
+    warned = None if warned0 is None or warned1 is None else warned1 - warned0
     count = None if free0 is None or free1 is None or free2 is None else \
         KeyIdCount(free0, free1, free2)
-    return InitVmRun(outcome=outcomes[-1], backend=backend.label, counters=kvm.counters,
-                     before=tuple(outcomes[:-1]), key_ids=count)
+    return InitVmRun(outcome=outcome, backend=backend.label, counters=kvm.counters,
+                     kernel_warnings=warned, vm_bugged=bugged, before=tuple(outcomes),
+                     key_ids=count)

@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 import pytest
 
 from kvmtdx import cli, uapi
+from kvmtdx.model.profiles import MAX_HOST, Host
 from kvmtdx.model.requests import Request, request_to_json
 from kvmtdx.structs import FLAG_SIGNIFICANT_INDEX, CpuidEntry, InitVm
 
@@ -286,6 +287,56 @@ def assert_golden(name: str, text: str) -> None:
 
 
 # ---------------------------------------------------------------------------
+# Hosts: the max host with features taken away.
+
+
+def host_without(name: str, cleared: dict[tuple[int, int | None], dict[str, int]] | None = None,
+                 **facts: Any) -> Host:
+    """MAX_HOST with the bits of `cleared` ({(leaf, sub-leaf): {register: mask}}) cleared and
+    its MSR facts (tsx_ctrl, ept_5level, kvm_xfam ...) replaced: a realistic host that
+    lacks a feature, still one every bundled module initialises on."""
+    native = dict(MAX_HOST.native)
+    for key, regs in (cleared or {}).items():
+        values = list(MAX_HOST.cpuid(*key))
+        for register, mask in regs.items():
+            i = ("eax", "ebx", "ecx", "edx").index(register)
+            values[i] &= ~mask
+        native[key] = (values[0], values[1], values[2], values[3])
+    return replace(MAX_HOST, name=name, native=native, **facts)
+
+
+# The leaves TDH.SYS.INIT of every bundled module needs from a CPU (its CPUID checks), with
+# the max host's values: the smallest host file a module initialises on.
+SYS_INIT_LEAVES: tuple[tuple[int, int | None], ...] = (
+    (0, None), (1, None), (4, 0), (4, 1), (4, 2), (4, 3), (7, 0), (7, 2), (0xA, None),
+    (0xD, 0), (0xD, 1), (0x14, 0), (0x15, None), (0x1C, None), (0x1F, 0), (0x1F, 1),
+    (0x80000000, None), (0x80000001, None), (0x80000006, None), (0x80000007, None),
+    (0x80000008, None))
+
+
+def small_host_json(name: str = "h") -> dict[str, Any]:
+    """A host file in the user layout (eax..edx) with only SYS_INIT_LEAVES."""
+    entries = [{"leaf": leaf, "subleaf": sub,
+                **dict(zip(("eax", "ebx", "ecx", "edx"), MAX_HOST.cpuid(leaf, sub), strict=True))}
+               for leaf, sub in SYS_INIT_LEAVES]
+    return {"name": name, "ept_5level": True, "tsx_ctrl": False, "cpuid": entries}
+
+
+# ---------------------------------------------------------------------------
+# What every simulated Linux 6.16 to 7.3 kernel fails, the series included: a malformed leaf
+# 0x1F reaches the TDX module, whose non-operand status KVM answers with -EIO and a WARN.
+# Modules without topology enumeration (1.5.01) have no 0x1F rows: the check skips there.
+WARN_CHECK = "init_vm_no_kernel_warn"
+
+
+def warn_failures(module: str) -> set[str]:
+    """The verify checks a simulated kernel fails on `module` for the WARN alone."""
+    from kvmtdx.model.profiles import load_profile
+
+    return {WARN_CHECK} if load_profile(module).enumerates_topology else set()
+
+
+# ---------------------------------------------------------------------------
 # Reports of simulated runs, and the report page parsed as a browser's parser would.
 
 MODULES = ("1.5.01", "1.5-late", "2.0")
@@ -293,6 +344,21 @@ POLICIES = ("upstream-6.16", "upstream", "rfc-v2")
 UPSTREAM = ("upstream-6.16", "upstream")  # the kernels without the allowlist series
 BYPASS_CHECKS = ("adversarial_denylist_bypass_waitpkg", "adversarial_denylist_bypass_hle_rtm",
                  "adversarial_denylist_bypass_stray_balance")
+
+
+def grid_failures(module: str, kernel: str) -> set[str]:
+    """The checks the simulated `module`:`kernel` fails: the bypass on the kernels without
+    the series, the WARN on every kernel of a module with leaf 0x1F."""
+    return (set(BYPASS_CHECKS) if kernel in UPSTREAM else set()) | warn_failures(module)
+
+
+def grid_column(column: str | int) -> tuple[str, str]:
+    """(module, kernel) of a column of the merged grid (numbered from 1)."""
+    n = int(column) - 1
+    return MODULES[n // len(POLICIES)], POLICIES[n % len(POLICIES)]
+
+
+GRID_FAILURES = sum(len(grid_failures(m, p)) for m in MODULES for p in POLICIES)
 
 
 def simulated_report(folder: Path, command: str, spec: str) -> Path:

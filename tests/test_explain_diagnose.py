@@ -10,10 +10,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from helpers import host_without
 
 from kvmtdx.explain.diagnose import Diagnosis, diagnose
 from kvmtdx.explain.reasons import CHECK_REASONS, Category, reason_of
 from kvmtdx.model import mirror
+from kvmtdx.model.mirror_module import MODULE_CHECKS
 from kvmtdx.model.policy import Policy, get_policy
 from kvmtdx.model.profiles import MAX_HOST, Host, load_profile
 from kvmtdx.model.requests import Request
@@ -188,7 +190,7 @@ def _mirror_check_names() -> set[str]:
         args += [k.value for k in node.keywords if k.arg == "check"]
         names |= {a.value for a in args
                   if isinstance(a, ast.Constant) and isinstance(a.value, str)}
-    return names | {c.check for c in MODULE_COUPLINGS}
+    return names | {c.check for c in MODULE_COUPLINGS} | MODULE_CHECKS
 
 
 def test_every_check_the_mirror_names_has_a_reason_row() -> None:
@@ -201,8 +203,7 @@ def test_an_accepted_request_reports_what_the_host_lacks_as_silently_dropped() -
     row = MODULE.rows[MODULE.row_index(7, 0) or 0]
     allow_only = row.allow_direct[2] & ~row.config_direct[2] & ~(1 << 5)  # not WAITPKG
     bit = (allow_only & -allow_only).bit_length() - 1
-    host = replace(MAX_HOST, name="lacking", all_ones=False,
-                   native={(7, 0): (0, 0, 0, 0), (1, None): (0x806F8, 0, 0, 0)})
+    host = host_without("lacking", {(7, 0): {"ecx": 1 << bit}})
     d = diagnose(MODULE, host, OPEN, request(leaf7(ecx=1 << bit)))
     assert d.final.kind == Kind.ACCEPTED and not d.faults
     assert [(s.bit.bit, "lacks" in s.why) for s in d.silent] == [(bit, True)]

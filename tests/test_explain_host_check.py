@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+from helpers import host_without
 
 from kvmtdx.device import tdx_status
 from kvmtdx.errors import KvmError
@@ -13,7 +14,7 @@ from kvmtdx.explain import host_check, qemu
 from kvmtdx.explain.host_check import Cause, Facts, HostCheck, check
 from kvmtdx.model import mirror
 from kvmtdx.model.policy import get_policy
-from kvmtdx.model.profiles import MAX_HOST, Regs, load_profile
+from kvmtdx.model.profiles import MAX_HOST, load_profile
 from kvmtdx.session import open_backend, simulated_backend
 from kvmtdx.structs import Capabilities, CpuidEntry
 
@@ -39,6 +40,11 @@ def test_simulated_upstream_host_names_what_kvm_hides_and_what_the_module_keeps(
     assert not listed & {"fpu", "sse2", "avx", "avx2", "movdir64b", "core-capability"}
     assert h.wanted == h.available + len(h.missing)
     assert h.policy == "upstream" and h.module == "2.0" and h.host == "max"
+    # The max host has exactly the XSAVE state a module allows; one whose KVM also has MPX
+    # and APX state gets them named as XFAM bits the module does not offer.
+    assert h.xfam_missing == ()
+    more = replace(MAX_HOST, name="max+mpx+apx", kvm_xfam=MAX_HOST.xfam_supported | 0x18 | 1 << 19)
+    h = host_check.run(simulated_backend(MODULE, more, get_policy("upstream")))
     assert {name for _, name, _ in h.xfam_missing} >= {"MPX_BNDREGS", "APX"}
 
 
@@ -69,9 +75,7 @@ def test_host_lacks_a_feature_kvm_would_emulate() -> None:
     row = MODULE.rows[MODULE.row_index(7, 0) or 0]
     allow_only = row.allow_direct[2] & ~row.config_direct[2] & ~(1 << 5)
     bit = next(b for b in range(32) if allow_only >> b & 1 and qemu.feature_name(7, 0, "ecx", b))
-    native: dict[tuple[int, int | None], Regs] = {
-        (7, 0): (0, 0xFFFFFFFF, 0xFFFFFFFF & ~(1 << bit), 0xFFFFFFFF)}
-    host = replace(MAX_HOST, name="lacking", all_ones=False, native=native)
+    host = host_without("lacking", {(7, 0): {"ecx": 1 << bit}})
     entries = tuple(e.with_reg("ecx", e.ecx & ~(1 << bit)) if (e.function, e.index) == (7, 0)
                     else e for e in caps.entries)
     h = check(replace(caps, entries=entries), wanted,

@@ -45,7 +45,7 @@ def test_a_count_check_dropped_from_a_copy_of_the_tree_is_found(
     found = [f for f in r.json()["findings"] if f["failing"]]
     count = [f for f in found if f["predicted"] and f["predicted"]["check"] == "count_mismatch"]
     assert count, [f["expected"] for f in found]
-    f = count[0]
+    f = min(count, key=lambda f: len(f["request"]["cpuid"]))
     assert f["reproduced"] and len(f["request"]["cpuid"]) <= 4
     got = run_cli(capsys, "init-vm", "--kernel-source", str(copy), "--request",
                   str(save / f["replay"])).json()

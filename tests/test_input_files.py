@@ -16,16 +16,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import bypass_request, run_cli
+from helpers import bypass_request, run_cli, small_host_json
 
 MAX_BYTES = 16 * 1024 * 1024  # the documented limits (README, "Input files")
 MAX_DEPTH = 32
 # A valid document of each file kind, and the command line that reads a file of that kind.
 VALID: dict[str, dict[str, Any]] = {
     "request": {"attributes": 0, "xfam": 3, "cpuid": []},
-    "module": {"name": "m", "rows": [{"leaf": 1, "subleaf": None, "config_direct": [0, 0, 0, 0],
-                                      "allow_direct": [0, 0, 0, 0]}]},
-    "host": {"name": "h", "cpuid": [{"leaf": 1, "subleaf": None, "eax": 0}]},
+    "module": {"name": "m", "base": "2.0",
+               "rows": [{"leaf": 1, "subleaf": None, "config_direct": [0, 0, 0, 0],
+                         "allow_direct": [0, 0, 0, 0]}]},
+    # A host the module initialises on (predict refuses any other, in one line).
+    "host": small_host_json(),
     "allowlist": {"name": "a", "allowed": [{"leaf": 7, "subleaf": 0, "register": "ecx",
                                             "bits": [5]}]},
     "report": {"schema": 1, "kind": "caps", "tool_version": "0.1.0", "cpuid": []},
@@ -195,9 +197,7 @@ def test_non_json_constants_are_refused(capsys: pytest.CaptureFixture[str], tmp_
 # Fields: wrong types anywhere, unknown fields, the kind of a kvmtdx document.
 
 WRONG_TYPES: list[tuple[str, dict[str, Any], str]] = [
-    ("module", {"xfam_gates": 5}, "xfam_gates"),
-    ("module", {"xfam_gates": [{"xfam": 1, "leaf": 7, "subleaf": 0, "register": "ebx",
-                                "mask": 1, "why": 5}]}, "xfam_gates[0].why"),
+    ("module", {"base": 5}, "base"),
     ("module", {"name": 5}, "name"),
     ("module", {"source": ["a"]}, "source"),
     ("module", {"rows": {"leaf": 1}}, "rows"),
@@ -225,9 +225,9 @@ def test_a_wrong_type_anywhere_is_refused_naming_the_field(
 
 UNKNOWN_FIELDS: list[tuple[str, dict[str, Any], str]] = [
     ("module", {"xfam_fixed": "0x3"}, "xfam_fixed"),
+    # The old profile's fixed bits and XFAM gates: the base module's tables have them now.
+    ("module", {"xfam_gates": []}, "xfam_gates"),
     ("module", {"rows": [{**VALID["module"]["rows"][0], "leafs": 1}]}, "rows[0].leafs"),
-    ("module", {"xfam_gates": [{"xfam": 1, "leaf": 7, "subleaf": 0, "register": "ebx",
-                                "mask": 1, "masks": 1}]}, "xfam_gates[0].masks"),
     ("host", {"ept_5levle": True}, "ept_5levle"),
     ("host", {"cpuid": [{"leaf": 1, "eaxx": 1}]}, "cpuid[0].eaxx"),
     ("allowlist", {"passthru": []}, "passthru"),
@@ -271,7 +271,7 @@ def test_a_module_profile_over_256_rows_is_refused_when_loaded(
         capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     row = VALID["module"]["rows"][0]
     rows = [{**row, "leaf": 0x40000000 + i} for i in range(257)]
-    path = _file(tmp_path, json.dumps({"name": "big", "rows": rows}))
+    path = _file(tmp_path, json.dumps({"name": "big", "base": "2.0", "rows": rows}))
     for argv in (ARGV["module"](path), ["verify", "--simulate", path],
                  ["info", "--simulate", path]):
         rc, _, err = run_cli(capsys, *argv)
@@ -279,7 +279,8 @@ def test_a_module_profile_over_256_rows_is_refused_when_loaded(
         assert err == (f"kvmtdx: error: {path}: rows: 257 rows; KVM takes at most 256 CPUID "
                        "entries (KVM_MAX_CPUID_ENTRIES)\n")
     rc, _, err = run_cli(capsys, *ARGV["module"](
-        _file(tmp_path, json.dumps({"name": "full", "rows": rows[:256]}), "full.json")))
+        _file(tmp_path, json.dumps({"name": "full", "base": "2.0", "rows": rows[:256]}),
+              "full.json")))
     assert rc == 0, err
 
 
@@ -288,14 +289,10 @@ def test_a_module_profile_over_256_rows_is_refused_when_loaded(
 FULL: dict[str, dict[str, Any]] = {
     "request": {**bypass_request(), "flags": 0, "hw_error": "0x0", "nent": 4,
                 "reserved": [0] * 12, "mrconfigid": [0] * 6, "padding": 0},
-    "module": {"name": "m", "source": "s", "attributes_fixed0": "0xffffffffffffffff",
-               "attributes_fixed1": 0, "xfam_fixed0": "0xffff", "xfam_fixed1": 3,
+    "module": {"name": "m", "source": "s", "base": "2.0",
                "rows": [{"leaf": 7, "subleaf": 0, "config_direct": [0, 0, 0, 0],
-                         "allow_direct": [0, 1, 2, 3], "unknown": [0, 0, 0, 0]}],
-               "xfam_gates": [{"xfam": 4, "leaf": 7, "subleaf": 0, "register": "ebx",
-                               "mask": 32, "why": "AVX2"}]},
-    "host": {"name": "h", "xfam_supported": "0x2e7", "ept_5level": True, "tsx_ctrl": False,
-             "cpuid": [{"leaf": 7, "subleaf": 0, "eax": 0, "ebx": 1, "ecx": 2, "edx": 3}]},
+                         "allow_direct": [0, 1, 2, 3], "unknown": [0, 0, 0, 0]}]},
+    "host": {**small_host_json(), "xfam_supported": "0x2e7", "tdx_io": False},
     "allowlist": {"name": "a", "provenance": "p",
                   "allowed": [{"leaf": 7, "subleaf": 0, "register": "ecx",
                                "bits": {"5": "WAITPKG"}},

@@ -11,20 +11,23 @@ from __future__ import annotations
 import difflib
 import errno
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from kernelsrc_support import BYPASS, backend, copy_tree, failed, linux_tree, verify
+from kernelsrc_support import BYPASS, WARN, backend, copy_tree, failed, linux_tree, verify
 
 from kvmtdx.device import Kvm
-from kvmtdx.errors import ExitCode
+from kvmtdx.errors import ExitCode, KvmError
 from kvmtdx.kernelsrc import KernelSourceError, bundled_patches, open_backend
 from kvmtdx.kernelsrc.extract import TDX_C
 from kvmtdx.model import mirror
 from kvmtdx.model.policy import bundled_allowlist, get_policy
-from kvmtdx.model.profiles import BUNDLED_MODULES, MAX_HOST, Host, profile_from_json
+from kvmtdx.model.profiles import BUNDLED_MODULES, MAX_HOST, load_profile, profile_from_json
 from kvmtdx.model.requests import Request
 from kvmtdx.model.rules import ANY, VALUE_REGISTERS
+from kvmtdx.session import kernel_source_backend
+from kvmtdx.sim import SimulatedHost
 from kvmtdx.structs import FLAG_SIGNIFICANT_INDEX, CpuidEntry, InitVm
 
 COUNT_CHECK = "\tif (copy_cnt != cpuid->nent)\n\t\treturn -EINVAL;\n"
@@ -51,26 +54,44 @@ def user_patch(tree: Path, tmp_path: Path, old: str, new: str, name: str) -> Pat
 # The kernel's verdicts.
 
 
-@pytest.mark.parametrize("module", BUNDLED_MODULES)
+# Linux 7.3 enables TDX only on a module with topology enumeration (1.5.05 on).
+TOPOLOGY_MODULES = tuple(m for m in BUNDLED_MODULES if load_profile(m).enumerates_topology)
+
+
+def test_7_3_does_not_enable_tdx_on_a_module_without_topology_enumeration(tree: Path) -> None:
+    """1.5.01 has no TDX_FEATURES0.TOPOLOGY_ENUM: the tree's own bring-up refuses it, so
+    verify skips, naming why, and the command line says the same in one line."""
+    b = backend(tree, module="1.5.01")
+    assert b.seam.bringup_failure is not None
+    report = verify(b)
+    assert report.skip_reason is not None and not report.checks
+    with pytest.raises(KvmError) as e:
+        kernel_source_backend(str(tree), (), load_profile("1.5.01"), MAX_HOST)
+    assert e.value.skip and "has no topology enumeration" in e.value.reason
+
+
+@pytest.mark.parametrize("module", TOPOLOGY_MODULES)
 def test_upstream_7_3_fails_exactly_the_denylist_bypass(tree: Path, module: str) -> None:
     b = backend(tree, module=module)
     report = verify(b)
-    assert failed(report) == BYPASS
+    assert failed(report) == BYPASS | WARN
     assert report.knowledge is not None and report.knowledge.policy is not None
     assert report.knowledge.policy.name == "upstream"
     waitpkg = next(c for c in report.checks if c.id == "adversarial_denylist_bypass_waitpkg")
     assert waitpkg.actual.startswith("ACCEPTED")
-    # Every TD went back, every kzalloc was freed, no WARN fired.
-    assert (b.seam.free_key_ids, b.seam.live_allocations, b.seam.warnings) == (16, 0, 0)
+    # Every TD went back, every kzalloc was freed; the one WARN is init_vm_no_kernel_warn's.
+    assert (b.seam.free_key_ids, b.seam.live_allocations, b.seam.warnings) == (16, 0, 1)
+    warn = next(c for c in report.checks if c.id == "init_vm_no_kernel_warn")
+    assert "malformed leaf 0x1F" in warn.detail and "VM marked bugged" in warn.detail
     assert b.seam.open_fds == ()
 
 
-@pytest.mark.parametrize("module", BUNDLED_MODULES)
-def test_the_reconstructed_series_passes_verify(tree: Path, module: str) -> None:
+@pytest.mark.parametrize("module", TOPOLOGY_MODULES)
+def test_the_reconstructed_series_passes_verify_but_for_the_warn(tree: Path, module: str) -> None:
     b = backend(tree, ["rfc-v2"], module=module)
-    assert failed(verify(b, "rfc-v2")) == set()
+    assert failed(verify(b, "rfc-v2")) == WARN
     auto = verify(b)
-    assert failed(auto) == set()
+    assert failed(auto) == WARN
     assert auto.knowledge is not None and auto.knowledge.policy is not None
     assert auto.knowledge.policy.name == "rfc-v2"
 
@@ -83,8 +104,7 @@ def test_the_patch_table_is_the_bundled_allowlist(tree: Path) -> None:
                   | {(leaf, 0 if sub == ANY else sub) for leaf, sub, _ in VALUE_REGISTERS})
     ones = ["0xffffffff"] * 4
     profile = profile_from_json({
-        "name": "every-bit", "xfam_fixed0": "0x2e7", "xfam_fixed1": "0x3",
-        "attributes_fixed0": "0x10000000", "attributes_fixed1": "0",
+        "name": "every-bit", "base": "2.0",
         "rows": [{"leaf": hex(leaf), "subleaf": None if leaf in (1, 0x80000008) else sub,
                   "config_direct": ones, "allow_direct": ["0"] * 4} for leaf, sub in rows],
     }, "test")
@@ -104,17 +124,14 @@ def test_dropping_the_count_check_is_caught_by_verify(tree: Path, tmp_path: Path
     b = backend(tree, [str(patch)])
     fails = failed(verify(b, "upstream"))
     assert "init_vm_unlisted_leaf_rejected" in fails
-    assert fails - BYPASS
+    assert fails - BYPASS - WARN
 
 
 def test_the_warn_a_request_can_reach_is_seen(tree: Path) -> None:
     """Linux 7.3: smuggled HLE+RTM on a host without TSX_CTRL make TDH.MNG.INIT fail with a
     non-operand status: -EIO, a WARN, and the VM marked bugged (every later ioctl -EIO).
-
-    (The simulated host answers the first call alike but keeps the VM usable: a later valid
-    INIT_VM is ACCEPTED there.  A finding about the sim, spec section 4 step 10.)"""
-    host = Host(name="no-tsx-ctrl", native={}, xfam_supported=0x2E7, all_ones=True,
-                fms=0x806F8, tsx_ctrl=False)
+    The simulated host answers both calls alike and counts the one WARN."""
+    host = replace(MAX_HOST, name="no-tsx-ctrl", tsx_ctrl=False)
     b = backend(tree, host=host)
     base = mirror.full_request(b.module, host, get_policy("upstream")).init_vm
     smuggled = InitVm(attributes=base.attributes, xfam=base.xfam, entries=(
@@ -131,6 +148,11 @@ def test_the_warn_a_request_can_reach_is_seen(tree: Path) -> None:
     prediction = mirror.predict_init_vm(b.module, host, get_policy("upstream"),
                                         Request(init_vm=smuggled))
     assert prediction.same_answer(first)
+    simulated = SimulatedHost(b.module, host, get_policy("upstream"))
+    with Kvm(simulated) as kvm, kvm.create_td() as td:
+        assert td.init_vm(smuggled).same_answer(first)
+        assert td.init_vm(base).same_answer(again)
+    assert simulated.kernel_warnings == 1
 
 
 # ---------------------------------------------------------------------------

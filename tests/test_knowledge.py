@@ -5,20 +5,23 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from helpers import WARN_CHECK
 
 from kvmtdx import checks, cli, probe
 from kvmtdx.errors import DataError
 from kvmtdx.knowledge import INFERRED_HOST, SIMULATED_HOST, Given, complete, given
 from kvmtdx.model import mirror
 from kvmtdx.model.policy import POLICY_NAMES, get_policy
-from kvmtdx.model.profiles import MAX_HOST, Host, load_profile
+from kvmtdx.model.profiles import MAX_HOST, Host, ModuleProfile, load_profile
+from kvmtdx.model.rules import is_value_register
 from kvmtdx.probe import TrapResult
 from kvmtdx.session import Backend, simulated_backend
 from kvmtdx.sim import SimulatedHost
-from kvmtdx.structs import Capabilities
+from kvmtdx.structs import REGISTERS, Capabilities
 
 
 def plugin(policy: str) -> Backend:
@@ -56,8 +59,9 @@ def test_probe_and_verify_resolve_the_same_policy_and_host(policy: str) -> None:
 def test_the_commands_agree_end_to_end(capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["--backend", "test_knowledge:plugin_rfc_v2", "--module", "2.0", "--policy", "auto",
             "--format", "json"]
-    assert cli.main(["verify", *argv]) == 0
+    assert cli.main(["verify", *argv]) == 1
     verified = json.loads(capsys.readouterr().out)
+    assert {c["id"] for c in verified["checks"] if c["status"] == "fail"} == {WARN_CHECK}
     assert cli.main(["probe", *argv]) == 0
     probed = json.loads(capsys.readouterr().out)
     assert verified["policy"] == probed["policy"] == "rfc-v2"
@@ -113,27 +117,45 @@ def test_knowledge_takes_facts_and_never_loads_the_session_layer() -> None:
 # --policy auto stops where the evidence cannot tell policies apart.
 
 
-def test_auto_with_a_host_that_hides_every_difference_stops_naming_policy(
+def test_a_host_file_without_the_leaves_a_module_needs_stops_before_any_guess(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """A host file without the leaves the policies treat differently makes upstream and
-    rfc-v2 predict the same capabilities: guessing one would fail a correct kernel."""
+    """A host file without the leaves the policies treat differently would make upstream and
+    rfc-v2 predict the same capabilities; no TDX module initialises on such a CPU, so the
+    run stops at the host, in one line, before --policy auto could guess (told the policy,
+    it stops there too).  complete() itself stops where predictions tie: the test below."""
     empty = tmp_path / "empty.json"
     empty.write_text("{}")
-    for command in ("verify", "probe"):
-        rc = cli.main([command, "--simulate", "2.0:rfc-v2", "--host", str(empty)])
+    for argv in (["verify"], ["probe"], ["verify", "--policy", "rfc-v2"]):
+        rc = cli.main([*argv, "--simulate", "2.0:rfc-v2", "--host", str(empty)])
         out, err = capsys.readouterr()
         assert (rc, out) == (2, ""), err
-        assert err.count("\n") == 1 and "--policy" in err
-        assert "upstream" in err and "rfc-v2" in err and "cannot tell" in err
-    # Told the policy, the same run judges the kernel.
-    assert cli.main(["verify", "--simulate", "2.0:rfc-v2", "--host", str(empty),
-                     "--policy", "rfc-v2"]) == 0
-    capsys.readouterr()
+        assert err.count("\n") == 1 and f"--host {empty}: TDX module 2.0.08 would not " \
+            "initialise" in err
+
+
+def _without_what_tells_the_policies_apart(m: ModuleProfile) -> Host:
+    """The max host less every configurable bit rfc-v2 hides and upstream reports.
+
+    The module could not initialise on it (2.0 needs HTT and an LBR depth natively), but
+    KVM_TDX_CAPABILITIES reads the same under both policies, which is all auto sees.
+    """
+    up, rfc = get_policy("upstream"), get_policy("rfc-v2")
+    native = dict(MAX_HOST.native)
+    for row in m.rows:
+        regs = list(MAX_HOST.cpuid(row.leaf, row.subleaf))
+        for i, r in enumerate(REGISTERS):
+            if not is_value_register(row.leaf, row.subleaf, r):
+                idx = row.kvm_index
+                tells = rfc.hides(row.leaf, idx, r) & ~up.hides(row.leaf, idx, r)
+                regs[i] &= ~(row.allow_direct[i] & tells)
+        a, b, c, d = regs
+        native[(row.leaf, row.subleaf)] = (a, b, c, d)
+    return replace(MAX_HOST, name="bare", native=native)
 
 
 def test_auto_never_picks_among_equal_matches_by_release() -> None:
     m = load_profile("2.0")
-    bare = Host(name="bare", xfam_supported=MAX_HOST.xfam_supported)
+    bare = _without_what_tells_the_policies_apart(m)
     pred = mirror.predict_capabilities(m, bare, get_policy("rfc-v2"), len(m.rows))
     assert pred.caps is not None
     with pytest.raises(DataError, match="cannot tell"):

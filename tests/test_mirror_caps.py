@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import errno
 import struct
+from dataclasses import replace
 
 import pytest
 
 from kvmtdx import layout
 from kvmtdx.model.mirror import predict_capabilities, reported_entries
 from kvmtdx.model.policy import POLICY_NAMES, get_policy
-from kvmtdx.model.profiles import BUNDLED_MODULES, MAX_HOST, Host, enumerated, load_profile
+from kvmtdx.model.profiles import BUNDLED_MODULES, MAX_HOST, enumerated, load_profile
 from kvmtdx.model.rules import is_value_register
 from kvmtdx.structs import NO_SUBLEAF, REGISTERS, CpuidEntry
 
@@ -178,7 +179,7 @@ def test_hw_error_and_flags_refused_before_the_buffer(policy: str) -> None:
 
 
 def test_eio_when_the_host_lacks_the_fixed_xfam() -> None:
-    host = Host(name="no-sse", xfam_supported=0x1, all_ones=True)
+    host = replace(MAX_HOST, name="no-sse", kvm_xfam=0x1)
     pred = predict_capabilities(load_profile("2.0"), host, get_policy("upstream"), 28)
     assert pred.errno == errno.EIO and pred.caps is None
     assert pred.buffer == zeroed_caller(28)

@@ -18,7 +18,8 @@ from kvmtdx.model.profiles import MAX_HOST, load_profile
 from kvmtdx.model.requests import Request, load_request, request_from_json, request_to_json
 from kvmtdx.structs import CpuidEntry, InitVm
 
-INIT_VM_KEYS = {"outcome", "errno", "hw_error", "check", "leaf", "subleaf", "register", "bit"}
+INIT_VM_KEYS = {"outcome", "errno", "hw_error", "check", "leaf", "subleaf", "register", "bit",
+                "module"}
 CAPS_KEYS = {"supported_attrs", "supported_xfam", "kernel_tdvmcallinfo_1_r11",
              "user_tdvmcallinfo_1_r11", "kernel_tdvmcallinfo_1_r12", "user_tdvmcallinfo_1_r12",
              "cpuid"}
@@ -77,7 +78,7 @@ def test_predict_bypass_accepted_upstream_refused_by_rfc_v2(
     assert answers["rfc-v2"] == {"outcome": "KVM_REJECTED", "errno": "EINVAL",
                                  "hw_error": "0x0000000000000000",
                                  "check": "allowlist", "leaf": 7, "subleaf": 0,
-                                 "register": "ecx", "bit": 5}
+                                 "register": "ecx", "bit": 5, "module": None}
     code, out, _ = run_cli(capsys, "predict", "--module", "2.0", "--policy", "rfc-v2",
                            "--request", req)
     assert code == 0 and "KVM_REJECTED -EINVAL (allowlist at leaf 0x7.0 ECX bit 5)" in out
@@ -163,10 +164,20 @@ def test_bad_request_files_are_one_line_errors_naming_the_field(
 
 def test_bad_profile_allowlist_and_host_files_exit_2_naming_them(
         capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    prof = write(tmp_path / "mod.json", {"name": "m", "rows": [
+    prof = write(tmp_path / "mod.json", {"name": "m", "base": "2.0", "rows": [
         {"leaf": 1, "config_direct": [0, 0, 0, 0]}]})
     code, _, err = run_cli(capsys, "predict", "--module", prof)
     assert code == 2 and err.count("\n") == 1 and "mod.json" in err and "allow_direct" in err
+    # A profile runs the rules of a module version: without one named, it cannot be used.
+    baseless = write(tmp_path / "old.json", {"name": "m", "rows": [
+        {"leaf": 1, "config_direct": [0, 0, 0, 0], "allow_direct": [0, 0, 0, 0]}]})
+    code, _, err = run_cli(capsys, "predict", "--module", baseless)
+    assert code == 2 and err.count("\n") == 1 and "old.json: base: must name" in err
+    twice = write(tmp_path / "twice.json", {"name": "m", "base": "2.0", "rows": [
+        {"leaf": "0x7", "subleaf": 0, "config_direct": [0] * 4, "allow_direct": [0] * 4},
+        {"leaf": "0x7", "subleaf": 0, "config_direct": [0] * 4, "allow_direct": [0] * 4}]})
+    code, _, err = run_cli(capsys, "predict", "--module", twice)
+    assert code == 2 and err.count("\n") == 1 and "twice.json" in err and "listed twice" in err
     al = write(tmp_path / "al.json", {"allowed": [{"leaf": 7, "subleaf": 0, "register": "esi",
                                                    "bits": [1]}]})
     code, _, err = run_cli(capsys, "predict", "--module", "2.0", "--policy", "rfc-v2",

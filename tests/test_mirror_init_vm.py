@@ -11,6 +11,7 @@ from helpers import GPAW48, WAITPKG, bypass
 from kvmtdx.model.mirror import (
     find,
     full_request,
+    init_vm_prediction,
     predict_init_vm,
     reported_entries,
     silently_cleared,
@@ -23,8 +24,10 @@ from kvmtdx.model.profiles import (
     ModuleProfile,
     enumerated,
     load_profile,
+    profile_of,
 )
 from kvmtdx.model.requests import Request
+from kvmtdx.model.tdx_module_tables import ConfigRow, with_configurable
 from kvmtdx.outcome import Kind, Outcome
 from kvmtdx.structs import REGISTERS, CpuidEntry, InitVm
 
@@ -34,14 +37,16 @@ HLE, RTM, PKS = 1 << 4, 1 << 11, 1 << 31
 
 # A host that is not 'max': some leaf-7 features, no TSX_CTRL, no 5-level EPT, no MWAIT,
 # AVX but no AVX-512 or AMX state.
-PLAIN = Host(
+PLAIN = replace(
+    MAX_HOST,
     name="plain",
     native={
-        (1, None): (0x000806F8, 0, 0x10000000, 0x00005080),
+        **MAX_HOST.native,
+        (1, None): (0x000806F8, MAX_HOST.cpuid(1, None)[1], 0x10000000, 0x00005080),
         (7, 0): (0, 0x00000308 | HLE | RTM, 0x00000044, 0x4000001C),
         (7, 1): (0x00000010, 0, 0, 0),
     },
-    xfam_supported=0x2E7,
+    kvm_xfam=0x2E7, tsx_ctrl=False, ept_5level=False,
 )
 HOSTS = (MAX_HOST, PLAIN)
 
@@ -304,16 +309,22 @@ def test_module_fms() -> None:
     assert predict("2.0", "upstream", same).kind is Kind.ACCEPTED
 
 
-def test_module_xfam_gate() -> None:
+def test_xfam_without_avx_state_clears_the_avx_bits() -> None:
+    # tdh_mng_init.c apply_cpuid_xfam_masks (and leaf 1 under XFAM[2]): XFAM 0x3 with
+    # every reported bit is accepted; the AVX and AVX-512 bits are cleared, not refused.
+    # (The old model refused it as an XFAM gate.)
     base = full("2.0", "upstream")
     low = replace(base, init_vm=replace(base.init_vm, xfam=0x3))
-    out = predict("2.0", "upstream", low)
-    assert (out.kind, out.hw_error, out.check, out.leaf, out.register, out.bit) == (
-        Kind.MODULE_REJECTED, CPUID_CONFIG_INVALID, "module_xfam_gate", 1, "ecx", 28)
+    pred = init_vm_prediction(load_profile("2.0"), MAX_HOST, get_policy("upstream"), low)
+    assert pred.outcome.kind is Kind.ACCEPTED and pred.effective is not None
+    assert not pred.effective[(1, None)][2] & 1 << 28  # AVX
+    assert not pred.effective[(7, 0)][1] & 1 << 16  # AVX512F
+    cleared = {(c.leaf, c.register) for c in pred.changes if c.kind == "cleared"}
+    assert {(1, "ecx"), (7, "ebx")} <= cleared
 
 
 def custom(module: ModuleProfile, **kw: int) -> ModuleProfile:
-    return replace(module, name="custom", **kw)  # type: ignore[arg-type]
+    return replace(module, name="custom", tables=replace(module.tables, **kw))  # type: ignore[arg-type]
 
 
 def test_module_attributes_and_xfam() -> None:
@@ -329,19 +340,26 @@ def test_module_attributes_and_xfam() -> None:
         Kind.MODULE_REJECTED, 0xC000010000000041, "module_xfam", 1)
 
 
-def test_module_pks() -> None:
+def test_module_pks_is_overwritten_not_refused() -> None:
+    # tdh_mng_init.c: 7.0 ECX.PKS = ATTRIBUTES.PKS.  No public module lets a VMM configure
+    # PKS, so a module build that did (a profile row with it) takes the bit and overwrites it;
+    # the old model refused it as a coupling.
     prof = load_profile("2.0")
-    i = prof.row_index(7, 0)
-    assert i is not None
-    row = prof.rows[i]
-    allow = (row.allow_direct[0], row.allow_direct[1], row.allow_direct[2] | PKS,
-             row.allow_direct[3])
-    rows = tuple(replace(r, allow_direct=allow) if j == i else r for j, r in enumerate(prof.rows))
-    pks = replace(prof, rows=rows)
-    out = predict_init_vm(pks, MAX_HOST, get_policy("upstream"),
-                          iv(CpuidEntry(7, 0, SIG, ecx=PKS), GPAW48))
-    assert (out.kind, out.hw_error, out.check, out.bit) == (
-        Kind.MODULE_REJECTED, CPUID_CONFIG_INVALID, "module_pks", 31)
+    assert not prof.rows[prof.row_index(7, 0) or 0].module_allows()[2] & PKS
+    out = predict("2.0", "upstream", iv(CpuidEntry(7, 0, SIG, ecx=PKS), GPAW48))
+    assert (out.kind, out.hw_error, out.check, out.leaf, out.bit) == (
+        Kind.MODULE_REJECTED, CPUID_CONFIG_INVALID, "module_cpuid_config", 7, 31)
+    rows = [ConfigRow(r.leaf, r.subleaf, r.config_direct,
+                      (r.allow_direct[0], r.allow_direct[1], r.allow_direct[2] | PKS,
+                       r.allow_direct[3]) if (r.leaf, r.subleaf) == (7, 0) else r.allow_direct,
+                      -1) for r in prof.rows]
+    pks = profile_of(with_configurable(prof.tables, rows), "pks", "test")
+    pred = init_vm_prediction(pks, MAX_HOST, get_policy("upstream"),
+                              iv(CpuidEntry(7, 0, SIG, ecx=PKS), GPAW48))
+    assert pred.outcome.kind is Kind.ACCEPTED and pred.effective is not None
+    assert not pred.effective[(7, 0)][2] & PKS
+    assert [(c.kind, c.mask) for c in pred.changes if c.leaf == 7 and c.register == "ecx"] \
+        == [("overridden", PKS)]
 
 
 def test_request_or_bare_init_vm() -> None:

@@ -6,6 +6,7 @@ import dataclasses
 import errno
 
 import pytest
+from helpers import host_without
 
 from kvmtdx import uapi
 from kvmtdx.knowledge import Given
@@ -133,10 +134,7 @@ def test_upstream_denylist_bits_are_hidden_and_refused_by_kvm() -> None:
 def test_host_lacking_a_feature_makes_a_silently_cleared_hidden_accepted_explained() -> None:
     # AVX512F is allow_direct: without it natively, no policy reports it and the module
     # drops it without complaint.  HIDDEN_ACCEPTED, but the module's doing, not a bug.
-    host = dataclasses.replace(MAX_HOST, name="no-avx512f", all_ones=False,
-                               native={(1, None): (0x806F8, 0, 0xFFFFFFFF, 0xFFFFFFFF),
-                                       (7, 0): (0, 0xFFFFFFFF & ~(1 << 16), 0xFFFFFFFF,
-                                                0xFFFFFFFF)})
+    host = host_without("no-avx512f", {(7, 0): {"ebx": 1 << 16}})
     result, _ = run("2.0", "upstream", host=host)
     avx512f = next(b for b in result.bits if b.key == (7, 0, "ebx", 16))
     assert avx512f.cls is BitClass.HIDDEN_ACCEPTED
@@ -359,18 +357,18 @@ def test_probe_without_any_profile_is_exhaustive_and_matches_the_mirror() -> Non
     result = probe(sim, ProbeOptions(exhaustive=True), label="sim", given=Given(policy=None))
     assert result.untested == 0 and not bit_failures(result)
     assert all(b.cls is mirror_class(m, MAX_HOST, p, b.key) for b in result.bits)
-    assert all(b.expected is None for b in result.bits)
-    assert any("bundled 2.0 profile" in n for n in result.notes)
+    assert all(b.expected is None and b.cleared is None for b in result.bits)
 
 
 def test_the_mirrors_couplings_are_what_the_prober_keeps() -> None:
-    hle_rtm, pks = rules.MODULE_COUPLINGS
+    # HLE == RTM is the one coupling left: the module overwrites PKS with ATTRIBUTES.PKS
+    # instead of refusing it (tdh_mng_init.c), so PKS is no coupling.
+    (hle_rtm,) = rules.MODULE_COUPLINGS
     both = 1 << 4 | 1 << 11
-    assert hle_rtm.broken(1 << 4, 0) and not hle_rtm.broken(both, 0)
-    assert hle_rtm.met(both, 0) == both and hle_rtm.met(both, 0, tsx_ctrl=False) == 0
-    assert hle_rtm.met(1 << 11 | 1, 0) == 1
-    assert pks.broken(1 << 31, 0) and not pks.broken(1 << 31, rules.ATTR_PKS)
-    assert pks.met(1 << 31, 0) == 0 and pks.met(1 << 31, rules.ATTR_PKS) == 1 << 31
+    assert hle_rtm.broken(1 << 4) and not hle_rtm.broken(both) and not hle_rtm.broken(0)
+    assert hle_rtm.met(both) == both and hle_rtm.met(both, tsx_ctrl=False) == 0
+    assert hle_rtm.met(1 << 11 | 1) == 1
+    assert rules.coupling_of(7, 0, "ecx", 31) is None
     # A kernel that reports RTM but hides HLE: without the policy, nothing but the coupling
     # explains why the module refuses RTM, and the prober names it.
     m = load_profile("2.0")
@@ -378,22 +376,26 @@ def test_the_mirrors_couplings_are_what_the_prober_keeps() -> None:
     result = probe(sim, ProbeOptions(), label="sim", given=Given(module=m, policy=None))
     rtm = next(b for b in result.bits if b.key == RTM)
     assert rtm.cls is BitClass.REPORTED_REJECTED
-    assert rtm.explained == ("module coupling: HLE and RTM must be equal, and the other is "
-                             "not reported")
+    assert rtm.explained == ("module coupling: HLE and RTM must be equal on the TD's final "
+                             "values, and the other is not reported")
     assert rtm not in result.failures
 
 
-@pytest.mark.parametrize("with_policy", [True, False])
-def test_xfam_gated_bits_kvm_reports_but_cannot_give_are_put_down_to_the_module(
-        with_policy: bool) -> None:
-    # A host KVM without AVX-512 state: the module's XFAM gate refuses every AVX-512 bit
-    # KVM reports.  A REPORTED_REJECTED, named as the module's coupling, not a kernel bug.
+def test_bits_cleared_under_this_xfam_are_accepted_and_say_so() -> None:
+    # A host KVM without AVX-512 state: KVM still reports the AVX-512 bits the CPU has, and
+    # the module takes a request carrying them and clears them under an XFAM without
+    # AVX-512 state (apply_cpuid_xfam_masks): accepted, cleared, not refused.
     m, p = load_profile("2.0"), get_policy("upstream")
-    host = dataclasses.replace(MAX_HOST, name="no-avx512-state", xfam_supported=0x207)
+    host = dataclasses.replace(MAX_HOST, name="no-avx512-state", kvm_xfam=0x207)
     sim = SimulatedHost(m, host, p)
     result = probe(sim, ProbeOptions(), label="sim",
-                   given=Given(module=m, host=host, policy=p.name if with_policy else None))
-    refused = [b for b in result.bits if b.cls is BitClass.REPORTED_REJECTED]
-    assert {b.name for b in refused} >= {"AVX512F", "AVX512VL", "AVX512_VNNI"}
-    assert all(b.explained and ("xfam" in b.explained.lower()) for b in refused)
+                   given=Given(module=m, host=host, policy=p.name))
+    assert not [b for b in result.bits if b.cls is BitClass.REPORTED_REJECTED]
+    by_name = {b.name: b for b in result.bits if b.reported}
+    for name in ("AVX512F", "AVX512VL", "AVX512_VNNI"):
+        b = by_name[name]
+        assert b.cls is BitClass.REPORTED_ACCEPTED
+        assert b.cleared is not None and b.cleared.startswith("accepted, cleared") \
+            and "XFAM" in b.cleared
+    assert by_name["BMI1"].cleared is None
     assert not bit_failures(result)

@@ -23,7 +23,16 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from helpers import BYPASS_CHECKS, MODULES, POLICIES, UPSTREAM, find_all, parse_page
+from helpers import (
+    GRID_FAILURES,
+    MODULES,
+    POLICIES,
+    WARN_CHECK,
+    find_all,
+    grid_column,
+    grid_failures,
+    parse_page,
+)
 
 from kvmtdx.checks import CHECKS
 from kvmtdx.report.pages import CSS
@@ -140,13 +149,13 @@ def test_the_matrix_shows_nine_columns_and_the_bypass_in_red_in_upstream_columns
     columns = [c for c in matrix_dom["columns"] if c["table"] == "matrix"]
     assert [c["kernel"] for c in columns] == [p for _ in MODULES for p in POLICIES]
     assert all(w > 40 and h > 40 for w, h in (c["box"] for c in columns))
-    upstream = {c["id"].removeprefix("c") for c in columns if c["kernel"] in UPSTREAM}
     cells = matrix_dom["cells"]
     assert len(cells) == len(CHECKS) * 9
     colours = {"fail": _rgb("#c62828"), "pass": _rgb("#e7f4e8"), "skip": _rgb("#eceff1")}
     for cell in cells:
         check = cell["row"].removeprefix("check-")
-        should_fail = check in BYPASS_CHECKS and cell["column"] in upstream
+        # The bypass in the upstream columns, the WARN in those of modules with leaf 0x1F.
+        should_fail = check in grid_failures(*grid_column(cell["column"]))
         assert (cell["status"] == "fail") == should_fail, cell
         assert cell["background"] == colours[cell["status"]], cell
         assert cell["box"][0] > 20 and cell["box"][1] > 10
@@ -155,14 +164,15 @@ def test_the_matrix_shows_nine_columns_and_the_bypass_in_red_in_upstream_columns
 
 def test_every_failing_cell_links_to_its_visible_detail(matrix_dom: dict[str, Any]) -> None:
     failing = [c for c in matrix_dom["cells"] if c["status"] == "fail"]
-    assert len(failing) == 18
+    assert len(failing) == GRID_FAILURES
     for cell in failing:
         detail = matrix_dom["failures"][cell["href"].removeprefix("#")]
         assert detail["box"][1] > 40
         text = detail["text"]
         assert cell["row"].removeprefix("check-") in text and f"#{cell['column']}" in text
-        assert re.search(r"expected\s+KVM_REJECTED", text)
-    assert len(matrix_dom["failures"]) == 18
+        expected = "refused, no WARN" if WARN_CHECK in cell["row"] else "KVM_REJECTED"
+        assert re.search(rf"expected\s+{expected}", text)
+    assert len(matrix_dom["failures"]) == GRID_FAILURES
 
 
 def test_bit_maps_are_coloured_by_class_and_mark_where_rfc_v2_and_upstream_differ(

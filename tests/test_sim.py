@@ -7,6 +7,7 @@ import errno
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -82,11 +83,12 @@ def test_system_ioctls(sim: SimulatedHost) -> None:
 def test_supported_cpuid_grows_and_e2big_leaves_the_buffer_alone(sim: SimulatedHost) -> None:
     with Kvm(sim) as kvm:
         entries = kvm.supported_cpuid(start_nent=1)  # grows through E2BIG
-        assert len(entries) == len({(r.leaf, r.subleaf) for r in MODULE.rows})
+        # The max host is a host file like any other: its own leaves.
+        assert len(entries) == len(MAX_HOST.native)
         leaf1 = next(e for e in entries if e.function == 1)
         assert leaf1.eax == MAX_HOST.fms and not leaf1.flags
         leaf7 = next(e for e in entries if (e.function, e.index) == (7, 1))
-        assert leaf7.flags == FLAG_SIGNIFICANT_INDEX and leaf7.eax == 0xFFFFFFFF
+        assert leaf7.flags == FLAG_SIGNIFICANT_INDEX and leaf7.eax == MAX_HOST.cpuid(7, 1)[0]
         assert kvm.fd is not None
         for nent in (0, 1, len(entries) - 1):
             before = layout.pack_cpuid2((CpuidEntry(function=0xAB, eax=7),), nent=nent, room=4)
@@ -99,7 +101,7 @@ def test_supported_cpuid_grows_and_e2big_leaves_the_buffer_alone(sim: SimulatedH
 
 def test_a_partial_host_lists_its_own_leaves(no_fd_leak: object) -> None:
     host = Host(name="h", native={(1, None): (0x906EA, 0, 1, 2), (7, 0): (0, 5, 6, 7)},
-                xfam_supported=0x2E7)
+                kvm_xfam=0x2E7)
     with Kvm(make(host=host)) as kvm:
         got = kvm.supported_cpuid()
     assert got == (CpuidEntry(function=1, eax=0x906EA, ecx=1, edx=2),
@@ -184,7 +186,7 @@ def test_capabilities_errors_leave_the_buffer_alone(policy: str, no_fd_leak: obj
 
 
 def test_no_tdx_xfam_means_eio(no_fd_leak: object) -> None:
-    s = make(host=Host(name="no-x87", xfam_supported=0x2E6))
+    s = make(host=replace(MAX_HOST, name="no-x87", kvm_xfam=0x2E6))
     with Kvm(s) as kvm, kvm.create_td() as td:
         assert td.capabilities_raw(28).errno == errno.EIO
 
@@ -284,8 +286,12 @@ def test_a_failed_module_call_returns_its_key_id_unless_a_mutant_leaks_it(
 
 SIM_PACKAGE = ROOT / "kvmtdx" / "sim"
 # The sim's independent reading must not borrow the mirror's: neither the
-# mirror itself nor the rules and request builders it is made of.
-FORBIDDEN = ("kvmtdx.model.mirror", "kvmtdx.model.rules", "kvmtdx.model.builders")
+# mirror itself nor the rules and request builders it is made of, nor the model's
+# reading of the TDX module (the sim has its own: tdx_module, tdx_platform, tdx_cpuid;
+# both read only the module's converted tables, kvmtdx.model.tdx_module_tables).
+FORBIDDEN = ("kvmtdx.model.mirror", "kvmtdx.model.rules", "kvmtdx.model.builders",
+             "kvmtdx.model.tdx_module", "kvmtdx.model.tdx_cpuid", "kvmtdx.model.tdx_topology",
+             "kvmtdx.model.tdx_host", "kvmtdx.model.tdx_status")
 FORBIDDEN_NAMES = {"__import__", "import_module", "mirror", "rules", "builders",
                    "predict_init_vm", "predict_capabilities"}
 
@@ -318,6 +324,9 @@ def test_the_independence_check_sees_a_borrowed_rule() -> None:
     assert borrowed("x = importlib.import_module(name)") == ["import_module"]
     assert borrowed("mask = rules.GPAW_FIELD") == ["rules"]
     assert borrowed("from kvmtdx.model.policy import Policy") == []
+    assert borrowed("from kvmtdx.model.tdx_module import mng_init") == [
+        "kvmtdx.model.tdx_module", "kvmtdx.model.tdx_module.mng_init"]
+    assert borrowed("from kvmtdx.model.tdx_module_tables import ModuleTables") == []
 
 
 @pytest.mark.parametrize("path", sorted(SIM_PACKAGE.glob("*.py")), ids=lambda p: p.name)
@@ -328,7 +337,7 @@ def test_sim_source_never_imports_the_mirror(path: Path) -> None:
 def test_the_independence_check_reads_the_whole_package() -> None:
     assert {p.name for p in SIM_PACKAGE.glob("*.py")} >= {
         "__init__.py", "host.py", "kvm.py", "tdx.py", "td_init.py", "tdx_module.py",
-        "mutants.py"}
+        "tdx_platform.py", "tdx_cpuid.py", "mutants.py"}
     assert not (ROOT / "kvmtdx" / "sim.py").exists()
 
 

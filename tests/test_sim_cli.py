@@ -63,7 +63,8 @@ def test_init_vm_accepts_a_valid_request(capsys: pytest.CaptureFixture[str], tmp
     assert (rc, err) == (0, "")
     doc = json.loads(out)
     assert list(doc) == [*ENVELOPE, "host_identity", *OUTCOME_KEYS, "hw_error_decoded",
-                         "key_ids"]
+                         "kernel_warn", "vm_bugged", "key_ids"]
+    assert doc["kernel_warn"] is False and doc["vm_bugged"] is None  # counted; not -EIO
     assert doc["kind"] == "init-vm"
     assert doc["outcome"] == "ACCEPTED" and doc["errno"] is None
     assert doc["check"] is None and doc["hw_error_decoded"] is None

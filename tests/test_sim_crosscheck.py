@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import errno
 import functools
+from dataclasses import replace
 
-from helpers import bypass
+from helpers import bypass, host_without
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -55,10 +56,13 @@ _PARTIAL_NATIVE = {
 }
 HOSTS: dict[str, Host] = {
     "max": MAX_HOST,
-    "partial": Host(name="partial", native=_PARTIAL_NATIVE, xfam_supported=0x2E7),
+    "partial": replace(MAX_HOST, name="partial", native={**MAX_HOST.native, **_PARTIAL_NATIVE},
+                       kvm_xfam=0x2E7, ept_5level=False, tsx_ctrl=False),
     # Lacks an XFAM bit every module fixes to 1: KVM reports nothing (EIO).
-    "no-x87": Host(name="no-x87", native=_PARTIAL_NATIVE, xfam_supported=0x2E6,
-                   ept_5level=True, tsx_ctrl=True),
+    "no-x87": replace(MAX_HOST, name="no-x87", native={**MAX_HOST.native, **_PARTIAL_NATIVE},
+                      kvm_xfam=0x2E6, ept_5level=True, tsx_ctrl=True),
+    # No TSX at all (HLE and RTM absent, no TSX_CTRL): the module's final-value rule sees 0s.
+    "no-tsx": host_without("no-tsx", {(7, 0): {"ebx": 1 << 4 | 1 << 11}}, tsx_ctrl=False),
 }
 
 

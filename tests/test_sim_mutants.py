@@ -19,7 +19,7 @@ from kvmtdx import layout
 from kvmtdx.device import Kvm
 from kvmtdx.model import builders, mirror, rules
 from kvmtdx.model.policy import get_policy
-from kvmtdx.model.profiles import MAX_HOST, load_profile
+from kvmtdx.model.profiles import MAX_HOST, Host, load_profile
 from kvmtdx.model.requests import Request
 from kvmtdx.sim import MUTANTS, SimulatedHost
 from kvmtdx.structs import REGISTERS, Capabilities, CpuidEntry, InitVm
@@ -136,6 +136,12 @@ class Witness:
     policy: str
     probe: Probe
     key_ids: int = 16
+    host: Host = MAX_HOST
+
+
+# Virtual TSX on a host without IA32_ARCH_CAPABILITIES.TSX_CTRL: TDH.MNG.INIT fails with
+# TDX_INCORRECT_MSR_VALUE, not an operand error.
+NO_TSX_CTRL = replace(MAX_HOST, name="no-tsx-ctrl", tsx_ctrl=False)
 
 
 WITNESSES: dict[str, Witness] = {
@@ -163,6 +169,8 @@ WITNESSES: dict[str, Witness] = {
     "allowlist_reject_eio": Witness(
         "rfc-v2", init_vm(with_bit(full("rfc-v2"), 7, 0, "edx", 18))),
     "key_id_leak_on_failure": Witness("upstream", leak_then_init, key_ids=2),
+    "module_status_always_einval": Witness(
+        "upstream", init_vm(bypass(full("upstream"), ebx=HLE | RTM, ecx=0)), host=NO_TSX_CTRL),
     "denylist_checks_row_index": Witness("upstream", init_vm(bypass(full("upstream")))),
     "count_check_missing": Witness("upstream", init_vm(replace(
         full("upstream"), entries=(*full("upstream").entries, CpuidEntry(function=0xD))))),
@@ -212,8 +220,8 @@ def test_every_mutant_has_a_witness() -> None:
 def test_each_mutant_changes_an_observable_answer(mutant: str, no_fd_leak: object) -> None:
     w = WITNESSES.get(mutant)
     assert w is not None, f"mutant {mutant!r} has no witness: add one to WITNESSES"
-    correct = SimulatedHost(MODULE, MAX_HOST, get_policy(w.policy), key_ids=w.key_ids)
-    buggy = SimulatedHost(MODULE, MAX_HOST, get_policy(w.policy), mutant=mutant,
+    correct = SimulatedHost(MODULE, w.host, get_policy(w.policy), key_ids=w.key_ids)
+    buggy = SimulatedHost(MODULE, w.host, get_policy(w.policy), mutant=mutant,
                           key_ids=w.key_ids)
     assert w.probe(correct) != w.probe(buggy)
     assert correct.open_fds == () and buggy.open_fds == ()

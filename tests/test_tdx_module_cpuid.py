@@ -13,8 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as hs
 
+from kvmtdx.model.host_files import load_host
 from kvmtdx.model.tdx_cpuid import Unmodelled
-from kvmtdx.model.tdx_host import full_request, load_host, sampled_native
+from kvmtdx.model.tdx_host import full_request, sampled_native
 from kvmtdx.model.tdx_module import MngInitResult, kvm73_td_params, mng_init
 from kvmtdx.model.tdx_module_tables import ModuleTables, Regs, load_tables
 

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from kvmtdx.model import tdx_status as st
-from kvmtdx.model.tdx_host import HostCpu, full_request, load_host
+from kvmtdx.model.host_files import load_host
+from kvmtdx.model.tdx_host import HostCpu, full_request
 from kvmtdx.model.tdx_module import MngInitResult, TdParams, kvm73_td_params, mng_init
 from kvmtdx.model.tdx_module_tables import ModuleTables, Regs, load_tables
 

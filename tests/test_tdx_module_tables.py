@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from kvmtdx.model.host_files import load_host
 from kvmtdx.model.tdx_host import (
     HostCpu,
     host_problems,
-    load_host,
     reported_attributes_fixed0,
     reported_xfam_fixed0,
 )

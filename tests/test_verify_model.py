@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+from helpers import host_without
 
 from kvmtdx.model import builders, fit, invariant, mirror, rules
 from kvmtdx.model.builders import Trap
@@ -19,7 +20,8 @@ ACCEPTED = Outcome.classify(0, 0)
 REFUSED = Outcome.classify(22, 0)
 MWAIT = 1 << 3  # leaf 1 ECX: allow_direct in module 2.0
 # A host with no native CPUID at all: every allow_direct bit is one the module drops.
-BARE = Host(name="bare", xfam_supported=0x3)
+# x87/SSE state only, and no MWAIT (an allow_direct bit of leaf 1 ECX).
+BARE = host_without("bare", {(1, None): {"ecx": 1 << 3}}, kvm_xfam=0x3)
 
 
 def predict(module: str, policy: str, req: Request, host: Host = MAX_HOST) -> Outcome:

@@ -14,12 +14,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from kvmtdx.device import Kvm, Seam, TdxVm
+from kvmtdx.kmsg import KernelLog
 from kvmtdx.knowledge import Knowledge
 from kvmtdx.model import builders, invariant, lifecycle, mirror
 from kvmtdx.model.builders import Trap
 from kvmtdx.model.catalog import BitRef
 from kvmtdx.model.lifecycle import SequencePrediction
-from kvmtdx.model.mirror import CapsPrediction
+from kvmtdx.model.mirror import CapsPrediction, InitVmPrediction
 from kvmtdx.model.policy import Policy
 from kvmtdx.model.profiles import Host, ModuleProfile
 from kvmtdx.model.requests import Request
@@ -54,6 +55,12 @@ class Context:
     # Every trap request sent, with its answer, for adversarial_matches_prediction.
     trap_log: list[tuple[str, Request, Outcome]] = field(default_factory=list)
     proc: ProcessNumbers = field(default_factory=ProcessNumbers)
+    # On a real kernel, may a check provoke a kernel WARN (--allow-kernel-warn)?  Its log,
+    # the newest record when the run started, or why it could not be read.
+    allow_kernel_warn: bool = False
+    kernel_log: KernelLog = field(default_factory=KernelLog)
+    log_start: int | None = None
+    log_unreadable: str | None = None
     _fms: int | None = None
 
     # What is known.
@@ -79,6 +86,11 @@ class Context:
         if m is None:
             return None
         return mirror.predict_init_vm(*m, req, td_initialized=td_initialized)
+
+    def predict_detail(self, req: Request) -> InitVmPrediction | None:
+        """The mirror's whole answer: the module's status, the WARN, the TD's CPUID."""
+        m = self.model()
+        return None if m is None else mirror.init_vm_prediction(*m, req)
 
     def predict_sequence(self, reqs: Sequence[Request]) -> SequencePrediction | None:
         """INIT_VM calls on one TD, in order (kvmtdx.model.lifecycle)."""

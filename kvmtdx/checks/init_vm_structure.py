@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 
+from kvmtdx.checks import kernel_warn
 from kvmtdx.checks.context import Context
 from kvmtdx.checks.registry import (
     Verdict,
@@ -175,6 +176,40 @@ def init_vm_module_status_written_back(ctx: Context) -> Verdict:
         return bad(f"hw_error {actual.hw}, expected operand CPUID_CONFIG", v.expected,
                    v.actual, (ref,), request=req)
     return v
+
+
+@check("init_vm_no_kernel_warn", GROUP,
+       "a request the module fails with a status other than an invalid operand (a malformed "
+       "leaf 0x1F; virtual TSX without TSX_CTRL, where it reaches the module) is refused "
+       "without a kernel WARN")
+def init_vm_no_kernel_warn(ctx: Context) -> Verdict:
+    gate = kernel_warn.real_kernel_gate(ctx)
+    if gate is not None:
+        return skip(gate)
+    requests = kernel_warn.warn_requests(ctx)
+    if not requests:
+        return skip("no request reaches a non-operand module failure here (the module lists "
+                    "no leaf 0x1F rows, and no TSX request reaches it on a host without "
+                    "TSX_CTRL" + ("" if ctx.exact else f": {ctx.needs_module}") + ")")
+    provoked = [kernel_warn.provoke(ctx, what, req) for what, req in requests]
+    tail = kernel_warn.tainted_note(ctx, provoked)
+    earlier = kernel_warn.since_start(ctx)
+    if earlier:
+        tail += f"; {len(earlier)} SEAMCALL failure line(s) in the kernel log since the run began"
+    wrong = [p for p in provoked if p.warned or p.outcome.kind is Kind.ACCEPTED]
+    if not wrong:
+        done = "; ".join(f"{p.what}: {kernel_warn.answered(p)}" for p in provoked)
+        return ok(f"refused without a kernel WARN: {done}{tail}", "refused, no WARN",
+                  "; ".join(describe(p.outcome) for p in provoked))
+    warned = [p for p in wrong if p.warned]
+    if not warned:
+        return bad(f"{wrong[0].what} was ACCEPTED: no module takes it{tail}",
+                   "refused, no WARN", "ACCEPTED", request=wrong[0].request)
+    said = "; ".join(f"{p.what}: {kernel_warn.answered(p)} with a kernel WARN ({p.evidence()})"
+                     for p in warned)
+    return bad(f"{said}: a WARN userspace can trigger is a kernel bug{tail}",
+               "refused, no WARN", f"{describe(warned[0].outcome)}, kernel WARN",
+               request=warned[0].request, request_note=kernel_warn.REPLAY_NOTE)
 
 
 # ---------------------------------------------------------------------------

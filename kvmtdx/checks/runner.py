@@ -11,10 +11,12 @@ from dataclasses import dataclass, replace
 import psutil
 
 from kvmtdx.checks.context import Context, ProcessNumbers
+from kvmtdx.checks.kernel_warn import counted_warnings
 from kvmtdx.checks.registry import CheckSpec, Skip, Verdict, bad, registered, skip
 from kvmtdx.checks.result import CheckResult, Summary, VerifyReport
 from kvmtdx.device import Counters, Kvm, Seam, availability
 from kvmtdx.errors import KvmError
+from kvmtdx.kmsg import KernelLog, LogUnreadable
 from kvmtdx.knowledge import Given, complete
 from kvmtdx.structs import Capabilities
 from kvmtdx.verdict import Status
@@ -119,16 +121,31 @@ def _summary(results: Sequence[CheckResult], c: Counters, proc: ProcessNumbers) 
     )
 
 
+def _log_start(ctx: Context) -> None:
+    """Where the kernel log stood when the run started, for a real kernel whose WARNs a
+    check may provoke (a backend that counts its WARNs needs no log)."""
+    if not ctx.allow_kernel_warn or counted_warnings(ctx.seam) is not None:
+        return
+    try:
+        ctx.log_start = ctx.kernel_log.mark()
+    except LogUnreadable as e:
+        ctx.log_unreadable = str(e)
+
+
 def run_verify(seam: Seam, *, backend_label: str, given: Given | None = None,
                kernel_release: str | None = None, only: Sequence[str] | None = None,
                progress: Progress | None = None,
-               record: list[CheckResult] | None = None) -> VerifyReport:
+               record: list[CheckResult] | None = None, allow_kernel_warn: bool = False,
+               kernel_log: KernelLog | None = None) -> VerifyReport:
     """Run the suite over `seam`; nothing here prints.
 
     `given` is what is known before the kernel is asked (kvmtdx.knowledge.given);
     the policy and host are completed from the capabilities as `probe` does.
     `only` limits the run to those check ids.  `record` gets each result as it is
     done, so a caller whose run is interrupted still has the checks done so far.
+    `allow_kernel_warn` lets a check provoke a WARN on a real kernel (the simulated and
+    kernel-source hosts always allow it), read through `kernel_log` (default: /dev/kmsg
+    and its sysctls).
     """
     fds0, rss0 = _proc_numbers()
     start = _Start(backend_label, fds0, rss0)
@@ -144,7 +161,10 @@ def run_verify(seam: Seam, *, backend_label: str, given: Given | None = None,
         know = complete(given if given is not None else Given(), caps, kernel_release)
         free = getattr(seam, "free_key_ids", None)
         ctx = Context(kvm=kvm, seam=seam, know=know, caps=caps,
-                      key_ids_before=free if isinstance(free, int) else None)
+                      key_ids_before=free if isinstance(free, int) else None,
+                      allow_kernel_warn=allow_kernel_warn,
+                      kernel_log=kernel_log if kernel_log is not None else KernelLog())
+        _log_start(ctx)
         ticker = _Ticker(len(specs), kvm.counters, progress)
         if progress is not None:
             ctx.on_td = ticker.show

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from kvmtdx.identity import HostIdentity
     from kvmtdx.knowledge import Given, Knowledge
     from kvmtdx.model.policy import Policy
+    from kvmtdx.model.profiles import Host, ModuleProfile
     from kvmtdx.session import Backend
 
 SIM_HINT = (
@@ -166,7 +167,7 @@ def open_session(args: argparse.Namespace) -> Backend:
 
     host_arg = getattr(args, "host", None)
     allow_arg = getattr(args, "allowlist", None)
-    return open_backend(
+    backend = open_backend(
         simulate=args.simulate,
         backend=args.backend,
         host=host_by_name(host_arg) if host_arg else None,
@@ -175,14 +176,33 @@ def open_session(args: argparse.Namespace) -> Backend:
         patches=tuple(getattr(args, "patch", ())),
         module=getattr(args, "module", None),
     )
+    sim = backend.simulation
+    if sim is not None:
+        check_host(sim.module, sim.host, host_arg)
+        note_module(sim.module)
+    return backend
+
+
+def check_host(module: ModuleProfile, host: Host, host_arg: str | None) -> None:
+    """The one clear error for a --host the module would not initialise on."""
+    from kvmtdx.model.profiles import host_refusal
+
+    refusal = host_refusal(module, host, f"--host {host_arg}" if host_arg else "host")
+    if refusal is not None:
+        raise refusal
 
 
 def given_from(args: argparse.Namespace, backend: Backend) -> Given:
     """What --module, --host, --policy and --allowlist tell verify and probe."""
     from kvmtdx.knowledge import given
 
-    return given(backend.simulation, module=args.module, host=args.host, policy=args.policy,
-                 allowlist=args.allowlist)
+    known = given(backend.simulation, module=args.module, host=args.host, policy=args.policy,
+                  allowlist=args.allowlist)
+    if known.module is not None and known.host is not None:
+        check_host(known.module, known.host, args.host)
+    if args.module:
+        note_module(known.module)
+    return known
 
 
 def policy_from(args: argparse.Namespace, name: str) -> Policy:
@@ -241,6 +261,16 @@ def identity_of(backend: Backend, knowledge: Knowledge | None = None) -> HostIde
 def say(label: str, message: str) -> None:
     """One line on stderr: `kvmtdx: LABEL: MESSAGE`."""
     sys.stderr.write(f"kvmtdx: {label}: {message}\n")
+
+
+def note_module(module: ModuleProfile | None) -> None:
+    """Say on stderr what a user choosing this module must know (a module Linux 6.16 and
+    later will not enable TDX on)."""
+    from kvmtdx.model.profiles import kernel_note
+
+    note = kernel_note(module) if module is not None else None
+    if note:
+        say("note", note)
 
 
 def error_line(error: BaseException) -> str:

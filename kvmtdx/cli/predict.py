@@ -9,6 +9,7 @@ from kvmtdx.cli.common import (
     HOST_METAVAR,
     Command,
     model_options,
+    note_module,
     output_options,
     policy_from,
     write,
@@ -28,28 +29,33 @@ def arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from kvmtdx.model import lifecycle, mirror
-    from kvmtdx.model.profiles import load_profile
+    from kvmtdx.model.profiles import MODULE_CHOICES, host_refusal, load_profile
     from kvmtdx.model.requests import load_request
     from kvmtdx.native import host_by_name
     from kvmtdx.report import predict as render
 
     if not args.module:
-        raise DataError("predict needs --module: 1.5.01, 1.5-late, 2.0 or a module JSON file")
+        raise DataError(f"predict needs --module: {MODULE_CHOICES} or a module JSON file")
     module = load_profile(args.module)
     host = host_by_name(args.host)
+    refusal = host_refusal(module, host, f"--host {args.host}")
+    if refusal is not None:
+        raise refusal
+    note_module(module)
     policy = policy_from(args, args.policy)
     request = load_request(args.request) if args.request else None
     caps = mirror.predict_capabilities(module, host, policy, len(module.rows))
-    outcome = None
+    pred = None
     if request is not None:
         # A replay of a TD's history: the last call's answer, on the TD the others left.
-        outcome = lifecycle.predict_sequence(module, host, policy, request.calls).outcomes[-1]
+        state = lifecycle.predict_sequence(module, host, policy, request.before).final
+        pred = lifecycle.prediction_in(module, host, policy, state, request)
     fmt = render.render_json if args.format == "json" else render.render_text
     said = (f"{caps.caps.nent} CPUID entries predicted" if caps.caps is not None
             else "KVM_TDX_CAPABILITIES predicted to fail")
-    if outcome is not None:
-        said += f"; KVM_TDX_INIT_VM {outcome.describe()}"
-    write(args, fmt(module, host, policy, caps, outcome), said)
+    if pred is not None:
+        said += f"; KVM_TDX_INIT_VM {pred.outcome.describe()}"
+    write(args, fmt(module, host, policy, caps, pred), said)
     return ExitCode.PASS
 
 

@@ -29,6 +29,10 @@ from kvmtdx.errors import ExitCode
 def arguments(p: argparse.ArgumentParser) -> None:
     backend_options(p, judges_host=True)
     model_options(p, "auto", auto=True, **JUDGED_BY)
+    p.add_argument("--allow-kernel-warn", action="store_true",
+                   help="on a real kernel, let init_vm_no_kernel_warn provoke the kernel WARN it "
+                        "looks for (this taints the kernel; never done with "
+                        "kernel.panic_on_warn=1); simulated backends always run it")
     output_options(p, ("text", "json", "ktap", "junit"), also=True)
     g = p.add_argument_group("which checks")
     g.add_argument("--list-checks", action="store_true",
@@ -60,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         report = run_verify(backend.seam, backend_label=backend.label, only=only,
                             given=given_from(args, backend),
-                            progress=_progress() if tty else None, record=done)
+                            progress=_progress() if tty else None, record=done,
+                            allow_kernel_warn=args.allow_kernel_warn)
     except KeyboardInterrupt as e:
         _end_progress(tty)
         if args.format == "ktap":  # a KTAP runner must see the run was cut short

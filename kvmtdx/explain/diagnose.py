@@ -93,7 +93,8 @@ def diagnose(module: ModuleProfile, host: Host, policy: Policy, request: Request
         replays += 1
     if outcome.kind != Kind.ACCEPTED and stopped is None:
         stopped = f"gave up after {replays} replays"
-    silent = silently_dropped(module, host, current) if outcome.kind == Kind.ACCEPTED else ()
+    accepted = outcome.kind == Kind.ACCEPTED
+    silent = silently_dropped(module, host, policy, current) if accepted else ()
     return Diagnosis(module.name, host.name, policy.name, first, tuple(faults), outcome, current,
                      stopped, silent, replays)
 

@@ -15,7 +15,8 @@ from kvmtdx.model import catalog, mirror
 from kvmtdx.model.policy import Policy
 from kvmtdx.model.profiles import CpuidRow, Host, ModuleProfile
 from kvmtdx.model.requests import Request
-from kvmtdx.model.rules import GPAW_FIELD, GPAW_LEAF, bits_of, is_value_register
+from kvmtdx.model.rules import GPAW_LEAF, bits_of, is_value_register
+from kvmtdx.model.tdx_cpuid import xfam_needed
 from kvmtdx.structs import REGISTERS
 
 
@@ -116,22 +117,19 @@ def bit_facts(module: ModuleProfile, host: Host, policy: Policy, request: Reques
         facts += _row_facts(module, host, policy, row, each)
     td_xfam = request.init_vm.xfam | module.xfam_fixed1
     need = 0
-    gated = [g for g in module.xfam_gates
-             if (g.leaf, g.subleaf, g.register) == (row.leaf, row.subleaf, b.register)
-             and any(g.mask >> x.bit & 1 for x in bits)]
     table = qemu.tdx_table().xfam
     for each in bits:
+        gate = xfam_needed(module.tables, row.leaf, row.subleaf, each.register, each.bit)
         native = table.get(((each.leaf, each.subleaf, each.register), each.bit))
         if native is not None:
-            mask = next((g.xfam for g in gated if g.xfam >> native & 1), 1 << native)
+            mask = gate if gate >> native & 1 else 1 << native
             facts.append(f"a TD gets it from the CPU, not from its CPUID configuration, with "
                          f"{xfam_label(mask)}")
             need |= mask & ~td_xfam
-    for g in gated:
-        missing = g.xfam & ~td_xfam
-        if missing and not need & g.xfam:
-            need |= missing
-            facts.append(f"it needs {xfam_label(g.xfam)}: {g.why}")
+        elif gate & ~td_xfam:
+            need |= gate & ~td_xfam
+            facts.append(f"the module clears it (it does not refuse it) unless XFAM has "
+                         f"{xfam_label(gate)}")
     return tuple(dict.fromkeys(facts)), need
 
 
@@ -151,31 +149,23 @@ def qemu_facts(b: BitInfo) -> tuple[str, ...]:
     return tuple(out)
 
 
-def silently_dropped(module: ModuleProfile, host: Host, request: Request) -> tuple[Dropped, ...]:
-    """Bits of an accepted request the TD will not see: allow_direct bits the host lacks,
-    and XFAM-gated bits without their XFAM state."""
-    entries = request.init_vm.entries
-    td_xfam = request.init_vm.xfam | module.xfam_fixed1
+def silently_dropped(module: ModuleProfile, host: Host, policy: Policy,
+                     request: Request) -> tuple[Dropped, ...]:
+    """Bits of an accepted request the TD will not see, with the module's reason: allow_direct
+    bits the host lacks, features whose XSAVE state XFAM lacks, bits the module sets from
+    the TD's attributes (the mirror's effective CPUID)."""
+    pred = mirror.init_vm_prediction(module, host, policy, request)
     out: list[Dropped] = []
-    for row in module.rows:
-        e = mirror.find(entries, row.leaf, row.kvm_index)
-        if e is None:
+    for c in pred.changes:
+        if c.kind not in ("cleared", "overridden"):
             continue
-        native = host.native_regs(row.leaf, row.subleaf)
-        for r, reg in enumerate(REGISTERS):
-            if is_value_register(row.leaf, row.subleaf, reg):
-                continue
-            value = e.reg(reg) & row.module_allows()[r]
-            if row.leaf == GPAW_LEAF and reg == "eax":
-                value &= ~GPAW_FIELD
-            lacking = value & row.allow_direct[r] & ~row.config_direct[r] & ~native[r]
-            out += [Dropped(bit_info(row.leaf, row.subleaf, reg, b),
-                            f"host {host.name} lacks it (allow_direct)") for b in bits_of(lacking)]
-            for g in module.xfam_gates:
-                if (g.leaf, g.subleaf, g.register) != (row.leaf, row.subleaf, reg):
-                    continue
-                if td_xfam & g.xfam != g.xfam:
-                    out += [Dropped(bit_info(row.leaf, row.subleaf, reg, b),
-                                    f"XFAM lacks {xfam_label(g.xfam & ~td_xfam)}")
-                            for b in bits_of(value & g.mask & ~lacking)]
+        row = row_of(module, c.leaf, c.subleaf)
+        e = None if row is None else mirror.find(request.init_vm.entries, row.leaf,
+                                                  row.kvm_index)
+        asked = 0 if e is None else e.reg(c.register)
+        if is_value_register(c.leaf, c.subleaf, c.register) or (
+                c.leaf == GPAW_LEAF and c.register == "eax"):
+            continue
+        out += [Dropped(bit_info(c.leaf, c.subleaf, c.register, b), c.reason)
+                for b in bits_of(asked & c.mask)]
     return tuple(out)

@@ -70,22 +70,47 @@ CHECK_REASONS: dict[str, Reason] = {
                         "lists as configurable (and each only once)",
                         "drop the entry (the TD gets this leaf from the module)"),
     "module_attributes": R(C.ATTRIBUTES, "the module's ATTRIBUTES rules (fixed bits, "
-                           "MIGRATABLE without DEBUG or PERFMON)", "drop the attribute"),
+                           "MIGRATABLE without DEBUG or PERFMON; 2.0: PERFMON without ICSSD)",
+                           "drop the attribute"),
     "module_xfam": R(C.XFAM_RULE, "the module's XFAM rules (fixed bits, host XCR0 | XSS, "
                      "AVX-512 needs AVX, bits 5-7 equal, CET 11/12 equal, AMX 17/18 equal)",
                      "fix XFAM"),
+    "module_max_vcpus": R(C.STRUCTURE, "TD_PARAMS.MAX_VCPUS is 0 or above the module's "
+                          "limit per TD (KVM sets it from the host's CPUs)",
+                          "a kernel bug or a host with more CPUs than the module allows"),
+    "module_num_l2_vms": R(C.STRUCTURE, "TD_PARAMS.NUM_L2_VMS above 3 (KVM sends 0)",
+                           "a kernel bug: KVM fills TD_PARAMS"),
+    "module_td_params_reserved": R(C.STRUCTURE, "a reserved TD_PARAMS byte is not zero "
+                                   "(KVM zeroes them)", "a kernel bug: KVM fills TD_PARAMS"),
+    "module_config_flags": R(C.STRUCTURE, "TD_PARAMS.CONFIG_FLAGS outside what the module "
+                             "allows (KVM sets them from the GPAW)",
+                             "a kernel bug: KVM fills TD_PARAMS"),
+    "module_eptp_controls": R(C.GPAW, "TD_PARAMS.EPTP_CONTROLS: the page-walk length KVM "
+                              "chose from the GPAW is not one the module takes on this host",
+                              "use a GPAW of 48"),
+    "module_tsc_frequency": R(C.STRUCTURE, "TD_PARAMS.TSC_FREQUENCY outside 100 MHz to "
+                              "10 GHz (KVM sends the host's)", "a host TSC the module refuses"),
+    "module_fms_config": R(C.VALUE_RULE, "a MIGRATABLE TD's CPUID(1).EAX must be a "
+                           "family/model/stepping the module lists as older than or equal "
+                           "to the host's (check_fms_config)",
+                           "send 0 in leaf 1 EAX (the host's family/model/stepping)"),
+    "module_topology": R(C.TOPOLOGY_RULE, "the module's leaf 0x1F rules: sub-leaf 0 all zero "
+                         "means the host's topology, else level types must rise from sub-leaf "
+                         "0 with a core level (2.0: ECX[7:0] = sub-leaf); the module fails "
+                         "TDH.MNG.INIT with TDX_CPUID_LEAF_1F_FORMAT_UNRECOGNIZED and KVM "
+                         "answers -EIO with a kernel WARN",
+                         "send leaf 0x1F all zero (the host's topology) or a valid one"),
+    "module_immutable_state": R(C.ATTRIBUTES, "1.5: a MIGRATABLE TD cannot have L2 VMs",
+                                "drop MIGRATABLE"),
     "module_cpuid_config": R(C.NOT_CONFIGURABLE, "the module does not let a VMM configure "
                              "this bit (outside config_direct | allow_direct of its row)",
                              "drop the feature"),
     "module_fms": R(C.VALUE_RULE, "CPUID(1).EAX must be 0 (the host's family/model/stepping) "
                     "or exactly the host's value for a non-migratable TD",
                     "send 0 in leaf 1 EAX (QEMU: drop family/model/stepping overrides)"),
-    "module_hle_rtm": R(C.COUPLING, "HLE and RTM must be both set or both clear",
+    "module_hle_rtm": R(C.COUPLING, "HLE and RTM must be both set or both clear in what the "
+                        "TD gets (after the host's native bits: a bit the host lacks is 0)",
                         "set both or neither"),
-    "module_pks": R(C.COUPLING, "the module sets PKS from ATTRIBUTES.PKS, which KVM does "
-                    "not offer", "drop the feature"),
-    "module_xfam_gate": R(C.XFAM_RULE, "the feature needs XSAVE state the TD's XFAM lacks",
-                          "drop the feature or add the XFAM bits"),
     "module_tsx_ctrl": R(C.COUPLING, "virtual TSX (HLE and RTM) needs IA32_TSX_CTRL on the "
                          "host (IA32_ARCH_CAPABILITIES.TSX_CTRL), which this host lacks; the "
                          "module fails TDH.MNG.INIT with TDX_INCORRECT_MSR_VALUE and KVM "

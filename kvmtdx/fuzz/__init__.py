@@ -77,7 +77,8 @@ def _open(kvm: Kvm, known: Given) -> _Opened:
                         "writes one)")
     if know.policy is None or know.host is None:
         raise DataError(f"fuzz needs the kernel's policy: {know.policy_reason}; give --policy")
-    return _Opened(caps, know, Model(know.module, know.host, know.policy, caps.entries))
+    return _Opened(caps, know, Model(know.module, know.host, know.policy, caps.entries,
+                                     host_exact=know.host_exact))
 
 
 def _ground(o: _Opened) -> Ground:

@@ -14,6 +14,8 @@ that is still shrinking what it found.
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import time
 import warnings
 from dataclasses import dataclass, field, replace
@@ -36,7 +38,7 @@ from kvmtdx.fuzz.result import Budget, End, Finding, Progress, Stats
 from kvmtdx.fuzz.scenario import Scenario, size
 
 CHUNK = 250  # examples per hypothesis run
-MINIMISE_TRIES = 200  # TDs the last cut of one finding may take
+MINIMISE_TRIES = 300  # TDs the last cut of one finding may take
 
 
 class Departure(Exception):
@@ -84,6 +86,7 @@ class Engine:
     def run(self) -> tuple[tuple[Finding, ...], Stats]:
         """Search until the budget is spent (KeyboardInterrupt stops it early: the caller
         asks `partial` for what was found)."""
+        pin_constants()
         self._start = time.monotonic()
         chunk = 0
         while self._spent() is None:
@@ -210,6 +213,17 @@ class Engine:
         """Each finding's scenario replayed once more on a fresh TD: does its group show?"""
         return tuple(replace(f, reproduced=self._shows(f.scenario, f.discrepancy.group)
                              is not None) for f in findings)
+
+
+def pin_constants() -> None:
+    """Import every kvmtdx module before the search.  Hypothesis draws, now and then, integers
+    it finds in the source of the modules loaded from outside site-packages (an editable
+    install's kvmtdx): which ones depends on what the process happens to have imported, so
+    the same seed would make another run under pytest than on the command line."""
+    import kvmtdx
+
+    for info in pkgutil.walk_packages(kvmtdx.__path__, "kvmtdx."):
+        importlib.import_module(info.name)
 
 
 def _ours(error: BaseException) -> bool:

@@ -108,8 +108,7 @@ def ground(reported: tuple[CpuidEntry, ...], supported_attrs: int, supported_xfa
         rows.append(Row(e.function, e.index, 0 if sub is None else FLAG_SIGNIFICANT_INDEX,
                         e.regs(), module.rows[k].module_allows(), (a, b, c, d)))
     full = builders.full_request(reported, attributes=supported_attrs, xfam=supported_xfam,
-                                 subleaves=subleaves, tsx_ctrl=host.tsx_ctrl,
-                                 xfam_gates=module.xfam_gates, xfam_fixed1=module.xfam_fixed1)
+                                 subleaves=subleaves, tsx_ctrl=host.tsx_ctrl)
     leaves = builders.multi_row_leaves(reported)
     all_rows = tuple(rows)
     multi = tuple(k for k, r in enumerate(all_rows) if r.index in leaves.get(r.leaf, ()))

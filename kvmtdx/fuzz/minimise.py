@@ -2,10 +2,11 @@
 
 Hypothesis shrinks the choices that drew a scenario, which cannot always take one entry out
 of a request (every later operation would land elsewhere).  This pass works on the scenario
-itself: it tries it without each earlier call, without each CPUID entry (then each pair),
-with each register and each word KVM must refuse at zero, and keeps every change after
-which the same group of discrepancy still shows, until nothing more goes or the tries run
-out.  Pure code: the caller says whether a candidate still shows the group (one TD each).
+itself: it tries it without each earlier call, without CPUID entries (a leaf's at once,
+halves, quarters, each one, each pair), with each register and each word KVM must refuse
+at zero, and keeps every change after which the same group of discrepancy still shows,
+until nothing more goes or the tries run out.  Pure code: the caller says whether a
+candidate still shows the group (one TD each).
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from typing import Any
 
 from kvmtdx.fuzz.scenario import Scenario, size
 from kvmtdx.model.requests import Request
-from kvmtdx.structs import REGISTERS, InitVm
+from kvmtdx.structs import REGISTERS, CpuidEntry, InitVm
 
 _WORDS = ("mrconfigid", "mrowner", "mrownerconfig", "reserved")
+PAIRS_UP_TO = 12  # entries in a request whose pairs are tried too
 
 
 def _requests_at(scenario: Scenario) -> Iterator[tuple[int, Request]]:
@@ -41,6 +43,28 @@ def _zero(iv: InitVm, name: str) -> InitVm:
     return replace(iv, **words)
 
 
+def _cuts(entries: tuple[CpuidEntry, ...]) -> Iterator[tuple[CpuidEntry, ...]]:
+    """`entries` less some of them, the biggest cuts first: every entry of one CPUID leaf
+    (a leaf's rows often only work together: 0x1F's topology levels), halves, quarters and
+    so on (ddmin's chunks), single entries, then pairs where there are few."""
+    n = len(entries)
+    for function in dict.fromkeys(e.function for e in entries):
+        kept = tuple(e for e in entries if e.function != function)
+        if 0 < len(kept) < n - 1:
+            yield kept
+    size = n // 2
+    while size >= 2:
+        for start in range(0, n, size):
+            yield entries[:start] + entries[start + size:]
+        size //= 2
+    for i in range(n - 1, -1, -1):
+        yield entries[:i] + entries[i + 1:]
+    if n <= PAIRS_UP_TO:  # two that only go together (a steered entry and its filler)
+        for i in range(n - 1, -1, -1):
+            for j in range(i - 1, -1, -1):
+                yield tuple(e for x, e in enumerate(entries) if x not in (i, j))
+
+
 def candidates(scenario: Scenario) -> Iterator[Scenario]:
     """Smaller scenarios, one change each, the biggest cuts first; the last call (the one
     that departs) stays."""
@@ -49,19 +73,13 @@ def candidates(scenario: Scenario) -> Iterator[Scenario]:
     for k, req in _requests_at(scenario):
         iv = req.init_vm
         if iv.nent is None:  # with a nent of its own, an entry's absence changes the count
-            for i in range(len(iv.entries) - 1, -1, -1):
-                yield _with(scenario, k, replace(iv, entries=iv.entries[:i] + iv.entries[i + 1:]))
+            for kept in _cuts(iv.entries):
+                yield _with(scenario, k, replace(iv, entries=kept))
         for i, e in enumerate(iv.entries):
             for r in REGISTERS:
                 if e.reg(r):
                     entries = (*iv.entries[:i], e.with_reg(r, 0), *iv.entries[i + 1:])
                     yield _with(scenario, k, replace(iv, entries=entries))
-        if iv.nent is None:  # two entries that only go together (a steered entry's filler)
-            n = len(iv.entries)
-            for i in range(n - 1, -1, -1):
-                for j in range(i - 1, -1, -1):
-                    kept = tuple(e for x, e in enumerate(iv.entries) if x not in (i, j))
-                    yield _with(scenario, k, replace(iv, entries=kept))
         for name in _WORDS:
             if any(getattr(iv, name)):
                 yield _with(scenario, k, _zero(iv, name))

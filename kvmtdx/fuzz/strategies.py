@@ -9,8 +9,9 @@ bit) changed by a few operations, each on one domain of the contract:
   count;
 - the capabilities: a bit of a reported row and register, inside what was reported, hidden
   by KVM but taken by the module, outside what the module takes, or any;
-- attributes, XFAM and GPAW over their whole domains; value registers at realistic values;
-  leaf 1's F/M/S;
+- attributes, XFAM and GPAW over their whole domains, XFAM values the module judges whole
+  (AVX-512, CET, AMX parts); value registers at realistic values, leaf 0x1F topologies
+  (valid, zero, out of order, without a core level), leaf 1's F/M/S;
 - the words KVM must refuse: reserved[], padding, an entry's padding, cmd.flags, hw_error,
   a lying nent (down, up with zeroed room, 256, 257, huge); the measurements it must take.
 Everything shrinks toward the minimal request, fewer operations and the first choice of
@@ -53,6 +54,21 @@ GPAW = st.sampled_from([48, 52, 0, 39, 47, 49, 50, 51, 53, 57, 0xFF])
 NENT = st.sampled_from(["down", "up", 0, 255, 256, 257, 1000, 0x80000000, 0xFFFFFFFF])
 MEASUREMENT = st.sampled_from(["all", "mrconfigid", "mrowner", "mrownerconfig"])
 FMS_OFF = st.sampled_from([1, 0x10, 0x000806F8])
+# XFAM values check_xfam judges: AVX-512 with and without AVX, parts of it, CET and AMX
+# halves, PT, LBR, and what a host supports whole.
+XFAM_SET = st.sampled_from([0x3, 0x7, 0x23, 0x43, 0xE3, 0xE7, 0x20003, 0x40003, 0x60003,
+                            0x60007, 0x803, 0x1003, 0x1803, 0x103, 0x8003, 0x2E7, 0x6DBE7])
+# Leaf 0x1F sub-leaves (EAX shift, EBX count, ECX level type << 8 | level number): valid
+# SMT+core, all zero (the host's), zero then set, types not rising, no core, a level number
+# that is not its sub-leaf.
+TOPOLOGY_LEAF = 0x1F
+Level = tuple[int, int, int, int | None]
+LEVEL: st.SearchStrategy[Level] = st.tuples(
+    st.integers(0, 31), st.sampled_from([0, 1, 2, 0x70]), st.sampled_from([0, 1, 2, 3, 5, 6]),
+    st.sampled_from([None, 0, 1, 4]))
+SMT_CORE: list[Level] = [(1, 2, 1, None), (7, 0x70, 2, None)]
+TOPOLOGY: st.SearchStrategy[list[Level]] = st.one_of(
+    st.just(list[Level]()), st.just(SMT_CORE), st.lists(LEVEL, max_size=6))
 TRAP = st.sampled_from(list(builders.Trap))
 STRAYS = st.sampled_from(range(1, 3))
 RESERVED_WORD = st.sampled_from(range(12))
@@ -269,6 +285,23 @@ def _xfam(draw: Draw, g: Ground, d: Draft) -> None:
     d.iv = replace(d.iv, xfam=d.iv.xfam ^ 1 << draw(BIT64))
 
 
+def _xfam_set(draw: Draw, g: Ground, d: Draft) -> None:
+    """An XFAM value the module's check_xfam judges as a whole."""
+    d.iv = replace(d.iv, xfam=draw(XFAM_SET))
+
+
+def _topology(draw: Draw, g: Ground, d: Draft) -> None:
+    """Leaf 0x1F's sub-leaves as one topology: the level at sub-leaf s from the list (zeros
+    past it); a level number of None is the sub-leaf itself."""
+    rows = [r for r in g.rows if r.leaf == TOPOLOGY_LEAF]
+    levels = draw(TOPOLOGY)
+    for row in rows:
+        i = d.entry_of(row)
+        shift, count, kind, number = levels[row.index] if row.index < len(levels) else (0,) * 4
+        level = (row.index if number is None else number) if kind else 0
+        d.entries[i] = replace(d.entries[i], eax=shift, ebx=count, ecx=kind << 8 | level, edx=0)
+
+
 def _gpaw(draw: Draw, g: Ground, d: Draft) -> None:
     value = draw(GPAW)
     if draw(NO_GPAW) == 5:
@@ -328,7 +361,8 @@ OPERATIONS: dict[str, tuple[Op, int]] = {
     "ignored_indexes": (_ignored_indexes, 1), "index": (_index, 1), "function": (_function, 1),
     "drop": (_drop, 1), "dup": (_dup, 1), "move": (_move, 1), "reverse": (_reverse, 1),
     "clear": (_clear, 1), "values": (_values, 2), "fms": (_fms, 1),
-    "attributes": (_attributes, 2), "xfam": (_xfam, 2), "gpaw": (_gpaw, 2),
+    "attributes": (_attributes, 2), "xfam": (_xfam, 2), "xfam_set": (_xfam_set, 2),
+    "topology": (_topology, 2), "gpaw": (_gpaw, 2),
     "reserved": (_reserved, 1), "padding": (_padding, 1), "entry_padding": (_entry_padding, 1),
     "measurements": (_measurements, 1), "flags": (_cmd_flags, 1), "hw_error": (_hw_error, 1),
     "nent": (_nent, 2),

@@ -36,6 +36,7 @@ int kt_host_setup(struct kt_host *h, const uint64_t *fixed, int n, const uint64_
                   const uint64_t *values, int key_first, int key_count, kt_seamcall_fn fn);
 struct kt_vm *kt_vm_new(struct kt_host *h);
 int kt_vm_ioctl(struct kt_host *h, struct kt_vm *vm, uint64_t argp);
+int kt_vm_dead(struct kt_host *h, struct kt_vm *vm);
 void kt_vm_free(struct kt_host *h, struct kt_vm *vm);
 void kt_host_stats(struct kt_host *h, long *out);
 int kt_host_bringup(struct kt_host *h);
@@ -133,6 +134,12 @@ class KernelSourceHost:
         return self._stats()[2]
 
     @property
+    def kernel_warnings(self) -> int:
+        """WARN splats so far, under the name every backend that counts them uses (the
+        simulated host too): verify's init_vm_no_kernel_warn and init-vm read it."""
+        return self.warnings
+
+    @property
     def open_fds(self) -> tuple[int, ...]:
         return tuple(sorted(self._files))
 
@@ -182,6 +189,11 @@ class KernelSourceHost:
             raise _fail(errno.EBADF)
         if isinstance(f, _System):
             return self._system_ioctl(request, arg)
+        if f.handle != _ffi.NULL:
+            with _lock:
+                dead = bool(self._lib.kt_vm_dead(self._host, f.handle))
+            if dead:  # kvm_vm_ioctl: a VM KVM_BUG_ON marked dead refuses every ioctl
+                raise _fail(errno.EIO)
         if request == uapi.Ioctl.KVM_CHECK_EXTENSION:
             return self._vm_types if arg == uapi.KVM_CAP_VM_TYPES else 0
         # kvm_arch_vm_ioctl -> vt_mem_enc_ioctl: only a TD has the TDX commands.

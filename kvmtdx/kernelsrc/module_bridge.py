@@ -1,38 +1,33 @@
 """The TDX module behind the extracted kernel code: what tdx_get_sysinfo() and the SEAMCALLs
 answer, taken from kvmtdx's module model.
 
-This is the one place the kernel-source backend asks the model anything, so
-switching to another module model (a TD_PARAMS-level `mng_init`) changes
-this file only.  Pure: no cffi, no OS; the backend hands in plain integers.
+This is the one place the kernel-source backend asks the model anything.  Pure:
+no cffi, no OS; the backend hands in plain integers.
 
 What the kernel reads at bring-up (`SysInfo`): the module's CPUID_CONFIG
 table, one row per (leaf, sub-leaf) in the module's order, each row's
 masks being what the module enumerates on this host (config_direct |
-allow_direct & native), and the fixed ATTRIBUTES/XFAM bits (XFAM fixed0
-limited to what the CPU supports, as the module reports it).  KVM's own
+allow_direct & native), the fixed ATTRIBUTES/XFAM bits (XFAM fixed0 limited
+to what the CPU supports, as the module reports it) and TDX_FEATURES0, whose
+TOPOLOGY_ENUM bit only modules that check leaf 0x1F (1.5.05 on) set.
+TDH.MNG.INIT is the module model's (kvmtdx.model.tdx_module, through the
+mirror's module half), on the TD_PARAMS the kernel code built.  KVM's own
 filtering (denylist, allowlist, GPAW) is the kernel code's business, not
 this file's.
 """
 
 from __future__ import annotations
 
-import errno
 from dataclasses import dataclass
 from enum import IntEnum
 
-from kvmtdx.model import mirror
+from kvmtdx.model import tdx_module
+from kvmtdx.model.mirror_module import decide, td_limits
 from kvmtdx.model.profiles import Host, ModuleProfile, Regs, effective_xfam_fixed0, enumerated
-from kvmtdx.outcome import Kind
 
 NO_SUBLEAF = 0xFFFFFFFF
 # TDX_FEATURES0.TOPOLOGY_ENUM (bit 20): Linux 7.3 refuses a module without it.
 FEATURES0_TOPOLOGY_ENUM = 1 << 20
-# What TDH.MNG.INIT answers for virtual TSX on a host without TSX_CTRL: the status
-# TDX_INCORRECT_MSR_VALUE with MSR 0x10A as operand (behaviour contract, section 4).
-INCORRECT_MSR_VALUE_TSX_CTRL = 0xC00009210000010A
-# Any status the module model cannot name (it should not happen): not an operand error,
-# so the kernel takes its -EIO path.
-TDX_SW_ERROR = 0xC000000000000000
 
 
 class Seamcall(IntEnum):
@@ -84,7 +79,7 @@ class ModuleBridge:
             attributes_fixed1=m.attributes_fixed1,
             xfam_fixed0=effective_xfam_fixed0(m, self.host),
             xfam_fixed1=m.xfam_fixed1,
-            features0=FEATURES0_TOPOLOGY_ENUM,
+            features0=FEATURES0_TOPOLOGY_ENUM if m.enumerates_topology else 0,
             leaves=tuple(r.leaf | (NO_SUBLEAF if r.subleaf is None else r.subleaf) << 32
                          for r in m.rows),
             values=enumerated(m, self.host),
@@ -94,18 +89,16 @@ class ModuleBridge:
         """(status, extended error) of one SEAMCALL."""
         if call == Seamcall.MNG_INIT:
             assert params is not None
-            return self.mng_init(params), 0
+            return self.mng_init(params)
         # Creating, keying and adding pages to a TD cannot fail for a request's sake.
         return 0, 0
 
-    def mng_init(self, params: TdParams) -> int:
-        """TDH.MNG.INIT's status for these TD_PARAMS, from kvmtdx's module model."""
-        outcome = mirror.module_init(self.module, self.host, params.attributes, params.xfam,
-                                     list(params.cpuid_values))
-        if outcome.kind == Kind.ACCEPTED:
-            return 0
-        if outcome.hw_error:
-            return outcome.hw_error
-        if outcome.kind == Kind.ERROR and outcome.errno == errno.EIO:
-            return INCORRECT_MSR_VALUE_TSX_CTRL
-        return TDX_SW_ERROR
+    def mng_init(self, params: TdParams) -> tuple[int, int]:
+        """TDH.MNG.INIT's (status, RCX) for these TD_PARAMS, from kvmtdx's module model."""
+        tsc_khz, _ = td_limits(self.module.tables, self.host)
+        p = tdx_module.TdParams(
+            attributes=params.attributes, xfam=params.xfam, cpuid_values=params.cpuid_values,
+            max_vcpus=params.max_vcpus, eptp_controls=params.eptp_controls,
+            config_flags=params.config_flags, tsc_frequency=tsc_khz // 25000)
+        result = decide(self.module.tables, self.host, p)
+        return result.status, result.rcx

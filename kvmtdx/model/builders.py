@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from dataclasses import replace
 from enum import Enum
 
-from kvmtdx.model.profiles import XfamGate
 from kvmtdx.model.requests import Request
 from kvmtdx.model.rules import (
     GPAW_FIELD,
@@ -61,8 +60,7 @@ def base_request(xfam: int, entries: Sequence[CpuidEntry] = (), *,
     return Request(init_vm=iv, flags=flags, hw_error=hw_error)
 
 
-def _valid_regs(e: CpuidEntry, subleaf: int | None, attributes: int, td_xfam: int,
-                tsx_ctrl: bool, xfam_gates: Sequence[XfamGate]) -> list[int]:
+def _valid_regs(e: CpuidEntry, subleaf: int | None, tsx_ctrl: bool) -> list[int]:
     """A reported entry's registers as a request may carry them all at once."""
     regs = list(e.regs())
     for i, r in enumerate(REGISTERS):
@@ -73,32 +71,29 @@ def _valid_regs(e: CpuidEntry, subleaf: int | None, attributes: int, td_xfam: in
     for c in MODULE_COUPLINGS:
         if (c.leaf, c.subleaf) == (e.function, subleaf):
             i = REGISTERS.index(c.register)
-            regs[i] = c.met(regs[i], attributes, tsx_ctrl=tsx_ctrl)
-    for g in xfam_gates:
-        if (g.leaf, g.subleaf) == (e.function, subleaf) and td_xfam & g.xfam != g.xfam:
-            regs[REGISTERS.index(g.register)] &= ~g.mask
+            regs[i] = c.met(regs[i], tsx_ctrl=tsx_ctrl)
     return regs
 
 
 def full_request(reported: Sequence[CpuidEntry], *, attributes: int, xfam: int,
-                 subleaves: Sequence[int | None] | None = None, tsx_ctrl: bool = True,
-                 xfam_gates: Sequence[XfamGate] = (), xfam_fixed1: int = 0) -> Request:
+                 subleaves: Sequence[int | None] | None = None,
+                 tsx_ctrl: bool = True) -> Request:
     """One request with every reported feature bit (spec section 5's first half).
 
-    Value registers go at valid values (0, GPAW 48), the module's couplings are met for
-    `attributes` (HLE and RTM together, and only with the host's TSX_CTRL), and a bit an
-    XFAM gate needs state for is dropped when TD XFAM (`xfam | xfam_fixed1`) lacks it.
-    `subleaves` names each entry's module sub-leaf (None: the row has none, and its entry
-    goes unflagged); without them every entry is flagged with its own index, which find()
-    matches for that index alone.
+    Value registers go at valid values (0, GPAW 48; a zero leaf 1 EAX and 0x1F ask the
+    module for the host's F/M/S and topology) and the module's couplings are met (HLE and
+    RTM together, and only with the host's TSX_CTRL).  Bits the TD's XFAM lacks state for
+    stay in: the module clears them, it does not refuse them.  `subleaves` names each
+    entry's module sub-leaf (None: the row has none, and its entry goes unflagged);
+    without them every entry is flagged with its own index, which find() matches for that
+    index alone.
     """
     subs = [e.index for e in reported] if subleaves is None else list(subleaves)
     if len(subs) != len(reported):
         raise ValueError(f"{len(subs)} sub-leaves for {len(reported)} entries")
-    td_xfam = xfam | xfam_fixed1
     out: list[CpuidEntry] = []
     for e, sub in zip(reported, subs, strict=True):
-        a, b, c, d = _valid_regs(e, sub, attributes, td_xfam, tsx_ctrl, xfam_gates)
+        a, b, c, d = _valid_regs(e, sub, tsx_ctrl)
         flags = 0 if sub is None else FLAG_SIGNIFICANT_INDEX
         out.append(CpuidEntry(e.function, e.index, flags, a, b, c, d))
     return Request(init_vm=InitVm(attributes=attributes, xfam=xfam, entries=tuple(out)))

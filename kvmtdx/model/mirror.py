@@ -13,6 +13,12 @@ What the mirror cannot know, and leaves to the live host:
 - -ENOMEM, -EAGAIN (no entropy), -EBUSY (vCPUs): never predicted.
 - Addresses: the mirror is handed the caller's bytes, so -EFAULT never arises.
 
+The KVM half is here, step by step in the kernel's order; the module half
+(TD_PARAMS, TDH.MNG.INIT by the module model, KVM's reading of its status) is
+kvmtdx.model.mirror_module.  `predict_init_vm` gives the Outcome alone, fast;
+`init_vm_prediction` adds the module's status, the kernel WARN and bugged VM
+that follow a non-operand status, and an accepted TD's effective CPUID.
+
 The invariant edge (spec section 4, "silently cleared"): an allow_direct bit the
 host lacks natively is not reported by any policy, yet a request carrying it is
 ACCEPTED, because TDH.MNG.INIT drops it instead of refusing.  That is the
@@ -28,6 +34,13 @@ from dataclasses import dataclass, replace
 
 from kvmtdx import layout
 from kvmtdx.model import builders
+from kvmtdx.model.memo import per_pair
+from kvmtdx.model.mirror_module import (
+    InitVmPrediction,
+    module_prediction,
+    silently_cleared,
+    td_params,
+)
 from kvmtdx.model.policy import Policy
 from kvmtdx.model.profiles import CpuidRow, Host, ModuleProfile, Regs, enumerated
 from kvmtdx.model.requests import Request
@@ -36,13 +49,11 @@ from kvmtdx.model.rules import (
     GPAW_LEAF,
     GPAW_SHIFT,
     GPAW_VALUES,
-    MODULE_COUPLINGS,
     SEPT_VE_DISABLE,
     lowest_bit,
 )
+from kvmtdx.model.tdx_host import reported_xfam_fixed0
 from kvmtdx.outcome import Decider, Outcome
-from kvmtdx.status import Operand
-from kvmtdx.status import operand_invalid as _operand_invalid
 from kvmtdx.structs import (
     FLAG_SIGNIFICANT_INDEX,
     KVM_MAX_CPUID_ENTRIES,
@@ -51,6 +62,10 @@ from kvmtdx.structs import (
     CpuidEntry,
     InitVm,
 )
+
+__all__ = ["CapsPrediction", "InitVmPrediction", "find", "full_request", "init_vm_prediction",
+           "predict_capabilities", "predict_init_vm", "reported_entries", "silently_cleared",
+           "supported_attrs", "supported_xfam"]
 
 
 @dataclass(frozen=True)
@@ -88,11 +103,14 @@ def supported_attrs(module: ModuleProfile) -> int:
     return SEPT_VE_DISABLE & module.attributes_fixed0
 
 
+@per_pair
 def supported_xfam(module: ModuleProfile, host: Host) -> int:
+    """The host KVM's XCR0 | XSS within the module's XFAM_FIXED0 as reported on this host;
+    none at all unless KVM supports every fixed-1 bit."""
     h = host.xfam_supported
     if h & module.xfam_fixed1 != module.xfam_fixed1:
         return 0
-    return h & (module.xfam_fixed0 & h)
+    return h & reported_xfam_fixed0(module.tables, host)
 
 
 def _reported_regs(row: CpuidRow, mask: Regs, policy: Policy) -> Regs:
@@ -103,16 +121,30 @@ def _reported_regs(row: CpuidRow, mask: Regs, policy: Policy) -> Regs:
     return (a, b, c, d)
 
 
+@per_pair
+def _reported_by_policy(module: ModuleProfile, host: Host
+                        ) -> dict[int, tuple[Policy, tuple[CpuidEntry, ...]]]:
+    return {}
+
+
 def reported_entries(module: ModuleProfile, host: Host, policy: Policy) -> tuple[CpuidEntry, ...]:
     """The N entries KVM_TDX_CAPABILITIES lists on success, one per module row, in row order.
 
     Entry flags and padding are 0 (under upstream-6.16 they are undefined; this
     gives 0).  A policy diff compares these per policy.
     """
-    return tuple(
+    memo = _reported_by_policy(module, host)
+    hit = memo.get(id(policy))
+    if hit is not None and hit[0] is policy:
+        return hit[1]
+    entries = tuple(
         _entry(row.leaf, row.kvm_index, _reported_regs(row, mask, policy))
         for row, mask in zip(module.rows, enumerated(module, host), strict=True)
     )
+    if len(memo) > 16:  # policies are values: a long run may make many
+        memo.clear()
+    memo[id(policy)] = (policy, entries)
+    return entries
 
 
 def _default_caller(nent: int) -> bytes:
@@ -179,11 +211,6 @@ def _kvm(err: int, check: str, **where: int | str | None) -> Outcome:
     return Outcome.classify(err, 0, check=check, decider=Decider.KVM, **where)
 
 
-def _module(operand: int, check: str, **where: int | str | None) -> Outcome:
-    return Outcome.classify(errno.EINVAL, _operand_invalid(operand), check=check,
-                            decider=Decider.MODULE, **where)
-
-
 def _request_entries(iv: InitVm) -> tuple[CpuidEntry, ...]:
     # KVM reads exactly nent entries.  A request that claims more than it
     # carries is modelled as followed by zeroed room (function 0 matches no
@@ -237,58 +264,10 @@ def _td_values(module: ModuleProfile, host: Host, policy: Policy,
     return values
 
 
-def module_init(module: ModuleProfile, host: Host, attributes: int, xfam: int,
-                 values: list[Regs]) -> Outcome:
-    """TDH.MNG.INIT's own checks (contract step 11, public TDX module sources)."""
-    if (attributes | module.attributes_fixed1) & ~module.attributes_fixed0:
-        bad = (attributes | module.attributes_fixed1) & ~module.attributes_fixed0
-        return _module(Operand.ATTRIBUTES, "module_attributes", bit=lowest_bit(bad))
-    td_xfam = xfam | module.xfam_fixed1
-    bad = td_xfam & ~(module.xfam_fixed0 & host.xfam_supported)
-    if bad:
-        return _module(Operand.XFAM, "module_xfam", bit=lowest_bit(bad))
-    for row, regs in zip(module.rows, values, strict=True):
-        for r, v, ok in zip(REGISTERS, regs, row.module_allows(), strict=True):
-            if v & ~ok:
-                return _module(Operand.CPUID_CONFIG, "module_cpuid_config", leaf=row.leaf,
-                               subleaf=row.subleaf, register=r, bit=lowest_bit(v & ~ok))
-
-    def value(leaf: int, subleaf: int | None, register: str) -> int:
-        i = module.row_index(leaf, subleaf)
-        return 0 if i is None else values[i][REGISTERS.index(register)]
-
-    fms = value(1, None, "eax")
-    if fms and fms != host.native_fms():
-        return _module(Operand.CPUID_CONFIG, "module_fms", leaf=1, register="eax")
-    td_attributes = attributes | module.attributes_fixed1
-    for c in MODULE_COUPLINGS:
-        v = value(c.leaf, c.subleaf, c.register)
-        if c.broken(v, td_attributes):
-            return _module(Operand.CPUID_CONFIG, c.check, leaf=c.leaf, subleaf=c.subleaf,
-                           register=c.register, bit=lowest_bit(v & c.mask or c.mask))
-    for g in module.xfam_gates:
-        gated = value(g.leaf, g.subleaf, g.register) & g.mask
-        if td_xfam & g.xfam != g.xfam and gated:
-            return _module(Operand.CPUID_CONFIG, "module_xfam_gate", leaf=g.leaf,
-                           subleaf=g.subleaf, register=g.register, bit=lowest_bit(gated))
-    for c in MODULE_COUPLINGS:
-        v = value(c.leaf, c.subleaf, c.register) & c.mask
-        if c.tsx_ctrl and v and not host.tsx_ctrl:
-            # TDX_INCORRECT_MSR_VALUE is not an operand error: KVM says -EIO, hw_error 0.
-            return Outcome.classify(errno.EIO, 0, check="module_tsx_ctrl",
-                                    decider=Decider.MODULE, leaf=c.leaf,
-                                    subleaf=c.subleaf, register=c.register, bit=lowest_bit(v))
-    # Allow_direct bits the host lacks are dropped here without complaint.
-    return Outcome.classify(0, 0, check="accepted")
-
-
-def predict_init_vm(module: ModuleProfile, host: Host, policy: Policy,
-                    request: Request | InitVm, *, td_initialized: bool = False) -> Outcome:
-    """The Outcome of one KVM_TDX_INIT_VM, with the check that decided it.
-
-    Assumes a free TDX key ID (see the module docstring).
-    """
-    req = request if isinstance(request, Request) else Request(init_vm=request)
+def _kvm_checks(module: ModuleProfile, host: Host, req: Request,
+                td_initialized: bool) -> tuple[tuple[CpuidEntry, ...], int] | Outcome:
+    """Steps 1 to 7 in the kernel's order: the request's entries and its GPAW, or KVM's
+    refusal."""
     iv = req.init_vm
     if req.hw_error:
         return _kvm(errno.EINVAL, "cmd_hw_error")
@@ -296,8 +275,7 @@ def predict_init_vm(module: ModuleProfile, host: Host, policy: Policy,
         return _kvm(errno.EINVAL, "td_initialized")
     if req.flags:
         return _kvm(errno.EINVAL, "cmd_flags")
-    nent = iv.effective_nent
-    if nent > KVM_MAX_CPUID_ENTRIES:
+    if iv.effective_nent > KVM_MAX_CPUID_ENTRIES:
         return _kvm(errno.E2BIG, "nent_too_big")
     if any(iv.reserved):
         return _kvm(errno.EINVAL, "reserved_nonzero")
@@ -318,28 +296,42 @@ def predict_init_vm(module: ModuleProfile, host: Host, policy: Policy,
         return _kvm(errno.EINVAL, "gpaw_value", leaf=GPAW_LEAF, register="eax", bit=GPAW_SHIFT)
     if gpaw == 52 and not host.ept_5level:
         return _kvm(errno.EINVAL, "gpaw_5level", leaf=GPAW_LEAF, register="eax", bit=GPAW_SHIFT)
-    values = _td_values(module, host, policy, entries, nent)
+    return entries, gpaw
+
+
+def init_vm_prediction(module: ModuleProfile, host: Host, policy: Policy,
+                       request: Request | InitVm, *, td_initialized: bool = False,
+                       detail: bool = True, explain: bool = True) -> InitVmPrediction:
+    """One KVM_TDX_INIT_VM: the Outcome with the check that decided it, and behind it the
+    module's status, whether KVM WARNs and bugs the VM, and (`detail`, accepted) the TD's
+    effective CPUID with (`explain`) the requested bits it does not get as asked.
+
+    Assumes a free TDX key ID (see the module docstring).
+    """
+    req = request if isinstance(request, Request) else Request(init_vm=request)
+    checked = _kvm_checks(module, host, req, td_initialized)
+    if isinstance(checked, Outcome):
+        return InitVmPrediction(checked)
+    entries, gpaw = checked
+    values = _td_values(module, host, policy, entries, req.init_vm.effective_nent)
     if isinstance(values, Outcome):
-        return values
-    return module_init(module, host, iv.attributes, iv.xfam, values)
+        return InitVmPrediction(values)
+    params = td_params(module, host, req.init_vm.attributes, req.init_vm.xfam, values, gpaw)
+    return module_prediction(module, host, policy, params, detail=detail, explain=explain)
+
+
+def predict_init_vm(module: ModuleProfile, host: Host, policy: Policy,
+                    request: Request | InitVm, *, td_initialized: bool = False) -> Outcome:
+    """The Outcome of one KVM_TDX_INIT_VM, with the check that decided it.
+
+    Assumes a free TDX key ID (see the module docstring).
+    """
+    return init_vm_prediction(module, host, policy, request, td_initialized=td_initialized,
+                              detail=False).outcome
 
 
 # ---------------------------------------------------------------------------
 # Helpers for the checks and the prober.
-
-
-def silently_cleared(module: ModuleProfile, host: Host, row_index: int, register: str) -> int:
-    """Bits of one row/register that TDH.MNG.INIT drops instead of refusing.
-
-    These are allow_direct bits the host lacks natively (and that config_direct
-    does not also cover).  No policy reports them, yet a request carrying them is
-    ACCEPTED: the module's behaviour, so "a bit outside what was reported is never
-    ACCEPTED" holds only outside this mask.
-    """
-    row = module.rows[row_index]
-    r = REGISTERS.index(register)
-    native = host.native_regs(row.leaf, row.subleaf)[r]
-    return row.allow_direct[r] & ~row.config_direct[r] & ~native & 0xFFFFFFFF
 
 
 def full_request(module: ModuleProfile, host: Host, policy: Policy) -> Request:
@@ -355,4 +347,4 @@ def full_request(module: ModuleProfile, host: Host, policy: Policy) -> Request:
     return builders.full_request(
         reported_entries(module, host, policy), attributes=supported_attrs(module),
         xfam=supported_xfam(module, host), subleaves=[row.subleaf for row in module.rows],
-        tsx_ctrl=host.tsx_ctrl, xfam_gates=module.xfam_gates, xfam_fixed1=module.xfam_fixed1)
+        tsx_ctrl=host.tsx_ctrl)

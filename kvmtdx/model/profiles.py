@@ -1,45 +1,50 @@
-"""TDX module profiles and hosts: the facts both the mirror and the simulated host start from.
+"""TDX module profiles: the module both the mirror and the simulated host start from.
 
-Pure data and its loading.  A module profile is what a TDX module version
-lists as configurable (its CPUID_CONFIG rows, in row order) and its fixed
-attribute / XFAM bits; a host is what that module and KVM see of the CPU.
-Combining the two gives the masks the module hands KVM for each row
-(spec section 2).  Nothing here knows how a kernel filters them.
+A profile is a TDX module version's tables (`ModuleTables`, converted from the
+public module source: kvmtdx/data/tdx-modules/) under the name a user gave it,
+with its CPUID_CONFIG rows as KVM sees them (`rows`, in row order).  A user's
+or a saved profile file (`kvmtdx caps --save-module`) names its base module
+version, whose rules it runs, and carries its own CPUID_CONFIG rows, which
+replace the base's config_direct / allow_direct masks.
+
+Hosts live in kvmtdx.model.tdx_host (the type) and kvmtdx.model.host_files
+(loading); `Host`, `MAX_HOST` and `load_host` are re-exported here because
+every caller that names a module names a host too.
 """
 
 from __future__ import annotations
 
 import functools
-import json
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from importlib import resources
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kvmtdx import jsonfile
 from kvmtdx.errors import DataError
-from kvmtdx.jsonfile import flag, hex64, objects, parse_int, sub, text
-from kvmtdx.structs import KVM_MAX_CPUID_ENTRIES, NO_SUBLEAF, REGISTERS
+from kvmtdx.jsonfile import objects, parse_int, sub, text
+from kvmtdx.model.host_files import MAX_HOST, host_from_json, host_to_json, load_host
+from kvmtdx.model.tdx_host import Host, enumerate_config, host_problems, reported_xfam_fixed0
+from kvmtdx.model.tdx_module_tables import (
+    ALIASES,
+    BUNDLED_VERSIONS,
+    ConfigRow,
+    ModuleTables,
+    TablesError,
+    load_tables,
+    with_configurable,
+)
+from kvmtdx.model.values import ZERO_REGS, Regs, bundled_json, parse_regs
+from kvmtdx.structs import KVM_MAX_CPUID_ENTRIES, NO_SUBLEAF
 
-Regs = tuple[int, int, int, int]
-ZERO_REGS: Regs = (0, 0, 0, 0)
-
-
-def parse_regs(value: Any, where: str) -> Regs:
-    if not isinstance(value, list) or len(value) != 4:
-        raise DataError(f"{where}: expected a list of 4 registers [eax, ebx, ecx, edx]")
-    a, b, c, d = (parse_int(v, f"{where}[{i}]", 32) for i, v in enumerate(value))
-    return (a, b, c, d)
-
-
-def bundled_json(name: str) -> Any:
-    return json.loads(resources.files("kvmtdx").joinpath("data").joinpath(name).read_text())
+__all__ = ["BUNDLED_MODULES", "MAX_HOST", "ZERO_REGS", "CpuidRow", "Host", "ModuleProfile",
+           "Regs", "bundled_json", "enumerated", "host_from_json", "host_to_json",
+           "load_host", "load_profile", "parse_regs", "profile_from_json", "profile_of",
+           "profile_to_json"]
 
 
 @dataclass(frozen=True, slots=True)
 class CpuidRow:
-    """One CPUID_CONFIG row of a TDX module."""
+    """One CPUID_CONFIG row of a TDX module, as KVM sees it."""
 
     leaf: int
     subleaf: int | None  # None: the module reports sub-leaf 0xffffffff
@@ -66,30 +71,42 @@ class CpuidRow:
 
 
 @dataclass(frozen=True, slots=True)
-class XfamGate:
-    """CPUID bits the module rejects unless every bit of `xfam` is set in TD XFAM."""
-
-    xfam: int
-    leaf: int
-    subleaf: int | None
-    register: str
-    mask: int
-    why: str
-
-
-@dataclass(frozen=True, slots=True)
 class ModuleProfile:
+    """A TDX module: its version's tables and rules, under the name it was asked for."""
+
     name: str
     source: str
+    tables: ModuleTables
     rows: tuple[CpuidRow, ...]
-    attributes_fixed0: int
-    attributes_fixed1: int
-    xfam_fixed0: int  # before masking with what the host supports
-    xfam_fixed1: int
-    xfam_gates: tuple[XfamGate, ...] = ()
     # Bits whose configurability is not known (a profile saved from a kernel
     # that hides them); per row, [eax, ebx, ecx, edx].  Checks skip them.
     unknown: tuple[Regs, ...] = ()
+
+    @property
+    def version(self) -> str:
+        return self.tables.version
+
+    @property
+    def attributes_fixed0(self) -> int:
+        return self.tables.attributes_fixed0
+
+    @property
+    def attributes_fixed1(self) -> int:
+        return self.tables.attributes_fixed1
+
+    @property
+    def xfam_fixed0(self) -> int:
+        return self.tables.xfam_fixed0
+
+    @property
+    def xfam_fixed1(self) -> int:
+        return self.tables.xfam_fixed1
+
+    @property
+    def enumerates_topology(self) -> bool:
+        """TDX_FEATURES0.TOPOLOGY_ENUM: the module checks leaf 0x1F (1.5.05 on).  Linux 7.3
+        refuses to enable TDX on a module without it."""
+        return self.tables.variant.topology != "none"
 
     def row_index(self, leaf: int, subleaf: int | None) -> int | None:
         for i, r in enumerate(self.rows):
@@ -101,69 +118,90 @@ class ModuleProfile:
         return self.unknown[row] if row < len(self.unknown) else ZERO_REGS
 
 
-@dataclass(frozen=True, slots=True)
-class Host:
-    """The CPU as the TDX module and KVM see it.
-
-    `native` maps (leaf, subleaf or None) to the native CPUID registers;
-    a missing leaf reads as zeros.  `xfam_supported` is the host KVM's
-    supported XCR0 | XSS; `tsx_ctrl` is IA32_ARCH_CAPABILITIES.TSX_CTRL.
-    """
-
-    name: str
-    native: Mapping[tuple[int, int | None], Regs] = field(default_factory=dict)
-    xfam_supported: int = 0
-    ept_5level: bool = False
-    tsx_ctrl: bool = False
-    all_ones: bool = False  # every native bit set, but for leaf 1 EAX (FMS)
-    fms: int = 0
-
-    def native_regs(self, leaf: int, subleaf: int | None) -> Regs:
-        if leaf == 1 and self.all_ones:
-            return (self.fms, 0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF)
-        if self.all_ones:
-            return (0xFFFFFFFF,) * 4
-        regs = self.native.get((leaf, subleaf))
-        if regs is None and subleaf is None:
-            regs = self.native.get((leaf, 0))
-        return regs if regs is not None else ZERO_REGS
-
-    def native_fms(self) -> int:
-        return self.native_regs(1, None)[0]
+def kernel_note(module: ModuleProfile) -> str | None:
+    """What a user choosing this module with any kvmtdx policy must be told, if anything."""
+    if module.enumerates_topology:
+        return None
+    name = module.name if module.name == module.version else \
+        f"{module.name} ({module.version})"
+    return (f"Linux 6.16 and later refuse to enable TDX on module {name}: "
+            "it has no topology enumeration (TDX_FEATURES0.TOPOLOGY_ENUM), "
+            "so it cannot meet the upstream-6.16, upstream or rfc-v2 policies; predictions "
+            "for it describe what such a kernel would do if it enabled TDX")
 
 
-# The 'max' host: every feature any module could allow, AVX-512 and AMX state,
-# 5-level EPT and TSX_CTRL.  FMS 0x000806f8 is a Sapphire Rapids part
-# (family 6, model 0x8f, stepping 8), the first TDX generation.
-MAX_HOST = Host(
-    name="max",
-    xfam_supported=0xFFFFFFFFFFFFFFFF,
-    ept_5level=True,
-    tsx_ctrl=True,
-    all_ones=True,
-    fms=0x000806F8,
-)
+def host_refusal(module: ModuleProfile, host: Host, origin: str) -> DataError | None:
+    """The one clear error for a host this module would not initialise on (TDH.SYS.INIT's
+    CPUID checks), None when it would.  `origin` names where the host came from."""
+    problems = host_problems(module.tables, host)
+    if not problems:
+        return None
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return DataError(f"{origin}: TDX module {module.version} would not initialise on host "
+                     f"{host.name}: {problems[0]}{more}")
+
+
+def profile_of(tables: ModuleTables, name: str, source: str,
+               unknown: tuple[Regs, ...] = ()) -> ModuleProfile:
+    rows = tuple(CpuidRow(r.leaf, r.subleaf, r.config_direct, r.allow_direct)
+                 for r in tables.configurable)
+    return ModuleProfile(name=name, source=source, tables=tables, rows=rows, unknown=unknown)
 
 
 def enumerated(profile: ModuleProfile, host: Host) -> tuple[Regs, ...]:
     """What the module hands KVM per row: config_direct | (allow_direct & native)."""
-    out: list[Regs] = []
-    for row in profile.rows:
-        nat = host.native_regs(row.leaf, row.subleaf)
-        a, b, c, d = (
-            cd | (ad & n)
-            for cd, ad, n in zip(row.config_direct, row.allow_direct, nat, strict=True)
-        )
-        out.append((a, b, c, d))
-    return tuple(out)
+    return enumerate_config(profile.tables, host)
 
 
 def effective_xfam_fixed0(profile: ModuleProfile, host: Host) -> int:
-    return profile.xfam_fixed0 & host.xfam_supported
+    """XFAM_FIXED0 as the module reports it on this host."""
+    return reported_xfam_fixed0(profile.tables, host)
 
 
 # ---------------------------------------------------------------------------
-# Loading.
+# Bundled modules.
+
+# The names kvmtdx offers (`--simulate list`); the versions and ALIASES load too.
+BUNDLED_MODULES: tuple[str, ...] = ("1.5.01", "1.5-late", "2.0")
+MODULE_CHOICES = ", ".join((*BUNDLED_MODULES, *(v for v in BUNDLED_VERSIONS
+                                                 if v not in BUNDLED_MODULES)))
+
+
+def _source_of(tables: ModuleTables) -> str:
+    s = tables.source
+    commit = str(s.get("commit", ""))[:12]
+    tag = f" tag {s['tag']}" if s.get("tag") else ""
+    return (f"{s.get('repo', 'intel/tdx-module')} {tables.version}{tag} at commit {commit}, "
+            "converted by scripts/convert-tdx-module")
+
+
+@functools.cache
+def _bundled(name: str) -> ModuleProfile:
+    tables = load_tables(name)
+    alias = f" ({name} is {tables.version})" if name in ALIASES else ""
+    return profile_of(tables, name, _source_of(tables) + alias)
+
+
+def is_bundled(name: str) -> bool:
+    return name in BUNDLED_VERSIONS or name in ALIASES
+
+
+def bundled_profiles() -> dict[str, ModuleProfile]:
+    return {name: _bundled(name) for name in BUNDLED_MODULES}
+
+
+def load_profile(name_or_file: str) -> ModuleProfile:
+    """A bundled module by name or version, or a module profile JSON file."""
+    if is_bundled(name_or_file):
+        return _bundled(name_or_file)
+    if name_or_file.endswith(".json") or Path(name_or_file).exists():
+        return profile_from_json(jsonfile.load(name_or_file), name_or_file)
+    raise DataError(f"unknown TDX module {name_or_file!r}: use one of {MODULE_CHOICES} "
+                    "or a module profile JSON file")
+
+
+# ---------------------------------------------------------------------------
+# Profile files.
 
 
 def _subleaf(value: Any, where: str) -> int | None:
@@ -173,26 +211,25 @@ def _subleaf(value: Any, where: str) -> int | None:
     return None if n == NO_SUBLEAF else n
 
 
-_PROFILE_FIELDS = ("name", "source", "rows", "attributes_fixed0", "attributes_fixed1",
-                   "xfam_fixed0", "xfam_fixed1", "xfam_gates")
+_PROFILE_FIELDS = ("name", "source", "base", "rows")
 _ROW_FIELDS = ("leaf", "subleaf", "config_direct", "allow_direct", "unknown")
-_GATE_FIELDS = ("xfam", "leaf", "subleaf", "register", "mask", "why")
 PROFILE_KIND = "module-profile"  # the kind `caps --save-module` writes
 
 
-def _rows(value: Any, where: str) -> tuple[tuple[CpuidRow, ...], tuple[Regs, ...]]:
+def _file_rows(value: Any, where: str) -> tuple[list[ConfigRow], list[Regs]]:
     """The CPUID_CONFIG rows, and per row the bits whose configurability is unknown."""
-    rows: list[CpuidRow] = []
+    rows: list[ConfigRow] = []
     unknown: list[Regs] = []
     for w, r in objects(value, where):
         jsonfile.check_fields(r, w, _ROW_FIELDS)
         for key in ("leaf", "config_direct", "allow_direct"):
             if key not in r:
                 raise DataError(f"{w}: missing field '{key}'")
-        rows.append(CpuidRow(leaf=parse_int(r["leaf"], f"{w}.leaf", 32),
-                             subleaf=_subleaf(r.get("subleaf"), f"{w}.subleaf"),
-                             config_direct=parse_regs(r["config_direct"], f"{w}.config_direct"),
-                             allow_direct=parse_regs(r["allow_direct"], f"{w}.allow_direct")))
+        rows.append(ConfigRow(leaf=parse_int(r["leaf"], f"{w}.leaf", 32),
+                              subleaf=_subleaf(r.get("subleaf"), f"{w}.subleaf"),
+                              config_direct=parse_regs(r["config_direct"], f"{w}.config_direct"),
+                              allow_direct=parse_regs(r["allow_direct"], f"{w}.allow_direct"),
+                              lookup_index=-1))
         unknown.append(parse_regs(r.get("unknown", [0, 0, 0, 0]), f"{w}.unknown"))
     if not rows:
         raise DataError(f"{where}: must list at least one row")
@@ -201,55 +238,38 @@ def _rows(value: Any, where: str) -> tuple[tuple[CpuidRow, ...], tuple[Regs, ...
     if len(rows) > KVM_MAX_CPUID_ENTRIES:
         raise DataError(f"{where}: {len(rows)} rows; KVM takes at most {KVM_MAX_CPUID_ENTRIES} "
                         "CPUID entries (KVM_MAX_CPUID_ENTRIES)")
-    return tuple(rows), tuple(unknown)
-
-
-def _gates(value: Any, where: str) -> tuple[XfamGate, ...]:
-    gates: list[XfamGate] = []
-    for w, g in objects(value, where):
-        jsonfile.check_fields(g, w, _GATE_FIELDS)
-        reg = g.get("register")
-        if reg not in REGISTERS:
-            raise DataError(f"{w}.register: must be one of {', '.join(REGISTERS)}")
-        gates.append(XfamGate(xfam=parse_int(g.get("xfam"), f"{w}.xfam"),
-                              leaf=parse_int(g.get("leaf"), f"{w}.leaf", 32),
-                              subleaf=_subleaf(g.get("subleaf"), f"{w}.subleaf"),
-                              register=str(reg), mask=parse_int(g.get("mask"), f"{w}.mask", 32),
-                              why=text(g, "why", w, "")))
-    return tuple(gates)
+    return rows, unknown
 
 
 def profile_from_json(data: Any, origin: str) -> ModuleProfile:
+    """A profile file: `base` (a bundled module version whose rules it runs), `name`,
+    `source`, and optionally `rows` replacing the base's CPUID_CONFIG rows."""
     jsonfile.document(data, origin, "a module profile", _PROFILE_FIELDS, kind=PROFILE_KIND)
-    name = text(data, "name", origin)
+    base = data.get("base")
+    if not isinstance(base, str) or not is_bundled(base):
+        raise DataError(f"{sub(origin, 'base')}: must name the module version whose rules the "
+                        f"profile runs ({MODULE_CHOICES}); TDH.MNG.INIT differs per version")
+    name = text(data, "name", origin, Path(origin).stem)
     if not name:
         raise DataError(f"{origin}: field 'name' must be a non-empty string")
-    rows, unknown = _rows(data.get("rows"), sub(origin, "rows"))
-
-    def word(key: str, default: int | str) -> int:
-        return parse_int(data.get(key, default), sub(origin, key))
-
-    return ModuleProfile(
-        name=name,
-        source=text(data, "source", origin, origin),
-        rows=rows,
-        attributes_fixed0=word("attributes_fixed0", "0xffffffffffffffff"),
-        attributes_fixed1=word("attributes_fixed1", 0),
-        xfam_fixed0=word("xfam_fixed0", "0xffffffffffffffff"),
-        xfam_fixed1=word("xfam_fixed1", 0),
-        xfam_gates=_gates(data.get("xfam_gates", []), sub(origin, "xfam_gates")),
-        unknown=unknown if any(any(u) for u in unknown) else (),
-    )
+    tables = load_tables(base)
+    unknown: list[Regs] = []
+    if "rows" in data:
+        rows, unknown = _file_rows(data["rows"], sub(origin, "rows"))
+        try:
+            tables = with_configurable(tables, rows)
+        except TablesError as e:
+            raise DataError(f"{sub(origin, 'rows')}: {e}") from None
+    source = text(data, "source", origin, origin)
+    return profile_of(tables, name, f"{source} (rules of module {tables.version})",
+                      tuple(unknown) if any(any(u) for u in unknown) else ())
 
 
 def profile_to_json(p: ModuleProfile) -> dict[str, Any]:
-    def hx(v: int) -> str:
-        return f"0x{v:x}"
-
     rows = []
     for i, r in enumerate(p.rows):
         row: dict[str, Any] = {
-            "leaf": hx(r.leaf),
+            "leaf": f"0x{r.leaf:x}",
             "subleaf": r.subleaf,
             "config_direct": [f"0x{v:08x}" for v in r.config_direct],
             "allow_direct": [f"0x{v:08x}" for v in r.allow_direct],
@@ -257,93 +277,4 @@ def profile_to_json(p: ModuleProfile) -> dict[str, Any]:
         if any(p.unknown_mask(i)):
             row["unknown"] = [f"0x{v:08x}" for v in p.unknown_mask(i)]
         rows.append(row)
-    return {
-        "name": p.name,
-        "source": p.source,
-        "attributes_fixed0": hex64(p.attributes_fixed0),
-        "attributes_fixed1": hex64(p.attributes_fixed1),
-        "xfam_fixed0": hex64(p.xfam_fixed0),
-        "xfam_fixed1": hex64(p.xfam_fixed1),
-        "xfam_gates": [
-            {"xfam": hex64(g.xfam), "leaf": hx(g.leaf), "subleaf": g.subleaf,
-             "register": g.register, "mask": hx(g.mask), "why": g.why}
-            for g in p.xfam_gates
-        ],
-        "rows": rows,
-    }
-
-
-# Parsed once per process: profiles are frozen, and verify, probe and the
-# tests ask for the same bundled tables thousands of times.
-@functools.cache
-def _bundled_profiles() -> tuple[tuple[str, ModuleProfile], ...]:
-    data = bundled_json("modules.json")
-    return tuple((m["name"], profile_from_json(m, f"bundled module {m['name']}"))
-                 for m in data["modules"])
-
-
-def bundled_profiles() -> dict[str, ModuleProfile]:
-    return dict(_bundled_profiles())
-
-
-BUNDLED_MODULES: tuple[str, ...] = ("1.5.01", "1.5-late", "2.0")
-
-
-def load_profile(name_or_file: str) -> ModuleProfile:
-    """A bundled module by name, or a module profile JSON file."""
-    bundled = bundled_profiles()
-    if name_or_file in bundled:
-        return bundled[name_or_file]
-    if name_or_file.endswith(".json") or Path(name_or_file).exists():
-        return profile_from_json(jsonfile.load(name_or_file), name_or_file)
-    raise DataError(
-        f"unknown TDX module {name_or_file!r}: use one of {', '.join(bundled)} or a JSON file"
-    )
-
-
-_HOST_FIELDS = ("name", "cpuid", "xfam_supported", "ept_5level", "tsx_ctrl")
-_HOST_ENTRY_FIELDS = ("leaf", "function", "subleaf", "index", *REGISTERS)
-
-
-def _native(value: Any, where: str) -> dict[tuple[int, int | None], Regs]:
-    native: dict[tuple[int, int | None], Regs] = {}
-    for w, e in objects(value, where):
-        jsonfile.check_fields(e, w, _HOST_ENTRY_FIELDS)
-        leaf = parse_int(e.get("leaf", e.get("function")), f"{w}.leaf", 32)
-        subleaf = _subleaf(e.get("subleaf", e.get("index")), f"{w}.subleaf")
-        a, b, c, d = (parse_int(e.get(r, 0), f"{w}.{r}", 32) for r in REGISTERS)
-        native[(leaf, subleaf)] = (a, b, c, d)
-    return native
-
-
-def host_from_json(data: Any, origin: str) -> Host:
-    jsonfile.document(data, origin, "a host", _HOST_FIELDS)
-    return Host(
-        name=text(data, "name", origin, origin),
-        native=_native(data.get("cpuid", []), sub(origin, "cpuid")),
-        xfam_supported=parse_int(data.get("xfam_supported", "0x2e7"),
-                                 sub(origin, "xfam_supported")),
-        ept_5level=flag(data, "ept_5level", origin),
-        tsx_ctrl=flag(data, "tsx_ctrl", origin),
-    )
-
-
-def host_to_json(h: Host, leaves: tuple[tuple[int, int | None], ...] = ()) -> dict[str, Any]:
-    keys = sorted(h.native, key=lambda k: (k[0], -1 if k[1] is None else k[1])) or list(leaves)
-    return {
-        "name": h.name,
-        "xfam_supported": hex64(h.xfam_supported),
-        "ept_5level": h.ept_5level,
-        "tsx_ctrl": h.tsx_ctrl,
-        "cpuid": [
-            {"leaf": f"0x{k[0]:x}", "subleaf": k[1],
-             **{r: f"0x{v:08x}" for r, v in zip(REGISTERS, h.native_regs(*k), strict=True)}}
-            for k in keys
-        ],
-    }
-
-
-def load_host(name_or_file: str) -> Host:
-    if name_or_file == "max":
-        return MAX_HOST
-    return host_from_json(jsonfile.load(name_or_file), name_or_file)
+    return {"name": p.name, "source": p.source, "base": p.version, "rows": rows}

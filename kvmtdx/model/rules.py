@@ -1,5 +1,6 @@
 """The kernel's CPUID rules for TDs, each in one place: GPAW, value registers, the denylist,
-the allowlist, and the module couplings a request must meet.
+the allowlist, and the module couplings a request must meet (the rest of what the TDX
+module does is kvmtdx.model.tdx_module's).
 
 The mirror predicts with these, `verify` and `probe` build requests and judge
 answers with them, and `infer` reads capabilities back with them.  The
@@ -18,7 +19,6 @@ ANY = -1  # a wildcard sub-leaf in register keys
 
 # Bit numbers, as in Linux arch/x86/include/asm/cpufeatures.h and the TDX module ABI.
 SEPT_VE_DISABLE = 1 << 28  # TD attribute; the one KVM 6.16 to 7.3 supports
-ATTR_PKS = 1 << 30  # TD attribute PKS
 LEAF7_EBX_HLE = 1 << 4
 LEAF7_EBX_RTM = 1 << 11
 LEAF7_ECX_WAITPKG = 1 << 5
@@ -97,12 +97,13 @@ TSX_WAITPKG_DENYLIST = Denylist({(7, 0): {"ebx": LEAF7_EBX_HLE | LEAF7_EBX_RTM,
 
 @dataclass(frozen=True)
 class Coupling:
-    """A rule of TDH.MNG.INIT that ties CPUID bits of one register together or to a TD
-    attribute (public TDX module sources; XFAM gates are per module, in its profile).
+    """CPUID bits TDH.MNG.INIT wants all set or all clear on the TD's FINAL values (after
+    the row masks and the host's native bits: public TDX module sources,
+    tdh_mng_init.c read_and_set_cpuid_configurations), else CPUID_CONFIG.
 
-    With `attribute` 0 the bits of `mask` must be all set or all clear; otherwise
-    they must be set exactly when the TD has `attribute`.  `tsx_ctrl`: set, they
-    also need the host's TSX_CTRL MSR, or the module fails the call (-EIO).
+    `tsx_ctrl`: set, they also need the host's TSX_CTRL (IA32_ARCH_CAPABILITIES bit 7),
+    or the module fails the call with TDX_INCORRECT_MSR_VALUE, which KVM answers with
+    -EIO and a kernel WARN.
     """
 
     leaf: int
@@ -111,19 +112,14 @@ class Coupling:
     mask: int
     check: str  # the Outcome check naming a break
     why: str
-    attribute: int = 0
     tsx_ctrl: bool = False
 
-    def broken(self, value: int, td_attributes: int) -> bool:
-        bits = value & self.mask
-        if self.attribute:
-            return bool(bits) != bool(td_attributes & self.attribute)
-        return bits not in (0, self.mask)
+    def broken(self, value: int) -> bool:
+        return value & self.mask not in (0, self.mask)
 
-    def met(self, value: int, attributes: int, *, tsx_ctrl: bool = True) -> int:
+    def met(self, value: int, *, tsx_ctrl: bool = True) -> int:
         """`value` with the coupled bits cleared unless the request can carry them."""
-        bits = value & self.mask
-        keep = (bool(attributes & self.attribute) if self.attribute else bits == self.mask)
+        keep = value & self.mask == self.mask
         return value if keep and (tsx_ctrl or not self.tsx_ctrl) else value & ~self.mask
 
     def covers(self, leaf: int, index: int, register: str, bit: int) -> bool:
@@ -131,12 +127,11 @@ class Coupling:
                 and bool(self.mask >> bit & 1))
 
 
-# Every coupling the mirror, the checks and the prober respect; a new one goes here.
+# Every coupling the mirror's users (builders, checks, the prober) respect; a new one goes
+# here.  (PKS is not one: the module overwrites 7.0 ECX.PKS with ATTRIBUTES.PKS.)
 MODULE_COUPLINGS: tuple[Coupling, ...] = (
     Coupling(7, 0, "ebx", LEAF7_EBX_HLE | LEAF7_EBX_RTM, "module_hle_rtm",
-             "HLE and RTM must be equal", tsx_ctrl=True),
-    Coupling(7, 0, "ecx", LEAF7_ECX_PKS, "module_pks", "PKS needs ATTRIBUTES.PKS",
-             attribute=ATTR_PKS),
+             "HLE and RTM must be equal on the TD's final values", tsx_ctrl=True),
 )
 
 

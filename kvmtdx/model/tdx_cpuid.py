@@ -13,7 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kvmtdx.model import tdx_status as st
-from kvmtdx.model.tdx_host import HostCpu
+from kvmtdx.model.memo import per_object
+from kvmtdx.model.tdx_host import Host
 from kvmtdx.model.tdx_module_tables import ZERO, LookupEntry, ModuleTables, Regs
 
 MNG_INIT = "src/vmm_dispatcher/api_calls/tdh_mng_init.c"
@@ -57,7 +58,7 @@ class Td:
     """The TDCS under construction: CPUID values per lookup position, flags, change log."""
 
     tables: ModuleTables
-    host: HostCpu
+    host: Host
     attributes: int
     xfam: int
     config_flags: int
@@ -68,6 +69,7 @@ class Td:
     events: list[Event] = field(default_factory=list)
     flags: dict[str, bool] = field(default_factory=dict)
     bitmap_23: int = 0
+    log: bool = True  # record what changed and why (only an accepted TD's report needs it)
 
     def attr(self, bit: int) -> bool:
         return bool(self.attributes >> bit & 1)
@@ -75,6 +77,9 @@ class Td:
     def set(self, pos: int, new: Regs, reason: str, override: bool = False,
             written: Regs | None = None) -> None:
         """Store a value; log the bits it changed, or for an override the bits it writes."""
+        if not self.log:
+            self.values[pos] = new
+            return
         for reg, (old, value) in enumerate(zip(self.values[pos], new, strict=True)):
             mask = old ^ value
             if written is not None:
@@ -84,10 +89,16 @@ class Td:
         self.values[pos] = new
 
     def position(self, leaf: int, subleaf: int | None) -> int:
-        for pos, e in enumerate(self.tables.lookup):
-            if e.leaf == leaf and e.subleaf == subleaf:
-                return pos
-        raise KeyError(f"module {self.tables.name} has no lookup entry 0x{leaf:x}.{subleaf}")
+        pos = positions(self.tables).get((leaf, subleaf))
+        if pos is None:
+            raise KeyError(f"module {self.tables.name} has no lookup entry 0x{leaf:x}.{subleaf}")
+        return pos
+
+
+@per_object
+def positions(tables: ModuleTables) -> dict[tuple[int, int | None], int]:
+    """(leaf, sub-leaf) -> position in the lookup (processing) order."""
+    return {e.key: pos for pos, e in enumerate(tables.lookup)}
 
 
 def leaf_rcx(leaf: int, subleaf: int | None) -> int:
@@ -117,22 +128,38 @@ def configured_row(td: Td, pos: int, e: LookupEntry) -> Refusal | None:
         v = (out[i] & ~e.fixed0_or_dynamic[i]) | e.fixed1[i]
         v = (v & ~row.config_direct[i]) | (cfg[i] & row.config_direct[i])
         lacking = cfg[i] & row.allow_direct[i] & ~v
-        if lacking:
-            td.events.append(Event(pos, i, lacking, False,
-                                   "allow_direct: the CPU's native bit is 0"))
+        if lacking and td.log:
+            td.events.append(Event(pos, i, lacking, False, "allow_direct and the host lacks "
+                                   "it: the CPU's native bit is 0"))
         out[i] = v & (cfg[i] | ~row.allow_direct[i])
     td.values[pos] = (out[0], out[1], out[2], out[3])
     return None
 
 
-def xfam_masked(td: Td, pos: int, table: str, reason: str) -> None:
-    """apply_cpuid_xfam_masks: clear the bits of every XFAM bit that is 0."""
-    value = list(td.values[pos])
-    for bit in range(td.tables.const("XCR0_MAX_VALID_BIT") + 1):
-        if not td.xfam >> bit & 1:
-            mask = td.tables.xfam_mask(table, bit)
+def xfam_masked(td: Td, pos: int, table: str) -> None:
+    """apply_cpuid_xfam_masks: clear the bits of every XFAM bit that is 0.  The change log
+    names, for each cleared bit, the XFAM bits whose absence cleared it."""
+    top = td.tables.const("XCR0_MAX_VALID_BIT")
+    missing = [(b, td.tables.xfam_mask(table, b)) for b in range(top + 1)
+               if not td.xfam >> b & 1]
+    if not td.log:
+        value = list(td.values[pos])
+        for _, mask in missing:
             value = [v & ~m for v, m in zip(value, mask, strict=True)]
-    td.set(pos, (value[0], value[1], value[2], value[3]), reason)
+        td.values[pos] = (value[0], value[1], value[2], value[3])
+        return
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for reg, v in enumerate(td.values[pos]):
+        for bit in range(32):
+            why = tuple(b for b, mask in missing if (v & mask[reg]) >> bit & 1)
+            if why:
+                groups.setdefault(why, [0, 0, 0, 0])[reg] |= 1 << bit
+    for why, cleared in groups.items():
+        now = td.values[pos]
+        bits = ", ".join(str(b) for b in why)
+        td.set(pos, (now[0] & ~cleared[0], now[1] & ~cleared[1], now[2] & ~cleared[2],
+                     now[3] & ~cleared[3]),
+               f"the TD's XFAM lacks bit{'s' if len(why) > 1 else ''} {bits} ({table})")
 
 
 def zero_unless(td: Td, pos: int, keep: bool, reason: str) -> None:
@@ -149,6 +176,31 @@ def with_reg(regs: Regs, reg: int, value: int) -> Regs:
 def with_bit(regs: Regs, reg: int, bit: int, on: bool) -> Regs:
     value = regs[reg] | (1 << bit) if on else regs[reg] & ~(1 << bit)
     return with_reg(regs, reg, value)
+
+
+# The XFAM mask table apply_cpuid_xfam_masks uses per row, and (leaf 1) the one XFAM bit
+# whose mask the leaf-1 rule applies.
+XFAM_MASK_TABLES: dict[tuple[int, int | None], str] = {
+    (1, None): "xfam_mask_0x1_0xffffffff", (7, 0): "xfam_mask_0x7_0x0",
+    (7, 1): "xfam_mask_0x7_0x1", (0xD, 0): "xfam_mask_0xd_0x0", (0xD, 1): "xfam_mask_0xd_0x1",
+}
+WHOLE_LEAF_XFAM: dict[int, int] = {0x14: 1 << 8, 0x1C: 1 << 15, 0x1D: 1 << 17 | 1 << 18}
+
+
+def xfam_needed(tables: ModuleTables, leaf: int, subleaf: int | None, register: str,
+                bit: int) -> int:
+    """The XFAM bits a TD needs, all of them, for the module to leave this CPUID bit as
+    configured: without one of them the module clears it (never refuses it)."""
+    if leaf in WHOLE_LEAF_XFAM:
+        return WHOLE_LEAF_XFAM[leaf]
+    if leaf == 0xD and subleaf is not None and 2 <= subleaf <= tables.const("XCR0_MAX_VALID_BIT"):
+        return 1 << subleaf
+    table = XFAM_MASK_TABLES.get((leaf, subleaf))
+    if table is None:
+        return 0
+    reg = ("eax", "ebx", "ecx", "edx").index(register)
+    xfam_bits = (2,) if leaf == 1 else range(tables.const("XCR0_MAX_VALID_BIT") + 1)
+    return sum(1 << b for b in xfam_bits if tables.xfam_mask(table, b)[reg] >> bit & 1)
 
 
 # ---------------------------------------------------------------------------
@@ -205,7 +257,7 @@ def leaf_1(td: Td, pos: int, e: LookupEntry) -> Refusal | None:
 # Leaf 7.
 
 def leaf_7_0(td: Td, pos: int, e: LookupEntry) -> Refusal | None:
-    xfam_masked(td, pos, "xfam_mask_0x7_0x0", "XFAM bit 0: xfam_mask_0x7_0x0")
+    xfam_masked(td, pos, "xfam_mask_0x7_0x0")
     ebx = td.values[pos][1]
     hle, rtm = bool(ebx >> 4 & 1), bool(ebx >> 11 & 1)
     if hle != rtm:
@@ -228,7 +280,7 @@ def leaf_7_0(td: Td, pos: int, e: LookupEntry) -> Refusal | None:
 
 
 def leaf_7_1(td: Td, pos: int, e: LookupEntry) -> Refusal | None:
-    xfam_masked(td, pos, "xfam_mask_0x7_0x1", "XFAM bit 0: xfam_mask_0x7_0x1")
+    xfam_masked(td, pos, "xfam_mask_0x7_0x1")
     td.flags["perfmon_ext"] = bool(td.values[pos][0] >> 8 & 1)
     if td.tables.variant.lass_from_attributes:
         td.set(pos, with_bit(td.values[pos], 0, 6, td.attr(ATTR_LASS)),
@@ -242,12 +294,12 @@ def leaf_7_1(td: Td, pos: int, e: LookupEntry) -> Refusal | None:
 def leaf_d(td: Td, pos: int, e: LookupEntry) -> Refusal | None:
     sub = e.subleaf or 0
     if sub == 0:
-        xfam_masked(td, pos, "xfam_mask_0xd_0x0", "XFAM bit 0: xfam_mask_0xd_0x0")
+        xfam_masked(td, pos, "xfam_mask_0xd_0x0")
         size = td.host.xsave_size(td.xfam & td.tables.const("XCR0_USER_BIT_MASK"))
         td.set(pos, with_reg(td.values[pos], 2, size), "ECX = XSAVE size of XFAM's user bits",
                override=True, written=(0, 0, 0xFFFFFFFF, 0))
     elif sub == 1:
-        xfam_masked(td, pos, "xfam_mask_0xd_0x1", "XFAM bit 0: xfam_mask_0xd_0x1")
+        xfam_masked(td, pos, "xfam_mask_0xd_0x1")
         if not td.host.xfd_faulting_mask(td.tables) & td.xfam:
             td.set(pos, with_bit(td.values[pos], 0, 4, False),
                    "EAX.XFD (bit 4): no XFAM component supports XFD")
@@ -340,14 +392,21 @@ def rule_for(e: LookupEntry) -> Rule | None:
     return None
 
 
+@per_object
+def active_entries(tables: ModuleTables) -> tuple[tuple[int, LookupEntry, Rule | None], ...]:
+    """The lookup entries the pass can change, in processing order, with their leaf rule:
+    every other entry keeps its sampled native value."""
+    return tuple((pos, e, rule_for(e)) for pos, e in enumerate(tables.lookup)
+                 if e.config_index is not None or rule_for(e) is not None)
+
+
 def cpuid_pass(td: Td) -> Refusal | None:
     """Every lookup entry in array order: row value, then its leaf's own rule."""
     td.values = list(td.native)
-    for pos, e in enumerate(td.tables.lookup):
+    for pos, e, rule in active_entries(td.tables):
         refusal = configured_row(td, pos, e)
-        if refusal is None:
-            rule = rule_for(e)
-            refusal = rule(td, pos, e) if rule is not None else None
+        if refusal is None and rule is not None:
+            refusal = rule(td, pos, e)
         if refusal is not None:
             return refusal
     return None

@@ -37,7 +37,7 @@ from kvmtdx.model.tdx_cpuid import (
     leaf_rcx,
 )
 from kvmtdx.model.tdx_host import (
-    HostCpu,
+    Host,
     reported_attributes_fixed0,
     sampled_native,
 )
@@ -107,7 +107,7 @@ def _refusal(operand: int, rule: str, source: str) -> Refusal:
     return Refusal(st.operand_invalid(operand), rule, source)
 
 
-def _check_attributes(tables: ModuleTables, host: HostCpu, attributes: int) -> Refusal | None:
+def _check_attributes(tables: ModuleTables, host: Host, attributes: int) -> Refusal | None:
     fixed0 = reported_attributes_fixed0(tables, host)
 
     def bit(n: int) -> bool:
@@ -122,7 +122,7 @@ def _check_attributes(tables: ModuleTables, host: HostCpu, attributes: int) -> R
                     f"{HELPERS}: verify_td_attributes") if bad else None
 
 
-def _check_xfam(tables: ModuleTables, host: HostCpu, xfam: int) -> Refusal | None:
+def _check_xfam(tables: ModuleTables, host: Host, xfam: int) -> Refusal | None:
     allowed = tables.xfam_fixed0 & (host.xcr0_supported(tables) | host.xss_supported(tables))
     b = [bool(xfam >> n & 1) for n in range(64)]
     bad = (xfam & ~allowed or xfam & tables.xfam_fixed1 != tables.xfam_fixed1
@@ -140,7 +140,7 @@ def _check_config_flags(tables: ModuleTables, flags: int) -> Refusal | None:
                     f"{HELPERS}: verify_td_config_flags") if bad else None
 
 
-def _check_eptp(tables: ModuleTables, host: HostCpu, eptp: int, flags: int) -> Refusal | None:
+def _check_eptp(tables: ModuleTables, host: Host, eptp: int, flags: int) -> Refusal | None:
     pwl = eptp >> 3 & 7
     bad = (eptp & 7 != EPTP_MT_WB or pwl < PWL_4 or pwl > (PWL_5 if host.ept_5level else PWL_4)
            or eptp & ~0x3F != 0)  # A/D, SSS, reserved and the base address must be 0
@@ -152,7 +152,7 @@ def _check_eptp(tables: ModuleTables, host: HostCpu, eptp: int, flags: int) -> R
                     f"{HELPERS}: verify_and_set_td_eptp_controls") if bad else None
 
 
-def td_configuration(tables: ModuleTables, host: HostCpu, p: TdParams) -> Refusal | None:
+def td_configuration(tables: ModuleTables, host: Host, p: TdParams) -> Refusal | None:
     """read_and_set_td_configurations, in its order."""
     here = f"{MNG_INIT}: read_and_set_td_configurations"
     limit = tables.max_vcpus_per_td if tables.variant.max_vcpus_limit else None
@@ -209,11 +209,18 @@ def _after_cpuid(tables: ModuleTables, p: TdParams, td: Td) -> Refusal | None:
     return refusal
 
 
-def mng_init(tables: ModuleTables, host: HostCpu, p: TdParams) -> MngInitResult:
-    """TDH.MNG.INIT of a TD with these TD_PARAMS on this host, by this module version."""
+def mng_init(tables: ModuleTables, host: Host, p: TdParams, *,
+             detail: bool = True, explain: bool = True) -> MngInitResult:
+    """TDH.MNG.INIT of a TD with these TD_PARAMS on this host, by this module version.
+
+    Without `detail` only the status and the refusing rule are worked out: an accepted
+    TD's CPUID values and changes are left out (the mirror's hot path needs the answer
+    only).  Without `explain`, an accepted TD's CPUID values are worked out but not the
+    changes that explain them (a differential check needs the values only)."""
     td = Td(tables=tables, host=host, attributes=p.attributes, xfam=p.xfam,
             config_flags=p.config_flags, tsc_frequency=p.tsc_frequency,
-            config=_cpuid_rows(tables, p), native=sampled_native(tables, host))
+            config=_cpuid_rows(tables, p), native=sampled_native(tables, host),
+            log=detail and explain)
     refusal = td_configuration(tables, host, p)
     if refusal is None:
         refusal = cpuid_pass(td)
@@ -222,12 +229,14 @@ def mng_init(tables: ModuleTables, host: HostCpu, p: TdParams) -> MngInitResult:
     if refusal is not None:
         return MngInitResult(refusal.status, refusal.rule, refusal.source, refusal.rcx,
                              refusal.leaf, refusal.subleaf, refusal.register, refusal.mask)
+    if not detail:
+        return MngInitResult(st.TDX_SUCCESS.value, "accepted", f"{MNG_INIT}: tdh_mng_init")
     faulting = frozenset(e.key for e in tables.lookup
                          if e.faulting and tables.variant.faulting_leaves)
     return MngInitResult(
         st.TDX_SUCCESS.value, "accepted", f"{MNG_INIT}: tdh_mng_init",
         cpuid={e.key: v for e, v in zip(tables.lookup, td.values, strict=True)},
-        faulting=faulting, changes=changes(td))
+        faulting=faulting, changes=changes(td) if explain else ())
 
 
 def changes(td: Td) -> tuple[Change, ...]:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from importlib import resources
 from typing import Any
 
@@ -93,6 +94,9 @@ class RuleVariant:
     topology: str  # "none" (1.5.01), "1.5" (check_cpuid_1f), "2.0" (..._and_compute_cpuid_0b)
     faulting_leaves: bool  # CPUID_VALID = !faulting (1.5.x); every leaf valid (2.0)
     migratable_l2_cross_check: bool  # MIGRATABLE with L2 VMs refused (1.5.x)
+    # TDH.SYS.INIT samples leaf 0x23 as zeros on a CPU without PERFMON_EXT (7.1 EAX[8]), and
+    # refuses a CPU whose unlisted 0x23 sub-leaves are not zero (2.0.08 tdh_sys_init.c).
+    sysinit_23_zeroed: bool = False
 
 
 V1_5_01 = RuleVariant(
@@ -112,7 +116,7 @@ V2_0_08 = RuleVariant(
     config_flags_maxpa=True, tsx_mismatch_sets_rcx=True, fms_check_native_substitute=False,
     lass_from_attributes=True, leaf_1a_zero_migratable=True, leaf_23="perfmon_subleaves",
     maxpa_0x80000008=True, topology="2.0", faulting_leaves=False,
-    migratable_l2_cross_check=False)
+    migratable_l2_cross_check=False, sysinit_23_zeroed=True)
 
 
 def variant_for(version: str) -> RuleVariant:
@@ -235,6 +239,31 @@ def tables_from_json(data: Any, origin: str) -> ModuleTables:
             xfam_masks=masks, variant=variant_for(str(data["version"])))
     except (KeyError, TypeError, AttributeError) as e:
         raise TablesError(f"{origin}: malformed module table ({e!r})") from None
+
+
+def with_configurable(tables: ModuleTables, rows: Sequence[ConfigRow]) -> ModuleTables:
+    """`tables` with its CPUID_CONFIG rows replaced by `rows` (a module build whose masks
+    differ from the public source's, read off a kernel).  A row's lookup_index is the
+    cpuid_lookup[] entry of its leaf; a leaf the base does not virtualise (a later build's
+    row) becomes a new entry after the base's, with no fixed bits: its value is what the
+    VMM configures within the row's masks."""
+    index = {e.key: e.index for e in tables.lookup}
+    extra: list[LookupEntry] = []
+    out: list[ConfigRow] = []
+    config_index: dict[int, int] = {}
+    for i, r in enumerate(rows):
+        at = index.get(r.key)
+        if at is None:
+            at = len(tables.lookup) + len(extra)
+            extra.append(LookupEntry(at, r.leaf, r.subleaf, False, i, ZERO, ZERO, ZERO, ZERO))
+            index[r.key] = at
+        elif at in config_index:
+            sub = "" if r.subleaf is None else f".{r.subleaf}"
+            raise TablesError(f"row {i} (leaf 0x{r.leaf:x}{sub}) is listed twice")
+        config_index[at] = i
+        out.append(replace(r, lookup_index=at))
+    entries = tuple(replace(e, config_index=config_index.get(e.index)) for e in tables.lookup)
+    return replace(tables, configurable=tuple(out), lookup=(*entries, *extra))
 
 
 def load_tables(name: str) -> ModuleTables:

@@ -4,9 +4,11 @@ Each INIT_VM needs a fresh TD, and on real hardware a TD costs a TDX key ID,
 pages and several SEAMCALLs, so the prober spends TDs carefully (Prober.run):
 
 1. Plan: reported feature bits (and value-register fields, at valid values)
-   become units; bits the module couples go in one unit (HLE with RTM, PKS
-   with ATTRIBUTES.PKS: rules.MODULE_COUPLINGS), and XFAM-gated bits (the
-   module profile's gates) ride on XFAM = everything KVM supports.
+   become units; bits the module couples go in one unit (HLE with RTM:
+   rules.MODULE_COUPLINGS), and every unit rides on XFAM = everything KVM
+   supports.  Bits the module clears rather than refuses (a feature whose
+   XSAVE state XFAM lacks, PKS set from ATTRIBUTES.PKS) are accepted, and the
+   results say "accepted, cleared" with the module's reason.
 2. The base: every unit in one request.  Spec section 5 says it must be
    ACCEPTED; when it is not, the rejected units are found by binary
    splitting.  Splitting is sound because a rejection has one cause: with
@@ -22,7 +24,8 @@ pages and several SEAMCALLs, so the prober spends TDs carefully (Prober.run):
    a hazard.
 5. Explanations: a rejected reported bit or an accepted hidden one is a
    kernel bug unless a module rule (a coupling, TSX_CTRL, a bit the module
-   drops silently) accounts for it.
+   drops silently) accounts for it; an accepted bit the TD does not get is
+   named with what cleared it (the mirror's effective CPUID).
 
 Value registers (leaf 1 EAX/EBX, leaves 4, 0x18, 0x1F, 0x80000008 EAX) hold
 fields, not features: they are tried only with valid values and reported per
@@ -38,7 +41,7 @@ from typing import NamedTuple
 from kvmtdx.errors import ProbeError
 from kvmtdx.model import catalog, mirror, rules
 from kvmtdx.model.policy import Policy
-from kvmtdx.model.profiles import Host, ModuleProfile, load_profile
+from kvmtdx.model.profiles import Host, ModuleProfile
 from kvmtdx.outcome import Decider, Kind, Outcome
 from kvmtdx.probe.oracle import Oracle, mirror_oracle
 from kvmtdx.probe.result import BitClass, BitKey, BitResult, FieldClass, FieldResult
@@ -55,10 +58,6 @@ from kvmtdx.probe.units import (
     value_fields,
 )
 from kvmtdx.structs import Capabilities, InitVm
-
-# Without a module profile its XFAM gates come from this bundled one: every public
-# module gates the same AVX/AVX-512/AMX bits on XFAM.
-STAND_IN_MODULE = "2.0"
 
 
 class Classed(NamedTuple):
@@ -110,12 +109,6 @@ class _Prober:
         self.notes: list[str] = []
         self.bits: dict[BitKey, Classed] = {}
         self.fields: list[FieldTry] = []
-        if model is not None:
-            self.gates = model.module.xfam_gates
-        else:
-            self.gates = load_profile(STAND_IN_MODULE).xfam_gates
-            self.notes.append(f"no module profile: the module's XFAM couplings are taken from "
-                              f"the bundled {STAND_IN_MODULE} profile")
         self.complete = True
         self.suspects = suspects(self.layout, model)
 
@@ -150,11 +143,11 @@ class _Prober:
         coupled: dict[rules.Coupling, list[Bit]] = {}
         for b in lay.reported_bits():
             key = lay.key(*b)
-            reason = lay.coupling_unmet(*b, self.gates)
+            reason = lay.coupling_unmet(*b)
             c = lay.coupling(*b)
             if reason is not None:
                 plan.add(lay.unit(*b), [key], lone=True, why=reason)
-            elif c is not None and not c.attribute:
+            elif c is not None:
                 coupled.setdefault(c, []).append(b)
             else:
                 plan.add(lay.unit(*b), [key], lone=key in self.suspects)
@@ -392,6 +385,31 @@ def mirror_reason(module: ModuleProfile, host: Host, policy: Policy, layout: Lay
     return f"module coupling named by the mirror ({pred.check})"
 
 
+def cleared_bits(layout: Layout, model: Model | None,
+                 accepted: list[BitKey]) -> dict[BitKey, str]:
+    """Of the accepted reported bits, those the TD does not get as asked, with the module's
+    reason: the mirror's effective CPUID of one request carrying them all."""
+    exact = model.exact() if model is not None else None
+    if model is None or exact is None or not accepted:
+        return {}
+    units = []
+    for leaf, index, register, bit in accepted:
+        pos = layout.position(leaf, index)
+        if pos is not None:
+            units.append(Unit(((pos, register, 1 << bit),)))
+    req = layout.request(units, xfam=layout.caps.supported_xfam)
+    pred = mirror.init_vm_prediction(model.module, *exact, req)
+    out: dict[BitKey, str] = {}
+    wanted = set(accepted)
+    for c in pred.changes:
+        index = 0 if c.subleaf is None else c.subleaf
+        for bit in rules.bits_of(c.mask):
+            key = (c.leaf, index, c.register, bit)
+            if key in wanted and c.kind in ("cleared", "overridden"):
+                out[key] = f"accepted, cleared: {c.reason}"
+    return out
+
+
 def bit_results(got: Classified, layout: Layout, model: Model | None) -> list[BitResult]:
     """The classified bits in listing order, with the mirror's class when the model is exact.
     With the kernel's policy known, only the mirror may excuse a rejection."""
@@ -399,6 +417,8 @@ def bit_results(got: Classified, layout: Layout, model: Model | None) -> list[Bi
     expected: dict[BitKey, BitClass] = {}
     if model is not None and exact is not None:
         expected = expected_classes(model.module, *exact, exhaustive=True)
+    cleared = cleared_bits(layout, model, [k for k, c in got.bits.items()
+                                           if c.cls is BitClass.REPORTED_ACCEPTED])
     out: list[BitResult] = []
     for key in sorted(got.bits, key=layout.order):
         cls, outcome, why = got.bits[key]
@@ -407,7 +427,7 @@ def bit_results(got: Classified, layout: Layout, model: Model | None) -> list[Bi
         if cls is BitClass.REPORTED_REJECTED and model is not None and exact is not None:
             why = mirror_reason(model.module, *exact, layout, key, outcome)
         out.append(BitResult(*key, catalog.bit_name(*key), cls, outcome, why,
-                             expected.get(key)))
+                             expected.get(key), cleared.get(key)))
     return out
 
 

@@ -43,6 +43,9 @@ class BitResult:
     # Why a REPORTED_REJECTED or HIDDEN_ACCEPTED is not a kernel bug (a module rule).
     explained: str | None = None
     expected: BitClass | None = None  # the mirror's class, when the model is known
+    # An accepted bit the TD does not get as asked, and the module's reason ("accepted,
+    # cleared": a feature whose XSAVE state XFAM lacks, PKS set from ATTRIBUTES.PKS...).
+    cleared: str | None = None
 
     @property
     def key(self) -> BitKey:

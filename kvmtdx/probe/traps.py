@@ -42,7 +42,7 @@ def units(classes: Mapping[BitKey, _HasClass]) -> list[tuple[str, int]]:
             continue
         c = rules.coupling_of(LEAF, INDEX, register, bit)
         mask = 1 << bit
-        if c is not None and not c.attribute:
+        if c is not None:
             mask = sum(1 << b for b in rules.bits_of(c.mask) if (register, b) in refused)
         done.update((register, b) for b in rules.bits_of(mask))
         out.append((register, mask))

@@ -1,8 +1,10 @@
 """What a probe request is made of: the listed rows, units of bits that go in together,
 value fields at valid values, and which hidden bits are worth a TD.
 
-A unit respects the module's couplings (rules.MODULE_COUPLINGS, the module
-profile's XFAM gates), so a coupling never passes for a kernel bug.
+A unit respects the module's couplings (rules.MODULE_COUPLINGS: HLE with RTM), so a
+coupling never passes for a kernel bug.  Bits the module clears rather than refuses
+(a feature whose XSAVE state the TD's XFAM lacks, PKS set from ATTRIBUTES.PKS) need
+no unit of their own: a request carrying them is accepted.
 """
 
 from __future__ import annotations
@@ -13,14 +15,15 @@ from dataclasses import dataclass
 
 from kvmtdx.errors import ProbeError
 from kvmtdx.knowledge import Knowledge
-from kvmtdx.model import catalog, rules
+from kvmtdx.model import builders, catalog, rules
 from kvmtdx.model.policy import Policy
-from kvmtdx.model.profiles import BUNDLED_MODULES, Host, ModuleProfile, XfamGate, load_profile
+from kvmtdx.model.profiles import BUNDLED_MODULES, Host, ModuleProfile, load_profile
 from kvmtdx.probe.result import BitKey
 from kvmtdx.structs import FLAG_SIGNIFICANT_INDEX, REGISTERS, Capabilities, CpuidEntry, InitVm
 
 GPAW_BASE, GPAW_5LEVEL = rules.GPAW_VALUES
 FMS_LEAF = 1  # leaf 1 EAX: family/model/stepping
+TOPOLOGY_LEAF = 0x1F
 # A deterministic sample of the hidden bits targeted mode would otherwise skip.
 SAMPLE_PER_REGISTER = 2
 
@@ -72,9 +75,12 @@ class ValueField:
     value: int
     name: str
     informational: bool = False
+    # A field tried together with others (the 0x1F topology is valid only whole): every
+    # part of the unit; empty for a field tried alone.
+    parts: tuple[Part, ...] = ()
 
     def unit(self) -> Unit:
-        return Unit(((self.row, self.register, self.value),))
+        return Unit(self.parts or ((self.row, self.register, self.value),))
 
 
 @dataclass(frozen=True)
@@ -134,32 +140,19 @@ class Layout:
         return rules.coupling_of(*self.key(row, register, bit))
 
     def unit(self, row: int, register: str, bit: int) -> Unit:
-        c = self.coupling(row, register, bit)
-        # 0 when the coupling is not to an attribute, or KVM does not offer it
-        attrs = self.caps.supported_attrs & c.attribute if c is not None else 0
-        return Unit(((row, register, 1 << bit),), attrs)
+        return Unit(((row, register, 1 << bit),))
 
     def partner(self, row: int, register: str, bit: int) -> Unit | None:
         """The bits the module wants equal to this one, as a unit (None: no such coupling)."""
         c = self.coupling(row, register, bit)
-        if c is None or c.attribute:
+        if c is None:
             return None
         return Unit(((row, register, c.mask & ~(1 << bit)),))
 
-    def coupling_unmet(self, row: int, register: str, bit: int,
-                       gates: tuple[XfamGate, ...]) -> str | None:
+    def coupling_unmet(self, row: int, register: str, bit: int) -> str | None:
         """A module coupling that no request within the capabilities can meet for this bit."""
-        leaf, index, _, _ = self.key(row, register, bit)
         c = self.coupling(row, register, bit)
-        if c is not None and c.attribute and not self.caps.supported_attrs & c.attribute:
-            return f"module coupling: {c.why}, which KVM does not offer"
-        xfam = self.caps.supported_xfam
-        for g in gates:
-            if (g.leaf, g.subleaf or 0, g.register) == (leaf, index, register) \
-                    and g.mask >> bit & 1 and xfam & g.xfam != g.xfam:
-                return (f"module coupling: needs XFAM 0x{g.xfam:x}, which KVM does not offer "
-                        f"({g.why})")
-        if c is not None and not c.attribute:
+        if c is not None:
             partners = c.mask & ~(1 << bit)
             if self.reported(row, register) & partners != partners:
                 return f"module coupling: {c.why}, and the other is not reported"
@@ -226,8 +219,13 @@ def value_fields(layout: Layout, native_fms: int | None) -> tuple[list[ValueFiel
     native FMS), and notes on those that cannot be tried."""
     out: list[ValueField] = []
     notes: list[str] = []
+    topology = topology_field(layout)
+    if topology is not None:
+        out.append(topology)
     for row, register in sorted(layout.value_regs):
         e = layout.rows[row]
+        if e.function == TOPOLOGY_LEAF:
+            continue
         mask = e.reg(register)
         if e.function == rules.GPAW_LEAF and register == "eax":
             mask &= ~rules.GPAW_FIELD
@@ -243,6 +241,25 @@ def value_fields(layout: Layout, native_fms: int | None) -> tuple[list[ValueFiel
         for lo, hi, name in field_spans(e.function, e.index, register, mask):
             out.append(ValueField(row, register, lo, hi, 1 << lo, name))
     return out, notes
+
+
+def topology_field(layout: Layout) -> ValueField | None:
+    """Leaf 0x1F as one field: the module checks its sub-leaves together (levels rising
+    from sub-leaf 0, a core level), so a field alone is no valid value.  Tried as an SMT
+    and a core level (builders.REALISTIC_VALUES) inside what was reported."""
+    parts: list[Part] = []
+    for (leaf, index), typical in builders.REALISTIC_VALUES.items():
+        row = layout.position(leaf, index) if leaf == TOPOLOGY_LEAF else None
+        if row is None:
+            continue
+        for register, value in zip(REGISTERS, typical, strict=True):
+            if value & layout.reported(row, register):
+                parts.append((row, register, value & layout.reported(row, register)))
+    if not parts:
+        return None
+    row, register, value = parts[0]
+    return ValueField(row, register, 0, 31, value, "0x1F topology (SMT and core levels)",
+                      parts=tuple(parts))
 
 
 def gpaw_5level(layout: Layout) -> ValueField:

@@ -186,7 +186,8 @@ def _facts(report: FuzzReport) -> list[tuple[str, str]]:
     work = (f"{s.tds} TDs, {s.init_vm_calls} INIT_VM, {s.caps_calls} KVM_TDX_CAPABILITIES "
             f"({s.requests_per_second:.0f} calls/s)")
     if s.unjudged:
-        work += f"; {s.unjudged} not judged (no free TDX key ID: ENOSPC)"
+        work += f"; {s.unjudged} not judged to the end (no free TDX key ID, or a fact the " \
+                "inferred host cannot tell)"
     rows.append(("work", work))
     if report.budget is not None:
         rows.append(("database", report.database or "none (--no-db)"))

@@ -57,6 +57,7 @@ def result_to_json(r: ProbeResult) -> dict[str, Any]:
                 "leaf": f"0x{b.leaf:x}", "subleaf": b.subleaf, "register": b.register, "bit": b.bit,
                 "name": b.name, "class": b.cls.value, "reported": b.reported,
                 "result": _outcome_json(b.outcome), "explained": b.explained,
+                "cleared": b.cleared,
                 "expected": b.expected.value if b.expected is not None else None,
             }
             for b in r.bits
@@ -89,6 +90,8 @@ def _why(b: BitResult) -> str:
     parts = [b.outcome.describe() if b.outcome is not None else "(inferred by splitting)"]
     if b.explained:
         parts.append(f"- {b.explained}")
+    elif b.cleared:
+        parts.append(f"- {b.cleared}")
     elif b.failed:
         parts.append("- KERNEL BUG" if b.cls is BitClass.HIDDEN_ACCEPTED
                      else "- KERNEL BUG (no module coupling explains it)")

@@ -39,12 +39,15 @@ def _decoded(o: Outcome) -> dict[str, Any] | None:
 
 
 def init_vm_to_json(run: InitVmRun) -> dict[str, Any]:
-    """The keys of `predict`'s init_vm, plus the module status decoded; a replay of a TD's
-    history adds the earlier calls' answers ("before"); a backend that counts TDX key IDs
-    adds how many were free around the calls ("key_ids")."""
+    """The keys of `predict`'s init_vm, plus the module status decoded, whether the kernel
+    WARNed and the VM is bugged; a replay of a TD's history adds the earlier calls' answers
+    ("before"); a backend that counts TDX key IDs adds how many were free around the calls
+    ("key_ids")."""
     o = run.outcome
     doc = outcome_json(o)
     doc["hw_error_decoded"] = _decoded(o)
+    doc["kernel_warn"] = None if run.kernel_warnings is None else run.kernel_warnings > 0
+    doc["vm_bugged"] = run.vm_bugged
     if run.before:
         doc["before"] = [{**outcome_json(b), "hw_error_decoded": _decoded(b)}
                          for b in run.before]
@@ -69,10 +72,16 @@ def init_vm_text(run: InitVmRun) -> str:
         f"  outcome   {o.kind.value}",
         f"  errno     {o.errno_name or 0}",
         f"  hw_error  {o.hw}",
-        f"  ioctls    {run.counters.ioctls}, TDs created {run.counters.tds_created}",
     ]
+    if run.kernel_warnings is not None:
+        lines.append(f"  kernel    {run.kernel_warnings} WARN splat(s) during the call"
+                     + (" (the kernel is now tainted)" if run.kernel_warnings else ""))
+    if run.vm_bugged is not None:
+        lines.append("  VM        " + ("marked bugged: every later ioctl on it fails with EIO"
+                                      if run.vm_bugged else "still answers ioctls"))
     k = run.key_ids
     if k is not None:
         lines.append(f"  key IDs   {k.before} free before, {k.after_calls} after the calls, "
                      f"{k.after_close} once the TD was closed")
+    lines.append(f"  ioctls    {run.counters.ioctls}, TDs created {run.counters.tds_created}")
     return "\n".join(lines) + "\n"

@@ -9,7 +9,7 @@ from kvmtdx.model.policy import Policy
 from kvmtdx.model.profiles import Host, ModuleProfile
 from kvmtdx.sim.kvm import Kvm
 from kvmtdx.sim.mutants import get_mutant
-from kvmtdx.sim.state import File, KeyIds, System, Vm
+from kvmtdx.sim.state import File, KernelLog, KeyIds, System, Vm
 from kvmtdx.sim.tdx import Tdx
 from kvmtdx.sim.tdx_module import TdxModule
 from kvmtdx.sim.uaccess import fail
@@ -36,7 +36,9 @@ class SimulatedHost:
         self.key_ids = key_ids
         self._files: dict[int, File] = {}
         self._keys = KeyIds(key_ids)
-        tdx = Tdx(TdxModule(module, host), host, policy, self._keys, bug)
+        self.kernel_log = KernelLog()
+        # The module runs its own reading of its version's converted tables on this CPU.
+        tdx = Tdx(TdxModule(module.tables, host), host, policy, self._keys, bug, self.kernel_log)
         self._kvm = Kvm(host, module, tdx, self._install)
 
     # ------------------------------------------------------------------
@@ -54,6 +56,20 @@ class SimulatedHost:
     @property
     def free_key_ids(self) -> int:
         return self._keys.free
+
+    def vm_state(self, fd: int) -> Vm:
+        """What the simulated kernel keeps for the VM behind `fd` (its TD state, key ID and,
+        once INIT_VM succeeded, the TD's CPUID as TDH.MNG.INIT left it)."""
+        f = self._files.get(fd)
+        if not isinstance(f, Vm):
+            raise ValueError(f"fd {fd} is not a VM of this simulated host")
+        return f
+
+    @property
+    def kernel_warnings(self) -> int:
+        """How often the simulated kernel hit a WARN (a userspace-reachable WARN is a kernel
+        bug of its own); `kernel_log.events` says which, with the line the kernel logged."""
+        return self.kernel_log.warnings
 
     # ------------------------------------------------------------------
     # The seam.

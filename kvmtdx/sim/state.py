@@ -1,10 +1,14 @@
-"""What the simulated kernel keeps between calls: open files, VMs, TDX key IDs."""
+"""What the simulated kernel keeps between calls: open files, VMs, TDX key IDs, its log."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from kvmtdx import uapi
+from kvmtdx.sim.tdx_module import MngInit
+
+Regs = tuple[int, int, int, int]
 
 _FIRST_KEY_ID = 32  # private HKIDs start above the host's shared ones
 
@@ -21,12 +25,25 @@ class Vm:
     initialized: bool = False
     finalized: bool = False
     key_id: int | None = None
-    # kvm_vm_bugged: a TDH.MNG.INIT failure that was not the caller's operand.
+    # kvm_vm_bugged (kvm->vm_dead): a TDH.MNG.INIT failure that was not the caller's
+    # operand; every later ioctl on the VM fd is -EIO.
     dead: bool = False
+    # TDH.MNG.INIT's answer once INIT_VM succeeded: the TD's CPUID as TDCS holds it.
+    mng_init: MngInit | None = None
 
     @property
     def is_td(self) -> bool:
         return self.vm_type == uapi.VmType.KVM_X86_TDX_VM
+
+    @property
+    def cpuid(self) -> Mapping[tuple[int, int | None], Regs]:
+        """The TD's CPUID (what KVM_TDX_GET_CPUID reads); empty before INIT_VM succeeded."""
+        return {} if self.mng_init is None else self.mng_init.cpuid
+
+    @property
+    def faulting(self) -> frozenset[tuple[int, int | None]]:
+        """The TD's CPUID entries whose CPUID_VALID is 0 (a #VE for the guest)."""
+        return frozenset() if self.mng_init is None else self.mng_init.faulting
 
 
 File = System | Vm
@@ -48,3 +65,49 @@ class KeyIds:
     def release(self, key_id: int) -> None:
         self._free.append(key_id)
         self._free.sort()
+
+
+@dataclass(frozen=True, slots=True)
+class KernelWarning:
+    """A TDX_BUG_ON the simulated kernel hit (Linux 7.3 arch/x86/kvm/vmx/tdx.c __TDX_BUG_ON).
+
+    WARN_ON_ONCE prints its splat once per boot and call site (`splat`), but the
+    condition holds, the VM is marked bugged and the error line is logged every time.
+    """
+
+    seamcall: str
+    status: int
+    rcx: int
+    line: str  # what pr_err_ratelimited logs
+    splat: bool  # the first at this call site: the WARNING splat is printed
+    vm_dead: bool  # kvm_vm_bugged() (Linux 6.19 on)
+
+
+class KernelLog:
+    """What the simulated kernel reported: its WARNs, in order (the first `KEPT` of them;
+    `warnings` counts them all, so a long probe run does not hoard memory)."""
+
+    KEPT = 1024
+
+    def __init__(self) -> None:
+        self.events: list[KernelWarning] = []
+        self._count = 0
+        self._sites: set[str] = set()  # call sites whose WARN_ON_ONCE already printed
+
+    @property
+    def warnings(self) -> int:
+        """How often a WARN_ON_ONCE condition held (each a kernel bug if userspace caused it)."""
+        return self._count
+
+    def tdx_bug_on(self, seamcall: str, status: int, rcx: int, vm: Vm, kills_vm: bool) -> None:
+        """TDX_BUG_ON_1(status, seamcall, rcx, kvm) with a non-zero status on a live VM
+        (Linux 6.16: WARN_ON_ONCE and the error line, the VM left alive)."""
+        splat = seamcall not in self._sites
+        self._sites.add(seamcall)
+        self._count += 1
+        if kills_vm:
+            vm.dead = True
+        if len(self.events) < self.KEPT:
+            # pr_fmt is KBUILD_MODNAME ": ": tdx.c is part of kvm-intel.ko.
+            line = f"kvm_intel: SEAMCALL {seamcall} failed: 0x{status:x}, rcx 0x{rcx:x}"
+            self.events.append(KernelWarning(seamcall, status, rcx, line, splat, kills_vm))

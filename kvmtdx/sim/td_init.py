@@ -17,14 +17,20 @@ from kvmtdx.model.profiles import Host
 from kvmtdx.sim import mutants
 from kvmtdx.sim.facts import GPAW_FIELD, GPAW_LEAF, GPAW_SHIFT, WAITPKG, ZERO, Regs
 from kvmtdx.sim.mutants import Mutant
-from kvmtdx.sim.state import KeyIds, Vm
+from kvmtdx.sim.state import KernelLog, KeyIds, Vm
 from kvmtdx.sim.tables import CpuidTables, Row
-from kvmtdx.sim.tdx_module import TdxModule
+from kvmtdx.sim.tdx_module import TdParams, TdxModule
 from kvmtdx.sim.uaccess import copy_from_user, fail
 from kvmtdx.status import TdxStatus, status_class
 from kvmtdx.structs import FLAG_SIGNIFICANT_INDEX, KVM_MAX_CPUID_ENTRIES, CpuidEntry, InitVm, TdxCmd
 
 _GPAW_VALUES = (48, 52)
+# TD_PARAMS words KVM 7.3 sets (setup_tdparams): NO_RBP_MOD always, MAX_GPAW for GPAW 52;
+# EPTP memory type WB with a 4- or 5-level walk.
+_NO_RBP_MOD, _MAX_GPAW = 1 << 2, 1 << 0
+_EPTP_WB, _PWL_4, _PWL_5 = 6, 3, 4
+_KVM_MAX_VCPUS = 1024  # x86-64 KVM_MAX_VCPUS without CONFIG_MAXSMP
+_DEFAULT_TSC_KHZ = 2_100_000
 _LOW_32 = 0xFFFFFFFF
 _ALL_64 = 0xFFFFFFFFFFFFFFFF
 
@@ -34,8 +40,9 @@ class TdInit:
 
     def __init__(self, tables: CpuidTables, supported_attrs: int, supported_xfam: int,
                  host: Host, module: TdxModule, keys: KeyIds, bug: Mutant | None, *,
-                 kills_vm: bool) -> None:
+                 kills_vm: bool, log: KernelLog) -> None:
         self.tables = tables
+        self.log = log
         # The bits of attributes and XFAM KVM holds against what it supports (all 64).
         self.attributes_checked = _LOW_32 if bug is mutants.ATTRIBUTES_CHECKED_32_BITS else _ALL_64
         self.xfam_checked = _LOW_32 if bug is mutants.XFAM_CHECKED_32_BITS else _ALL_64
@@ -49,6 +56,9 @@ class TdInit:
         self.kills_vm = kills_vm
         self.nent_limit = KVM_MAX_CPUID_ENTRIES - (bug is mutants.NENT_LIMIT_OFF_BY_ONE)
         self.allowlist_errno = errno.EIO if bug is mutants.ALLOWLIST_REJECT_EIO else errno.EINVAL
+        # kvm->max_vcpus and default_tsc_khz, fixed for the host: worked out once.
+        self.max_vcpus = min(_KVM_MAX_VCPUS, _present_cpus(host))
+        self.tsc_frequency = _tsc_khz(host) // 25000
 
     def run(self, vm: Vm, cmd: TdxCmd) -> tuple[int, int]:
         """(errno, hw_error) of one KVM_TDX_INIT_VM (tdx_td_init).
@@ -68,10 +78,10 @@ class TdInit:
             if self.bug is mutants.TD_STATE_SET_BEFORE_CHECKS:
                 vm.initialized = True
             # (No vCPUs are ever created on a simulated TD, so no -EBUSY.)
-            values = self._setup_tdparams(init_vm)
+            values, gpaw = self._setup_tdparams(init_vm)
         except OSError as e:
             return e.errno or errno.EIO, 0
-        return self._tdx_td_init(vm, init_vm, values)
+        return self._tdx_td_init(vm, self._td_params(init_vm, values, gpaw))
 
     # ------------------------------------------------------------------
     # tdx_td_init: the request comes in.
@@ -104,18 +114,19 @@ class TdInit:
     # ------------------------------------------------------------------
     # setup_tdparams: what KVM itself refuses.
 
-    def _setup_tdparams(self, init_vm: InitVm) -> list[Regs]:
-        """The TD_PARAMS.CPUID_VALUES KVM builds, once attributes, XFAM and CPUID pass."""
+    def _setup_tdparams(self, init_vm: InitVm) -> tuple[list[Regs], int]:
+        """The TD_PARAMS.CPUID_VALUES KVM builds and the GPAW, once attributes, XFAM and
+        CPUID pass."""
         if init_vm.attributes & self.attributes_checked & ~self.supported_attrs:
             raise fail(errno.EINVAL)
         if init_vm.xfam & self.xfam_checked & ~self.supported_xfam:
             raise fail(errno.EINVAL)
         gpaw_entry, matched = self._find_entries(init_vm.entries)
-        self._setup_eptp_controls(gpaw_entry)
+        gpaw = self._setup_eptp_controls(gpaw_entry)
         values, count = self._setup_cpuids(matched)
         if count != init_vm.effective_nent and self.bug is not mutants.COUNT_CHECK_MISSING:
             raise fail(errno.EINVAL)  # an entry that landed on no module row
-        return values
+        return values, gpaw
 
     def _find_entries(self, entries: tuple[CpuidEntry, ...]
                       ) -> tuple[CpuidEntry | None, list[CpuidEntry | None]]:
@@ -165,7 +176,7 @@ class TdInit:
             matched.append(found)
         return matched
 
-    def _setup_eptp_controls(self, gpaw_entry: CpuidEntry | None) -> None:
+    def _setup_eptp_controls(self, gpaw_entry: CpuidEntry | None) -> int:
         """The guest physical address width: 48, or 52 with 5-level EPT."""
         if gpaw_entry is None:
             raise fail(errno.EINVAL)
@@ -174,6 +185,7 @@ class TdInit:
             gpaw in _GPAW_VALUES)
         if not valid or (gpaw == 52 and not self.host.ept_5level):
             raise fail(errno.EINVAL)
+        return gpaw
 
     def _setup_cpuids(self, matched: list[CpuidEntry | None]) -> tuple[list[Regs], int]:
         """Each row's values from its matched entry (zeros without one), and how many matched."""
@@ -220,7 +232,20 @@ class TdInit:
     # ------------------------------------------------------------------
     # __tdx_td_init: a key ID, then the TDX module.
 
-    def _tdx_td_init(self, vm: Vm, init_vm: InitVm, values: list[Regs]) -> tuple[int, int]:
+    def _td_params(self, init_vm: InitVm, values: list[Regs], gpaw: int) -> TdParams:
+        """TD_PARAMS as setup_tdparams fills them: the fixed-1 attributes and XFAM bits
+        ORed in, the vCPU limit and TSC of this host, EPTP and CONFIG_FLAGS from the GPAW."""
+        conf = self.module.td_conf
+        wide = gpaw == 52
+        return TdParams(
+            attributes=init_vm.attributes | conf.attributes_fixed1,
+            xfam=init_vm.xfam | conf.xfam_fixed1, cpuid_values=tuple(values),
+            max_vcpus=self.max_vcpus,
+            config_flags=_NO_RBP_MOD | (_MAX_GPAW if wide else 0),
+            eptp_controls=_EPTP_WB | (_PWL_5 if wide else _PWL_4) << 3,
+            tsc_frequency=self.tsc_frequency)
+
+    def _tdx_td_init(self, vm: Vm, params: TdParams) -> tuple[int, int]:
         # The TD takes a private key ID before the module sees it (a bug's TD may
         # still hold the one an earlier, refused INIT_VM took).
         key_id = vm.key_id if vm.key_id is not None else self.keys.alloc()
@@ -228,14 +253,13 @@ class TdInit:
             vm.initialized = False
             return errno.ENOSPC, 0
         vm.key_id = key_id
-        status = self.module.mng_init(init_vm.attributes, init_vm.xfam, values)
-        if status:
+        result = self.module.mng_init(params)
+        if result.status:
+            # Both failure paths tear the TD down (tdx_mmu_release_hkid): the key ID is freed.
             self._teardown(vm, key_id)
-            err, hw_error = self._map_status(status)
-            # TDX_BUG_ON_1: a status that is not the caller's operand kills the VM.
-            vm.dead = err == errno.EIO and self.kills_vm
-            return err, hw_error
+            return self._map_status(vm, result.status, result.rcx)
         vm.initialized = True
+        vm.mng_init = result
         return 0, 0
 
     def _teardown(self, vm: Vm, key_id: int) -> None:
@@ -248,8 +272,28 @@ class TdInit:
             self.keys.release(key_id)
         vm.key_id = None
 
-    def _map_status(self, status: int) -> tuple[int, int]:
-        """(errno, hw_error) of a failed TDH.MNG.INIT: only an invalid operand is the caller's."""
+    def _map_status(self, vm: Vm, status: int, rcx: int) -> tuple[int, int]:
+        """(errno, hw_error) of a failed TDH.MNG.INIT (__tdx_td_init).
+
+        TDX_OPERAND_INVALID is the caller's: -EINVAL and the status in hw_error.  Anything
+        else is TDX_BUG_ON_1: a WARN, the error logged, the VM dead (Linux 6.19 on), -EIO
+        and hw_error left as the caller passed it (0)."""
+        if self.bug is mutants.MODULE_STATUS_ALWAYS_EINVAL:
+            return errno.EINVAL, status
         if status_class(status) == TdxStatus.TDX_OPERAND_INVALID:
             return errno.EINVAL, 0 if self.bug is mutants.HW_ERROR_NOT_COPIED else status
+        self.log.tdx_bug_on("TDH_MNG_INIT", status, rcx, vm, self.kills_vm)
         return errno.EIO, 0
+
+
+def _present_cpus(host: Host) -> int:
+    """num_present_cpus(): the logical processors the host's CPUID 0x1F levels count."""
+    counts = [host.cpuid(0x1F, s)[1] & 0xFFFF for s in range(6)
+              if host.cpuid(0x1F, s)[2] >> 8 & 0xFF]
+    return max([1, *counts])
+
+
+def _tsc_khz(host: Host) -> int:
+    """The host's TSC in kHz (KVM's default_tsc_khz), from CPUID 0x15's crystal and ratio."""
+    den, num, crystal, _ = host.cpuid(0x15, None)
+    return crystal * num // den // 1000 if den and num and crystal else _DEFAULT_TSC_KHZ

@@ -16,7 +16,7 @@ from kvmtdx.model.policy import Policy
 from kvmtdx.model.profiles import Host
 from kvmtdx.sim import mutants
 from kvmtdx.sim.mutants import Mutant
-from kvmtdx.sim.state import KeyIds, Vm
+from kvmtdx.sim.state import KernelLog, KeyIds, Vm
 from kvmtdx.sim.tables import CpuidTables, supported_attrs, supported_xfam
 from kvmtdx.sim.td_init import TdInit
 from kvmtdx.sim.tdx_module import TdxModule
@@ -28,7 +28,7 @@ class Tdx:
     """KVM's TDX support on a host running `module`, under `policy` (and `bug`)."""
 
     def __init__(self, module: TdxModule, host: Host, policy: Policy, keys: KeyIds,
-                 bug: Mutant | None) -> None:
+                 bug: Mutant | None, log: KernelLog) -> None:
         self.policy = policy
         self.keys = keys
         self.bug = bug
@@ -39,7 +39,7 @@ class Tdx:
         self.nent = len(conf.cpuid_config)
         self.caps_bytes = layout.pack_capabilities(self._capabilities())
         self.td_init = TdInit(self.tables, self.supported_attrs, self.supported_xfam, host,
-                              module, keys, bug, kills_vm=policy.module_error_kills_vm)
+                              module, keys, bug, kills_vm=policy.module_error_kills_vm, log=log)
 
     def memory_encrypt_op(self, vm: Vm, arg: int) -> int:
         """tdx_vm_ioctl."""

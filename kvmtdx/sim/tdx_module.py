@@ -1,18 +1,56 @@
 """The simulated host's own TDX module: what it reports to KVM, and TDH.MNG.INIT.
 
-KVM sees the module only through what it reports (`TdConf`, the kernel's
-tdx_sys_info_td_conf plus the CPUID_CONFIG rows) and through the status
-TDH.MNG.INIT returns on the TD_PARAMS KVM built.
+Built from the module's converted tables (`kvmtdx.model.tdx_module_tables`, data
+only) on one host: `tdx_platform` does TDH.SYS.INIT / TDH.SYS.CONFIG, this file the
+TD configuration checks of TDH.MNG.INIT (tdh_mng_init.c read_and_set_td_configurations,
+helpers.c verify_td_attributes, check_xfam, verify_td_config_flags,
+verify_and_set_td_eptp_controls) and `tdx_cpuid` its CPUID part.  KVM sees the module
+only through what it reports (`TdConf`: the kernel's tdx_sys_info_td_conf plus the
+CPUID_CONFIG rows) and through the status TDH.MNG.INIT returns.
+
+What KVM 7.3 always zeroes in TD_PARAMS (reserved bytes, NUM_L2_VMS, MSR_CONFIG_CTLS,
+IA32_ARCH_CAPABILITIES_CONFIG, the 2.0 event filters) is not an input here, nor is
+host state a request cannot change (IA32_TSC_ADJUST, MISC_ENABLE, TDCS pages).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from kvmtdx.model.profiles import Host, ModuleProfile, effective_xfam_fixed0, enumerated
-from kvmtdx.sim.facts import ATTR_PKS, HLE, PKS, RTM, ZERO, Regs
-from kvmtdx.status import Operand, TdxStatus, operand_invalid
-from kvmtdx.structs import REGISTERS
+from kvmtdx.model.tdx_module_tables import ModuleTables
+from kvmtdx.sim.tdx_cpuid import (
+    ATTR_MIGRATABLE,
+    ATTR_PERFMON,
+    FLAG_GPAW,
+    FLAG_MAXGPA_VIRT,
+    FLAG_MAXPA_VIRT,
+    NO_SUBLEAF,
+    TDX_OPERAND_INVALID,
+    CpuidProcessor,
+    Refusal,
+    Td,
+    unpack,
+)
+from kvmtdx.sim.tdx_platform import CpuHost, Platform, Regs, generation_of, sys_init
+from kvmtdx.status import Operand
+
+OPERAND_ATTRIBUTES = int(Operand.ATTRIBUTES)
+OPERAND_XFAM = int(Operand.XFAM)
+OPERAND_EXEC_CONTROLS = int(Operand.EXEC_CONTROLS)
+OPERAND_EPTP_CONTROLS = int(Operand.EPTP_CONTROLS)
+OPERAND_MAX_VCPUS = int(Operand.MAX_VCPUS)
+OPERAND_TSC_FREQUENCY = int(Operand.TSC_FREQUENCY)
+
+ATTR_DEBUG = 1 << 0
+ATTR_ICSSD = 1 << 16
+FLAG_NO_RBP_MOD = 1 << 2
+# XFAM bits check_xfam pairs up (x86_defs.h ia32_xcr0_t).
+XFAM_AVX, XFAM_AVX512 = 1 << 2, (1 << 5 | 1 << 6 | 1 << 7)
+XFAM_CET, XFAM_AMX = (1 << 11 | 1 << 12), (1 << 17 | 1 << 18)
+# EPTP (x86_defs.h ia32e_eptp_t; MT_WB 6, LVL_PML4 3, LVL_PML5 4).
+EPTP_MT_WB, PWL_4, PWL_5 = 6, 3, 4
+EPTP_DEFAULT = EPTP_MT_WB | PWL_4 << 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,7 +64,7 @@ class ConfigRow:
 
 @dataclass(frozen=True, slots=True)
 class TdConf:
-    """What the module reports about the TDs it can build, on this host."""
+    """What the module reports about the TDs it can build, on this host (TDH.SYS.RD)."""
 
     attributes_fixed0: int
     attributes_fixed1: int
@@ -35,61 +73,125 @@ class TdConf:
     cpuid_config: tuple[ConfigRow, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class TdParams:
+    """The TD_PARAMS fields TDH.MNG.INIT reads that KVM fills in."""
+
+    attributes: int
+    xfam: int
+    cpuid_values: tuple[Regs, ...]  # one per CPUID_CONFIG row, in row order
+    max_vcpus: int = 1
+    config_flags: int = FLAG_NO_RBP_MOD
+    eptp_controls: int = EPTP_DEFAULT
+    tsc_frequency: int = 84  # 2.1 GHz in units of 25 MHz
+
+
+@dataclass(frozen=True, slots=True)
+class MngInit:
+    """TDH.MNG.INIT's answer: the status, RCX, and on success the TD's CPUID."""
+
+    status: int
+    rcx: int = 0
+    # TDCS CPUID_VALUES per cpuid_lookup entry, packed (tdx_cpuid.pack), and their keys.
+    values: tuple[int, ...] = ()
+    keys: tuple[tuple[int, int | None], ...] = ()
+    # Entries whose CPUID_VALID is 0 (1.5.x faulting leaves): the TD gets #VE there.
+    faulting: frozenset[tuple[int, int | None]] = frozenset()
+
+    @property
+    def cpuid(self) -> Mapping[tuple[int, int | None], Regs]:
+        """The TD's CPUID per (leaf, sub-leaf or None): what KVM_TDX_GET_CPUID reads later."""
+        return {k: unpack(v) for k, v in zip(self.keys, self.values, strict=True)}
+
+
 class TdxModule:
-    """The TDX module `profile` running on `host`."""
+    """The TDX module of `tables` after TDH.SYS.INIT on `host`."""
 
-    def __init__(self, profile: ModuleProfile, host: Host) -> None:
-        self.profile = profile
+    def __init__(self, tables: ModuleTables, host: CpuHost) -> None:
+        self.tables = tables
         self.host = host
-        self.xfam_fixed0 = effective_xfam_fixed0(profile, host)
+        self.generation = generation_of(tables.version)
+        self.platform: Platform = sys_init(tables, host)
+        p = self.platform
         self.td_conf = TdConf(
-            attributes_fixed0=profile.attributes_fixed0,
-            attributes_fixed1=profile.attributes_fixed1,
-            xfam_fixed0=self.xfam_fixed0,
-            xfam_fixed1=profile.xfam_fixed1,
+            attributes_fixed0=p.attributes_fixed0, attributes_fixed1=p.attributes_fixed1,
+            xfam_fixed0=p.xfam_fixed0, xfam_fixed1=p.xfam_fixed1,
             cpuid_config=tuple(
-                ConfigRow(leaf=r.leaf, subleaf=r.module_subleaf, values=v)
-                for r, v in zip(profile.rows, enumerated(profile, host), strict=True)),
-        )
-        self.allows: tuple[Regs, ...] = tuple(r.module_allows() for r in profile.rows)
-        self.leaf1 = profile.row_index(1, None)
-        self.leaf7 = profile.row_index(7, 0)
-        self.gates = tuple(
-            (g.xfam, profile.row_index(g.leaf, g.subleaf), REGISTERS.index(g.register), g.mask)
-            for g in profile.xfam_gates
-        )
-        self.fms = host.native_fms()
+                ConfigRow(r.leaf, NO_SUBLEAF if r.subleaf is None else r.subleaf, v)
+                for r, v in zip(tables.configurable, p.cpuid_config, strict=True)))
+        self.cpuid = CpuidProcessor(tables, self.generation, p)
+        self.min_pa_pml5 = tables.const("MIN_PA_FOR_PML5")
 
-    def mng_init(self, attributes: int, xfam: int, values: list[Regs]) -> int:
-        """TDH.MNG.INIT's status on TD_PARAMS.
+    def mng_init(self, params: TdParams) -> MngInit:
+        """TDH.MNG.INIT on TD_PARAMS; the first failing rule in the module's order decides."""
+        status = self._td_configuration(params)
+        if status:
+            return MngInit(status)
+        td = Td(attributes=params.attributes, xfam=params.xfam,
+                config_flags=params.config_flags, tsc_frequency=params.tsc_frequency,
+                config_values=params.cpuid_values, values=[])
+        try:
+            self.cpuid.run(td)
+        except Refusal as r:
+            return MngInit(r.status, r.rcx)
+        return MngInit(0, values=tuple(td.values), keys=self.cpuid.keys,
+                       faulting=self.cpuid.faulting)
 
-        Row values arrive in the module's row order (zeros for rows KVM found
-        no entry for), as TD_PARAMS.CPUID_VALUES carries them.
-        """
-        p = self.profile
-        td_attributes = attributes | p.attributes_fixed1
-        td_xfam = xfam | p.xfam_fixed1
-        if td_attributes & ~p.attributes_fixed0:
-            return operand_invalid(Operand.ATTRIBUTES)
-        if td_xfam & ~self.xfam_fixed0:
-            return operand_invalid(Operand.XFAM)
-        for (a, b, c, d), (ma, mb, mc, md) in zip(values, self.allows, strict=True):
-            if a & ~ma or b & ~mb or c & ~mc or d & ~md:
-                return operand_invalid(Operand.CPUID_CONFIG)
-        leaf1 = ZERO if self.leaf1 is None else values[self.leaf1]
-        leaf7 = ZERO if self.leaf7 is None else values[self.leaf7]
-        # CPUID(1).EAX: 0 asks for the native family/model/stepping.
-        if leaf1[0] and leaf1[0] != self.fms:
-            return operand_invalid(Operand.CPUID_CONFIG)
-        if bool(leaf7[1] & HLE) != bool(leaf7[1] & RTM):
-            return operand_invalid(Operand.CPUID_CONFIG)
-        if bool(leaf7[2] & PKS) != bool(td_attributes & ATTR_PKS):
-            return operand_invalid(Operand.CPUID_CONFIG)
-        for gate_xfam, row, register, mask in self.gates:
-            if td_xfam & gate_xfam != gate_xfam and row is not None and (
-                    values[row][register] & mask):
-                return operand_invalid(Operand.CPUID_CONFIG)
-        if leaf7[1] & HLE and not self.host.tsx_ctrl:
-            return int(TdxStatus.TDX_INCORRECT_MSR_VALUE)
-        # An allow_direct bit the CPU lacks is dropped silently, not refused.
+    # ------------------------------------------------------------------
+    # read_and_set_td_configurations, in its order.
+
+    def _td_configuration(self, params: TdParams) -> int:
+        if not self._attributes_ok(params.attributes):
+            return TDX_OPERAND_INVALID + OPERAND_ATTRIBUTES
+        if not self._xfam_ok(params.xfam):
+            return TDX_OPERAND_INVALID + OPERAND_XFAM
+        limit = self.tables.max_vcpus_per_td
+        if params.max_vcpus == 0 or (self.generation.max_vcpus_limit and limit is not None
+                                     and params.max_vcpus > limit):
+            return TDX_OPERAND_INVALID + OPERAND_MAX_VCPUS
+        if not self._config_flags_ok(params.config_flags):
+            return TDX_OPERAND_INVALID + OPERAND_EXEC_CONTROLS
+        if not self._eptp_ok(params.eptp_controls, params.config_flags):
+            return TDX_OPERAND_INVALID + OPERAND_EPTP_CONTROLS
+        t = self.tables
+        if not t.tsc_frequency_min <= params.tsc_frequency <= t.tsc_frequency_max:
+            return TDX_OPERAND_INVALID + OPERAND_TSC_FREQUENCY
         return 0
+
+    def _attributes_ok(self, a: int) -> bool:
+        """verify_td_attributes: fixed bits; a MIGRATABLE TD is neither DEBUG nor PERFMON."""
+        p = self.platform
+        if a & ~p.attributes_fixed0 or a & p.attributes_fixed1 != p.attributes_fixed1:
+            return False
+        if a & ATTR_MIGRATABLE and a & (ATTR_DEBUG | ATTR_PERFMON):
+            return False
+        return not (self.generation.perfmon_icssd and a & ATTR_PERFMON and a & ATTR_ICSSD)
+
+    def _xfam_ok(self, x: int) -> bool:
+        """check_xfam: allowed bits, fixed-1 bits, and the bit groups that go together."""
+        p = self.platform
+        if x & ~p.xfam_fixed0 or x & p.xfam_fixed1 != p.xfam_fixed1:
+            return False
+        if x & XFAM_AVX512 and not x & XFAM_AVX:
+            return False
+        return all(x & group in (0, group) for group in (XFAM_AVX512, XFAM_CET, XFAM_AMX))
+
+    def _config_flags_ok(self, f: int) -> bool:
+        """verify_td_config_flags (2.0 also: MAXPA_VIRT and MAXGPA_VIRT exclude each other)."""
+        p = self.platform
+        if f & ~p.config_flags_fixed0 or f & p.config_flags_fixed1 != p.config_flags_fixed1:
+            return False
+        both = FLAG_MAXPA_VIRT | FLAG_MAXGPA_VIRT
+        return not (self.generation.maxpa_flags and f & both == both)
+
+    def _eptp_ok(self, e: int, flags: int) -> bool:
+        """verify_and_set_td_eptp_controls."""
+        pwl = e >> 3 & 7
+        max_pwl = PWL_5 if self.platform.pml5 else PWL_4
+        # MT, page-walk length, A/D, SSS, reserved 11:8, base address 51:12, reserved 63:52.
+        if e & 7 != EPTP_MT_WB or not PWL_4 <= pwl <= max_pwl or e >> 6:
+            return False
+        if self.generation.pml5_needs_min_pa and pwl == PWL_5 and (
+                self.platform.max_pa < self.min_pa_pml5):
+            return False
+        return not (flags & FLAG_GPAW and pwl < PWL_5)

@@ -312,6 +312,13 @@ KT_EXPORT int kt_vm_ioctl(struct kt_host *h, struct kt_vm *vm, u64 argp)
 	return tdx_vm_ioctl(&vm->tdx.kvm, (void *)(uintptr_t)argp);
 }
 
+/* kvm_vm_ioctl's first test, for the ioctls kvmtdx answers itself (KVM_CHECK_EXTENSION). */
+KT_EXPORT int kt_vm_dead(struct kt_host *h, struct kt_vm *vm)
+{
+	kt_enter(h);
+	return vm->tdx.kvm.vm_dead;
+}
+
 KT_EXPORT void kt_vm_free(struct kt_host *h, struct kt_vm *vm)
 {
 	kt_enter(h);
