@@ -5,10 +5,11 @@
                    each: TDs, INIT_VM and KVM_TDX_CAPABILITIES calls, calls per second,
                    findings (must be none)
   mutants          every seeded kernel change (kvmtdx.sim.mutants) on module 2.0 under the
-                   first policy it names, one run of the default budget per seed: TDs and
-                   seconds until the first failing finding, the findings, and the largest
-                   shrunk finding (calls on its TD, CPUID entries of its biggest request);
-                   the fix must come back with stricter findings only
+                   first policy it names, per seed: TDs and seconds until the first failing
+                   finding (the run stops there, as --first does), the findings shrunk by
+                   then, the smallest and the largest of them (CPUID entries of its biggest
+                   request) and the most calls on one TD; a fix runs the whole default
+                   budget and must come back with stricter findings only
 
 The margin printed last is the default budget over the most TDs any mutant needed under any
 seed.  Exit status 1 when a correct kernel has a finding, a bug is missed or the fix fails.
@@ -24,7 +25,7 @@ import time
 from dataclasses import dataclass
 
 from kvmtdx.cli.fuzz import DEFAULT_SECONDS, DEFAULT_TDS
-from kvmtdx.fuzz import Budget, FuzzOptions, FuzzReport, run_fuzz
+from kvmtdx.fuzz import Budget, Finding, FuzzOptions, FuzzReport, run_fuzz
 from kvmtdx.fuzz.scenario import init_vm_steps
 from kvmtdx.knowledge import given
 from kvmtdx.model.policy import POLICY_NAMES
@@ -39,20 +40,17 @@ class Run:
     seconds: float
 
 
-def fuzz(spec: str, seed: int, tds: int) -> Run:
+def fuzz(spec: str, seed: int, tds: int, *, first: bool = False) -> Run:
     backend = open_backend(simulate=spec)
     start = time.perf_counter()
     report = run_fuzz(backend, given(backend.simulation),
-                      FuzzOptions(Budget(tds, DEFAULT_SECONDS), seed))
+                      FuzzOptions(Budget(tds, DEFAULT_SECONDS, first), seed))
     return Run(report, time.perf_counter() - start)
 
 
-def largest(report: FuzzReport) -> tuple[int, int]:
-    """(calls, CPUID entries of the biggest request) over the findings."""
-    calls = max((len(f.scenario) for f in report.findings), default=0)
-    entries = max((len(r.init_vm.entries) for f in report.findings
-                   for r in init_vm_steps(f.scenario)), default=0)
-    return calls, entries
+def entries(f: Finding) -> int:
+    """CPUID entries of the finding's biggest request."""
+    return max((len(r.init_vm.entries) for r in init_vm_steps(f.scenario)), default=0)
 
 
 def correct_kernels(tds: int) -> bool:
@@ -71,33 +69,47 @@ def correct_kernels(tds: int) -> bool:
     return ok
 
 
-def mutant_row(m: Mutant, seeds: int, tds: int) -> tuple[bool, int]:
-    """One line per mutant; whether it was judged right and the most TDs it needed."""
-    spec = f"2.0:{m.policies[0]}:{m.name}"
-    found_tds: list[str] = []
-    worst, ok = 0, True
-    findings, calls, entries, seconds = 0, 0, 0, 0.0
-    for seed in range(1, seeds + 1):
-        r = fuzz(spec, seed, tds)
-        failing = r.report.failing()
-        c, e = largest(r.report)
-        calls, entries = max(calls, c), max(entries, e)
-        findings = max(findings, len(r.report.findings))
-        if m.fix:
-            ok &= not failing and bool(r.report.stricter())
-            found_tds.append(f"{len(r.report.stricter())} stricter")
-            continue
+@dataclass
+class Row:
+    found: list[str]
+    worst: int = 0
+    seconds: float = 0.0
+    findings: int = 0
+    calls: int = 0
+    smallest: int = 0
+    largest: int = 0
+    ok: bool = True
+
+    def add(self, fix: bool, report: FuzzReport) -> None:
+        failing = report.failing()
+        self.findings = max(self.findings, len(report.findings))
+        self.calls = max([self.calls, *(len(f.scenario) for f in report.findings)])
+        self.largest = max([self.largest, *(entries(f) for f in report.findings)])
+        if fix:
+            self.ok &= not failing and bool(report.stricter())
+            self.found.append(f"{len(report.stricter())} stricter")
+            return
         first = min(failing, key=lambda f: f.found_after_tds, default=None)
         if first is None:
-            ok = False
-            found_tds.append("MISSED")
-            continue
-        worst = max(worst, first.found_after_tds)
-        seconds = max(seconds, first.found_after_seconds)
-        found_tds.append(str(first.found_after_tds))
-    print(f"  {m.name:<38} {'/'.join(found_tds):<18} {seconds:>6.2f} {findings:>8} "
-          f"{calls:>5} {entries:>7}")
-    return ok, worst
+            self.ok = False
+            self.found.append("MISSED")
+            return
+        self.smallest = max(self.smallest, min(entries(f) for f in failing))
+        self.worst = max(self.worst, first.found_after_tds)
+        self.seconds = max(self.seconds, first.found_after_seconds)
+        self.found.append(str(first.found_after_tds))
+
+
+def mutant_row(m: Mutant, seeds: int, tds: int) -> Row:
+    """One line per mutant, over the seeds."""
+    row = Row([])
+    for seed in range(1, seeds + 1):
+        # A bug's run stops at its first discrepancy (--first): the search up to there is
+        # the default run's.  A fix runs the whole budget.
+        row.add(m.fix, fuzz(f"2.0:{m.policies[0]}:{m.name}", seed, tds, first=not m.fix).report)
+    print(f"  {m.name:<38} {'/'.join(row.found):<26} {row.seconds:>6.2f} {row.findings:>8} "
+          f"{row.calls:>5} {row.smallest:>8} {row.largest:>7}")
+    return row
 
 
 def main() -> int:
@@ -110,14 +122,15 @@ def main() -> int:
     chosen = [m for m in CATALOGUE if not a.mutant or m.name in a.mutant]
     print(f"\nmutants on module 2.0, default budget ({a.max_tds} TDs), seeds 1-{a.seeds}: TDs "
           "to the first failing finding per seed, the most seconds, the most findings, the "
-          "largest shrunk finding (calls, entries)")
-    print(f"  {'mutant':<38} {'TDs per seed':<18} {'s':>6} {'findings':>8} {'calls':>5} "
-          f"{'entries':>7}")
+          "most calls on one TD, the most entries of a bug's smallest failing finding, the "
+          "most entries of any finding")
+    print(f"  {'mutant':<38} {'TDs per seed':<26} {'s':>6} {'findings':>8} {'calls':>5} "
+          f"{'smallest':>8} {'largest':>7}")
     worst = 0
     for m in chosen:
-        good, w = mutant_row(m, a.seeds, a.max_tds)
-        ok &= good
-        worst = max(worst, w)
+        row = mutant_row(m, a.seeds, a.max_tds)
+        ok &= row.ok
+        worst = max(worst, row.worst)
     if worst:
         print(f"\nmost TDs any bug needed: {worst}; default budget {a.max_tds}: "
               f"{a.max_tds / worst:.1f}x margin")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,15 @@ from helpers import run_cli
 from kvmtdx import layout
 from kvmtdx.errors import ExitCode
 from kvmtdx.fuzz import Budget, End, FuzzOptions, FuzzReport, run_fuzz
-from kvmtdx.fuzz.judge import CapsAnswer, Model, Observed, Verdict, difference, judge
+from kvmtdx.fuzz.judge import (
+    CapsAnswer,
+    Model,
+    Observed,
+    TdCpuid,
+    Verdict,
+    difference,
+    judge,
+)
 from kvmtdx.fuzz.minimise import minimise
 from kvmtdx.fuzz.replay import FUZZ_CASE_KIND
 from kvmtdx.fuzz.scenario import CapsCall, Scenario
@@ -355,3 +364,56 @@ def test_the_last_cut_keeps_only_what_shows_the_group() -> None:
     assert len(best) == 1 and isinstance(best[0], Request)
     assert set(best[0].init_vm.entries) == set(keep)
     assert len(tries) < 60
+
+
+# ---------------------------------------------------------------------------
+# What lies behind an answer: the kernel WARN, and the TD's CPUID.
+
+RFC = Model(UPSTREAM.module, MAX_HOST, get_policy("rfc-v2"),
+            mirror.reported_entries(UPSTREAM.module, MAX_HOST, get_policy("rfc-v2")))
+FULL = mirror.full_request(RFC.module, MAX_HOST, RFC.policy)
+
+
+def _malformed_topology() -> Request:
+    """0x1F with its SMT level zero and a core level at sub-leaf 1: the module's status is
+    not an operand's, so Linux 7.3 answers -EIO with a WARN."""
+    core = (7, 0x70, 1 | 2 << 8, 0)
+    entries = tuple(replace(e, eax=core[0], ebx=core[1], ecx=core[2], edx=core[3])
+                    if (e.function, e.index) == (0x1F, 1) else
+                    replace(e, eax=0, ebx=0, ecx=0, edx=0)
+                    if (e.function, e.index) == (0x1F, 0) else e for e in FULL.init_vm.entries)
+    return replace(FULL, init_vm=replace(FULL.init_vm, entries=entries))
+
+
+def test_the_warn_replaced_by_module_rejected_is_stricter() -> None:
+    req = _malformed_topology()
+    pred = mirror.init_vm_prediction(RFC.module, MAX_HOST, RFC.policy, req, detail=False)
+    assert pred.warns and pred.outcome.errno == 5 and pred.status
+    fixed = Outcome.classify(22, pred.status)
+    (d,) = judge(RFC, (req,), Observed((fixed,), (0,), 0, (0,))).departures
+    assert d.verdict is Verdict.STRICTER and d.note == invariant.WARN_FIXED_NOTE
+    # The same answer without the WARN is stricter too; a WARN where none is predicted is not.
+    (d,) = judge(RFC, (req,), Observed((pred.outcome,), (0,), 0, (0,))).departures
+    assert d.verdict is Verdict.STRICTER and d.call.value == "kernel_warn"
+    accepted = Outcome.classify(0, 0)
+    (d,) = judge(RFC, (FULL,), Observed((accepted,), (1,), 0, (1,))).departures
+    assert (d.call.value, d.verdict) == ("kernel_warn", Verdict.DIFFERS)
+
+
+def test_an_accepted_tds_cpuid_is_held_to_the_effective_cpuid() -> None:
+    pred = mirror.init_vm_prediction(RFC.module, MAX_HOST, RFC.policy, FULL, explain=False)
+    assert pred.effective
+    accepted = Outcome.classify(0, 0)
+
+    def seen(values: dict[tuple[int, int | None], tuple[int, int, int, int]]) -> Observed:
+        return Observed((accepted,), (1,), 0, (0,), (TdCpuid(values, pred.faulting),))
+
+    same = dict(pred.effective)
+    assert judge(RFC, (FULL,), seen(same)).departures == ()
+    a, b, c, d = same[(7, 0)]
+    (dep,) = judge(RFC, (FULL,), seen({**same, (7, 0): (a, b, c ^ 1 << 5, d)})).departures
+    assert dep.call.value == "td_cpuid" and dep.verdict is Verdict.DIFFERS
+    assert "leaf 0x7.0 ECX" in dep.actual
+    # A host inferred from the capabilities cannot say what the CPU itself gives the TD.
+    inferred = replace(RFC, host_exact=False)
+    assert judge(inferred, (FULL,), seen({**same, (7, 0): (a, b, c ^ 1, d)})).departures == ()

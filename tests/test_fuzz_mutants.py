@@ -20,12 +20,17 @@ from helpers import run_cli
 
 from kvmtdx.cli.fuzz import DEFAULT_TDS
 from kvmtdx.errors import ExitCode
+from kvmtdx.fuzz.judge_init_vm import NO_WARN_NOTE
+from kvmtdx.model import invariant
 from kvmtdx.model.policy import POLICY_NAMES
 from kvmtdx.model.profiles import BUNDLED_MODULES
 from kvmtdx.sim.mutants import CATALOGUE, Mutant
 
 BUGS = [m for m in CATALOGUE if not m.fix]
 FIXES = [m for m in CATALOGUE if m.fix]
+# What each fix's stricter findings say.
+WHY = {"denylist_checks_row_index": invariant.HOLE_CLOSED_NOTE,
+       "module_status_always_einval": invariant.WARN_FIXED_NOTE}
 # "A request of at most a few entries": the smallest finding of each bug has at most
 # SMALLEST entries; none has more than a steered entry needs with a little company (every
 # row of a multi-row leaf but one flagged, 0x1F's five, the unflagged one, GPAW's, and a
@@ -95,6 +100,9 @@ def test_a_fix_runs_the_default_budget_with_stricter_findings_only(
     assert r.rc == ExitCode.PASS and doc["budget"]["max_tds"] == DEFAULT_TDS
     assert doc["summary"]["tds"] == DEFAULT_TDS and doc["summary"]["failing"] == 0
     assert doc["findings"] and {f["verdict"] for f in doc["findings"]} == {"stricter"}
+    notes = {f["note"] for f in doc["findings"]}
+    assert WHY[fix.name] in notes and notes <= set(WHY.values()) | {invariant.STRICTER_NOTE,
+                                                                     NO_WARN_NOTE}
 
 
 @pytest.mark.parametrize("policy", POLICY_NAMES)

@@ -159,7 +159,7 @@ class Engine:
             self._seen[d.group] = _Seen(cut, d, self.tally.tds, now, self.tally.tds)
             return
         seen.seen += 1
-        if size(cut) <= size(seen.scenario):
+        if size(cut) < size(seen.scenario):
             seen.scenario, seen.discrepancy, seen.best_tds = cut, d, self.tally.tds
 
     def _class(self, group: tuple[str, ...]) -> type[Departure]:
