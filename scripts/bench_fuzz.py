@@ -87,7 +87,7 @@ class Row:
         self.largest = max([self.largest, *(entries(f) for f in report.findings)])
         if fix:
             self.ok &= not failing and bool(report.stricter())
-            self.found.append(f"{len(report.stricter())} stricter")
+            self.found.append(f"{len(report.stricter())}s")
             return
         first = min(failing, key=lambda f: f.found_after_tds, default=None)
         if first is None:
@@ -121,7 +121,8 @@ def main() -> int:
     ok = True if a.mutant else correct_kernels(a.max_tds)
     chosen = [m for m in CATALOGUE if not a.mutant or m.name in a.mutant]
     print(f"\nmutants on module 2.0, default budget ({a.max_tds} TDs), seeds 1-{a.seeds}: TDs "
-          "to the first failing finding per seed, the most seconds, the most findings, the "
+          "to the first failing finding per seed (a fix: Ns, its N stricter findings over the "
+          "whole budget), the most seconds, the most findings, the "
           "most calls on one TD, the most entries of a bug's smallest failing finding, the "
           "most entries of any finding")
     print(f"  {'mutant':<38} {'TDs per seed':<26} {'s':>6} {'findings':>8} {'calls':>5} "

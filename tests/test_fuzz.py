@@ -268,6 +268,7 @@ def test_fuzz_needs_a_module_profile_to_predict_by(capsys: pytest.CaptureFixture
     (["--seed", "x"], "--seed"),
     (["--db", "d", "--no-db"], "--no-db"),
     (["--replay", "r.json", "--seed", "1"], "--seed has no effect"),
+    (["--replay", "r.json", "--max-tds", "5"], "--max-tds has no effect"),
 ])
 def test_bad_options_are_one_line(capsys: pytest.CaptureFixture[str], argv: list[str],
                                   says: str) -> None:

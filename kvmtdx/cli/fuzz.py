@@ -82,10 +82,10 @@ def arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=_seed, metavar="N",
                    help="the run's seed (default: a random one, printed): the same seed, "
                         "backend and database make the same run")
-    g.add_argument("--max-tds", type=_count, default=DEFAULT_TDS, metavar="N",
+    g.add_argument("--max-tds", type=_count, metavar="N",
                    help=f"stop searching after N TDs (default {DEFAULT_TDS}); shrinking what "
                         "was found takes more, reported apart")
-    g.add_argument("--time", type=_seconds, default=DEFAULT_SECONDS, metavar="SECONDS",
+    g.add_argument("--time", type=_seconds, metavar="SECONDS",
                    help=f"stop searching after SECONDS (default {DEFAULT_SECONDS:g})")
     g.add_argument("--first", action="store_true",
                    help="stop searching at the first discrepancy (it is still shrunk)")
@@ -97,7 +97,7 @@ def arguments(p: argparse.ArgumentParser) -> None:
                         "init-vm --request' replays, or (with KVM_TDX_CAPABILITIES calls) a "
                         "fuzz case 'kvmtdx fuzz --replay' replays (DIR is created)")
     db = g.add_mutually_exclusive_group()
-    db.add_argument("--db", metavar="DIR",
+    db.add_argument("--db", metavar="DIR", type=output_directory("--db"),
                     help="keep hypothesis's failing examples under DIR (default: the kvmtdx "
                          "cache directory), so a later run tries them first")
     db.add_argument("--no-db", action="store_true", help="keep no failing examples")
@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     from kvmtdx import fuzz
 
     fuzz.require_hypothesis()
-    budget = fuzz.Budget(args.max_tds, args.time, args.first)
+    budget = fuzz.Budget(args.max_tds or DEFAULT_TDS, args.time or DEFAULT_SECONDS, args.first)
     options = fuzz.FuzzOptions(budget, _seed_of(args), _database(args), args.fail_on_stricter)
     backend = open_session(args)
     tty = sys.stderr.isatty()
@@ -144,10 +144,12 @@ def _replay(args: argparse.Namespace) -> int:
     from kvmtdx.fuzz import run_replay
     from kvmtdx.fuzz.replay import load_case
 
-    for option in ("seed", "db"):
-        if getattr(args, option) is not None:
-            raise DataError(f"--{option} has no effect with --replay, which sends saved cases "
-                            "as they are")
+    searching = {"--seed": args.seed, "--max-tds": args.max_tds, "--time": args.time,
+                 "--first": args.first or None, "--db": args.db, "--no-db": args.no_db or None}
+    for option, value in searching.items():
+        if value is not None:
+            raise DataError(f"{option} has no effect with --replay, which sends saved cases "
+                            "as they are, with no search")
     cases = [(path, load_case(path)) for path in args.replay]
     backend = open_session(args)
     report = run_replay(backend, given_from(args, backend), cases,
@@ -165,11 +167,18 @@ def _seed_of(args: argparse.Namespace) -> int:
 
 
 def _database(args: argparse.Namespace) -> Path | None:
+    """--db, else the cache directory's fuzz/ where it can be made (else none: a run does
+    not fail for want of a cache)."""
     if args.no_db:
         return None
     if args.db:
         return Path(args.db)
-    return cache_root() / "fuzz"
+    root = cache_root() / "fuzz"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return root if os.access(root, os.W_OK | os.X_OK) else None
 
 
 def cache_root() -> Path:

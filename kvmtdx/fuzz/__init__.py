@@ -15,6 +15,7 @@ saved findings (`run_replay`) does not.
 from __future__ import annotations
 
 import hashlib
+import platform
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,11 +88,13 @@ def _ground(o: _Opened) -> Ground:
 
 
 def database_for(root: Path, backend: Backend, model: Model) -> Path:
-    """One hypothesis database per backend, module, host and policy: a failure saved for one
-    kernel is no failure of another, and replaying it there would delete it."""
+    """One hypothesis database per kernel (backend and release), module, host and policy: a
+    failure saved for one kernel is no failure of another, and replaying it there would
+    delete it."""
     policy = model.policy
     allow = policy.allowlist.name if policy.allowlist is not None else ""
-    key = "|".join((backend.label, model.module.source, model.host.name, policy.name, allow))
+    key = "|".join((backend.label, platform.release(), model.module.source, model.host.name,
+                    policy.name, allow))
     return root / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -117,11 +120,12 @@ def run_fuzz(backend: Backend, known: Given, options: FuzzOptions, *,
         try:
             _, stats = engine.run()
             engine.minimise()
+            findings = engine.confirm(engine.findings())
         except KeyboardInterrupt:
             if record is not None:
                 record.append(report(engine.findings(), engine.stats(End.INTERRUPTED)))
             raise
-        return report(engine.confirm(engine.findings()), stats)
+        return report(findings, stats)
 
 
 def run_replay(backend: Backend, known: Given, cases: Sequence[tuple[str, Scenario]], *,

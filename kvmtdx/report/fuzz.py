@@ -190,7 +190,8 @@ def _facts(report: FuzzReport) -> list[tuple[str, str]]:
                 "inferred host cannot tell)"
     rows.append(("work", work))
     if report.budget is not None:
-        rows.append(("database", report.database or "none (--no-db)"))
+        rows.append(("database", report.database or
+                     "none (--no-db, or no writable cache directory)"))
     return rows
 
 
