@@ -56,7 +56,9 @@ def sim_host() -> SimulatedHost:
 
 
 def fuzz(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict[str, Any], str]:
-    r = run_cli(capsys, "fuzz", "--no-db", "--format", "json", *argv)
+    """`kvmtdx fuzz ARGV --format json`, a search keeping no database."""
+    search = [] if "--replay" in argv else ["--no-db"]
+    r = run_cli(capsys, "fuzz", *search, "--format", "json", *argv)
     return r.rc, (r.json() if r.out else {}), r.err
 
 
