@@ -237,7 +237,7 @@ class TdInit:
         return TdParams(
             attributes=init_vm.attributes | conf.attributes_fixed1,
             xfam=init_vm.xfam | conf.xfam_fixed1, cpuid_values=tuple(values),
-            max_vcpus=min(_KVM_MAX_VCPUS, _present_cpus(self.host)),
+            max_vcpus=min(_KVM_MAX_VCPUS, present_cpus(self.host)),
             config_flags=_NO_RBP_MOD | (_MAX_GPAW if wide else 0),
             eptp_controls=_EPTP_WB | (_PWL_5 if wide else _PWL_4) << 3,
             tsc_frequency=_tsc_khz(self.host) // 25000)
@@ -257,6 +257,9 @@ class TdInit:
             return self._map_status(vm, result.status, result.rcx)
         vm.initialized = True
         vm.cpuid, vm.faulting = result.cpuid, result.faulting
+        vm.config_values = params.cpuid_values
+        # kvm->arch.gfn_direct_bits: the shared bit is 51 with MAX_GPAW, else 47.
+        vm.gpaw = 52 if params.config_flags & _MAX_GPAW else 48
         return 0, 0
 
     def _teardown(self, vm: Vm, key_id: int) -> None:
@@ -281,7 +284,7 @@ class TdInit:
         return errno.EIO, 0
 
 
-def _present_cpus(host: Host) -> int:
+def present_cpus(host: Host) -> int:
     """num_present_cpus(): the logical processors the host's CPUID 0x1F levels count."""
     counts = [host.cpuid(0x1F, s)[1] & 0xFFFF for s in range(6)
               if host.cpuid(0x1F, s)[2] >> 8 & 0xFF]
