@@ -22,6 +22,7 @@ from typing import Protocol, TypeVar, runtime_checkable
 from kvmtdx import layout, uapi
 from kvmtdx.errors import KvmError
 from kvmtdx.outcome import Outcome
+from kvmtdx.status import errno_name
 from kvmtdx.structs import (
     KVM_MAX_CPUID_ENTRIES,
     Capabilities,
@@ -270,8 +271,40 @@ class Vcpu(_FdHandle):
             TdxCmd(id=uapi.TdxCommand.KVM_TDX_INIT_VCPU, flags=flags, data=rcx), None)
 
 
+@dataclass(frozen=True, slots=True)
+class TdCpuidRead:
+    """The TD's CPUID as KVM_TDX_GET_CPUID gave it, or the ioctl that failed and its errno."""
+
+    entries: tuple[CpuidEntry, ...] | None
+    step: str = ""
+    errno: int = 0
+
+    @property
+    def unsupported(self) -> bool:
+        """The backend answers no vCPU ioctl (ENOTTY), or its kernel predates
+        KVM_TDX_GET_CPUID (EINVAL for the command: Linux 6.16 added it)."""
+        return self.errno == errno.ENOTTY or (self.step == "KVM_TDX_GET_CPUID"
+                                              and self.errno == errno.EINVAL)
+
+    def describe(self) -> str:
+        return f"{self.step}: {errno_name(self.errno)}"
+
+
 class TdxVm(Vm):
     """A VM of type KVM_X86_TDX_VM: KVM_TDX_CAPABILITIES and KVM_TDX_INIT_VM."""
+
+    def read_cpuid(self, vcpu_id: int = 0) -> TdCpuidRead:
+        """What a VMM does after INIT_VM to learn the TD's CPUID: a split irqchip, a vCPU,
+        KVM_TDX_GET_CPUID (the vCPU closed again).  Once per TD: the irqchip is split once."""
+        step = "KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP)"
+        try:
+            self.enable_split_irqchip()
+            step = "KVM_CREATE_VCPU"
+            with self.create_vcpu(vcpu_id) as vcpu:
+                step = "KVM_TDX_GET_CPUID"
+                return TdCpuidRead(vcpu.tdx_get_cpuid())
+        except OSError as e:
+            return TdCpuidRead(None, step, e.errno or errno.EIO)
 
     def capabilities_raw(self, nent: int, *, flags: int = 0, hw_error: int = 0,
                          fill: bytes | None = None) -> CmdResult:

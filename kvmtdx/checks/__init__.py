@@ -22,11 +22,13 @@ from kvmtdx.checks import (  # noqa: F401
     adversarial,
     availability,
     capabilities,
+    effective,
     hygiene,
     init_vm_content,
     init_vm_structure,
     lifecycle,
     policy,
+    set_cpuid2,
 )
 from kvmtdx.checks.registry import GROUPS, CheckSpec, registered, select
 from kvmtdx.checks.result import CheckResult, Summary, VerifyReport

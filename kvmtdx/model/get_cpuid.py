@@ -29,6 +29,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from kvmtdx.model.mirror_module import InitVmPrediction
+from kvmtdx.model.tdx_cpuid import FLAG_GPAW
 from kvmtdx.model.tdx_module_tables import ModuleTables, Regs
 from kvmtdx.structs import FLAG_SIGNIFICANT_INDEX, KVM_MAX_CPUID_ENTRIES, CpuidEntry
 
@@ -137,3 +139,16 @@ def entry_regs(entries: Sequence[CpuidEntry], leaf: int, subleaf: int | None) ->
     return loose
 
 
+
+
+def gpaw_of(config_flags: int) -> int:
+    """The guest physical address width KVM set up: 52 with TD_PARAMS' MAX_GPAW, else 48."""
+    return 52 if config_flags & 1 << FLAG_GPAW else 48
+
+
+def predicted(tables: ModuleTables, pred: InitVmPrediction) -> tuple[CpuidEntry, ...] | None:
+    """KVM_TDX_GET_CPUID after the INIT_VM `pred` foresees (None: not accepted, or -EIO)."""
+    if pred.effective is None or pred.td_params is None:
+        return None
+    return get_cpuid(TdCpuid(tables, pred.effective, pred.faulting),
+                     gpaw_of(pred.td_params.config_flags))
