@@ -28,6 +28,7 @@ from kvmtdx.cli import (
     predict,
     probe,
     report,
+    td_cpuid,
     verify,
 )
 from kvmtdx.cli.common import Command, Parser, error_line, simulate_list
@@ -38,6 +39,7 @@ COMMANDS: tuple[Command, ...] = (
     caps.COMMAND,
     predict.COMMAND,
     init_vm.COMMAND,
+    td_cpuid.COMMAND,
     verify.COMMAND,
     probe.COMMAND,
     diff.COMMAND,

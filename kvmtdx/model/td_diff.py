@@ -19,9 +19,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from kvmtdx.model.catalog import BitRef
 from kvmtdx.model.get_cpuid import GPA_BITS_FIELD, entry_regs
 from kvmtdx.model.mirror import find
 from kvmtdx.model.profiles import ModuleProfile
+from kvmtdx.model.rules import bits_of, is_value_register
 from kvmtdx.model.tdx_module import Change
 from kvmtdx.model.tdx_module_tables import Regs
 from kvmtdx.structs import REGISTERS, CpuidEntry
@@ -114,4 +116,22 @@ def differences(module: ModuleProfile | None, rows: Sequence[Row],
                     else ():
                 out.append(BitDiff(row.leaf, row.subleaf, REGISTERS[reg], mask, a, g, kind,
                                    reason))
+    return tuple(out)
+
+
+def smuggled(rows: Sequence[Row], reported: Sequence[CpuidEntry], request: Sequence[CpuidEntry],
+             td: Sequence[CpuidEntry]) -> tuple[BitRef, ...]:
+    """Feature bits the request set, KVM never reported, and the TD has: a hidden bit that
+    got past KVM (upstream's denylist bypass puts WAITPKG here)."""
+    out: list[BitRef] = []
+    for row in rows:
+        rep = next((e.regs() for e in reported
+                    if (e.function, e.index) == (row.leaf, row.kvm_index)), None)
+        matched = find(request, row.leaf, row.kvm_index)
+        got = entry_regs(td, row.leaf, row.subleaf)
+        if rep is None or matched is None or got is None:
+            continue
+        for name, r, a, g in zip(REGISTERS, rep, matched.regs(), got, strict=True):
+            if not is_value_register(row.leaf, row.subleaf, name):
+                out += [BitRef(row.leaf, row.subleaf, name, b) for b in bits_of(a & g & ~r)]
     return tuple(out)
