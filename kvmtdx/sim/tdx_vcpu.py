@@ -33,6 +33,7 @@ class _Read:
     def __init__(self, module: TdxModule, vm: Vm, bug: Mutant | None,
                  config_of: dict[tuple[int, int | None], int]) -> None:
         self.module, self.vm, self.bug, self.config_of = module, vm, bug, config_of
+        self.values, self.invalid = vm.cpuid, vm.faulting  # built once per read
         self.entries: list[CpuidEntry] = []
 
     def read_cpuid(self, leaf: int, sub_leaf: int, sub_leaf_set: bool) -> int:
@@ -52,7 +53,7 @@ class _Read:
         return 0
 
     def _value(self, leaf: int, subleaf: int | None) -> Regs | None:
-        regs = self.module.mng_rd_cpuid(self.vm.cpuid, self.vm.faulting, leaf, subleaf)
+        regs = self.module.mng_rd_cpuid(self.values, self.invalid, leaf, subleaf)
         row = self.config_of.get((leaf, subleaf))
         if regs is not None and row is not None and self.bug is mutants.GET_CPUID_RETURNS_REQUEST:
             return self.vm.config_values[row]
@@ -145,9 +146,10 @@ class TdxVcpu:
     def agrees_with_td(self, vm: Vm, entries: tuple[CpuidEntry, ...]) -> bool:
         """Whether every entry of a KVM_SET_CPUID2 that names a CPUID_CONFIG row has that
         row's directly configurable bits as the TD has them (a validating kernel's rule)."""
+        values, invalid = vm.cpuid, vm.faulting
         for row in self.module.td_conf.cpuid_config:
             sub = None if row.subleaf == NO_SUBLEAF else row.subleaf
-            td = self.module.mng_rd_cpuid(vm.cpuid, vm.faulting, row.leaf, sub)
+            td = self.module.mng_rd_cpuid(values, invalid, row.leaf, sub)
             mine = next((e for e in entries if e.function == row.leaf and (
                 sub is None or e.index == sub)), None)
             if td is None or mine is None:
