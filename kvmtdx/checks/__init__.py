@@ -28,7 +28,6 @@ from kvmtdx.checks import (  # noqa: F401
     init_vm_structure,
     lifecycle,
     policy,
-    set_cpuid2,
 )
 from kvmtdx.checks.registry import GROUPS, CheckSpec, registered, select
 from kvmtdx.checks.result import CheckResult, Summary, VerifyReport
