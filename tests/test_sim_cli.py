@@ -161,7 +161,8 @@ def commands_with_simulate() -> list[str]:
 
 
 def test_simulate_is_offered_where_a_kernel_is_talked_to() -> None:
-    assert commands_with_simulate() == ["caps", "explain", "info", "init-vm", "probe", "verify"]
+    assert commands_with_simulate() == ["caps", "explain", "info", "init-vm", "probe", "td-cpuid",
+                                        "verify"]
 
 
 @pytest.mark.parametrize("command", commands_with_simulate())

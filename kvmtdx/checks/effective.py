@@ -35,6 +35,7 @@ from kvmtdx.checks.td_cpuid import (
     quirk_free,
     requests_to_read,
     try_lie,
+    unknown_bits,
 )
 from kvmtdx.device import TdxVm, Vcpu
 from kvmtdx.model import mirror
@@ -131,6 +132,10 @@ def effective_matches_prediction(ctx: Context) -> Verdict:
     m = ctx.model()
     if m is None:
         return skip(ctx.needs_module)
+    if not ctx.know.host_exact:
+        return skip("needs the host's whole CPUID (--host FILE|native): a host inferred from "
+                    "the capabilities knows only the bits a VMM may configure, not the ones "
+                    "the TD takes from the CPU")
     req = ctx.full_request()
     pred = mirror.init_vm_prediction(*m, req)
     want = predicted(m[0].tables, pred)
@@ -138,7 +143,7 @@ def effective_matches_prediction(ctx: Context) -> Verdict:
         return skip(f"the mirror does not foresee a readable TD ({pred.outcome.describe()})")
     _, read = ctx.td_cpuid(req)
     got = cpuid_of(read)
-    diffs = mismatches(got, want)
+    diffs = mismatches(got, want, unknown_bits(m[0]))
     summary = f"{len(want)} entries from leaf 0 to 0x{want[-1].function:x}"
     if diffs:
         return bad(f"the TD's CPUID is not the mirror's: {'; '.join(diffs[:6])}"

@@ -15,7 +15,7 @@ from kvmtdx.model import mirror
 from kvmtdx.model.builders import Trap
 from kvmtdx.model.catalog import BitRef
 from kvmtdx.model.get_cpuid import entry_regs
-from kvmtdx.model.profiles import enumerated
+from kvmtdx.model.profiles import ModuleProfile, enumerated
 from kvmtdx.model.requests import Request
 from kvmtdx.model.rules import (
     LEAF7_EBX_HLE,
@@ -26,7 +26,7 @@ from kvmtdx.model.rules import (
     lowest_bit,
 )
 from kvmtdx.status import errno_name
-from kvmtdx.structs import REGISTERS, CpuidEntry
+from kvmtdx.structs import FLAG_SIGNIFICANT_INDEX, REGISTERS, CpuidEntry
 
 XTILEDATA = 1 << 18  # CPUID 0xD.0 EAX: dynamic XSAVE state, needs the FPU's guest permission
 
@@ -55,8 +55,25 @@ def entry_label(e: CpuidEntry) -> str:
     return f"0x{e.function:x}" + (f".{e.index}" if e.significant_index else "")
 
 
-def mismatches(got: Sequence[CpuidEntry], want: Sequence[CpuidEntry]) -> list[str]:
-    """Per leaf: what differs between the TD's CPUID as read and as predicted."""
+EntryKey = tuple[int, int, int]  # function, index, flags of a KVM_TDX_GET_CPUID entry
+
+
+def unknown_bits(module: ModuleProfile) -> dict[EntryKey, tuple[int, int, int, int]]:
+    """Per entry of the TD's CPUID: the bits a saved profile marks unknown (hidden by the
+    policy it was saved under), which no prediction of the TD can know."""
+    out = {}
+    for i, row in enumerate(module.rows):
+        mask = module.unknown_mask(i)
+        if any(mask):
+            flags = 0 if row.subleaf is None else FLAG_SIGNIFICANT_INDEX
+            out[(row.leaf, row.kvm_index, flags)] = mask
+    return out
+
+
+def mismatches(got: Sequence[CpuidEntry], want: Sequence[CpuidEntry],
+               unknown: dict[EntryKey, tuple[int, int, int, int]] | None = None) -> list[str]:
+    """Per leaf: what differs between the TD's CPUID as read and as predicted (bits the
+    profile does not know excused)."""
     key = {(e.function, e.index, e.flags): e for e in want}
     seen = {(e.function, e.index, e.flags): e for e in got}
     out = [f"{entry_label(e)} unexpected" for k, e in seen.items() if k not in key]
@@ -65,8 +82,9 @@ def mismatches(got: Sequence[CpuidEntry], want: Sequence[CpuidEntry]) -> list[st
         w = key.get(k)
         if w is None:
             continue
-        for r, a, b in zip(REGISTERS, e.regs(), w.regs(), strict=True):
-            if a != b:
+        excused = (unknown or {}).get(k, (0, 0, 0, 0))
+        for r, a, b, x in zip(REGISTERS, e.regs(), w.regs(), excused, strict=True):
+            if (a ^ b) & ~x:
                 out.append(f"{entry_label(e)} {r.upper()} 0x{a:08x}, expected 0x{b:08x}")
     if not out and [(e.function, e.index) for e in got] != [(e.function, e.index) for e in want]:
         out.append("the leaves in another order")
