@@ -194,8 +194,9 @@ def effective_no_hidden_bits(ctx: Context) -> Verdict:
         return ok(f"no hidden bit in the CPUID of {read_tds} TDs (every ACCEPTED request)")
     first, bits = leaks[0]
     every = list(dict.fromkeys(b for _, found in leaks for b in found))
-    more = f"; {len(leaks) - 1} more ACCEPTED requests leak {labels(every)}" \
-        if len(leaks) > 1 else ""
+    others = len(leaks) - 1
+    more = (f"; {others} more ACCEPTED request{'s' if others > 1 else ''} leak"
+            f"{'' if others > 1 else 's'} too (in all: {labels(every)})") if others else ""
     return bad(f"{labels(bits)} set in the TD's CPUID (KVM_TDX_GET_CPUID), though KVM never "
                f"reported it: the hidden bit reaches the guest{more}",
                "no hidden bit in the TD's CPUID", f"{labels(every)} in the TD's CPUID",
