@@ -53,6 +53,20 @@ def test_rfc_v2_fails_only_the_kernel_warn_for_every_bundled_module(
     assert data["summary"]["tds_created"] > 100
 
 
+@pytest.mark.parametrize("module", BUNDLED_MODULES)
+def test_rfc_v2_passes_the_effective_group_on_every_bundled_module(
+        capsys: pytest.CaptureFixture[str], module: str) -> None:
+    """What the TD gets, read back through a vCPU: every check of the group runs and passes,
+    set_cpuid2_consistency recording what KVM_SET_CPUID2 took."""
+    rc, data = run_json(capsys, "--simulate", f"{module}:rfc-v2", "--group", "effective")
+    status = {c["id"]: c["status"] for c in data["checks"]}
+    assert status == {"effective_vcpu_lifecycle": "pass", "effective_get_cpuid_e2big": "pass",
+                      "effective_matches_prediction": "pass",
+                      "effective_requested_bits_present": "pass",
+                      "effective_no_hidden_bits": "pass", SET_CPUID2: "info"}
+    assert rc == 0 and data["verdict"] == "pass"
+
+
 @pytest.mark.parametrize("policy", ["upstream", "upstream-6.16"])
 @pytest.mark.parametrize("module", BUNDLED_MODULES)
 def test_upstream_fails_only_the_denylist_bypass(capsys: pytest.CaptureFixture[str],
