@@ -100,3 +100,15 @@ def test_tdx_vcpu_commands_refused_on_an_ordinary_vcpu() -> None:
         init = v.tdx_init_vcpu()
     assert got.errno in (errno.EINVAL, errno.ENOTTY)
     assert init.errno == got.errno
+
+
+def test_td_cpuid_without_tdx_skips_naming_simulate(capsys: pytest.CaptureFixture[str]) -> None:
+    from helpers import run_cli
+
+    from kvmtdx.device import tdx_status
+
+    if tdx_status().available:
+        pytest.skip("this host offers KVM_X86_TDX_VM (test_tdx_host.py covers it)")
+    r = run_cli(capsys, "td-cpuid")
+    assert r.rc == 4 and r.out == ""
+    assert r.err.count("\n") == 1 and "KVM_X86_TDX_VM" in r.err and "--simulate" in r.err
