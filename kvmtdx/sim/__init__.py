@@ -22,7 +22,8 @@ vCPU's KVM_TDX_GET_CPUID and KVM_TDX_INIT_VCPU, the TD's CPUID read through the 
 TDH.MNG.RD), `tdx` (KVM_MEMORY_ENCRYPT_OP: CAPABILITIES, FINALIZE_VM), `td_init`
 (KVM_TDX_INIT_VM, step by step), `tables` (what KVM works out per module row
 at bring-up), `tdx_module` (the simulated TDX module: what it reports,
-TDH.MNG.INIT's configuration checks and TDH.MNG.RD of a TD's CPUID), `tdx_platform` (its TDH.SYS.INIT on the host),
+TDH.MNG.INIT's configuration checks and TDH.MNG.RD of a TD's CPUID), `tdx_platform`
+(its TDH.SYS.INIT on the host),
 `tdx_cpuid` (TDH.MNG.INIT's CPUID loop and leaf 0x1F), `facts` (the constants KVM
 applies) and `mutants` (seeded kernel bugs that switch single decisions,
 so the verifier can prove it catches them).
