@@ -52,6 +52,13 @@ struct kvm_tdx_init_vm {
 	struct kvm_cpuid2 cpuid;
 };
 
+struct kvm_enable_cap {
+	uint32_t cap;
+	uint32_t flags;
+	uint64_t args[4];
+	uint8_t pad[64];
+};
+
 int open(const char *pathname, int flags, ...);
 int ioctl(int fd, unsigned long request, ...);
 int close(int fd);

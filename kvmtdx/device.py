@@ -22,9 +22,19 @@ from typing import Protocol, TypeVar, runtime_checkable
 from kvmtdx import layout, uapi
 from kvmtdx.errors import KvmError
 from kvmtdx.outcome import Outcome
-from kvmtdx.structs import KVM_MAX_CPUID_ENTRIES, Capabilities, CpuidEntry, InitVm, TdxCmd
+from kvmtdx.status import errno_name
+from kvmtdx.structs import (
+    KVM_MAX_CPUID_ENTRIES,
+    Capabilities,
+    CpuidEntry,
+    EnableCap,
+    InitVm,
+    TdxCmd,
+)
 
 DEFAULT_KVM_PATH = "/dev/kvm"
+# The I/O APIC routes QEMU reserves when it splits the irqchip (KVM_CAP_SPLIT_IRQCHIP).
+SPLIT_IRQCHIP_PINS = 24
 
 
 @runtime_checkable
@@ -59,6 +69,7 @@ class Counters:
     vms_created: int = 0
     tds_created: int = 0
     init_vm_calls: int = 0
+    vcpus_created: int = 0
 
 
 def open_error(path: str, err: OSError) -> KvmError:
@@ -137,14 +148,6 @@ class _FdHandle:
         self.counters.ioctls += 1
         return self._seam.ioctl(self.fd, request, arg)
 
-
-class Vm(_FdHandle):
-    """A VM file descriptor.  Closing it releases everything KVM holds for the VM."""
-
-    def __init__(self, seam: Seam, fd: int, vm_type: int, counters: Counters) -> None:
-        super().__init__(seam, fd, counters)
-        self.vm_type = vm_type
-
     def memory_encrypt_op(self, cmd: TdxCmd, data: bytes | None, *,
                           cmd_address: int | None = None) -> CmdResult:
         """Send one KVM_MEMORY_ENCRYPT_OP; `data`, when given, is placed in memory
@@ -168,6 +171,31 @@ class Vm(_FdHandle):
         )
 
 
+class Vm(_FdHandle):
+    """A VM file descriptor.  KVM releases what it holds for the VM (a TD's key ID included)
+    once this fd and every vCPU fd of the VM are closed."""
+
+    def __init__(self, seam: Seam, fd: int, vm_type: int, counters: Counters) -> None:
+        super().__init__(seam, fd, counters)
+        self.vm_type = vm_type
+
+    def enable_cap(self, cap: EnableCap) -> int:
+        """KVM_ENABLE_CAP on the VM; OSError carries KVM's errno."""
+        mem = uapi.Memory(layout.pack_enable_cap(cap))
+        return self.ioctl(uapi.Ioctl.KVM_ENABLE_CAP, mem.address)
+
+    def enable_split_irqchip(self, ioapic_pins: int = SPLIT_IRQCHIP_PINS) -> None:
+        """An in-kernel local APIC with the I/O APIC left to userspace (KVM_CAP_SPLIT_IRQCHIP),
+        which a TD's vCPUs require; `ioapic_pins` are the routes reserved for it."""
+        self.enable_cap(EnableCap(uapi.Cap.KVM_CAP_SPLIT_IRQCHIP, args=(ioapic_pins, 0, 0, 0)))
+
+    def create_vcpu(self, vcpu_id: int = 0) -> Vcpu:
+        """KVM_CREATE_VCPU: a vCPU handle owning its fd (OSError carries KVM's errno)."""
+        fd = self.ioctl(uapi.Ioctl.KVM_CREATE_VCPU, vcpu_id)
+        self.counters.vcpus_created += 1
+        self.counters.opens += 1
+        return Vcpu(self._seam, fd, vcpu_id, self.counters)
+
     def is_dead(self) -> bool:
         """Whether KVM marked this VM bugged (KVM_BUG_ON, TDX_BUG_ON): every ioctl on it then
         fails with EIO, KVM_CHECK_EXTENSION included, which costs nothing otherwise."""
@@ -178,8 +206,105 @@ class Vm(_FdHandle):
         return False
 
 
+class Vcpu(_FdHandle):
+    """A vCPU file descriptor: its CPUID as KVM keeps it (KVM_SET_CPUID2 / KVM_GET_CPUID2) and,
+    on a TD, what the TDX module holds (KVM_TDX_GET_CPUID) and KVM_TDX_INIT_VCPU."""
+
+    def __init__(self, seam: Seam, fd: int, vcpu_id: int, counters: Counters) -> None:
+        super().__init__(seam, fd, counters)
+        self.vcpu_id = vcpu_id
+
+    def set_cpuid2(self, entries: tuple[CpuidEntry, ...], *, nent: int | None = None) -> int:
+        """KVM_SET_CPUID2: 0, or KVM's errno (`nent` may lie about the entries' count)."""
+        mem = uapi.Memory(layout.pack_cpuid2(entries, nent=nent))
+        try:
+            self.ioctl(uapi.Ioctl.KVM_SET_CPUID2, mem.address)
+        except OSError as e:
+            return e.errno or errno.EIO
+        return 0
+
+    def get_cpuid2_raw(self, nent: int) -> tuple[int, bytes]:
+        """One KVM_GET_CPUID2 with room for `nent` entries: (errno, the buffer after it)."""
+        mem = uapi.Memory(layout.pack_cpuid2((), nent=nent, room=nent))
+        try:
+            self.ioctl(uapi.Ioctl.KVM_GET_CPUID2, mem.address)
+        except OSError as e:
+            return e.errno or errno.EIO, mem.read()
+        return 0, mem.read()
+
+    def get_cpuid2(self, start_nent: int = 64) -> tuple[CpuidEntry, ...]:
+        """KVM's own view of the guest's CPUID, grown on E2BIG (which says nothing of the
+        room needed) up to KVM_MAX_CPUID_ENTRIES."""
+        nent = start_nent
+        while True:
+            err, data = self.get_cpuid2_raw(nent)
+            if not err:
+                return layout.unpack_cpuid2(data)[1]
+            if err != errno.E2BIG or nent >= KVM_MAX_CPUID_ENTRIES:
+                raise OSError(err, f"KVM_GET_CPUID2: {os.strerror(err)}")
+            nent = min(nent * 2, KVM_MAX_CPUID_ENTRIES)
+
+    def tdx_get_cpuid_raw(self, nent: int, *, fill: bytes | None = None, flags: int = 0,
+                          hw_error: int = 0) -> CmdResult:
+        """One KVM_TDX_GET_CPUID with a struct kvm_cpuid2 of room for `nent` entries (or the
+        bytes `fill`, to see what KVM writes)."""
+        data = layout.pack_cpuid2((), nent=nent, room=nent) if fill is None else fill
+        return self.memory_encrypt_op(
+            TdxCmd(id=uapi.TdxCommand.KVM_TDX_GET_CPUID, flags=flags, hw_error=hw_error), data)
+
+    def tdx_get_cpuid(self, start_nent: int = 128) -> tuple[CpuidEntry, ...]:
+        """The TD's CPUID as the TDX module holds it.  KVM answers E2BIG with the count it
+        needs in nent; a kernel that does not is grown by doubling."""
+        nent = start_nent
+        while True:
+            res = self.tdx_get_cpuid_raw(nent)
+            if res.ok:
+                return layout.unpack_cpuid2(res.data)[1]
+            if res.errno != errno.E2BIG or nent >= KVM_MAX_CPUID_ENTRIES:
+                raise OSError(res.errno, f"KVM_TDX_GET_CPUID: {os.strerror(res.errno)}")
+            wanted = layout.unpack_cpuid2(res.data)[0]
+            nent = min(wanted if wanted > nent else nent * 2, KVM_MAX_CPUID_ENTRIES)
+
+    def tdx_init_vcpu(self, rcx: int = 0, *, flags: int = 0) -> CmdResult:
+        """KVM_TDX_INIT_VCPU: `rcx` is handed to the guest's BIOS."""
+        return self.memory_encrypt_op(
+            TdxCmd(id=uapi.TdxCommand.KVM_TDX_INIT_VCPU, flags=flags, data=rcx), None)
+
+
+@dataclass(frozen=True, slots=True)
+class TdCpuidRead:
+    """The TD's CPUID as KVM_TDX_GET_CPUID gave it, or the ioctl that failed and its errno."""
+
+    entries: tuple[CpuidEntry, ...] | None
+    step: str = ""
+    errno: int = 0
+
+    @property
+    def unsupported(self) -> bool:
+        """The backend answers no vCPU ioctl (ENOTTY), or its kernel predates
+        KVM_TDX_GET_CPUID (EINVAL for the command: Linux 6.16 added it)."""
+        return self.errno == errno.ENOTTY or (self.step == "KVM_TDX_GET_CPUID"
+                                              and self.errno == errno.EINVAL)
+
+    def describe(self) -> str:
+        return f"{self.step}: {errno_name(self.errno)}"
+
+
 class TdxVm(Vm):
     """A VM of type KVM_X86_TDX_VM: KVM_TDX_CAPABILITIES and KVM_TDX_INIT_VM."""
+
+    def read_cpuid(self, vcpu_id: int = 0) -> TdCpuidRead:
+        """What a VMM does after INIT_VM to learn the TD's CPUID: a split irqchip, a vCPU,
+        KVM_TDX_GET_CPUID (the vCPU closed again).  Once per TD: the irqchip is split once."""
+        step = "KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP)"
+        try:
+            self.enable_split_irqchip()
+            step = "KVM_CREATE_VCPU"
+            with self.create_vcpu(vcpu_id) as vcpu:
+                step = "KVM_TDX_GET_CPUID"
+                return TdCpuidRead(vcpu.tdx_get_cpuid())
+        except OSError as e:
+            return TdCpuidRead(None, step, e.errno or errno.EIO)
 
     def capabilities_raw(self, nent: int, *, flags: int = 0, hw_error: int = 0,
                          fill: bytes | None = None) -> CmdResult:

@@ -7,8 +7,8 @@ has to load cffi.  The layout test compiles the real uapi headers with gcc and
 holds both readings to them, and `kvmtdx.uapi` checks at import that cffi and
 this module agree.
 
-The cdefs use only what the TDX uapi needs: uint32_t / uint64_t fields, fixed
-arrays of them, nested structs and one trailing flexible array.  Alignment is
+The cdefs use only what the uapi kvmtdx speaks needs: uint8_t / uint32_t / uint64_t
+fields, fixed arrays of them, nested structs and one trailing flexible array.  Alignment is
 natural (x86-64 SysV), which is what the kernel's headers get.
 """
 
@@ -20,16 +20,16 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from kvmtdx.structs import Capabilities, CpuidEntry, InitVm, TdxCmd
+from kvmtdx.structs import Capabilities, CpuidEntry, EnableCap, InitVm, TdxCmd
 
-_SCALARS = {"uint32_t": 4, "uint64_t": 8}
-_FORMAT = {4: "I", 8: "Q"}
+_SCALARS = {"uint8_t": 1, "uint32_t": 4, "uint64_t": 8}
+_FORMAT = {1: "B", 4: "I", 8: "Q"}
 
 
 @dataclass(frozen=True, slots=True)
 class Field:
     name: str
-    ctype: str  # "uint32_t", "uint64_t" or "struct NAME"
+    ctype: str  # "uint8_t", "uint32_t", "uint64_t" or "struct NAME"
     count: int | None  # None: a scalar or struct; 0: a flexible array
     offset: int
     size: int  # of the whole member (0 for a flexible array)
@@ -64,7 +64,7 @@ def strip_comments(text: str) -> str:
 
 
 _STRUCT = re.compile(r"struct\s+(\w+)\s*\{(.*?)\}\s*;", re.S)
-_MEMBER = re.compile(r"^(uint32_t|uint64_t|struct\s+\w+)\s+(\w+)\s*(?:\[(\d*)\])?$")
+_MEMBER = re.compile(r"^(uint8_t|uint32_t|uint64_t|struct\s+\w+)\s+(\w+)\s*(?:\[(\d*)\])?$")
 
 
 def parse(text: str) -> dict[str, Struct]:
@@ -130,6 +130,7 @@ _CPUID2 = _codec("kvm_cpuid2")
 _CMD = _codec("kvm_tdx_cmd")
 _CAPS = _codec("kvm_tdx_capabilities")
 _INIT_VM = _codec("kvm_tdx_init_vm")
+_ENABLE_CAP = _codec("kvm_enable_cap")
 
 if [f.name for f in STRUCTS["kvm_cpuid_entry2"].fields] != [
         "function", "index", "flags", "eax", "ebx", "ecx", "edx", "padding"]:
@@ -140,6 +141,8 @@ SIZEOF_CPUID2: int = STRUCTS["kvm_cpuid2"].size
 SIZEOF_TDX_CMD: int = STRUCTS["kvm_tdx_cmd"].size
 SIZEOF_CAPS_HEADER: int = STRUCTS["kvm_tdx_capabilities"].size
 SIZEOF_INIT_VM_HEADER: int = STRUCTS["kvm_tdx_init_vm"].size
+SIZEOF_ENABLE_CAP: int = STRUCTS["kvm_enable_cap"].size
+_PAD = STRUCTS["kvm_enable_cap"].field("pad").size
 OFFSET_CAPS_NENT: int = STRUCTS["kvm_tdx_capabilities"].field("cpuid").offset
 OFFSET_INIT_VM_NENT: int = STRUCTS["kvm_tdx_init_vm"].field("cpuid").offset
 OFFSET_CPUID2_PADDING: int = STRUCTS["kvm_cpuid2"].field("padding").offset
@@ -283,3 +286,15 @@ def unpack_cpuid2(data: bytes) -> tuple[int, tuple[CpuidEntry, ...]]:
     """(nent, the entries that fit) of a struct kvm_cpuid2 buffer."""
     nent, _padding = _CPUID2.unpack_from(data)
     return nent, unpack_entries(data, SIZEOF_CPUID2, nent)
+
+
+def pack_enable_cap(cap: EnableCap) -> bytes:
+    if len(cap.args) != 4 or len(cap.pad) != _PAD:
+        raise ValueError(f"kvm_enable_cap takes 4 args and {_PAD} pad bytes")
+    return _ENABLE_CAP.pack(cap.cap & _M32, cap.flags & _M32,
+                            *(a & _M64 for a in cap.args), *cap.pad)
+
+
+def unpack_enable_cap(data: bytes) -> EnableCap:
+    w = _ENABLE_CAP.unpack_from(data)
+    return EnableCap(cap=w[0], flags=w[1], args=(w[2], w[3], w[4], w[5]), pad=bytes(w[6:]))

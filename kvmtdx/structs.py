@@ -70,6 +70,16 @@ class TdxCmd:
 
 
 @dataclass(frozen=True, slots=True)
+class EnableCap:
+    """struct kvm_enable_cap (KVM_ENABLE_CAP on a VM or vCPU)."""
+
+    cap: int
+    flags: int = 0
+    args: tuple[int, int, int, int] = (0, 0, 0, 0)
+    pad: bytes = bytes(64)
+
+
+@dataclass(frozen=True, slots=True)
 class Capabilities:
     """struct kvm_tdx_capabilities with its cpuid entries.
 

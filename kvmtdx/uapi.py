@@ -60,6 +60,10 @@ def _io(type_: int, nr: int) -> int:
     return _ioc(_IOC_NONE, type_, nr, 0)
 
 
+def _iow(type_: int, nr: int, ctype: str) -> int:
+    return _ioc(_IOC_WRITE, type_, nr, ffi.sizeof(ctype))
+
+
 def _iowr(type_: int, nr: int, ctype: str) -> int:
     return _ioc(_IOC_READ | _IOC_WRITE, type_, nr, ffi.sizeof(ctype))
 
@@ -75,6 +79,17 @@ class Ioctl(IntEnum):
     KVM_CHECK_EXTENSION = _io(KVMIO, 0x03)
     KVM_GET_SUPPORTED_CPUID = _iowr(KVMIO, 0x05, "struct kvm_cpuid2")
     KVM_MEMORY_ENCRYPT_OP = _iowr(KVMIO, 0xBA, "unsigned long")
+    KVM_CREATE_VCPU = _io(KVMIO, 0x41)
+    KVM_SET_CPUID2 = _iow(KVMIO, 0x90, "struct kvm_cpuid2")
+    KVM_GET_CPUID2 = _iowr(KVMIO, 0x91, "struct kvm_cpuid2")
+    KVM_ENABLE_CAP = _iow(KVMIO, 0xA3, "struct kvm_enable_cap")
+
+
+class Cap(IntEnum):
+    """KVM_CAP_* numbers kvmtdx asks about or enables."""
+
+    KVM_CAP_SPLIT_IRQCHIP = 121
+    KVM_CAP_VM_TYPES = 235
 
 
 class VmType(IntEnum):
@@ -98,7 +113,7 @@ class TdxCommand(IntEnum):
 
 
 KVM_API_VERSION = 12
-KVM_CAP_VM_TYPES = 235
+KVM_CAP_VM_TYPES = Cap.KVM_CAP_VM_TYPES
 
 O_RDWR = os.O_RDWR
 O_CLOEXEC = os.O_CLOEXEC

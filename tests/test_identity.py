@@ -105,8 +105,8 @@ def test_the_envelope_takes_an_identity_for_runs_only() -> None:
         envelope(ReportKind.PROBE, {})
     with pytest.raises(ValueError):
         envelope(ReportKind.DIFF, {}, ident)
-    assert {k.value for k in RUN_KINDS} == {"info", "caps", "init-vm", "verify", "probe",
-                                            "fuzz"}
+    assert {k.value for k in RUN_KINDS} == {"info", "caps", "init-vm", "td-cpuid", "verify",
+                                            "probe", "fuzz"}
 
 
 def test_verify_judged_by_auto_names_the_chosen_policy_and_why(
@@ -131,9 +131,10 @@ def test_also_writes_the_same_run_in_more_formats(capsys: pytest.CaptureFixture[
     assert "host_identity" in doc
     failed_ktap = {line.split()[-1] for line in r.out.splitlines() if line.startswith("not ok")}
     failed_json = {c["id"] for c in doc["checks"] if c["status"] == "fail"}
-    # The three denylist bypass checks and the WARN on a malformed leaf 0x1F.
-    assert failed_ktap == failed_json and len(failed_json) == 4
-    assert xml.read_text().count("<failure") == 4
+    # The three denylist bypass checks, WAITPKG in the TD it lets through, and the WARN on a
+    # malformed leaf 0x1F.
+    assert failed_ktap == failed_json and len(failed_json) == 5
+    assert xml.read_text().count("<failure") == 5
 
 
 def test_also_refuses_an_unknown_format_in_one_line(capsys: pytest.CaptureFixture[str],

@@ -53,3 +53,20 @@ def test_kernel_source_excludes_the_other_backends(
     r = run_cli(capsys, "verify", "--kernel-source", str(tmp_path), *other)
     assert r.rc == 2
     assert "exclude each other" in r.err
+
+
+def test_the_effective_group_skips_there_saying_why(
+        tree: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The kernel-source host runs KVM's VM-level TDX code only: every vCPU ioctl is ENOTTY,
+    so no TD's CPUID can be read back, and each check of the group says so."""
+    r = run_cli(capsys, "verify", "--kernel-source", str(tree), "--module", "2.0",
+                "--group", "effective", "--format", "json")
+    assert r.rc == 0, r.out  # skips pass (TDX is here; only the vCPU path is not)
+    checks = json.loads(r.out)["checks"]
+    assert checks and all(c["status"] == "skip" for c in checks)
+    assert all("ENOTTY" in c["detail"] for c in checks), [c["detail"] for c in checks]
+    r = run_cli(capsys, "td-cpuid", "--kernel-source", str(tree), "--format", "json")
+    doc = json.loads(r.out)
+    assert doc["init_vm"]["outcome"] == "ACCEPTED"
+    assert doc["effective_error"] == {"step": "KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP)",
+                                      "errno": "ENOTTY"}

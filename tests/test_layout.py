@@ -38,6 +38,7 @@ STRUCTS = (
     "kvm_tdx_cmd",
     "kvm_tdx_capabilities",
     "kvm_tdx_init_vm",
+    "kvm_enable_cap",
 )
 
 # Names as the uapi headers spell them; the values must match kvmtdx.uapi's.
@@ -47,6 +48,11 @@ CONSTANTS = (
     "KVM_CHECK_EXTENSION",
     "KVM_GET_SUPPORTED_CPUID",
     "KVM_MEMORY_ENCRYPT_OP",
+    "KVM_CREATE_VCPU",
+    "KVM_SET_CPUID2",
+    "KVM_GET_CPUID2",
+    "KVM_ENABLE_CAP",
+    "KVM_CAP_SPLIT_IRQCHIP",
     "KVM_API_VERSION",
     "KVM_CAP_VM_TYPES",
     "KVM_X86_DEFAULT_VM",
@@ -196,7 +202,7 @@ def test_constant_matches_header(c_view: dict[str, int], name: str) -> None:
 
 def _ours(name: str) -> int:
     """kvmtdx's value for a header constant, wherever its one home is."""
-    for home in (uapi.Ioctl, uapi.VmType, uapi.TdxCommand):
+    for home in (uapi.Ioctl, uapi.VmType, uapi.TdxCommand, uapi.Cap):
         if name in home.__members__:
             return int(home[name])
     if name == "KVM_CPUID_FLAG_SIGNIFCANT_INDEX":
@@ -213,6 +219,9 @@ def test_layout_numbers_match_the_spec() -> None:
     assert CFFI_LAYOUT["offsetof kvm_tdx_capabilities.cpuid"] == 2048
     assert CFFI_LAYOUT["sizeof kvm_tdx_init_vm"] == 264
     assert CFFI_LAYOUT["offsetof kvm_tdx_init_vm.cpuid"] == 256
+    # struct kvm_enable_cap: u32 cap, u32 flags, u64 args[4], u8 pad[64].
+    assert CFFI_LAYOUT["sizeof kvm_enable_cap"] == 104
+    assert CFFI_LAYOUT["offsetof kvm_enable_cap.pad"] == 40
     assert int(uapi.Ioctl.KVM_MEMORY_ENCRYPT_OP) == 0xC008AEBA
     assert int(uapi.Ioctl.KVM_GET_API_VERSION) == 0xAE00
     # Kernel-internal, absent from the uapi: only the spec value to compare with.

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 from helpers import (
     GRID_FAILURES,
+    LEAK_CHECK,
     MODULES,
     POLICIES,
     WARN_CHECK,
@@ -151,7 +152,8 @@ def test_the_matrix_shows_nine_columns_and_the_bypass_in_red_in_upstream_columns
     assert all(w > 40 and h > 40 for w, h in (c["box"] for c in columns))
     cells = matrix_dom["cells"]
     assert len(cells) == len(CHECKS) * 9
-    colours = {"fail": _rgb("#c62828"), "pass": _rgb("#e7f4e8"), "skip": _rgb("#eceff1")}
+    colours = {"fail": _rgb("#c62828"), "pass": _rgb("#e7f4e8"), "skip": _rgb("#eceff1"),
+               "info": _rgb("#e3f2fd")}
     for cell in cells:
         check = cell["row"].removeprefix("check-")
         # The bypass in the upstream columns, the WARN in those of modules with leaf 0x1F.
@@ -170,7 +172,8 @@ def test_every_failing_cell_links_to_its_visible_detail(matrix_dom: dict[str, An
         assert detail["box"][1] > 40
         text = detail["text"]
         assert cell["row"].removeprefix("check-") in text and f"#{cell['column']}" in text
-        expected = "refused, no WARN" if WARN_CHECK in cell["row"] else "KVM_REJECTED"
+        expected = "refused, no WARN" if WARN_CHECK in cell["row"] else (
+            "no hidden bit" if LEAK_CHECK in cell["row"] else "KVM_REJECTED")
         assert re.search(rf"expected\s+{expected}", text)
     assert len(matrix_dom["failures"]) == GRID_FAILURES
 

@@ -30,6 +30,7 @@ def _reports(capsys: pytest.CaptureFixture[str], tmp: Path) -> dict[str, dict[st
         ("caps", 0, ["caps", "--simulate", "2.0", "--policy", "upstream", "--save-module", saved]),
         ("predict", 0, ["predict", "--module", "2.0", "--request", request]),
         ("init-vm", 0, ["init-vm", "--simulate", "2.0", "--request", request]),
+        ("td-cpuid", 0, ["td-cpuid", "--simulate", "2.0", "--request", request]),
         ("verify", 1, ["verify", "--simulate", "2.0", "--save-failures", str(tmp / "fails")]),
         ("probe", 1, ["probe", "--simulate", "2.0", "--emit-allowlist", allow, "--output", pa]),
         ("probe", 0, ["probe", "--simulate", "2.0:rfc-v2", "--output", pb]),

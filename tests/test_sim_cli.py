@@ -165,6 +165,7 @@ def commands_with_simulate() -> list[str]:
 
 def test_simulate_is_offered_where_a_kernel_is_talked_to() -> None:
     assert commands_with_simulate() == ["caps", "explain", "fuzz", "info", "init-vm", "probe",
+                                        "td-cpuid",
                                         "verify"]
 
 

@@ -131,6 +131,39 @@ def one_td(*steps: InitVm | str) -> Probe:
     return probe
 
 
+def vcpu(*steps: str, policy: str = "upstream", split: bool = True) -> Probe:
+    """A TD with the full request, then on its vCPU: "cpuid" (KVM_TDX_GET_CPUID), "e2big"
+    (one entry short, the buffer as left), "set" (KVM_SET_CPUID2 of the TD's CPUID with
+    WAITPKG added and AMX tile data left out); without `split`, whether vCPU 0 is created."""
+    def probe(sim: SimulatedHost) -> Observation:
+        out: list[object] = []
+        with Kvm(sim) as kvm, kvm.create_td() as td:
+            td.init_vm(full(policy))
+            if split:
+                td.enable_split_irqchip()
+            try:
+                v = td.create_vcpu(0)
+            except OSError as e:
+                return e.errno
+            with v:
+                theirs = v.tdx_get_cpuid()
+                for s in steps:
+                    if s == "cpuid":
+                        out.append(v.tdx_get_cpuid())
+                    elif s == "e2big":
+                        fill = layout.pack_cpuid2((), nent=len(theirs) - 1,
+                                                  room=len(theirs) - 1)
+                        out.append(v.tdx_get_cpuid_raw(0, fill=fill).data)
+                    else:
+                        out.append(v.set_cpuid2(tuple(
+                            e.with_reg("ecx", e.ecx | WAITPKG) if (e.function, e.index) == (7, 0)
+                            else e.with_reg("eax", e.eax & ~(1 << 18)) if e.function == 0xD
+                            and e.index == 0 else e for e in theirs)))
+        return out
+
+    return probe
+
+
 @dataclass(frozen=True)
 class Witness:
     policy: str
@@ -209,6 +242,11 @@ WITNESSES: dict[str, Witness] = {
     "key_id_held_after_refusal": Witness("upstream", one_td("keys", bad_fms("upstream"), "keys")),
     "caps_refused_after_init_vm": Witness("upstream", one_td(full("upstream"), "caps")),
     "td_state_checked_after_copy": Witness("upstream", one_td(full("upstream"), "nent257")),
+    "get_cpuid_returns_request": Witness("upstream", vcpu("cpuid")),
+    "get_cpuid_e2big_writes_entries": Witness("upstream", vcpu("e2big")),
+    "get_cpuid_gpaw_unfixed": Witness("upstream", vcpu("cpuid")),
+    "vcpu_without_split_irqchip": Witness("upstream", vcpu(split=False)),
+    "set_cpuid2_checked_against_td": Witness("upstream", vcpu("set")),
 }
 
 

@@ -9,13 +9,18 @@ fd), since the module build and kernel policy of the host are not known here.
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 
 import pytest
 from helpers import bypass_request, parse_ktap, run_cli, write_request
 
+from kvmtdx import layout
 from kvmtdx.device import Kvm
+from kvmtdx.model import builders
+from kvmtdx.outcome import Kind
+from kvmtdx.structs import InitVm
 
 pytestmark = [pytest.mark.tdx, pytest.mark.usefixtures("real_tdx", "no_fd_leak")]
 
@@ -35,6 +40,9 @@ MUST_PASS = (
     "init_vm_second_call_rejected",
     "hygiene_tds_closed",
     "hygiene_fds_released",
+    # The vCPU path of 6.16 and later: tdx_vcpu_create, tdx_vcpu_init, KVM_TDX_GET_CPUID.
+    "effective_vcpu_lifecycle",
+    "effective_get_cpuid_e2big",
 )
 
 
@@ -95,3 +103,58 @@ def test_capabilities_match_between_two_fresh_tds() -> None:
         with kvm.create_td() as b:
             second = b.capabilities()
     assert first == second
+
+
+# ---------------------------------------------------------------------------
+# The vCPU path: what the TD really gets (KVM_TDX_GET_CPUID, Linux 6.16 and later).
+
+
+def _minimal(kvm: Kvm) -> InitVm:
+    """The smallest request every kernel accepts: the reported XFAM, a GPAW of 48."""
+    with kvm.create_td() as td:
+        caps = td.capabilities()
+    return builders.base_request(caps.supported_xfam, ()).init_vm
+
+
+def test_live_vcpu_path_errnos_and_the_tds_cpuid() -> None:
+    with Kvm() as kvm:
+        req = _minimal(kvm)
+        with kvm.create_td() as td:
+            with pytest.raises(OSError) as early:
+                td.create_vcpu(0)
+            assert early.value.errno == errno.EIO  # tdx_vcpu_create: TD not initialised
+            assert td.init_vm(req).kind is Kind.ACCEPTED
+            with pytest.raises(OSError) as no_split:
+                td.create_vcpu(0)
+            assert no_split.value.errno == errno.EINVAL  # no split irqchip
+            td.enable_split_irqchip()
+            with td.create_vcpu(0) as vcpu:
+                entries = vcpu.tdx_get_cpuid()
+                short = vcpu.tdx_get_cpuid_raw(0)
+    assert entries[0].function == 0 and entries[-1].function >= 0x80000000
+    assert short.errno == errno.E2BIG
+    assert layout.unpack_cpuid2(short.data)[0] == len(entries)  # KVM says the room it needs
+
+
+def test_live_td_cpuid_reads_the_td_back(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, _ = run_cli(capsys, "td-cpuid", "--format", "json")
+    doc = json.loads(out)
+    assert rc == 0 and doc["kind"] == "td-cpuid" and "host_identity" in doc
+    assert doc["init_vm"]["outcome"] == "ACCEPTED", doc["init_vm"]
+    assert doc["effective_error"] is None and doc["effective_cpuid"]
+    # Bits the every-reported-bit request set but KVM never reported cannot be there.
+    assert doc["hidden_in_td"] == []
+
+
+def test_live_bypass_read_back(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Where the kernel has the hole, the TD's CPUID shows what it let through (WAITPKG,
+    when the CPU has it); where it refuses, nothing is read."""
+    rc, out, _ = run_cli(capsys, "init-vm", "--effective",
+                         "--request", write_request(tmp_path, bypass_request()))
+    doc = json.loads(out)
+    assert rc == 0
+    if doc["outcome"] == "ACCEPTED":
+        assert doc["effective_cpuid"] is not None, doc["effective_error"]
+        assert {b["name"] for b in doc["hidden_in_td"]} <= {"WAITPKG"}
+    else:
+        assert doc["effective_cpuid"] is None and doc["hidden_in_td"] == []

@@ -133,6 +133,16 @@ def test_fixed_bits_read_by_hand() -> None:
     assert load_tables("2.0.08").max_vcpus_per_td == 1376
 
 
+def test_fixed0_bitmap_read_by_hand() -> None:
+    # include/auto_gen_2_0/cpuid_configurations_defines.h at intel/tdx-module 1666adc4; the
+    # 1.5 tables (72d8cffb, e98d9639) define no CPUID_FIXED0_BITMAP.
+    t = load_tables("2.0")
+    assert t.constants["CPUID_FIXED0_BITMAP"] == 0x0380000508CFD308
+    assert t.constants["CPUID_FIXED0_BITMAP_BASE_RANGE"] == 52
+    for name in ("1.5.01", "1.5-late"):
+        assert load_tables(name).constants["CPUID_FIXED0_BITMAP"] is None
+
+
 def test_platform_attribute_bits() -> None:
     # 1.5.05 tdh_sys_init.c:1381: LASS leaves ATTRIBUTES_FIXED0 without CPU LASS support;
     # 2.0.08 also sets TPA from is_tdx_io_supported().
@@ -220,6 +230,9 @@ TINY_FILES = {
                     "PROJ_FLAGS += -DTDX_MODULE_MINOR_VER=5\n"
                     "PROJ_FLAGS += -DTDX_MODULE_UPDATE_VER=7\n",
     "include/auto_gen/cpuid_configurations.c": TINY_TABLES,
+    "include/auto_gen/cpuid_configurations_defines.h":
+        "#define MAX_NUM_CPUID_LOOKUP 2\n#define CPUID_FIXED0_BITMAP      0x0380000000000208\n"
+        "#define CPUID_FIXED0_BITMAP_BASE_RANGE 52\n",
     "src/common/data_structures/td_control_structures.h":
         "#define TDX_ATTRIBUTES_PKS_SUPPORT BIT(30)\n#define TDX_ATTRIBUTES_LASS_SUPPORT BIT(27)\n"
         "#define TDX_ATTRIBUTES_FIXED0 (0x1 | TDX_ATTRIBUTES_PKS_SUPPORT | \\\n"
@@ -273,9 +286,22 @@ def test_converter_reads_a_tree(tmp_path: Path) -> None:
     assert data["config_flags_fixed0"] == "0x5"
     assert data["attributes_platform"] == [{"bit": 27, "name": "LASS", "needs": "lass_supported"}]
     assert data["allowed_fms"] == ["0x806f8"]
+    assert data["constants"]["CPUID_FIXED0_BITMAP"] == "0x0380000000000208"
+    assert data["constants"]["CPUID_FIXED0_BITMAP_BASE_RANGE"] == 52
+    assert data["source"]["files"]["cpuid_defines"] == \
+        "include/auto_gen/cpuid_configurations_defines.h"
     assert data["source"]["commit"] == "a" * 40
     loaded = tables_from_json(data, "tiny")
     assert loaded.variant.topology == "1.5"
+
+
+def test_converter_without_the_defines_has_no_fixed0_bitmap(tmp_path: Path) -> None:
+    src = write_tree(tmp_path / "src", skip="include/auto_gen/cpuid_configurations_defines.h")
+    res = convert(str(src), "--commit", "a" * 40, "--out", str(tmp_path / "out"))
+    assert res.returncode == 0, res.stderr
+    data = json.loads((tmp_path / "out" / "1.5.07.json").read_text())
+    assert data["constants"]["CPUID_FIXED0_BITMAP"] is None
+    assert "cpuid_defines" not in data["source"]["files"]
 
 
 def test_converter_names_the_missing_file(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from kvmtdx.model.profiles import BUNDLED_MODULES, MAX_HOST, load_profile, profi
 from kvmtdx.session import Backend, simulated_backend
 
 BYPASS_PREFIX = "adversarial_denylist_bypass_"
+LEAK_CHECK = "effective_no_hidden_bits"
 
 
 def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict[str, Any]]:
@@ -52,6 +53,20 @@ def test_rfc_v2_fails_only_the_kernel_warn_for_every_bundled_module(
     assert data["summary"]["tds_created"] > 100
 
 
+@pytest.mark.parametrize("module", BUNDLED_MODULES)
+def test_rfc_v2_passes_the_effective_group_on_every_bundled_module(
+        capsys: pytest.CaptureFixture[str], module: str) -> None:
+    """What the TD gets, read back through a vCPU: every check of the group runs and passes,
+    set_cpuid2_consistency recording what KVM_SET_CPUID2 took."""
+    rc, data = run_json(capsys, "--simulate", f"{module}:rfc-v2", "--group", "effective")
+    status = {c["id"]: c["status"] for c in data["checks"]}
+    assert status == {"effective_vcpu_lifecycle": "pass", "effective_get_cpuid_e2big": "pass",
+                      "effective_matches_prediction": "pass",
+                      "effective_requested_bits_present": "pass",
+                      "effective_no_hidden_bits": "pass", SET_CPUID2: "info"}
+    assert rc == 0 and data["verdict"] == "pass"
+
+
 @pytest.mark.parametrize("policy", ["upstream", "upstream-6.16"])
 @pytest.mark.parametrize("module", BUNDLED_MODULES)
 def test_upstream_fails_only_the_denylist_bypass(capsys: pytest.CaptureFixture[str],
@@ -60,11 +75,16 @@ def test_upstream_fails_only_the_denylist_bypass(capsys: pytest.CaptureFixture[s
     fails = failing(data)
     assert rc == 1
     assert set(fails) == {f"{BYPASS_PREFIX}waitpkg", f"{BYPASS_PREFIX}hle_rtm",
-                          f"{BYPASS_PREFIX}stray_balance"} | warn_failures(module)
+                          f"{BYPASS_PREFIX}stray_balance", LEAK_CHECK} | warn_failures(module)
     waitpkg = fails[f"{BYPASS_PREFIX}waitpkg"]
     assert waitpkg["actual"].startswith("ACCEPTED")
     assert [b["name"] for b in waitpkg["bits"]] == ["WAITPKG"]
     assert {b["name"] for b in fails[f"{BYPASS_PREFIX}hle_rtm"]["bits"]} == {"HLE", "RTM"}
+    # The proof of impact: the bypassed bits are in the TD's CPUID (KVM_TDX_GET_CPUID).
+    leak = fails[LEAK_CHECK]
+    assert {b["name"] for b in leak["bits"]} == {"WAITPKG", "HLE", "RTM"}
+    assert "WAITPKG set in the TD's CPUID" in leak["detail"]
+    assert leak["request"] is not None
     assert data["policy"] == policy and "auto" in data["policy_reason"]
 
 
@@ -134,7 +154,9 @@ def test_without_a_module_only_the_invariant_runs(policy: str) -> None:
     # The kernel-WARN check needs no profile: the malformed 0x1F rows come from the report.
     assert fails == {WARN_CHECK} | (set() if policy == "rfc-v2" else
                                     {f"{BYPASS_PREFIX}waitpkg", f"{BYPASS_PREFIX}hle_rtm",
-                                     f"{BYPASS_PREFIX}stray_balance"})
+                                     f"{BYPASS_PREFIX}stray_balance", LEAK_CHECK})
+    # Without a profile the TD's CPUID is judged by what was sent and never reported.
+    assert status["effective_matches_prediction"].status == "skip"
     assert r.knowledge is not None and "kernel release 7.3.0" in r.knowledge.policy_reason
 
 
@@ -211,12 +233,16 @@ def test_progress_and_hygiene(no_fd_leak: object) -> None:
 
 BYPASS_FIXES = [f for f in FIXES if f[0] == "denylist_checks_row_index"]
 WARN_FIX = "module_status_always_einval"
+SET_CPUID2_FIX = "set_cpuid2_checked_against_td"
+SET_CPUID2 = "set_cpuid2_consistency"
 
 
 def test_the_fixes_are_what_the_suite_passes() -> None:
     assert FIXES == [(WARN_FIX, "upstream-6.16"), (WARN_FIX, "upstream"), (WARN_FIX, "rfc-v2"),
                      ("denylist_checks_row_index", "upstream"),
-                     ("denylist_checks_row_index", "upstream-6.16")]
+                     ("denylist_checks_row_index", "upstream-6.16"),
+                     (SET_CPUID2_FIX, "upstream-6.16"), (SET_CPUID2_FIX, "upstream"),
+                     (SET_CPUID2_FIX, "rfc-v2")]
 
 
 @pytest.mark.parametrize("policy", ["upstream-6.16", "upstream", "rfc-v2"])
@@ -247,6 +273,28 @@ def test_upstream_with_the_bypass_fixed_passes(capsys: pytest.CaptureFixture[str
     assert match["status"] == "pass"
     assert "stricter than the model" in match["detail"]
     assert by_id[f"{BYPASS_PREFIX}waitpkg"]["status"] == "pass"
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_set_cpuid2_is_recorded_and_judged_only_with_strict(
+        capsys: pytest.CaptureFixture[str], strict: bool) -> None:
+    """Linux 7.3 takes a CPUID unlike the TD's on a TD vCPU (the series' open question): an
+    informational result that passes, a failure with --strict; a kernel that validates it
+    (the fix) is informational too, and passes --strict."""
+    flag = ["--strict"] if strict else []
+    rc, data = run_json(capsys, "--simulate", "2.0:rfc-v2", *flag)
+    c = next(c for c in data["checks"] if c["id"] == SET_CPUID2)
+    assert c["status"] == ("fail" if strict else "info"), c
+    assert c["actual"] == "3 of 3 accepted" and "WAITPKG" in c["detail"]
+    assert "unvalidated" in c["detail"] and data["summary"]["info"] == (0 if strict else 1)
+    assert set(failing(data)) == warn_failures("2.0") | ({SET_CPUID2} if strict else set())
+    assert rc == 1
+    rc, data = run_json(capsys, "--simulate", f"2.0:rfc-v2:{SET_CPUID2_FIX}", *flag)
+    assert rc == 1  # the WARN alone
+    c = next(c for c in data["checks"] if c["id"] == SET_CPUID2)
+    assert c["status"] == ("pass" if strict else "info") and c["actual"] == "0 of 3 accepted"
+    assert "refused (EINVAL)" in c["detail"]
+    assert set(failing(data)) == warn_failures("2.0")
 
 
 # ---------------------------------------------------------------------------

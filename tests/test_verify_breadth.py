@@ -36,7 +36,14 @@ ONLY_CATCHER: dict[str, str] = {
     "key_id_held_after_refusal": "lifecycle_reinit_after_module_refusal",
     "caps_refused_after_init_vm": "lifecycle_caps_after_init_vm",
     "td_state_checked_after_copy": "lifecycle_second_init_refused_first",
+    "get_cpuid_e2big_writes_entries": "effective_get_cpuid_e2big",
+    "get_cpuid_gpaw_unfixed": "effective_matches_prediction",
+    "vcpu_without_split_irqchip": "effective_vcpu_lifecycle",
 }
+# A bug that lets a hidden bit through to an ACCEPTED TD is seen there too: the effective
+# group reads the TD's CPUID after every request the suite saw ACCEPTED.
+IN_THE_TD = "effective_no_hidden_bits"
+SEEN_IN_THE_TD = frozenset({"allowlist_steered_by_entry_index"})
 
 
 def failures(policy: str, mutant: str | None = None) -> set[str]:
@@ -69,7 +76,8 @@ def test_each_named_mutant_and_check_exists() -> None:
 def test_the_mutant_is_caught_by_its_check_alone(mutant: str) -> None:
     policy = policy_of(mutant)
     added = failures(policy, mutant) - clean(policy)
-    assert added == {ONLY_CATCHER[mutant]}, f"{mutant} under {policy}"
+    also = {IN_THE_TD} if mutant in SEEN_IN_THE_TD else set()
+    assert added == {ONLY_CATCHER[mutant]} | also, f"{mutant} under {policy}"
 
 
 @pytest.mark.parametrize("policy", ["upstream", "rfc-v2"])

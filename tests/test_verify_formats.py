@@ -160,13 +160,14 @@ def test_json_has_the_envelope_then_the_documented_schema_1_fields(
                 "summary", "checks"):
         assert key in data, key
     assert data["verdict"] == "fail"
-    for key in ("verdict", "total", "passed", "failed", "skipped", "tds_created", "ioctls"):
+    for key in ("verdict", "total", "passed", "failed", "skipped", "info", "tds_created",
+                "ioctls"):
         assert key in data["summary"], key
     for c in data["checks"]:
         assert set(c) == {"id", "group", "status", "detail", "expected", "actual", "bits",
                           "request", "seconds"}
         assert isinstance(c["seconds"], float) and c["seconds"] >= 0
-        assert c["status"] in ("pass", "fail", "skip")
+        assert c["status"] in ("pass", "fail", "skip", "info")
         assert re.fullmatch(r"[a-z0-9_]+", c["id"]) and c["group"] in checks.GROUPS
         assert "\n" not in c["detail"]
         for b in c["bits"]:
@@ -244,3 +245,51 @@ def test_groups_line_counts_failures_and_skips_apart(
              for i, s in enumerate([Status.PASS, Status.FAIL, Status.SKIP, Status.SKIP])]
     both = replace(upstream_report, checks=tuple(mixed))
     assert "adversarial 1/4 (1 FAILED, 2 skipped)" in render.render_text(both)
+
+
+# ---------------------------------------------------------------------------
+# An informational result (set_cpuid2_consistency): recorded, never a failure.
+
+INFO_ID = "set_cpuid2_consistency"
+
+
+def test_info_is_an_ok_with_its_detail_as_a_diagnostic(
+        upstream_report: checks.VerifyReport) -> None:
+    text = render.render_ktap(upstream_report)
+    lines = text.splitlines()
+    i = next(n for n, line in enumerate(lines) if line.endswith(f" {INFO_ID}"))
+    assert lines[i].startswith("ok ") and "# SKIP" not in lines[i]
+    assert lines[i - 1].startswith(f"# {INFO_ID}: KVM_SET_CPUID2 accepted 3 of 3")
+    k = parse_ktap(text)
+    assert next(r for r in k["results"] if r["desc"] == INFO_ID)["ok"]
+    s = upstream_report.summary
+    assert s.info == 1 and f"pass:{s.passed + s.info} " in lines[-1]
+
+
+def test_info_in_junit_is_a_passing_case_with_its_output(
+        upstream_report: checks.VerifyReport) -> None:
+    root = ET.fromstring(render.render_junit(upstream_report))
+    case = next(c for c in root.iter("testcase") if c.get("name") == INFO_ID)
+    assert case.find("failure") is None and case.find("skipped") is None
+    out = case.find("system-out")
+    assert out is not None and out.text is not None and "unvalidated" in out.text
+    assert root.get("failures") == str(upstream_report.summary.failed)
+
+
+def test_info_in_text_has_its_own_section(upstream_report: checks.VerifyReport) -> None:
+    out = render.render_text(upstream_report)
+    assert "1 informational of" in out.splitlines()[0]
+    section = out.split("Informational (recorded, judged by no rule):\n", 1)[1]
+    assert section.startswith(f"  {INFO_ID}: KVM_SET_CPUID2 accepted")
+    assert "effective 5/6 (1 FAILED, 1 informational)" in out
+
+
+def test_info_counts_as_a_pass_for_every_verdict() -> None:
+    from kvmtdx.errors import ExitCode
+    from kvmtdx.verdict import Status, exit_code, overall
+
+    assert overall([Status.INFO]) is Status.PASS
+    assert overall([Status.INFO, Status.SKIP]) is Status.PASS
+    assert overall([Status.INFO, Status.FAIL]) is Status.FAIL
+    assert overall([Status.SKIP]) is Status.SKIP
+    assert exit_code(Status.INFO) is ExitCode.PASS

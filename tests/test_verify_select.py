@@ -58,7 +58,8 @@ def test_an_unknown_check_or_group_is_named_with_the_valid_ones(
     r = run_cli(capsys, "verify", "--simulate", "2.0:upstream", option, name)
     assert (r.rc, r.out) == (2, "")
     assert r.err.count("\n") == 1 and repr(name) in r.err and option in r.err
-    valid = "caps_flags_rejected" if option == "--check" else "adversarial, lifecycle, hygiene"
+    valid = "caps_flags_rejected" if option == "--check" else \
+        "adversarial, lifecycle, effective, hygiene"
     assert valid in r.err
 
 

@@ -22,6 +22,7 @@ from kvmtdx.checks import (  # noqa: F401
     adversarial,
     availability,
     capabilities,
+    effective,
     hygiene,
     init_vm_content,
     init_vm_structure,

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from kvmtdx.device import Kvm, Seam, TdxVm
+from kvmtdx.device import Kvm, Seam, TdCpuidRead, TdxVm
 from kvmtdx.kmsg import KernelLog
 from kvmtdx.knowledge import Knowledge
 from kvmtdx.model import builders, invariant, lifecycle, mirror
@@ -24,7 +24,7 @@ from kvmtdx.model.mirror import CapsPrediction, InitVmPrediction
 from kvmtdx.model.policy import Policy
 from kvmtdx.model.profiles import Host, ModuleProfile
 from kvmtdx.model.requests import Request
-from kvmtdx.outcome import Outcome
+from kvmtdx.outcome import Kind, Outcome
 from kvmtdx.structs import Capabilities, CpuidEntry
 
 NEEDS_MODULE = ("needs a TDX module profile: give --module NAME|FILE "
@@ -61,6 +61,10 @@ class Context:
     kernel_log: KernelLog = field(default_factory=KernelLog)
     log_start: int | None = None
     log_unreadable: str | None = None
+    # Every distinct request a check saw ACCEPTED, in order: the effective group reads what
+    # each gives the TD.  --strict: a question a series leaves open is judged, not recorded.
+    accepted: dict[Request, None] = field(default_factory=dict)
+    strict: bool = False
     _fms: int | None = None
 
     # What is known.
@@ -141,7 +145,17 @@ class Context:
         res = td.init_vm_raw(req.init_vm, flags=req.flags, hw_error=req.hw_error)
         if res.errno == errno.ENOSPC:
             self.enospc += 1
-        return Outcome.classify(res.errno, res.cmd.hw_error)
+        outcome = Outcome.classify(res.errno, res.cmd.hw_error)
+        if outcome.kind is Kind.ACCEPTED:
+            self.accepted.setdefault(req)
+        return outcome
+
+    def td_cpuid(self, req: Request) -> tuple[Outcome, TdCpuidRead | None]:
+        """INIT_VM on a fresh TD, then (accepted) the TD's CPUID as KVM_TDX_GET_CPUID reads it
+        through a vCPU; every fd closed before this returns."""
+        with self.td() as td:
+            outcome = self.send(td, req)
+            return outcome, td.read_cpuid() if outcome.kind is Kind.ACCEPTED else None
 
     def attempt(self, req: Request) -> Outcome:
         """One INIT_VM on a fresh TD, closed before this returns."""

@@ -9,15 +9,19 @@ GROUP = "hygiene"
 MIB = 1024 * 1024
 
 
-@check("hygiene_tds_closed", GROUP, "every VM fd opened was closed", after_close=True)
+@check("hygiene_tds_closed", GROUP, "every VM and vCPU fd opened was closed", after_close=True)
 def hygiene_tds_closed(ctx: Context) -> Verdict:
     c = ctx.kvm.counters
     live = getattr(ctx.seam, "live_tds", None)
+    vcpus = getattr(ctx.seam, "live_vcpus", None)
     if c.opens != c.closes:
         return bad(f"{c.opens} opens, {c.closes} closes", str(c.opens), str(c.closes))
     if isinstance(live, int) and live:
         return bad(f"the backend still holds {live} TDs", "0", str(live))
-    return ok(f"{c.tds_created} TDs created, all closed")
+    if isinstance(vcpus, int) and vcpus:
+        return bad(f"the backend still holds {vcpus} vCPUs", "0", str(vcpus))
+    made = f" and {c.vcpus_created} vCPUs" if c.vcpus_created else ""
+    return ok(f"{c.tds_created} TDs{made} created, all closed")
 
 
 @check("hygiene_key_ids_released", GROUP,

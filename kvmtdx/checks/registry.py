@@ -23,7 +23,7 @@ from kvmtdx.verdict import Status
 
 GROUPS: tuple[str, ...] = (
     "availability", "capabilities", "init_vm_structure", "init_vm_content", "policy",
-    "adversarial", "lifecycle", "hygiene",
+    "adversarial", "lifecycle", "effective", "hygiene",
 )
 NEEDS_POLICY = "needs the kernel policy (give --policy)"
 
@@ -56,6 +56,12 @@ def bad(detail: str, expected: str = "", actual: str = "",
 
 def skip(reason: str) -> Verdict:
     return Verdict(Status.SKIP, reason)
+
+
+def info(detail: str, expected: str = "", actual: str = "",
+         bits: tuple[BitRef, ...] = ()) -> Verdict:
+    """Ran, and recorded what the kernel did where no rule says what it must do."""
+    return Verdict(Status.INFO, detail, expected, actual, bits)
 
 
 class Skip(Exception):

@@ -41,6 +41,7 @@ class Summary:
     fds_after: int
     rss_before: int
     rss_after: int
+    info: int = 0  # informational results: run, recorded, judged by no rule (a pass)
 
     @property
     def verdict(self) -> Status:

@@ -115,6 +115,7 @@ def _summary(results: Sequence[CheckResult], c: Counters, proc: ProcessNumbers) 
         passed=sum(r.status == Status.PASS for r in results),
         failed=sum(r.status == Status.FAIL for r in results),
         skipped=sum(r.status == Status.SKIP for r in results),
+        info=sum(r.status == Status.INFO for r in results),
         tds_created=c.tds_created, ioctls=c.ioctls, init_vm_calls=c.init_vm_calls,
         fds_before=proc.fds_before, fds_after=proc.fds_after,
         rss_before=proc.rss_before, rss_after=proc.rss_after,
@@ -136,7 +137,7 @@ def run_verify(seam: Seam, *, backend_label: str, given: Given | None = None,
                kernel_release: str | None = None, only: Sequence[str] | None = None,
                progress: Progress | None = None,
                record: list[CheckResult] | None = None, allow_kernel_warn: bool = False,
-               kernel_log: KernelLog | None = None) -> VerifyReport:
+               kernel_log: KernelLog | None = None, strict: bool = False) -> VerifyReport:
     """Run the suite over `seam`; nothing here prints.
 
     `given` is what is known before the kernel is asked (kvmtdx.knowledge.given);
@@ -145,7 +146,8 @@ def run_verify(seam: Seam, *, backend_label: str, given: Given | None = None,
     done, so a caller whose run is interrupted still has the checks done so far.
     `allow_kernel_warn` lets a check provoke a WARN on a real kernel (the simulated and
     kernel-source hosts always allow it), read through `kernel_log` (default: /dev/kmsg
-    and its sysctls).
+    and its sysctls).  `strict` judges what a series leaves open (set_cpuid2_consistency)
+    instead of recording it.
     """
     fds0, rss0 = _proc_numbers()
     start = _Start(backend_label, fds0, rss0)
@@ -162,7 +164,7 @@ def run_verify(seam: Seam, *, backend_label: str, given: Given | None = None,
         free = getattr(seam, "free_key_ids", None)
         ctx = Context(kvm=kvm, seam=seam, know=know, caps=caps,
                       key_ids_before=free if isinstance(free, int) else None,
-                      allow_kernel_warn=allow_kernel_warn,
+                      allow_kernel_warn=allow_kernel_warn, strict=strict,
                       kernel_log=kernel_log if kernel_log is not None else KernelLog())
         _log_start(ctx)
         ticker = _Ticker(len(specs), kvm.counters, progress)

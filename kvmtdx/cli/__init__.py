@@ -29,6 +29,7 @@ from kvmtdx.cli import (
     predict,
     probe,
     report,
+    td_cpuid,
     verify,
 )
 from kvmtdx.cli.common import Command, Parser, error_line, simulate_list
@@ -39,6 +40,7 @@ COMMANDS: tuple[Command, ...] = (
     caps.COMMAND,
     predict.COMMAND,
     init_vm.COMMAND,
+    td_cpuid.COMMAND,
     verify.COMMAND,
     probe.COMMAND,
     fuzz.COMMAND,

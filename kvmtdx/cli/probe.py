@@ -52,6 +52,11 @@ def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="TDs in parallel (real device; the simulated host runs one ioctl at a "
                         "time)")
+    p.add_argument("--effective", action="store_true",
+                   help="read the TD's CPUID back (KVM_TDX_GET_CPUID) after the accepted bits' "
+                        "requests: each accepted bit is 'accepted, present' or 'accepted, "
+                        "cleared' by observation (one TD for the reported bits, one per hidden "
+                        "accepted bit)")
     p.add_argument("--emit-allowlist", metavar="FILE", type=output_file("--emit-allowlist"),
                    help="write the effective allowlist the probe found, loadable with "
                         "--allowlist (bits it never tried are listed apart, under 'untried')")
@@ -72,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
     known = given_from(args, backend)
     tty = sys.stderr.isatty()
     options = probe.ProbeOptions(exhaustive=args.exhaustive, max_tds=args.max_tds,
+                                 effective=args.effective,
                                  jobs=args.jobs, progress=_progress if tty else None)
     try:
         result = probe.probe(backend.seam, options, label=backend.label, given=known)

@@ -17,6 +17,7 @@ from kvmtdx.errors import KvmError, ProbeError
 from kvmtdx.knowledge import Given, complete
 from kvmtdx.probe.allowlist import effective_allowlist
 from kvmtdx.probe.classify import bit_results, classify, expected_classes, field_results
+from kvmtdx.probe.effective import observe
 from kvmtdx.probe.oracle import DeviceOracle, Oracle, SerialSeam, mirror_oracle, native_fms
 from kvmtdx.probe.result import (
     BitClass,
@@ -43,6 +44,9 @@ class ProbeOptions:
     max_tds: int | None = None
     jobs: int = 1
     progress: Callable[[int], None] | None = None
+    # Read the TD's CPUID after the accepted bits' requests: 'accepted, present' or
+    # 'accepted, cleared' by observation (kvmtdx.probe.effective).
+    effective: bool = False
 
 
 def probe(seam: Seam, options: ProbeOptions, *, label: str, given: Given | None = None,
@@ -67,9 +71,12 @@ def probe(seam: Seam, options: ProbeOptions, *, label: str, given: Given | None 
         got = classify(caps, oracle, model, exhaustive=exhaustive,
                        native_fms=native_fms(kvm, model))
         traps = lookup_traps(caps, oracle, got.bits)
-    layout = read_layout(caps, model)
-    bits = bit_results(got, layout, model)  # the mirror's expectations count in `seconds`
-    notes = list(got.notes)
+        layout = read_layout(caps, model)
+        bits = bit_results(got, layout, model)  # the mirror's expectations count in `seconds`
+        notes = list(got.notes)
+        if options.effective:
+            bits, seen = observe(oracle, layout, bits)
+            notes += seen
     if serialize and options.jobs > 1:
         notes.append(f"--jobs {options.jobs}: this backend is driven one ioctl at a time "
                      "(a lock around the seam), so jobs overlap but do not speed it up")

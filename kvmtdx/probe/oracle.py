@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from kvmtdx import uapi
-from kvmtdx.device import Kvm, Seam, TdxVm
+from kvmtdx.device import Kvm, Seam, TdCpuidRead, TdxVm
 from kvmtdx.errors import ProbeError
 from kvmtdx.model import mirror
 from kvmtdx.model.policy import Policy
@@ -133,6 +133,17 @@ class DeviceOracle:
                 self._live -= 1
             if self._progress is not None:
                 self._progress(self.tds)
+
+    def td_cpuid(self, request: InitVm) -> tuple[Outcome, TdCpuidRead | None] | None:
+        """INIT_VM on a fresh TD and, ACCEPTED, its CPUID read back (None: --max-tds spent)."""
+        if not self.reserve():
+            return None
+        with self._create() as td:
+            out = td.init_vm(request)
+            read = td.read_cpuid() if out.kind is Kind.ACCEPTED else None
+        if self._progress is not None:
+            self._progress(self.tds)
+        return out, read
 
     def __call__(self, requests: Sequence[InitVm]) -> list[Outcome | None]:
         todo: list[InitVm] = []

@@ -46,6 +46,17 @@ class BitResult:
     # An accepted bit the TD does not get as asked, and the module's reason ("accepted,
     # cleared": a feature whose XSAVE state XFAM lacks, PKS set from ATTRIBUTES.PKS...).
     cleared: str | None = None
+    # probe --effective: whether the TD's CPUID (KVM_TDX_GET_CPUID) had the accepted bit,
+    # "present" or "cleared" (observed, where `cleared` is the module model's reason).
+    effective: str | None = None
+
+    @property
+    def label(self) -> str:
+        """The class as people read it; an accepted bit is split by what the TD got."""
+        if self.effective is not None and self.cls in (BitClass.REPORTED_ACCEPTED,
+                                                       BitClass.HIDDEN_ACCEPTED):
+            return f"{self.cls.value} (accepted, {self.effective})"
+        return self.cls.value
 
     @property
     def key(self) -> BitKey:

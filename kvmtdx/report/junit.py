@@ -2,7 +2,8 @@
 
 verify, probe and fuzz hand this module their results grouped into suites;
 it owns the XML: counts on every level, `<failure>` with the full text,
-`<skipped>` with the reason, `<properties>` with the run's facts.
+`<skipped>` with the reason, `<properties>` with the run's facts.  An informational result
+is a passing case whose `<system-out>` says what was recorded.
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ def _case(parent: ET.Element, c: Case) -> None:
         f.text = c.text
     elif c.status == Status.SKIP:
         ET.SubElement(tc, "skipped", message=_one_line(c.message))
-    elif c.text:
-        ET.SubElement(tc, "system-out").text = c.text
+    elif c.text or c.status == Status.INFO:
+        ET.SubElement(tc, "system-out").text = c.text or c.message
 
 
 def render(name: str, suites: Sequence[Suite]) -> str:

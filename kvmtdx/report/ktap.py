@@ -3,7 +3,9 @@
 verify, probe and fuzz hand this module their results as plain cases; it owns
 the format: the version line, the plan, `ok`/`not ok` lines with `# SKIP`
 directives, diagnostics as `# ` lines before a failing result, the kselftest
-totals line, and `Bail out!` for a run that was cut short.
+totals line, and `Bail out!` for a run that was cut short.  An informational result is
+`ok` (it counts as a pass) with its detail as a `# ` line before it, so a runner that
+reads only results sees a pass and a person reading the log sees what was recorded.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from kvmtdx.verdict import Status
 class Case:
     name: str  # stable, [a-z0-9_]+
     status: Status
-    detail: str = ""  # the skip reason, or a failure's first diagnostic
+    detail: str = ""  # the skip reason, a failure's first diagnostic, what an info recorded
     diagnostics: tuple[str, ...] = ()  # further lines printed before a failure
 
 
@@ -48,11 +50,15 @@ def render(header: Sequence[str], cases: Sequence[Case], *, bail_out: str | None
             out.append(f"not ok {n} {c.name}")
         elif c.status == Status.SKIP:
             out.append(f"ok {n} {c.name} # SKIP {text(c.detail)}")
+        elif c.status == Status.INFO:
+            out.append(f"# {c.name}: {text(c.detail)}")
+            out.append(f"ok {n} {c.name}")
         else:
             out.append(f"ok {n} {c.name}")
     if bail_out is not None:
         out.append(f"Bail out! {text(bail_out)}")
     counts = {s: sum(c.status == s for c in cases) for s in Status}
-    out.append(f"# Totals: pass:{counts[Status.PASS]} fail:{counts[Status.FAIL]} xfail:0 "
+    passed = counts[Status.PASS] + counts[Status.INFO]
+    out.append(f"# Totals: pass:{passed} fail:{counts[Status.FAIL]} xfail:0 "
                f"xpass:0 skip:{counts[Status.SKIP]} error:0")
     return "\n".join(out) + "\n"

@@ -28,7 +28,8 @@ CELL, STEP, NIBBLE_GAP, CELL_HEIGHT, MARK = 10, 12, 4, 14, 6
 MAP_WIDTH = 32 * STEP + 7 * NIBBLE_GAP
 MAP_HEIGHT = CELL_HEIGHT + MARK + 1
 
-STATUS_TEXT = {"pass": "\u2713 pass", "fail": "\u2717 FAIL", "skip": "\u2013 skip"}
+STATUS_TEXT = {"pass": "\u2713 pass", "fail": "\u2717 FAIL", "skip": "\u2013 skip",
+               "info": "\u2139 info"}
 COLOURS = {cls: colour for cls, _, colour in BIT_CLASSES}
 MEANING = {cls: meaning for cls, meaning, _ in BIT_CLASSES}
 # The CSS class of a bit map cell of each class (short: a page has thousands of cells).

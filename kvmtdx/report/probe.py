@@ -57,7 +57,7 @@ def result_to_json(r: ProbeResult) -> dict[str, Any]:
                 "leaf": f"0x{b.leaf:x}", "subleaf": b.subleaf, "register": b.register, "bit": b.bit,
                 "name": b.name, "class": b.cls.value, "reported": b.reported,
                 "result": _outcome_json(b.outcome), "explained": b.explained,
-                "cleared": b.cleared,
+                "cleared": b.cleared, "effective": b.effective,
                 "expected": b.expected.value if b.expected is not None else None,
             }
             for b in r.bits
@@ -92,6 +92,8 @@ def _why(b: BitResult) -> str:
         parts.append(f"- {b.explained}")
     elif b.cleared:
         parts.append(f"- {b.cleared}")
+    if b.effective is not None:
+        parts.append(f"- in the TD: {b.effective} (KVM_TDX_GET_CPUID)")
     elif b.failed:
         parts.append("- KERNEL BUG" if b.cls is BitClass.HIDDEN_ACCEPTED
                      else "- KERNEL BUG (no module coupling explains it)")
@@ -143,6 +145,10 @@ def render_text(r: ProbeResult) -> str:
     out.append("summary: " + (", ".join(f"{k} {v}" for k, v in counts.items())
                               or "nothing classified")
                + (f"; {r.untested} bits not tried" if r.untested else ""))
+    seen = Counter(b.effective for b in r.bits if b.effective is not None)
+    if seen:
+        out.append("in the TD (--effective): " + ", ".join(
+            f"{seen[k]} accepted, {k}" for k in ("present", "cleared") if seen[k]))
     for n in r.notes:
         out.append(f"note: {n}")
     if r.mismatches:

@@ -20,7 +20,8 @@ from kvmtdx.report.snapshot import json_bit_key, json_objects, json_register, js
 from kvmtdx.structs import REGISTERS
 
 READS = (ReportKind.VERIFY, ReportKind.PROBE)
-STATUSES = ("pass", "fail", "skip")
+STATUSES = ("pass", "fail", "skip", "info")
+VERDICTS = ("pass", "fail", "skip")
 UNKNOWN = "?"
 
 # A probe's bit classes, then what the map shows of a bit the probe did not try:
@@ -158,7 +159,7 @@ def _verify(doc: dict[str, Any], origin: str) -> tuple[dict[str, CheckCell], str
         cid = _text(c.get("id"), f"{w}.id")
         status = _text(c.get("status"), f"{w}.status")
         if status not in STATUSES:
-            raise DataError(f"{w}.status: expected pass, fail or skip, got {status!r}")
+            raise DataError(f"{w}.status: expected pass, fail, skip or info, got {status!r}")
         bits = tuple(_bit_label(b, wb) for wb, b in json_objects(c.get("bits", []), f"{w}.bits"))
         cells[cid] = CheckCell(status=status, group=_text(c.get("group"), f"{w}.group"),
                                detail=_text(c.get("detail"), f"{w}.detail", optional=True),
@@ -167,11 +168,12 @@ def _verify(doc: dict[str, Any], origin: str) -> tuple[dict[str, CheckCell], str
                                bits=bits)
     skip = doc.get("skip")
     verdict = doc.get("verdict")
-    if verdict not in STATUSES:
+    if verdict not in VERDICTS:
         raise DataError(f"{origin}: verdict: expected pass, fail or skip")
     n = {s: sum(c.status == s for c in cells.values()) for s in STATUSES}
+    info = f", {n['info']} informational" if n["info"] else ""
     counts = (f"skipped: {skip.get('reason')}" if isinstance(skip, dict) else
-              f"{n['pass']} passed, {n['fail']} failed, {n['skip']} skipped of {len(cells)}")
+              f"{n['pass']} passed, {n['fail']} failed, {n['skip']} skipped{info} of {len(cells)}")
     return cells, str(verdict), counts
 
 

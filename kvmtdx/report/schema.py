@@ -31,6 +31,7 @@ class ReportKind(str, Enum):
     CAPS = "caps"
     PREDICT = "predict"
     INIT_VM = "init-vm"
+    TD_CPUID = "td-cpuid"
     REQUEST = "request"  # a KVM_TDX_INIT_VM request (verify --save-failures)
     VERIFY = "verify"
     CHECK_LIST = "check-list"  # verify --list-checks
@@ -55,7 +56,8 @@ ENVELOPE: tuple[str, ...] = ("schema", "kind", "tool_version")
 # so reports from many machines and kernels can be told apart and merged.  predict
 # (the mirror alone), diff and the data documents describe no host.
 RUN_KINDS = frozenset({ReportKind.INFO, ReportKind.CAPS, ReportKind.INIT_VM,
-                       ReportKind.VERIFY, ReportKind.PROBE, ReportKind.FUZZ})
+                       ReportKind.TD_CPUID, ReportKind.VERIFY, ReportKind.PROBE,
+                       ReportKind.FUZZ})
 HOST_IDENTITY = "host_identity"
 
 

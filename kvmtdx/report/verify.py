@@ -23,7 +23,7 @@ from kvmtdx.report.schema import ReportKind, document
 from kvmtdx.structs import FLAG_SIGNIFICANT_INDEX, REGISTERS, CpuidEntry
 from kvmtdx.verdict import Status
 
-PASS, FAIL, SKIP = Status.PASS, Status.FAIL, Status.SKIP
+PASS, FAIL, SKIP, INFO = Status.PASS, Status.FAIL, Status.SKIP, Status.INFO
 
 
 def exit_code(report: VerifyReport) -> ExitCode:
@@ -58,7 +58,8 @@ def _facts(report: VerifyReport) -> list[tuple[str, str]]:
 
 def _counts(report: VerifyReport) -> str:
     s = report.summary
-    return f"{s.passed} passed, {s.failed} failed, {s.skipped} skipped of {s.total} checks"
+    info = f", {s.info} informational" if s.info else ""
+    return f"{s.passed} passed, {s.failed} failed, {s.skipped} skipped{info} of {s.total} checks"
 
 
 def verdict_line(report: VerifyReport) -> str:
@@ -104,8 +105,10 @@ def _groups(results: Sequence[CheckResult]) -> str:
             continue
         bad = sum(c.status == FAIL for c in cs)
         skipped = sum(c.status == SKIP for c in cs)
-        notes = ([f"{bad} FAILED"] if bad else []) + ([f"{skipped} skipped"] if skipped else [])
-        per_group.append(f"{g} {sum(c.status == PASS for c in cs)}/{len(cs)}"
+        info = sum(c.status == INFO for c in cs)
+        notes = ([f"{bad} FAILED"] if bad else []) + ([f"{skipped} skipped"] if skipped else []) \
+            + ([f"{info} informational"] if info else [])
+        per_group.append(f"{g} {sum(c.status in (PASS, INFO) for c in cs)}/{len(cs)}"
                          + (f" ({', '.join(notes)})" if notes else ""))
     return ", ".join(per_group)
 
@@ -135,6 +138,10 @@ def render_text(report: VerifyReport) -> str:
                 out.append(f"    request:  {request_line(c.request)}")
                 if c.request_note:
                     out.append(f"              ({c.request_note})")
+    infos = [c for c in report.checks if c.status == INFO]
+    if infos:
+        out += ["", "Informational (recorded, judged by no rule):"]
+        out += [f"  {c.id}: {c.detail}" for c in infos]
     skips = [c for c in report.checks if c.status == SKIP]
     if skips:
         out += ["", "Skipped:"]
@@ -210,7 +217,7 @@ def failure_requests(report: VerifyReport) -> dict[str, str]:
 
 def summary_json(s: Summary) -> dict[str, Any]:
     return {"verdict": s.verdict, "total": s.total, "passed": s.passed, "failed": s.failed,
-            "skipped": s.skipped, "tds_created": s.tds_created, "ioctls": s.ioctls,
+            "skipped": s.skipped, "info": s.info, "tds_created": s.tds_created, "ioctls": s.ioctls,
             "init_vm_calls": s.init_vm_calls, "fds_before": s.fds_before,
             "fds_after": s.fds_after, "rss_before": s.rss_before, "rss_after": s.rss_after}
 

@@ -16,11 +16,14 @@ start from the same facts (the module's converted tables, host, policy, allowlis
 and nothing more.
 
 The package, one job a module: `host` (the seam and its fd table), `uaccess`
-(the caller's memory), `state` (VMs and key IDs), `kvm` (/dev/kvm and VM
-ioctls), `tdx` (KVM_MEMORY_ENCRYPT_OP: CAPABILITIES, FINALIZE_VM), `td_init`
+(the caller's memory), `state` (VMs, vCPUs and key IDs), `kvm` (/dev/kvm and VM
+ioctls), `vcpu` (split irqchip, KVM_CREATE_VCPU, KVM_SET/GET_CPUID2), `tdx_vcpu` (a TD
+vCPU's KVM_TDX_GET_CPUID and KVM_TDX_INIT_VCPU, the TD's CPUID read through the module's
+TDH.MNG.RD), `tdx` (KVM_MEMORY_ENCRYPT_OP: CAPABILITIES, FINALIZE_VM), `td_init`
 (KVM_TDX_INIT_VM, step by step), `tables` (what KVM works out per module row
-at bring-up), `tdx_module` (the simulated TDX module: what it reports and
-TDH.MNG.INIT's configuration checks), `tdx_platform` (its TDH.SYS.INIT on the host),
+at bring-up), `tdx_module` (the simulated TDX module: what it reports,
+TDH.MNG.INIT's configuration checks and TDH.MNG.RD of a TD's CPUID), `tdx_platform`
+(its TDH.SYS.INIT on the host),
 `tdx_cpuid` (TDH.MNG.INIT's CPUID loop and leaf 0x1F), `facts` (the constants KVM
 applies) and `mutants` (seeded kernel bugs that switch single decisions,
 so the verifier can prove it catches them).

@@ -9,10 +9,13 @@ from kvmtdx.model.policy import Policy
 from kvmtdx.model.profiles import Host, ModuleProfile
 from kvmtdx.sim.kvm import Kvm
 from kvmtdx.sim.mutants import get_mutant
-from kvmtdx.sim.state import File, KernelLog, KeyIds, System, Vm
+from kvmtdx.sim.state import File, KernelLog, KeyIds, System, Vcpu, Vm
+from kvmtdx.sim.td_init import present_cpus
 from kvmtdx.sim.tdx import Tdx
 from kvmtdx.sim.tdx_module import TdxModule
+from kvmtdx.sim.tdx_vcpu import TdxVcpu
 from kvmtdx.sim.uaccess import fail
+from kvmtdx.sim.vcpu import Vcpus
 
 _FIRST_FD = 3
 
@@ -38,8 +41,10 @@ class SimulatedHost:
         self._keys = KeyIds(key_ids)
         self.kernel_log = KernelLog()
         # The module runs its own reading of its version's converted tables on this CPU.
-        tdx = Tdx(TdxModule(module.tables, host), host, policy, self._keys, bug, self.kernel_log)
-        self._kvm = Kvm(host, module, tdx, self._install)
+        tdx_module = TdxModule(module.tables, host)
+        tdx = Tdx(tdx_module, host, policy, self._keys, bug, self.kernel_log)
+        vcpus = Vcpus(TdxVcpu(tdx_module, bug), bug, present_cpus(host))
+        self._kvm = Kvm(host, module, tdx, vcpus, self._install)
 
     # ------------------------------------------------------------------
     # What tests look at.
@@ -52,6 +57,11 @@ class SimulatedHost:
     def live_tds(self) -> int:
         """Open VM fds of type KVM_X86_TDX_VM."""
         return sum(1 for f in self._files.values() if isinstance(f, Vm) and f.is_td)
+
+    @property
+    def live_vcpus(self) -> int:
+        """Open vCPU fds (each keeps its VM, and a TD's key ID, alive)."""
+        return sum(1 for f in self._files.values() if isinstance(f, Vcpu))
 
     @property
     def free_key_ids(self) -> int:

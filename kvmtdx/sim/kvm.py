@@ -1,7 +1,9 @@
 """KVM's ioctls on /dev/kvm and on VM fds (Linux 7.3 virt/kvm/kvm_main.c, arch/x86/kvm).
 
 What is not TDX lives here: the API version, KVM_CHECK_EXTENSION, creating
-VMs and KVM_GET_SUPPORTED_CPUID.  KVM_MEMORY_ENCRYPT_OP on a TD goes to `tdx`.
+VMs and KVM_GET_SUPPORTED_CPUID.  KVM_MEMORY_ENCRYPT_OP on a TD goes to `tdx`;
+KVM_ENABLE_CAP, KVM_CREATE_VCPU and every vCPU ioctl to `vcpus`.  A VM lives while its
+fd or one of its vCPUs' is open: the last close frees it (a TD's key ID with it).
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ from collections.abc import Callable
 
 from kvmtdx import layout, uapi
 from kvmtdx.model.profiles import Host, ModuleProfile
-from kvmtdx.sim.state import File, System, Vm
+from kvmtdx.sim.state import File, System, Vcpu, Vm
 from kvmtdx.sim.tdx import Tdx
 from kvmtdx.sim.uaccess import copy_from_user, copy_to_user, fail
+from kvmtdx.sim.vcpu import Vcpus
 from kvmtdx.structs import FLAG_SIGNIFICANT_INDEX, KVM_MAX_CPUID_ENTRIES, CpuidEntry
 
 _API_VERSION = 12
@@ -23,9 +26,10 @@ _VM_TYPES = 1 << uapi.VmType.KVM_X86_DEFAULT_VM | 1 << uapi.VmType.KVM_X86_TDX_V
 class Kvm:
     """KVM on `host`; `install` turns a new kernel file into the caller's fd."""
 
-    def __init__(self, host: Host, module: ModuleProfile, tdx: Tdx,
+    def __init__(self, host: Host, module: ModuleProfile, tdx: Tdx, vcpus: Vcpus,
                  install: Callable[[File], int]) -> None:
         self.tdx = tdx
+        self.vcpus = vcpus
         self.install = install
         self.supported_cpuid = _host_cpuid(host, module)
 
@@ -33,12 +37,18 @@ class Kvm:
         """An ioctl on one of KVM's files."""
         if isinstance(f, System):
             return self._dev_ioctl(request, arg)
+        if isinstance(f, Vcpu):
+            return self.vcpus.ioctl(f, request, arg)
         return self._vm_ioctl(f, request, arg)
 
     def release(self, f: File) -> None:
-        """The file's last reference is gone (its fd was closed)."""
-        if isinstance(f, Vm) and f.is_td:
-            self.tdx.vm_destroy(f)
+        """An fd was closed: a vCPU's holds a reference on its VM, which goes with the last."""
+        vm = f.vm if isinstance(f, Vcpu) else f
+        if not isinstance(vm, Vm):
+            return
+        vm.refs -= 1
+        if vm.refs == 0 and vm.is_td:
+            self.tdx.vm_destroy(vm)
 
     def _dev_ioctl(self, request: int, arg: int) -> int:
         """An ioctl on /dev/kvm (kvm_dev_ioctl)."""
@@ -62,6 +72,10 @@ class Kvm:
             raise fail(errno.EIO)  # kvm->vm_dead: refused before the ioctl is even looked at
         if request == uapi.Ioctl.KVM_CHECK_EXTENSION:
             return _check_extension(arg)
+        if request == uapi.Ioctl.KVM_CREATE_VCPU:
+            return self.install(self.vcpus.create(vm, arg))
+        if request == uapi.Ioctl.KVM_ENABLE_CAP:
+            return self.vcpus.enable_cap(vm, arg)
         if request == uapi.Ioctl.KVM_MEMORY_ENCRYPT_OP and vm.is_td:
             return self.tdx.memory_encrypt_op(vm, arg)
         raise fail(errno.ENOTTY)

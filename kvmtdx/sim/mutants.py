@@ -178,6 +178,25 @@ TD_STATE_CHECKED_AFTER_COPY = _mutant(
     "INIT_VM checks that the TD is uninitialised only after reading the request: a second "
     "INIT_VM with nent 257 gets E2BIG")
 
+GET_CPUID_RETURNS_REQUEST = _mutant(
+    "get_cpuid_returns_request", _ALL,
+    "KVM_TDX_GET_CPUID answers the CPUID_CONFIG rows with the INIT_VM request's values, "
+    "not what the TDX module made of them")
+GET_CPUID_E2BIG_WRITES_ENTRIES = _mutant(
+    "get_cpuid_e2big_writes_entries", _ALL,
+    "KVM_TDX_GET_CPUID answers E2BIG after writing the entries that fit the caller's buffer")
+GET_CPUID_GPAW_UNFIXED = _mutant(
+    "get_cpuid_gpaw_unfixed", _ALL,
+    "KVM_TDX_GET_CPUID leaves CPUID 0x80000008 EAX[23:16] as the module holds it, not the "
+    "TD's guest physical address width")
+VCPU_WITHOUT_SPLIT_IRQCHIP = _mutant(
+    "vcpu_without_split_irqchip", _ALL,
+    "a TD vCPU is created without a split irqchip (tdx_vcpu_create skips irqchip_split)")
+SET_CPUID2_CHECKED_AGAINST_TD = _mutant(
+    "set_cpuid2_checked_against_td", _ALL,
+    "KVM_SET_CPUID2 on a TD vCPU refuses (EINVAL) a CPUID whose directly configurable bits "
+    "differ from the TD's: the series' open question closed", fix=True)
+
 # In the order `--simulate list` shows them.
 CATALOGUE: tuple[Mutant, ...] = tuple(_defined)
 BY_NAME: dict[str, Mutant] = {m.name: m for m in CATALOGUE}

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvmtdx import uapi
 from kvmtdx.sim.tdx_module import MngInit
+from kvmtdx.structs import CpuidEntry
 
 Regs = tuple[int, int, int, int]
 
@@ -30,6 +31,15 @@ class Vm:
     dead: bool = False
     # TDH.MNG.INIT's answer once INIT_VM succeeded: the TD's CPUID as TDCS holds it.
     mng_init: MngInit | None = None
+    # TD_PARAMS.CPUID_CONFIG as KVM built it from the request, and the GPAW (48 or 52) KVM
+    # chose: what KVM_TDX_GET_CPUID's 0x80000008 fix-up reports.
+    config_values: tuple[Regs, ...] = ()
+    gpaw: int = 48
+    # kvm->arch.irqchip_mode == KVM_IRQCHIP_SPLIT; the vCPU ids created; open fds on the VM
+    # (its own and its vCPUs': KVM frees the VM, a TD's key ID included, with the last).
+    split_irqchip: bool = False
+    vcpu_ids: set[int] = field(default_factory=set)
+    refs: int = 1
 
     @property
     def is_td(self) -> bool:
@@ -46,7 +56,19 @@ class Vm:
         return frozenset() if self.mng_init is None else self.mng_init.faulting
 
 
-File = System | Vm
+@dataclass(slots=True)
+class Vcpu:
+    """A vCPU file: KVM's own view of the guest's CPUID and, on a TD, the vCPU's TDX state."""
+
+    vm: Vm
+    vcpu_id: int
+    cpuid: tuple[CpuidEntry, ...] = ()
+    # The local APIC base MSR: KVM_APIC_BASE ENABLE once an in-kernel APIC exists.
+    apic_base: int = 0
+    td_initialized: bool = False  # KVM_TDX_INIT_VCPU done (VCPU_TD_STATE_INITIALIZED)
+
+
+File = System | Vm | Vcpu
 
 
 class KeyIds:

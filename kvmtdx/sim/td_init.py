@@ -57,7 +57,7 @@ class TdInit:
         self.nent_limit = KVM_MAX_CPUID_ENTRIES - (bug is mutants.NENT_LIMIT_OFF_BY_ONE)
         self.allowlist_errno = errno.EIO if bug is mutants.ALLOWLIST_REJECT_EIO else errno.EINVAL
         # kvm->max_vcpus and default_tsc_khz, fixed for the host: worked out once.
-        self.max_vcpus = min(_KVM_MAX_VCPUS, _present_cpus(host))
+        self.max_vcpus = min(_KVM_MAX_VCPUS, present_cpus(host))
         self.tsc_frequency = _tsc_khz(host) // 25000
 
     def run(self, vm: Vm, cmd: TdxCmd) -> tuple[int, int]:
@@ -260,6 +260,9 @@ class TdInit:
             return self._map_status(vm, result.status, result.rcx)
         vm.initialized = True
         vm.mng_init = result
+        vm.config_values = params.cpuid_values
+        # kvm->arch.gfn_direct_bits: the shared bit is 51 with MAX_GPAW, else 47.
+        vm.gpaw = 52 if params.config_flags & _MAX_GPAW else 48
         return 0, 0
 
     def _teardown(self, vm: Vm, key_id: int) -> None:
@@ -286,7 +289,7 @@ class TdInit:
         return errno.EIO, 0
 
 
-def _present_cpus(host: Host) -> int:
+def present_cpus(host: Host) -> int:
     """num_present_cpus(): the logical processors the host's CPUID 0x1F levels count."""
     counts = [host.cpuid(0x1F, s)[1] & 0xFFFF for s in range(6)
               if host.cpuid(0x1F, s)[2] >> 8 & 0xFF]

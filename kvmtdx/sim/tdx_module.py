@@ -121,6 +121,28 @@ class TdxModule:
                 for r, v in zip(tables.configurable, p.cpuid_config, strict=True)))
         self.cpuid = CpuidProcessor(tables, self.generation, p)
         self.min_pa_pml5 = tables.const("MIN_PA_FOR_PML5")
+        # get_cpuid_lookup_entry: per leaf, its lookup keys in array order.
+        self._lookup_of: dict[int, list[tuple[int, int | None]]] = {}
+        for e in tables.lookup:
+            self._lookup_of.setdefault(e.leaf, []).append(e.key)
+        self._fixed0 = _fixed0_leaves(tables.constants)
+
+    def mng_rd_cpuid(self, values: Mapping[tuple[int, int | None], Regs],
+                     invalid: frozenset[tuple[int, int | None]], leaf: int,
+                     subleaf: int | None) -> Regs | None:
+        """TDH.MNG.RD of a TD's CPUID_VALUES field for (leaf, sub-leaf or SUBLEAF_NA): None
+        for a refused read (metadata_td.c md_td_get_element).
+
+        The field names a lookup entry whose sub-leaf is NA or the one asked, the first in
+        array order.  1.5.x: no such entry is FIELD_ID_INCORRECT, a faulting (not
+        CPUID_VALID) one NOT_READABLE.  2.0: a leaf in TDCS.CPUID_FIXED0_BITMAP reads as
+        zeros to the host, any other leaf without an entry is NOT_READABLE."""
+        if leaf in self._fixed0:
+            return (0, 0, 0, 0)
+        for key in self._lookup_of.get(leaf, ()):
+            if key[1] is None or key[1] == subleaf:
+                return None if key in invalid else values.get(key, (0, 0, 0, 0))
+        return None
 
     def mng_init(self, params: TdParams) -> MngInit:
         """TDH.MNG.INIT on TD_PARAMS; the first failing rule in the module's order decides."""
@@ -195,3 +217,15 @@ class TdxModule:
                 self.platform.max_pa < self.min_pa_pml5):
             return False
         return not (flags & FLAG_GPAW and pwl < PWL_5)
+
+
+def _fixed0_leaves(constants: Mapping[str, int | None]) -> frozenset[int]:
+    """The leaves CPUID_FIXED0_BITMAP marks all-zero: bit n for base leaf n below the base
+    range, bit base+n for leaf 0x80000000+n (the layout the 2.0.08 bitmap's own bits show:
+    0x80000003-5 zero after the brand string's fixed 0x80000002)."""
+    bitmap, base = constants.get("CPUID_FIXED0_BITMAP"), constants.get(
+        "CPUID_FIXED0_BITMAP_BASE_RANGE")
+    if bitmap is None or base is None:
+        return frozenset()
+    return frozenset(n if n < base else 0x80000000 + n - base
+                     for n in range(64) if bitmap >> n & 1)
