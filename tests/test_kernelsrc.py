@@ -27,6 +27,7 @@ from kvmtdx.model.profiles import BUNDLED_MODULES, MAX_HOST, load_profile, profi
 from kvmtdx.model.requests import Request
 from kvmtdx.model.rules import ANY, VALUE_REGISTERS
 from kvmtdx.session import kernel_source_backend
+from kvmtdx.sim import SimulatedHost
 from kvmtdx.structs import FLAG_SIGNIFICANT_INDEX, CpuidEntry, InitVm
 
 COUNT_CHECK = "\tif (copy_cnt != cpuid->nent)\n\t\treturn -EINVAL;\n"
@@ -129,9 +130,7 @@ def test_dropping_the_count_check_is_caught_by_verify(tree: Path, tmp_path: Path
 def test_the_warn_a_request_can_reach_is_seen(tree: Path) -> None:
     """Linux 7.3: smuggled HLE+RTM on a host without TSX_CTRL make TDH.MNG.INIT fail with a
     non-operand status: -EIO, a WARN, and the VM marked bugged (every later ioctl -EIO).
-
-    (The simulated host answers the first call alike but keeps the VM usable: a later valid
-    INIT_VM is ACCEPTED there.  A finding about the sim, spec section 4 step 10.)"""
+    The simulated host answers both calls alike and counts the one WARN."""
     host = replace(MAX_HOST, name="no-tsx-ctrl", tsx_ctrl=False)
     b = backend(tree, host=host)
     base = mirror.full_request(b.module, host, get_policy("upstream")).init_vm
@@ -149,6 +148,11 @@ def test_the_warn_a_request_can_reach_is_seen(tree: Path) -> None:
     prediction = mirror.predict_init_vm(b.module, host, get_policy("upstream"),
                                         Request(init_vm=smuggled))
     assert prediction.same_answer(first)
+    simulated = SimulatedHost(b.module, host, get_policy("upstream"))
+    with Kvm(simulated) as kvm, kvm.create_td() as td:
+        assert td.init_vm(smuggled).same_answer(first)
+        assert td.init_vm(base).same_answer(again)
+    assert simulated.kernel_warnings == 1
 
 
 # ---------------------------------------------------------------------------

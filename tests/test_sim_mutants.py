@@ -169,6 +169,8 @@ WITNESSES: dict[str, Witness] = {
     "allowlist_reject_eio": Witness(
         "rfc-v2", init_vm(with_bit(full("rfc-v2"), 7, 0, "edx", 18))),
     "key_id_leak_on_failure": Witness("upstream", leak_then_init, key_ids=2),
+    "module_status_always_einval": Witness(
+        "upstream", init_vm(bypass(full("upstream"), ebx=HLE | RTM, ecx=0)), host=NO_TSX_CTRL),
     "denylist_checks_row_index": Witness("upstream", init_vm(bypass(full("upstream")))),
     "count_check_missing": Witness("upstream", init_vm(replace(
         full("upstream"), entries=(*full("upstream").entries, CpuidEntry(function=0xD))))),

@@ -209,12 +209,31 @@ def test_progress_and_hygiene(no_fd_leak: object) -> None:
 # Verdicts follow the invariant: an upstream kernel with the bypass fixed passes.
 
 
+BYPASS_FIXES = [f for f in FIXES if f[0] == "denylist_checks_row_index"]
+WARN_FIX = "module_status_always_einval"
+
+
 def test_the_fixes_are_what_the_suite_passes() -> None:
-    assert FIXES == [("denylist_checks_row_index", "upstream"),
+    assert FIXES == [(WARN_FIX, "upstream-6.16"), (WARN_FIX, "upstream"), (WARN_FIX, "rfc-v2"),
+                     ("denylist_checks_row_index", "upstream"),
                      ("denylist_checks_row_index", "upstream-6.16")]
 
 
-@pytest.mark.parametrize(("mutant", "policy"), FIXES)
+@pytest.mark.parametrize("policy", ["upstream-6.16", "upstream", "rfc-v2"])
+def test_a_kernel_that_reports_every_module_error_as_einval_passes_the_warn_check(
+        capsys: pytest.CaptureFixture[str], policy: str) -> None:
+    """A malformed leaf 0x1F comes back -EINVAL with TDX_CPUID_LEAF_1F_FORMAT_UNRECOGNIZED in
+    hw_error, no WARN: the verdict follows the invariant (MODULE_REJECTED), so the WARN check
+    passes and nothing else changes, though the mirror predicts 7.3's -EIO and WARN."""
+    rc, data = run_json(capsys, "--simulate", f"2.0:{policy}:{WARN_FIX}", "--policy", policy)
+    assert set(failing(data)) == baseline_failures(policy) - {WARN_CHECK}
+    assert WARN_CHECK in baseline_failures(policy)
+    warn = next(c for c in data["checks"] if c["id"] == WARN_CHECK)
+    assert warn["status"] == "pass" and "MODULE_REJECTED" in warn["actual"], warn
+    assert rc == (0 if policy == "rfc-v2" else 1)
+
+
+@pytest.mark.parametrize(("mutant", "policy"), BYPASS_FIXES)
 def test_upstream_with_the_bypass_fixed_passes(capsys: pytest.CaptureFixture[str], mutant: str,
                                                policy: str) -> None:
     """Predictions stay exact (the mirror's upstream ACCEPTS the bypass); the verdict follows

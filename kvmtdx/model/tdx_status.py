@@ -1,4 +1,8 @@
-"""TDH.MNG.INIT completion statuses and operand ids, as the public TDX module source defines them.
+"""TDH.MNG.INIT completion statuses and operand ids, with where the module source defines them.
+
+The numbers have one home, kvmtdx.status; this module adds what the model
+needs on top: the source file of each, names for reports, and what KVM 7.3
+does with a status.
 
 A status is 64 bits: the class in the upper 32, details in the lower 32.  The
 module builds an operand error as ``class + operand id``
@@ -11,8 +15,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvmtdx.status import STATUS_MASK, Operand, TdxStatus
+
 ERROR_CODES_FILE = "include/auto_gen*/tdx_error_codes_defs.h"
-STATUS_CLASS_MASK = 0xFFFFFFFF00000000
+STATUS_CLASS_MASK = STATUS_MASK
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,20 +28,20 @@ class StatusCode:
     defined_in: str
 
 
-TDX_SUCCESS = StatusCode("TDX_SUCCESS", 0x0, ERROR_CODES_FILE)
-TDX_OPERAND_INVALID = StatusCode("TDX_OPERAND_INVALID", 0xC000010000000000, ERROR_CODES_FILE)
-TDX_CPUID_LEAF_1F_FORMAT_UNRECOGNIZED = StatusCode(
-    "TDX_CPUID_LEAF_1F_FORMAT_UNRECOGNIZED", 0xC000090400000000, ERROR_CODES_FILE)
-TDX_INCORRECT_MSR_VALUE = StatusCode("TDX_INCORRECT_MSR_VALUE", 0xC000092100000000,
-                                     ERROR_CODES_FILE)
+def _code(name: str) -> StatusCode:
+    return StatusCode(name, int(TdxStatus[name]), ERROR_CODES_FILE)
+
+
+TDX_SUCCESS = _code("TDX_SUCCESS")
+TDX_OPERAND_INVALID = _code("TDX_OPERAND_INVALID")
+TDX_CPUID_LEAF_1F_FORMAT_UNRECOGNIZED = _code("TDX_CPUID_LEAF_1F_FORMAT_UNRECOGNIZED")
+TDX_INCORRECT_MSR_VALUE = _code("TDX_INCORRECT_MSR_VALUE")
 # Statuses TDH.MNG.INIT can return for reasons outside TD_PARAMS' CPUID content
 # (host MSR state, TDCS pages); named so a caller can decode them.
-TDX_INCONSISTENT_MSR = StatusCode("TDX_INCONSISTENT_MSR", 0xC000092000000000, ERROR_CODES_FILE)
-TDX_TDCS_NOT_ALLOCATED = StatusCode("TDX_TDCS_NOT_ALLOCATED", 0xC000060600000000,
-                                    ERROR_CODES_FILE)
-TDX_LIMIT_CPUID_MAXVAL_SET = StatusCode("TDX_LIMIT_CPUID_MAXVAL_SET", 0xC000090100000000,
-                                        ERROR_CODES_FILE)
-TDX_RND_NO_ENTROPY = StatusCode("TDX_RND_NO_ENTROPY", 0x8000020300000000, ERROR_CODES_FILE)
+TDX_INCONSISTENT_MSR = _code("TDX_INCONSISTENT_MSR")
+TDX_TDCS_NOT_ALLOCATED = _code("TDX_TDCS_NOT_ALLOCATED")
+TDX_LIMIT_CPUID_MAXVAL_SET = _code("TDX_LIMIT_CPUID_MAXVAL_SET")
+TDX_RND_NO_ENTROPY = _code("TDX_RND_NO_ENTROPY")
 
 STATUS_CODES: tuple[StatusCode, ...] = (
     TDX_SUCCESS, TDX_OPERAND_INVALID, TDX_CPUID_LEAF_1F_FORMAT_UNRECOGNIZED,
@@ -43,18 +49,18 @@ STATUS_CODES: tuple[StatusCode, ...] = (
     TDX_LIMIT_CPUID_MAXVAL_SET, TDX_RND_NO_ENTROPY,
 )
 
-# Operand ids (OPERAND_ID_* in ERROR_CODES_FILE).
-OPERAND_ID_RCX = 1
-OPERAND_ID_RDX = 2
-OPERAND_ID_ATTRIBUTES = 64
-OPERAND_ID_XFAM = 65
-OPERAND_ID_EXEC_CONTROLS = 66
-OPERAND_ID_EPTP_CONTROLS = 67
-OPERAND_ID_MAX_VCPUS = 68
-OPERAND_ID_CPUID_CONFIG = 69
-OPERAND_ID_TSC_FREQUENCY = 70
-OPERAND_ID_NUM_L2_VMS = 71
-OPERAND_ID_IA32_ARCH_CAPABILITIES_CONFIG = 72
+# Operand ids (OPERAND_ID_* in ERROR_CODES_FILE); the numbers live in kvmtdx.status.
+OPERAND_ID_RCX = int(Operand.RCX)
+OPERAND_ID_RDX = int(Operand.RDX)
+OPERAND_ID_ATTRIBUTES = int(Operand.ATTRIBUTES)
+OPERAND_ID_XFAM = int(Operand.XFAM)
+OPERAND_ID_EXEC_CONTROLS = int(Operand.EXEC_CONTROLS)
+OPERAND_ID_EPTP_CONTROLS = int(Operand.EPTP_CONTROLS)
+OPERAND_ID_MAX_VCPUS = int(Operand.MAX_VCPUS)
+OPERAND_ID_CPUID_CONFIG = int(Operand.CPUID_CONFIG)
+OPERAND_ID_TSC_FREQUENCY = int(Operand.TSC_FREQUENCY)
+OPERAND_ID_NUM_L2_VMS = int(Operand.NUM_L2_VMS)
+OPERAND_ID_IA32_ARCH_CAPABILITIES_CONFIG = int(Operand.IA32_ARCH_CAPABILITIES_CONFIG)
 
 OPERAND_NAMES: dict[int, str] = {
     OPERAND_ID_RCX: "RCX", OPERAND_ID_RDX: "RDX (TD_PARAMS reserved bytes)",

@@ -6,19 +6,23 @@ written as operational code in the kernel's own order (Linux 7.3
 arch/x86/kvm/vmx/tdx.c and cpuid.c; the behaviour contract, sections 3 and 4),
 reads and writes the caller's memory at the addresses it is handed, and keeps
 per-VM state (initialised or not, dead after a module error, the TDX key ID a TD
-holds).
+holds, the TD's CPUID as the module left it) and the kernel's WARNs (`kernel_warnings`,
+`kernel_log`).
 
 It deliberately knows nothing of `kvmtdx.model.mirror` (nor of the rules and
-request builders the mirror uses): the mirror predicts, this package behaves,
-and the test suite holds each to the other.  Both start from the same facts
-(module profile, host, policy, allowlist) and nothing more.
+request builders the mirror uses, nor of the model's TDX module): the mirror
+predicts, this package behaves, and the test suite holds each to the other.  Both
+start from the same facts (the module's converted tables, host, policy, allowlist)
+and nothing more.
 
 The package, one job a module: `host` (the seam and its fd table), `uaccess`
 (the caller's memory), `state` (VMs and key IDs), `kvm` (/dev/kvm and VM
 ioctls), `tdx` (KVM_MEMORY_ENCRYPT_OP: CAPABILITIES, FINALIZE_VM), `td_init`
 (KVM_TDX_INIT_VM, step by step), `tables` (what KVM works out per module row
-at bring-up), `tdx_module` (the simulated TDX module), `facts` (the constants
-it applies) and `mutants` (seeded kernel bugs that switch single decisions,
+at bring-up), `tdx_module` (the simulated TDX module: what it reports and
+TDH.MNG.INIT's configuration checks), `tdx_platform` (its TDH.SYS.INIT on the host),
+`tdx_cpuid` (TDH.MNG.INIT's CPUID loop and leaf 0x1F), `facts` (the constants KVM
+applies) and `mutants` (seeded kernel bugs that switch single decisions,
 so the verifier can prove it catches them).
 """
 

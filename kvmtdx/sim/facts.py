@@ -14,11 +14,9 @@ ZERO: Regs = (0, 0, 0, 0)
 HLE = 1 << 4  # 9*32+4, CPUID 7.0 EBX
 RTM = 1 << 11  # 9*32+11, CPUID 7.0 EBX
 WAITPKG = 1 << 5  # 16*32+5, CPUID 7.0 ECX
-PKS = 1 << 31  # 16*32+31, CPUID 7.0 ECX
 CORE_CAPABILITIES = 1 << 30  # 18*32+30, CPUID 7.0 EDX
 
 # TD ATTRIBUTES bits.
-ATTR_PKS = 1 << 30
 ATTR_SEPT_VE_DISABLE = 1 << 28  # what KVM 7.3 supports of TD attributes
 
 # KVM's knob for the guest physical address width: CPUID 0x80000008 EAX[23:16].

@@ -57,6 +57,14 @@ class SimulatedHost:
     def free_key_ids(self) -> int:
         return self._keys.free
 
+    def vm_state(self, fd: int) -> Vm:
+        """What the simulated kernel keeps for the VM behind `fd` (its TD state, key ID and,
+        once INIT_VM succeeded, the TD's CPUID as TDH.MNG.INIT left it)."""
+        f = self._files.get(fd)
+        if not isinstance(f, Vm):
+            raise ValueError(f"fd {fd} is not a VM of this simulated host")
+        return f
+
     @property
     def kernel_warnings(self) -> int:
         """How often the simulated kernel hit a WARN (a userspace-reachable WARN is a kernel

@@ -88,13 +88,14 @@ def _check_extension(cap: int) -> int:
 
 
 def _host_cpuid(host: Host, module: ModuleProfile) -> tuple[CpuidEntry, ...]:
-    """What KVM_GET_SUPPORTED_CPUID lists: the host's leaves (the module's, for 'max')."""
+    """What KVM_GET_SUPPORTED_CPUID lists: the host's leaves (the module's rows, zero, for a
+    host that names none)."""
     leaves = host.native if host.native else {(r.leaf, r.subleaf) for r in module.rows}
     # A leaf without sub-leaves sorts before its sub-leaf 0.
     keys = sorted(leaves, key=lambda k: (k[0], -1 if k[1] is None else k[1]))
     out = []
     for leaf, sub in keys:
-        a, b, c, d = host.native_regs(leaf, sub)
+        a, b, c, d = host.cpuid(leaf, sub)
         out.append(CpuidEntry(
             function=leaf, index=0 if sub is None else sub,
             flags=0 if sub is None else FLAG_SIGNIFICANT_INDEX,

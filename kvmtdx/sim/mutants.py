@@ -90,6 +90,13 @@ HW_ERROR_NOT_COPIED = _mutant(
 ALLOWLIST_REJECT_EIO = _mutant(
     "allowlist_reject_eio", _RFC_V2,
     "an allowlist rejection returns -EIO instead of -EINVAL")
+# Not a bug by the contract's own verdict: the WARN a request can provoke is the bug
+# (spec section 4 step 10, verify's init_vm_no_kernel_warn), and this kernel refuses such a
+# request as MODULE_REJECTED with the status in hw_error, as the invariant wants.
+MODULE_STATUS_ALWAYS_EINVAL = _mutant(
+    "module_status_always_einval", _ALL,
+    "a fix of the WARN: INIT_VM maps every TDH.MNG.INIT failure to -EINVAL with the status "
+    "in hw_error (no WARN, no -EIO, the VM not marked dead)", fix=True)
 KEY_ID_LEAK_ON_FAILURE = _mutant(
     "key_id_leak_on_failure", _ALL,
     "a TD key ID is never freed when TDH.MNG.INIT fails")

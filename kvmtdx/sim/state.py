@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from kvmtdx import uapi
+from kvmtdx.sim.tdx_module import MngInit
 
 Regs = tuple[int, int, int, int]
 
@@ -27,14 +28,22 @@ class Vm:
     # kvm_vm_bugged (kvm->vm_dead): a TDH.MNG.INIT failure that was not the caller's
     # operand; every later ioctl on the VM fd is -EIO.
     dead: bool = False
-    # The TD's CPUID as TDH.MNG.INIT left it in TDCS (what KVM_TDX_GET_CPUID reads), and
-    # the entries whose CPUID_VALID is 0; set once INIT_VM succeeded.
-    cpuid: Mapping[tuple[int, int | None], Regs] = field(default_factory=dict)
-    faulting: frozenset[tuple[int, int | None]] = frozenset()
+    # TDH.MNG.INIT's answer once INIT_VM succeeded: the TD's CPUID as TDCS holds it.
+    mng_init: MngInit | None = None
 
     @property
     def is_td(self) -> bool:
         return self.vm_type == uapi.VmType.KVM_X86_TDX_VM
+
+    @property
+    def cpuid(self) -> Mapping[tuple[int, int | None], Regs]:
+        """The TD's CPUID (what KVM_TDX_GET_CPUID reads); empty before INIT_VM succeeded."""
+        return {} if self.mng_init is None else self.mng_init.cpuid
+
+    @property
+    def faulting(self) -> frozenset[tuple[int, int | None]]:
+        """The TD's CPUID entries whose CPUID_VALID is 0 (a #VE for the guest)."""
+        return frozenset() if self.mng_init is None else self.mng_init.faulting
 
 
 File = System | Vm
@@ -75,22 +84,30 @@ class KernelWarning:
 
 
 class KernelLog:
-    """What the simulated kernel reported: its WARNs, in order."""
+    """What the simulated kernel reported: its WARNs, in order (the first `KEPT` of them;
+    `warnings` counts them all, so a long probe run does not hoard memory)."""
+
+    KEPT = 1024
 
     def __init__(self) -> None:
         self.events: list[KernelWarning] = []
+        self._count = 0
+        self._sites: set[str] = set()  # call sites whose WARN_ON_ONCE already printed
 
     @property
     def warnings(self) -> int:
         """How often a WARN_ON_ONCE condition held (each a kernel bug if userspace caused it)."""
-        return len(self.events)
+        return self._count
 
     def tdx_bug_on(self, seamcall: str, status: int, rcx: int, vm: Vm, kills_vm: bool) -> None:
         """TDX_BUG_ON_1(status, seamcall, rcx, kvm) with a non-zero status on a live VM
         (Linux 6.16: WARN_ON_ONCE and the error line, the VM left alive)."""
-        splat = all(e.seamcall != seamcall for e in self.events)
+        splat = seamcall not in self._sites
+        self._sites.add(seamcall)
+        self._count += 1
         if kills_vm:
             vm.dead = True
-        # pr_fmt is KBUILD_MODNAME ": ": tdx.c is part of kvm-intel.ko.
-        line = f"kvm_intel: SEAMCALL {seamcall} failed: 0x{status:x}, rcx 0x{rcx:x}"
-        self.events.append(KernelWarning(seamcall, status, rcx, line, splat, kills_vm))
+        if len(self.events) < self.KEPT:
+            # pr_fmt is KBUILD_MODNAME ": ": tdx.c is part of kvm-intel.ko.
+            line = f"kvm_intel: SEAMCALL {seamcall} failed: 0x{status:x}, rcx 0x{rcx:x}"
+            self.events.append(KernelWarning(seamcall, status, rcx, line, splat, kills_vm))

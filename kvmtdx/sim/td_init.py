@@ -56,6 +56,9 @@ class TdInit:
         self.kills_vm = kills_vm
         self.nent_limit = KVM_MAX_CPUID_ENTRIES - (bug is mutants.NENT_LIMIT_OFF_BY_ONE)
         self.allowlist_errno = errno.EIO if bug is mutants.ALLOWLIST_REJECT_EIO else errno.EINVAL
+        # kvm->max_vcpus and default_tsc_khz, fixed for the host: worked out once.
+        self.max_vcpus = min(_KVM_MAX_VCPUS, _present_cpus(host))
+        self.tsc_frequency = _tsc_khz(host) // 25000
 
     def run(self, vm: Vm, cmd: TdxCmd) -> tuple[int, int]:
         """(errno, hw_error) of one KVM_TDX_INIT_VM (tdx_td_init).
@@ -237,10 +240,10 @@ class TdInit:
         return TdParams(
             attributes=init_vm.attributes | conf.attributes_fixed1,
             xfam=init_vm.xfam | conf.xfam_fixed1, cpuid_values=tuple(values),
-            max_vcpus=min(_KVM_MAX_VCPUS, _present_cpus(self.host)),
+            max_vcpus=self.max_vcpus,
             config_flags=_NO_RBP_MOD | (_MAX_GPAW if wide else 0),
             eptp_controls=_EPTP_WB | (_PWL_5 if wide else _PWL_4) << 3,
-            tsc_frequency=_tsc_khz(self.host) // 25000)
+            tsc_frequency=self.tsc_frequency)
 
     def _tdx_td_init(self, vm: Vm, params: TdParams) -> tuple[int, int]:
         # The TD takes a private key ID before the module sees it (a bug's TD may
@@ -256,7 +259,7 @@ class TdInit:
             self._teardown(vm, key_id)
             return self._map_status(vm, result.status, result.rcx)
         vm.initialized = True
-        vm.cpuid, vm.faulting = result.cpuid, result.faulting
+        vm.mng_init = result
         return 0, 0
 
     def _teardown(self, vm: Vm, key_id: int) -> None:
@@ -275,6 +278,8 @@ class TdInit:
         TDX_OPERAND_INVALID is the caller's: -EINVAL and the status in hw_error.  Anything
         else is TDX_BUG_ON_1: a WARN, the error logged, the VM dead (Linux 6.19 on), -EIO
         and hw_error left as the caller passed it (0)."""
+        if self.bug is mutants.MODULE_STATUS_ALWAYS_EINVAL:
+            return errno.EINVAL, status
         if status_class(status) == TdxStatus.TDX_OPERAND_INVALID:
             return errno.EINVAL, 0 if self.bug is mutants.HW_ERROR_NOT_COPIED else status
         self.log.tdx_bug_on("TDH_MNG_INIT", status, rcx, vm, self.kills_vm)

@@ -14,13 +14,14 @@ from dataclasses import dataclass
 
 from kvmtdx.model.tdx_module_tables import ModuleTables
 from kvmtdx.sim.tdx_platform import ZERO, Generation, Platform, Regs, xsave_area_size
+from kvmtdx.status import Operand, TdxStatus
 
-# Completion statuses (include/auto_gen*/tdx_error_codes_defs.h, identical in 1.5.01-2.0.08).
-TDX_OPERAND_INVALID = 0xC000010000000000
-TDX_CPUID_LEAF_1F_FORMAT_UNRECOGNIZED = 0xC000090400000000
-TDX_INCORRECT_MSR_VALUE = 0xC000092100000000
-OPERAND_CPUID_CONFIG = 69
-IA32_ARCH_CAPABILITIES_MSR = 0x10A
+# Completion statuses and operand ids: the project's one table (kvmtdx.status).
+TDX_OPERAND_INVALID = int(TdxStatus.TDX_OPERAND_INVALID)
+TDX_CPUID_LEAF_1F_FORMAT_UNRECOGNIZED = int(TdxStatus.TDX_CPUID_LEAF_1F_FORMAT_UNRECOGNIZED)
+TDX_INCORRECT_MSR_VALUE = int(TdxStatus.TDX_INCORRECT_MSR_VALUE)
+OPERAND_CPUID_CONFIG = int(Operand.CPUID_CONFIG)
+IA32_ARCH_CAPABILITIES_MSR = 0x10A  # src/common/x86_defs/msr_defs.h
 NO_SUBLEAF = 0xFFFFFFFF
 
 # TD ATTRIBUTES bits (include/tdx_api_defs.h td_param_attributes_t).

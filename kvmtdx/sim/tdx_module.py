@@ -33,14 +33,14 @@ from kvmtdx.sim.tdx_cpuid import (
     unpack,
 )
 from kvmtdx.sim.tdx_platform import CpuHost, Platform, Regs, generation_of, sys_init
+from kvmtdx.status import Operand
 
-# Operand ids (tdx_error_codes_defs.h OPERAND_ID_*).
-OPERAND_ATTRIBUTES = 64
-OPERAND_XFAM = 65
-OPERAND_EXEC_CONTROLS = 66
-OPERAND_EPTP_CONTROLS = 67
-OPERAND_MAX_VCPUS = 68
-OPERAND_TSC_FREQUENCY = 70
+OPERAND_ATTRIBUTES = int(Operand.ATTRIBUTES)
+OPERAND_XFAM = int(Operand.XFAM)
+OPERAND_EXEC_CONTROLS = int(Operand.EXEC_CONTROLS)
+OPERAND_EPTP_CONTROLS = int(Operand.EPTP_CONTROLS)
+OPERAND_MAX_VCPUS = int(Operand.MAX_VCPUS)
+OPERAND_TSC_FREQUENCY = int(Operand.TSC_FREQUENCY)
 
 ATTR_DEBUG = 1 << 0
 ATTR_ICSSD = 1 << 16
