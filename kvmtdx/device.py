@@ -14,6 +14,7 @@ benchmarks and reports can state ioctls and TD creations, not only seconds.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 from dataclasses import dataclass
 from types import TracebackType
@@ -222,7 +223,13 @@ class TdxVm(Vm):
         # KVM refuses a non-zero hw_error before writing kvm_tdx_cmd back, so
         # the caller's own value still sitting there is not a module status.
         reported = 0 if hw_error and res.cmd.hw_error == hw_error else res.cmd.hw_error
-        return Outcome.classify(res.errno, reported)
+        return _outcome(res.errno, reported)
+
+
+@functools.lru_cache(maxsize=1024)
+def _outcome(err: int, hw_error: int) -> Outcome:
+    """An observed answer (values: a prober sees the same few thousands of times)."""
+    return Outcome.classify(err, hw_error)
 
 
 class Kvm(_FdHandle):

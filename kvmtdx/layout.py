@@ -184,7 +184,13 @@ def unpack_entry(data: bytes) -> CpuidEntry:
 
 
 def pack_entries(entries: tuple[CpuidEntry, ...]) -> bytes:
-    return b"".join([pack_entry(e) for e in entries])
+    pack = _ENTRY.pack
+    try:
+        # Values that fit their fields (the rule) go as they are, without masking each.
+        return b"".join([pack(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx,
+                              *e.padding) for e in entries])
+    except struct.error:
+        return b"".join([pack_entry(e) for e in entries])
 
 
 def unpack_entries(data: bytes, header: int, nent: int) -> tuple[CpuidEntry, ...]:
@@ -195,6 +201,14 @@ def unpack_entries(data: bytes, header: int, nent: int) -> tuple[CpuidEntry, ...
         CpuidEntry(f, i, fl, a, b, c, d, (p0, p1, p2))
         for f, i, fl, a, b, c, d, p0, p1, p2 in _ENTRY.iter_unpack(data[header:end])
     )
+
+
+def entry_words(data: bytes, header: int, nent: int) -> list[tuple[int, ...]]:
+    """The entries after a header as raw words (function, index, flags, eax, ebx, ecx, edx,
+    padding[3]): min(nent, what the buffer holds), for a reader that wants no objects."""
+    room = max(0, (len(data) - header) // SIZEOF_CPUID_ENTRY2)
+    end = header + min(nent, room) * SIZEOF_CPUID_ENTRY2
+    return list(_ENTRY.iter_unpack(data[header:end]))
 
 
 def pack_cmd(cmd: TdxCmd) -> bytes:
@@ -244,6 +258,16 @@ def unpack_capabilities(data: bytes) -> Capabilities:
 
 
 def pack_init_vm(req: InitVm) -> bytes:
+    try:
+        # Words that fit their fields (the rule) go as they are, without masking each.
+        header = _INIT_VM.pack(req.attributes, req.xfam, *req.mrconfigid, *req.mrowner,
+                               *req.mrownerconfig, *req.reserved, req.effective_nent,
+                               req.cpuid_padding)
+        if (len(req.mrconfigid), len(req.mrowner), len(req.mrownerconfig),
+                len(req.reserved)) == (6, 6, 6, 12):
+            return header + pack_entries(req.entries)
+    except struct.error:
+        pass
     header = _INIT_VM.pack(
         req.attributes & _M64, req.xfam & _M64,
         *_words(req.mrconfigid, 6, "init_vm.mrconfigid"),
@@ -253,6 +277,14 @@ def pack_init_vm(req: InitVm) -> bytes:
         req.effective_nent & _M32, req.cpuid_padding & _M32,
     )
     return header + pack_entries(req.entries)
+
+
+def init_vm_words(data: bytes) -> tuple[int, ...]:
+    """struct kvm_tdx_init_vm's header as raw words: attributes, xfam, mrconfigid[6],
+    mrowner[6], mrownerconfig[6], reserved[12], cpuid.nent, cpuid.padding."""
+    if len(data) < SIZEOF_INIT_VM_HEADER:
+        raise ValueError("buffer shorter than struct kvm_tdx_init_vm")
+    return _INIT_VM.unpack_from(data)
 
 
 def unpack_init_vm(data: bytes) -> InitVm:
@@ -277,6 +309,12 @@ def pack_cpuid2(entries: tuple[CpuidEntry, ...], nent: int | None = None,
         raise ValueError("more entries than room for them")
     header = _CPUID2.pack((len(entries) if nent is None else nent) & _M32, 0)
     return header + pack_entries(entries) + bytes((space - len(entries)) * SIZEOF_CPUID_ENTRY2)
+
+
+def unpack_cpuid2_header(data: bytes) -> tuple[int, int]:
+    """(nent, padding) of a struct kvm_cpuid2 header."""
+    nent, padding = _CPUID2.unpack_from(data)
+    return nent, padding
 
 
 def unpack_cpuid2(data: bytes) -> tuple[int, tuple[CpuidEntry, ...]]:
