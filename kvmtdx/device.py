@@ -152,9 +152,8 @@ class Vm(_FdHandle):
         and its address replaces cmd.data.  `cmd_address` sends a raw address instead
         of a kvm_tdx_cmd (to prove EFAULT handling)."""
         buf = uapi.Memory(data) if data is not None else None
-        if buf is not None:
-            cmd = TdxCmd(id=cmd.id, flags=cmd.flags, data=buf.address, hw_error=cmd.hw_error)
-        cmd_mem = uapi.Memory(layout.pack_cmd(cmd))
+        cmd_mem = uapi.Memory(layout.pack_cmd_words(
+            cmd.id, cmd.flags, cmd.data if buf is None else buf.address, cmd.hw_error))
         err, ret = 0, 0
         try:
             ret = self.ioctl(uapi.Ioctl.KVM_MEMORY_ENCRYPT_OP,

@@ -183,14 +183,29 @@ def unpack_entry(data: bytes) -> CpuidEntry:
     return CpuidEntry(f, i, fl, a, b, c, d, (p0, p1, p2))
 
 
-def pack_entries(entries: tuple[CpuidEntry, ...]) -> bytes:
-    pack = _ENTRY.pack
+# Entries packed before, by identity: a request derived from another (verify's builders, a
+# prober's units, a fuzzer's mutations) shares most of its entries with it.  Each entry is
+# kept beside its bytes, so an id here is its own entry's for as long as it is here.
+_PACKED: dict[int, tuple[CpuidEntry, bytes]] = {}
+_PACKED_KEPT = 1024
+
+
+def _packed(e: CpuidEntry) -> bytes:
     try:
         # Values that fit their fields (the rule) go as they are, without masking each.
-        return b"".join([pack(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx,
-                              *e.padding) for e in entries])
+        data = _ENTRY.pack(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx, *e.padding)
     except struct.error:
-        return b"".join([pack_entry(e) for e in entries])
+        data = pack_entry(e)
+    if len(_PACKED) >= _PACKED_KEPT:
+        _PACKED.clear()
+    _PACKED[id(e)] = (e, data)
+    return data
+
+
+def pack_entries(entries: tuple[CpuidEntry, ...]) -> bytes:
+    # A known entry comes back as (entry, bytes), an unknown one as itself.
+    return b"".join([k[1] if type(k) is tuple else _packed(e) for e, k in
+                     zip(entries, map(_PACKED.get, map(id, entries), entries), strict=True)])
 
 
 def unpack_entries(data: bytes, header: int, nent: int) -> tuple[CpuidEntry, ...]:
@@ -212,7 +227,12 @@ def entry_words(data: bytes, header: int, nent: int) -> list[tuple[int, ...]]:
 
 
 def pack_cmd(cmd: TdxCmd) -> bytes:
-    return _CMD.pack(cmd.id & _M32, cmd.flags & _M32, cmd.data & _M64, cmd.hw_error & _M64)
+    return pack_cmd_words(cmd.id, cmd.flags, cmd.data, cmd.hw_error)
+
+
+def pack_cmd_words(cmd_id: int, flags: int, data: int, hw_error: int) -> bytes:
+    """struct kvm_tdx_cmd from its words (no TdxCmd to build for one call)."""
+    return _CMD.pack(cmd_id & _M32, flags & _M32, data & _M64, hw_error & _M64)
 
 
 def unpack_cmd(data: bytes) -> TdxCmd:

@@ -119,12 +119,14 @@ class Memory:
     """A zeroed, owned buffer with a stable address, alive as long as this object."""
 
     def __init__(self, size_or_data: int | bytes) -> None:
-        size = size_or_data if isinstance(size_or_data, int) else len(size_or_data)
-        self._buf: Any = ffi.new(_CHARS, max(size, 1))
+        if isinstance(size_or_data, int):
+            self.size = size_or_data
+            self._buf: Any = ffi.new(_CHARS, max(size_or_data, 1))
+        else:
+            # Initialised from the bytes (cffi adds a terminating NUL past the end).
+            self.size = len(size_or_data)
+            self._buf = ffi.new(_CHARS, size_or_data)
         self._address: int | None = None
-        self.size = size
-        if isinstance(size_or_data, bytes):
-            ffi.memmove(self._buf, size_or_data, size)
 
     @property
     def address(self) -> int:

@@ -82,15 +82,26 @@ class TdInit:
         # kvm->max_vcpus and default_tsc_khz, fixed for the host: worked out once.
         self.max_vcpus = min(_KVM_MAX_VCPUS, _present_cpus(host))
         self.tsc_frequency = _tsc_khz(host) // 25000
-        # The lookup's tables: the rows each (function, index) names.
-        rows_at: dict[tuple[int, int], list[int]] = {}
+        # The lookup's tables: the first row each (function, index) names, and the rows after
+        # it that share its (function, index) (a profile may list a leaf with and without
+        # sub-leaves: KVM indexes both as 0).
+        self.rows_at: dict[tuple[int, int], int] = {}
+        self.twins: dict[int, tuple[int, ...]] = {}
         for k, row in enumerate(tables.rows):
-            rows_at.setdefault((row.leaf, row.index), []).append(k)
-        self.rows_at = {key: tuple(rows) for key, rows in rows_at.items()}
+            first = self.rows_at.setdefault((row.leaf, row.index), k)
+            if first != k:
+                self.twins[first] = (*self.twins.get(first, ()), k)
         # Per row: whether KVM looks at the matched entry beyond taking its values.
         self.entry_bugs = bug in _ENTRY_BUGS
-        self.checked_rows = tuple(k for k, row in enumerate(tables.rows)
-                                  if self.entry_bugs or row.denylist or row.checks_allowlist)
+        self.steered_allowlist = bug is mutants.ALLOWLIST_STEERED_BY_ENTRY_INDEX
+        # The rows where a refusal can fire, with the allowlist's refused bits (None: the
+        # allowlist is not checked there, or refuses nothing the module lists).
+        checks: list[tuple[int, Row, Regs | None]] = []
+        for k, row in enumerate(tables.rows):
+            allow = row.checks_allowlist and (row.forbidden != ZERO or self.steered_allowlist)
+            if self.entry_bugs or row.denylist or allow:
+                checks.append((k, row, row.forbidden if allow else None))
+        self.checks = tuple(checks)
         self.gpaw_rows = tuple(k for k, row in enumerate(tables.rows) if row.leaf == GPAW_LEAF)
 
     def run(self, vm: Vm, cmd: TdxCmd) -> tuple[int, int]:
@@ -178,23 +189,29 @@ class TdInit:
             return self._gpaw_entry(entries), self._find_resuming(entries)
         matched: list[Entry | None] = [None] * len(self.tables.rows)
         gpaw_entry: Entry | None = None
-        rows_of, rows_at = self.tables.rows_of_function, self.rows_at
+        rows_of, rows_at, twins = self.tables.rows_of_function, self.rows_at, self.twins
         whole = self.bug is mutants.FLAGS_COMPARED_WHOLE
         for entry in entries:
             f = entry[FUNCTION]
             if entry[FLAGS] != FLAG_SIGNIFICANT_INDEX if whole else \
                     not entry[FLAGS] & FLAG_SIGNIFICANT_INDEX:
-                if gpaw_entry is None and f == GPAW_LEAF:
+                if f == GPAW_LEAF and gpaw_entry is None:
                     gpaw_entry = entry
                 for k, _ in rows_of.get(f, ()):
                     if matched[k] is None:
                         matched[k] = entry
                 continue
-            if gpaw_entry is None and f == GPAW_LEAF and entry[INDEX] == 0:
+            if f == GPAW_LEAF and gpaw_entry is None and entry[INDEX] == 0:
                 gpaw_entry = entry
-            for k in rows_at.get((f, entry[INDEX]), ()):
-                if matched[k] is None:
-                    matched[k] = entry
+            row = rows_at.get((f, entry[INDEX]))
+            if row is None:
+                continue
+            if matched[row] is None:
+                matched[row] = entry
+            if twins:
+                for twin in twins.get(row, ()):
+                    if matched[twin] is None:
+                        matched[twin] = entry
         return gpaw_entry, matched
 
     def _gpaw_entry(self, entries: list[Entry]) -> Entry | None:
@@ -254,20 +271,18 @@ class TdInit:
     def _check_entries(self, matched: list[Entry | None]) -> None:
         """KVM's refusals of the entries the lookup matched, row by row: the denylist or the
         allowlist (and what the bugs add).  Only the rows where one can fire are looked at."""
-        rows = self.tables.rows
-        for k in self.checked_rows:
+        entry_bugs, steered_allowlist = self.entry_bugs, self.steered_allowlist
+        for k, row, forbidden in self.checks:
             e = matched[k]
             if e is None:
                 continue
-            row = rows[k]
-            if self.entry_bugs:
+            if entry_bugs:
                 self._entry_bugs(row, e)
             if row.denylist and e[FUNCTION] == 7 and self._denied(row, e):
                 raise fail(errno.EINVAL)
-            if row.checks_allowlist:
-                fa, fb, fc, fd = row.forbidden
-                if self.bug is mutants.ALLOWLIST_STEERED_BY_ENTRY_INDEX and \
-                        self._steered(row, e) and (row.leaf, row.index) != (7, 0):
+            if forbidden is not None:
+                fa, fb, fc, fd = forbidden
+                if steered_allowlist and self._steered(row, e) and (row.leaf, row.index) != (7, 0):
                     fa, fb, fc, fd = self.tables.forbidden_at.get((e[FUNCTION], e[INDEX]), ZERO)
                 if e[EAX] & fa or e[EBX] & fb or e[ECX] & fc or e[EDX] & fd:
                     raise fail(self.allowlist_errno)

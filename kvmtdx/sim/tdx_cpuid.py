@@ -44,9 +44,13 @@ class Refusal(Exception):
     """TDH.MNG.INIT stops with `status`; `rcx` is its extended error information."""
 
     def __init__(self, status: int, rcx: int = 0) -> None:
-        super().__init__(f"0x{status:016x} rcx 0x{rcx:x}")
+        super().__init__(status, rcx)
         self.status = status
         self.rcx = rcx
+
+    def __str__(self) -> str:
+        # Worked out when shown: most refusals are caught and never shown.
+        return f"0x{self.status:016x} rcx 0x{self.rcx:x}"
 
 
 class Unmodelled(Exception):
@@ -196,8 +200,10 @@ class CpuidProcessor:
         for index, row, refused, base, config_direct, keep, handler, e in self.dynamic_fields:
             if row is None:
                 v = native[index]
+            elif (regs := config[row]) == ZERO:
+                v = base & keep  # nothing asked: CONFIG_DIRECT bits 0, ALLOW_DIRECT bits cleared
             else:
-                a, b, c, d = config[row]
+                a, b, c, d = regs
                 cfg = a | b << 32 | c << 64 | d << 96  # pack(), inline
                 if cfg & refused:
                     raise Refusal(TDX_OPERAND_INVALID + OPERAND_CPUID_CONFIG,
