@@ -7,7 +7,7 @@ encodings); "flips", the full request with each of its bits toggled in turn; and
 seeded mutations of the full request as the cross-check draws them.  Each is timed with
 
 - compiled: `mirror.predict_init_vm`, from the model compiled once per (module, host,
-  policy) (kvmtdx.model.compiled); its first round (memos filling) is shown as "cold";
+  policy) (kvmtdx.model.compiled); its first round (its memos filling) is shown as "cold";
 - straight: the straightforward path (`mirror.init_vm_prediction` without detail: KVM's
   checks row by row, TDH.MNG.INIT by the module model, remembered per TD_PARAMS), which
   is what predict_init_vm ran before the compiled model;
@@ -23,12 +23,15 @@ agree: a difference is reported and fails the run), seconds and predictions per 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
+import gc
 import json
 import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -45,7 +48,7 @@ from kvmtdx.outcome import Outcome
 
 # Runs in the baseline tree: its own mirror on the requests given as JSON on stdin.
 OLD_DRIVER = r"""
-import json, sys, time
+import gc, json, sys, time
 from collections import Counter
 from pathlib import Path
 job = json.load(sys.stdin)
@@ -72,24 +75,45 @@ requests = [request_from_json(r, "request") for r in job["requests"]]
 times, kinds = [], Counter()
 for _ in range(job["rounds"]):
     kinds.clear()
+    gc.collect()
+    gc.disable()
     t0 = time.perf_counter()
     for r in requests:
         kinds[mirror.predict_init_vm(module, MAX_HOST, policy, r).kind.value] += 1
     times.append(time.perf_counter() - t0)
+    gc.enable()
 print(json.dumps({"times": times, "kinds": kinds}))
 """
 
 
 def timed(predict: Callable[[Request], Outcome], requests: list[Request], rounds: int
           ) -> tuple[list[float], Counter[str], list[Outcome]]:
-    """Seconds per round, the outcome kinds, and the outcomes (of the last round)."""
+    """Seconds per round, the outcome kinds, and the outcomes (of the last round).
+
+    Each round gets the requests as new objects (equal values, the same sharing between
+    requests), so nothing remembered by identity carries over from a round to the next."""
     times: list[float] = []
     out: list[Outcome] = []
     for _ in range(rounds):
-        t0 = time.perf_counter()
-        out = [predict(r) for r in requests]
-        times.append(time.perf_counter() - t0)
+        batch = copy.deepcopy(requests)
+        with no_gc():
+            t0 = time.perf_counter()
+            out = [predict(r) for r in batch]
+            times.append(time.perf_counter() - t0)
     return times, Counter(o.kind.value for o in out), out
+
+
+@contextlib.contextmanager
+def no_gc() -> Iterator[None]:
+    """The garbage collector off while the clock runs, as timeit has it: a full collection
+    walks every object the benchmark itself holds (thousands of requests), which says
+    nothing about the mirror."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def old_run(tree: Path, module: str, policy: str, requests: list[Request], rounds: int

@@ -22,7 +22,7 @@ from kvmtdx.structs import FLAG_SIGNIFICANT_INDEX, CpuidEntry
 
 NO_ROW = -1  # the entry is no row's (its leaf is no row's, or its flagged index none)
 SPREAD = -2  # unflagged, of a leaf with several rows: it takes each it reaches first
-_REMEMBERED = 1 << 14  # entries remembered per model; past that it starts afresh
+_REMEMBERED = 4096  # entries remembered per model; past that it starts afresh
 
 # The entry (kept alive: its id stays its own), its row (or NO_ROW, SPREAD), whether it has
 # a bit its row watches, and its registers.

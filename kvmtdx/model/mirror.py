@@ -13,11 +13,14 @@ What the mirror cannot know, and leaves to the live host:
 - -ENOMEM, -EAGAIN (no entropy), -EBUSY (vCPUs): never predicted.
 - Addresses: the mirror is handed the caller's bytes, so -EFAULT never arises.
 
-The KVM half is here, step by step in the kernel's order; the module half
-(TD_PARAMS, TDH.MNG.INIT by the module model, KVM's reading of its status) is
-kvmtdx.model.mirror_module.  `predict_init_vm` gives the Outcome alone, fast;
-`init_vm_prediction` adds the module's status, the kernel WARN and bugged VM
-that follow a non-operand status, and an accepted TD's effective CPUID.
+The KVM half, step by step in the kernel's order, is kvmtdx.model.mirror_kvm; the
+module half (TD_PARAMS, TDH.MNG.INIT by the module model, KVM's reading of its
+status) is kvmtdx.model.mirror_module.  `init_vm_prediction` runs them in turn and
+adds the module's status, the kernel WARN and bugged VM that follow a non-operand
+status, and (asked for detail) an accepted TD's effective CPUID with its changes.
+`predict_init_vm` gives the Outcome alone, the same Outcome, from the model
+compiled once per (module, host, policy) (kvmtdx.model.compiled): it is what
+verify, probe and a fuzzer call thousands of times.
 
 The invariant edge (spec section 4, "silently cleared"): an allow_direct bit the
 host lacks natively is not reported by any policy, yet a request carrying it is
