@@ -26,8 +26,6 @@ import argparse
 import contextlib
 import copy
 import gc
-import json
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -37,6 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from baseline import run_in_tree
 from workload import flip_requests, fuzz_requests, verify_requests
 
 from kvmtdx.model import mirror
@@ -46,20 +45,8 @@ from kvmtdx.model.profiles import BUNDLED_MODULES, MAX_HOST, ModuleProfile, load
 from kvmtdx.model.requests import Request, request_to_json
 from kvmtdx.outcome import Outcome
 
-# Runs in the baseline tree: its own mirror on the requests given as JSON on stdin.
+# Runs in the baseline tree (after baseline.PREAMBLE): its own mirror on the requests.
 OLD_DRIVER = r"""
-import gc, json, sys, time
-from collections import Counter
-from pathlib import Path
-job = json.load(sys.stdin)
-# The tree's kvmtdx, not the one this interpreter has installed (an editable install's
-# finder would hand out the installed package's submodules).
-sys.meta_path[:] = [f for f in sys.meta_path
-                    if not getattr(f, "__module__", "").startswith("__editable__")]
-sys.path.insert(0, job["tree"])
-import kvmtdx
-if Path(job["tree"]).resolve() not in Path(kvmtdx.__file__).resolve().parents:
-    sys.exit(f"{job['tree']}: kvmtdx came from {kvmtdx.__file__}")
 try:
     from kvmtdx.model import mirror
     from kvmtdx.model.policy import get_policy
@@ -120,13 +107,11 @@ def old_run(tree: Path, module: str, policy: str, requests: list[Request], round
             ) -> tuple[list[float], Counter[str]] | str:
     """The baseline tree's mirror on `requests`: seconds per round and outcome kinds, or why
     it could not run."""
-    job = {"tree": str(tree), "module": module, "policy": policy, "rounds": rounds,
-           "requests": [request_to_json(r) for r in requests]}
-    p = subprocess.run([sys.executable, "-c", OLD_DRIVER], input=json.dumps(job), cwd=tree,
-                       capture_output=True, text=True, check=False)
-    if p.returncode:
-        return (p.stderr.strip().splitlines() or ["failed"])[-1]
-    doc = json.loads(p.stdout)
+    doc = run_in_tree(tree, OLD_DRIVER, {
+        "module": module, "policy": policy, "rounds": rounds,
+        "requests": [request_to_json(r) for r in requests]})
+    if isinstance(doc, str):
+        return doc
     return doc["times"], Counter(doc["kinds"])
 
 
@@ -179,6 +164,8 @@ def main() -> int:
     p.add_argument("--baseline", type=Path, metavar="TREE",
                    help="also time this checkout's own mirror (an older commit's tree)")
     args = p.parse_args()
+    if args.baseline is not None and not args.baseline.is_dir():
+        p.error(f"--baseline {args.baseline}: not a directory")
     print(f"host {MAX_HOST.name}; predictions per second, best of {args.rounds} rounds")
     ok = True
     compile_times: list[str] = []

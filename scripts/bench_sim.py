@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -40,6 +38,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from baseline import run_in_tree
 from workload import flip_requests, fuzz_requests
 
 from kvmtdx import layout
@@ -58,20 +57,9 @@ DEFAULT_TREE = ROOT / ".cache" / "linux-source" / "linux-source-7.3"
 # cmd.hw_error.
 Call = tuple[InitVm | bytes, int, int]
 
-# Runs in the baseline tree: its own device layer and simulated host on the same calls.
+# Runs in the baseline tree (after baseline.PREAMBLE): its own device layer and simulated
+# host on the same calls.
 BASELINE_DRIVER = r"""
-import gc, json, sys, time
-from collections import Counter
-from pathlib import Path
-job = json.load(sys.stdin)
-# The tree's kvmtdx, not the one this interpreter has installed (an editable install's
-# finder would hand out the installed package's submodules).
-sys.meta_path[:] = [f for f in sys.meta_path
-                    if not getattr(f, "__module__", "").startswith("__editable__")]
-sys.path.insert(0, job["tree"])
-import kvmtdx
-if Path(job["tree"]).resolve() not in Path(kvmtdx.__file__).resolve().parents:
-    sys.exit(f"{job['tree']}: kvmtdx came from {kvmtdx.__file__}")
 from kvmtdx.device import Kvm
 from kvmtdx.model.policy import get_policy
 from kvmtdx.model.profiles import MAX_HOST, load_profile
@@ -147,14 +135,10 @@ def init_vm_round(seam: Seam, calls: list[Call], n: int) -> dict[str, Any]:
 def baseline_rounds(tree: Path, module: str, pol: str, calls: list[Call], n: int,
                     rounds: int) -> list[dict[str, Any]] | str:
     """The baseline tree's rounds, or why they could not run."""
-    job = {"tree": str(tree), "module": module, "policy": pol, "n": n, "rounds": rounds,
-           "calls": [(request_to_json(Request(init_vm=c)) if isinstance(c, InitVm)
-                      else c.hex(), f, h) for c, f, h in calls]}
-    p = subprocess.run([sys.executable, "-c", BASELINE_DRIVER], input=json.dumps(job),
-                       cwd=tree, capture_output=True, text=True, check=False)
-    if p.returncode:
-        return (p.stderr.strip().splitlines() or ["failed"])[-1]
-    out: list[dict[str, Any]] = json.loads(p.stdout)
+    out: list[dict[str, Any]] | str = run_in_tree(tree, BASELINE_DRIVER, {
+        "module": module, "policy": pol, "n": n, "rounds": rounds,
+        "calls": [(request_to_json(Request(init_vm=c)) if isinstance(c, InitVm)
+                   else c.hex(), f, h) for c, f, h in calls]})
     return out
 
 
@@ -245,6 +229,9 @@ def main() -> int:
                    default=DEFAULT_TREE if DEFAULT_TREE.is_dir() else None,
                    help="also run a Linux tree's own TDX code (default: .cache's 7.3 if fetched)")
     args = p.parse_args()
+    for option, tree in (("--kernel-source", args.kernel_source), ("--baseline", args.baseline)):
+        if tree is not None and not tree.is_dir():
+            p.error(f"{option} {tree}: not a directory")
     module = load_profile(args.module)
     print(f"module {module.name} ({len(module.rows)} rows), host {MAX_HOST.name}; "
           f"INIT_VM best of {args.rounds} rounds")
