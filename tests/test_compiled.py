@@ -188,3 +188,31 @@ def test_a_policy_built_anew_shares_the_model_compiled_for_an_equal_one() -> Non
     assert allowlist is not None
     other = get_policy("rfc-v2").with_allowlist(replace(allowlist, allowed={}))
     assert compiled(m, MAX_HOST, other) is not first
+
+
+@pytest.mark.parametrize("policy", ["upstream", "rfc-v2"])
+def test_register_values_no_wire_carries_get_the_same_answer(policy: str) -> None:
+    """A request object may hold what no 32-bit register can (a bit above 31, a negative
+    number): the module model refuses the bits outside its masks, those too, and so must the
+    compiled tables."""
+    full = base_request("2.0", "max", policy).init_vm
+    seen: set[str] = set()
+    for k, e in enumerate(full.entries):
+        for reg in ("eax", "ebx", "ecx", "edx"):
+            for value in (1 << 40, -1):
+                entries = (*full.entries[:k], widened(e, reg, value), *full.entries[k + 1:])
+                req = Request(init_vm=replace(full, entries=entries))
+                want = straight("2.0", "max", policy, req, False)
+                assert fast("2.0", "max", policy, req, False) == want, (k, reg, value)
+                seen.add(str(want.check))
+    assert "module_cpuid_config" in seen
+
+
+def widened(e: CpuidEntry, register: str, value: int) -> CpuidEntry:
+    """`e` with `value` ORed into a register, uncut (CpuidEntry.with_reg keeps 32 bits)."""
+    v = e.reg(register) | value
+    if register == "eax":
+        return replace(e, eax=v)
+    if register == "ebx":
+        return replace(e, ebx=v)
+    return replace(e, ecx=v) if register == "ecx" else replace(e, edx=v)

@@ -34,7 +34,7 @@ from kvmtdx.model.mirror_module import outcome_of, td_params
 from kvmtdx.model.policy import Policy
 from kvmtdx.model.profiles import Host, ModuleProfile, Regs, enumerated
 from kvmtdx.model.requests import Request
-from kvmtdx.model.rules import FULL, GPAW_FIELD, GPAW_LEAF, lowest_bit
+from kvmtdx.model.rules import GPAW_FIELD, GPAW_LEAF, lowest_bit
 from kvmtdx.model.tdx_cpuid import REFUSING_RULES, Refusal, Rule, Td, configured_row, rule_for
 from kvmtdx.model.tdx_host import sampled_native
 from kvmtdx.model.tdx_module import MngInitResult, TdParams, after_cpuid_pass, td_configuration
@@ -217,7 +217,9 @@ class CompiledModel:
         self.watch: list[Regs] = []
         for i, row in enumerate(self.module.rows):
             gpaw = GPAW_FIELD if row.leaf == GPAW_LEAF else 0  # KVM clears it, nobody judges it
-            out = [~m & FULL for m in row.module_allows()]
+            # Every bit outside the masks, those above bit 31 too (a value a request object
+            # may hold, though no wire carries it): the module refuses them all.
+            out = [~m for m in row.module_allows()]
             out[0] &= ~gpaw
             forbidden = [0, 0, 0, 0]
             if self.policy.allowlist is not None:
