@@ -199,8 +199,19 @@ def init_vm_bytes(init_vm: InitVm) -> bytes:
 
 
 @dataclass(frozen=True)
+class KeyIdCount:
+    """The backend's free TDX key IDs around a replay (where it counts them: the simulated
+    and kernel-source hosts do), so a key ID a TD keeps or leaks shows."""
+
+    before: int  # before the TD was created
+    after_calls: int  # after the last INIT_VM, the TD still open
+    after_close: int  # once the TD was closed
+
+
+@dataclass(frozen=True)
 class InitVmRun:
-    """One KVM_TDX_INIT_VM as `kvmtdx init-vm` sent it.
+    """One KVM_TDX_INIT_VM as `kvmtdx init-vm` sent it (after the request's `before` calls
+    on the same TD, whose answers are `before`).
 
     `kernel_warnings`: WARN splats the kernel hit during the call, where the backend counts
     them (the simulated and kernel-source hosts), else None.  `vm_bugged`: whether KVM then
@@ -212,6 +223,8 @@ class InitVmRun:
     counters: Counters
     kernel_warnings: int | None = None
     vm_bugged: bool | None = None
+    before: tuple[Outcome, ...] = ()
+    key_ids: KeyIdCount | None = None
 
 
 def kernel_warnings(seam: Seam) -> int | None:
@@ -220,21 +233,37 @@ def kernel_warnings(seam: Seam) -> int | None:
     return count if isinstance(count, int) and not isinstance(count, bool) else None
 
 
+def free_key_ids(seam: Seam) -> int | None:
+    """The seam's free TDX key IDs, where it says (an int attribute `free_key_ids`)."""
+    free = getattr(seam, "free_key_ids", None)
+    return free if isinstance(free, int) and not isinstance(free, bool) else None
+
+
 def init_vm_once(backend: Backend, request: Request) -> InitVmRun:
-    """KVM_TDX_INIT_VM on a fresh TD with the request's cmd.flags and hw_error; all fds closed.
+    """KVM_TDX_INIT_VM on a fresh TD with the request's cmd.flags and hw_error (its `before`
+    calls sent to the same TD first); all fds closed.
 
     Raises KvmError(skip=True) when the seam offers no TDX.
     """
-    before = kernel_warnings(backend.seam)
+    seam = backend.seam
+    free0 = free_key_ids(seam)
     bugged: bool | None = None
-    with Kvm(backend.seam, backend.path) as kvm:
+    with Kvm(seam, backend.path) as kvm:
         td = kvm.create_td()
         with td:
+            outcomes = [td.init_vm(init_vm_bytes(r.init_vm), flags=r.flags,
+                                   hw_error=r.hw_error) for r in request.before]
+            warned0 = kernel_warnings(seam)
             outcome = td.init_vm(init_vm_bytes(request.init_vm), flags=request.flags,
                                  hw_error=request.hw_error)
+            warned1 = kernel_warnings(seam)
             if outcome.errno == errno.EIO:
                 bugged = td.is_dead()
-    after = kernel_warnings(backend.seam)
-    warned = None if before is None or after is None else after - before
+            free1 = free_key_ids(seam)
+        free2 = free_key_ids(seam)
+    warned = None if warned0 is None or warned1 is None else warned1 - warned0
+    count = None if free0 is None or free1 is None or free2 is None else \
+        KeyIdCount(free0, free1, free2)
     return InitVmRun(outcome=outcome, backend=backend.label, counters=kvm.counters,
-                     kernel_warnings=warned, vm_bugged=bugged)
+                     kernel_warnings=warned, vm_bugged=bugged, before=tuple(outcomes),
+                     key_ids=count)

@@ -401,3 +401,34 @@ def by_id(root: Any) -> dict[str, Any]:
 
 def text_of(element: Any) -> str:
     return " ".join("".join(element.itertext()).split())
+
+
+# ---------------------------------------------------------------------------
+# README examples: a command's output as the README shows it.
+
+
+def _line_matches(want: str, got: str) -> bool:
+    if want.endswith(" ..."):
+        return got.startswith(want[:-4])
+    return want.rstrip() == got.rstrip()
+
+
+def shown_in(expected: tuple[str, ...], actual: list[str]) -> bool:
+    """Whether `actual` holds every run of `expected` between `...` lines, in order (a line
+    ending in ` ...` stands for the rest of that line)."""
+    chunks: list[list[str]] = [[]]
+    for line in expected:
+        if line == "...":
+            chunks.append([])
+        else:
+            chunks[-1].append(line)
+    pos = 0
+    for chunk in (c for c in chunks if c):
+        for start in range(pos, len(actual) - len(chunk) + 1):
+            if all(_line_matches(w, actual[start + i]) for i, w in enumerate(chunk)):
+                pos = start + len(chunk)
+                break
+        else:
+            return False
+    return True
+

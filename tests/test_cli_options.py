@@ -83,6 +83,8 @@ IGNORED: list[tuple[list[str], str]] = [
     (["verify", "--simulate", "2.0:upstream", "--policy", "upstream", "--allowlist", "al.json"],
      "--allowlist"),
     (["probe", "--policy", "upstream-6.16", "--allowlist", "al.json"], "--allowlist"),
+    (["fuzz", "--simulate", "2.0:upstream", "--policy", "upstream", "--allowlist", "al.json"],
+     "--allowlist"),
     (["caps", "--simulate", "2.0", "--module", "2.0"], "--module"),
     (["caps", "--simulate", "2.0", "--policy", "upstream"], "--policy"),
 ]
@@ -104,6 +106,7 @@ USED: list[list[str]] = [
     ["verify", "--simulate", "2.0:upstream", "--allowlist", "al.json"],  # --policy auto
     ["verify", "--simulate", "2.0:rfc-v2", "--policy", "upstream", "--allowlist", "al.json"],
     ["verify", "--backend", "helpers:no_tdx", "--host", "max"],
+    ["fuzz", "--simulate", "2.0:rfc-v2", "--allowlist", "al.json", "--max-tds", "20", "--no-db"],
 ]
 
 

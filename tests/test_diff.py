@@ -170,7 +170,9 @@ BAD_FILES = [
     # A file of another kind is refused by its kind, not read for the fields it shares.
     ('{"schema": 1, "kind": "allowlist", "allowed": []}', "a kvmtdx allowlist report; diff reads "
      "probe, verify, caps or predict reports"),
-    ('{"schema": 1, "kind": "fuzz"}', "unknown report kind 'fuzz'"),
+    ('{"schema": 1, "kind": "fuzzing"}', "unknown report kind 'fuzzing'"),
+    ('{"schema": 1, "kind": "fuzz"}', "a kvmtdx fuzz report; diff reads probe, verify, caps or "
+     "predict reports"),
     ('{"schema": 2, "kind": "caps", "tool_version": "9.0", "cpuid": []}',
      "schema 2, from kvmtdx 9.0"),
     ('{"kind": "caps", "cpuid": []}', "'schema' must be a positive integer"),

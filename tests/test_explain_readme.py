@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from helpers import shown_in
 
 from kvmtdx.cli import main
 from kvmtdx.device import tdx_status
@@ -50,31 +51,6 @@ def _examples() -> list[Example]:
         if m.group(1) == "sh" and lines and lines[0].startswith("$ kvmtdx explain"):
             out.append(Example(lines[0][2:], tuple(lines[1:])))
     return out
-
-
-def _line_matches(want: str, got: str) -> bool:
-    if want.endswith(" ..."):
-        return got.startswith(want[:-4])
-    return want.rstrip() == got.rstrip()
-
-
-def shown_in(expected: tuple[str, ...], actual: list[str]) -> bool:
-    """Whether `actual` holds every run of `expected` between `...` lines, in order."""
-    chunks: list[list[str]] = [[]]
-    for line in expected:
-        if line == "...":
-            chunks.append([])
-        else:
-            chunks[-1].append(line)
-    pos = 0
-    for chunk in (c for c in chunks if c):
-        for start in range(pos, len(actual) - len(chunk) + 1):
-            if all(_line_matches(w, actual[start + i]) for i, w in enumerate(chunk)):
-                pos = start + len(chunk)
-                break
-        else:
-            return False
-    return True
 
 
 def run_example(cmd: str, cwd: Path) -> tuple[str, int]:

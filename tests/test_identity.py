@@ -105,7 +105,8 @@ def test_the_envelope_takes_an_identity_for_runs_only() -> None:
         envelope(ReportKind.PROBE, {})
     with pytest.raises(ValueError):
         envelope(ReportKind.DIFF, {}, ident)
-    assert {k.value for k in RUN_KINDS} == {"info", "caps", "init-vm", "verify", "probe"}
+    assert {k.value for k in RUN_KINDS} == {"info", "caps", "init-vm", "verify", "probe",
+                                            "fuzz"}
 
 
 def test_verify_judged_by_auto_names_the_chosen_policy_and_why(

@@ -28,7 +28,6 @@ import os
 from pathlib import Path
 
 import pytest
-import strategies
 import test_sim_crosscheck as sim_cc
 from hypothesis import HealthCheck, find, given, settings
 from kernelsrc_support import backend, linux_tree
@@ -54,7 +53,7 @@ SETTINGS = settings(max_examples=300, deadline=None, database=None,
 @functools.cache
 def kernel(module: str, host: str, policy: str, patch: str | None = None) -> KernelSourceHost:
     patches = (*PATCHES[policy], *([patch] if patch else []))
-    return backend(linux_tree(), patches, module=module, host=strategies.HOSTS[host],
+    return backend(linux_tree(), patches, module=module, host=sim_cc.HOSTS[host],
                    key_ids=KEY_IDS).seam
 
 
@@ -62,7 +61,7 @@ def answer(seam: KernelSourceHost | SimulatedHost, case: sim_cc.Case) -> Outcome
     module, host, policy, req, data, second = case
     with Kvm(seam) as kvm, kvm.create_td() as td:
         if second:
-            first = td.init_vm(strategies.base_request(module, host, policy).init_vm)
+            first = td.init_vm(sim_cc.base_request(module, host, policy).init_vm)
             assert first.kind.value == "ACCEPTED", first
         return td.init_vm(data, flags=req.flags, hw_error=req.hw_error)
 
@@ -117,7 +116,7 @@ def check_caps(case: sim_cc.CapsCase) -> None:
         assert (got.errno, got.data, got.cmd.hw_error) == (want.errno, want.data,
                                                            want.cmd.hw_error), where
         if got.errno == 0:
-            pred = mirror.predict_capabilities(m, h, strategies.policy_named(policy), nent,
+            pred = mirror.predict_capabilities(m, h, sim_cc.policy_named(policy), nent,
                                                caller=buf)
             assert got.data == pred.buffer, where
 
@@ -168,6 +167,6 @@ def test_linux_7_3_does_not_bring_tdx_up_where_the_sim_answers_eio() -> None:
     _, _, sim = sim_cc.combo("2.0", NO_KVM_HOST, "upstream")
     with Kvm(sim) as kvm, kvm.create_td() as td:
         assert td.capabilities_raw(28).errno == errno.EIO
-    for host in strategies.HOSTS:
+    for host in sim_cc.HOSTS:
         if host != NO_KVM_HOST:
             assert kernel("2.0", host, "upstream").bringup == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -209,3 +210,27 @@ def test_a_request_reads_back_as_written() -> None:
     doc = request_to_json(req)
     assert request_from_json(json.loads(json.dumps(doc)), "rt.json") == req
     assert doc["cpuid"][0]["function"] == "0x7" and doc["hw_error"] == "0xc000010000000045"
+
+
+def test_a_tds_history_reads_back_and_is_predicted_call_by_call(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """"before": INIT_VM calls sent to the same TD first (a lifecycle replay)."""
+    valid = Request(init_vm=InitVm(xfam=0x6DBE7, entries=(
+        CpuidEntry(0x80000008, 0, 1, eax=48 << 16),)))
+    req = replace(valid, before=(valid,))
+    doc = request_to_json(req)
+    assert request_from_json(json.loads(json.dumps(doc)), "rt.json") == req
+    assert [r.before for r in req.calls] == [(), ()]
+    path = tmp_path / "again.json"
+    path.write_text(json.dumps(doc))
+    r = run_cli(capsys, "predict", "--module", "2.0", "--policy", "upstream",
+                "--request", str(path), "--format", "json")
+    assert r.rc == 0 and r.json()["init_vm"]["check"] == "td_initialized"
+    nested = {**doc, "before": [{**doc["before"][0], "before": []}]}
+    with pytest.raises(DataError, match=r"before\[0\]\.before: an earlier call"):
+        request_from_json(nested, "n.json")
+    earlier = {**doc["before"][0], "cpuid": [{"function": 1, "bogus": 1}]}
+    with pytest.raises(DataError, match=r"before\[0\]: cpuid\[0\]\.bogus: unknown field"):
+        request_from_json({**doc, "before": [earlier]}, "b.json")
+    r = run_cli(capsys, "explain", "--request", str(path), "--simulate", "2.0")
+    assert r.rc == 2 and "kvmtdx init-vm --request replays it" in r.err

@@ -39,6 +39,8 @@ def _reports(capsys: pytest.CaptureFixture[str], tmp: Path) -> dict[str, dict[st
         ("simulate-list", 0, ["verify", "--simulate", "list"]),
         ("check-list", 0, ["verify", "--list-checks"]),
         ("matrix", 0, ["report", "merge", pa, pb]),
+        ("fuzz", 1, ["fuzz", "--simulate", "2.0:upstream:gpaw_not_forced", "--seed", "1",
+                     "--first", "--no-db", "--save", str(tmp / "fuzz")]),
     ]
     docs = {}
     for name, rc, argv in runs:
@@ -48,6 +50,8 @@ def _reports(capsys: pytest.CaptureFixture[str], tmp: Path) -> dict[str, dict[st
     docs["module-profile"] = json.loads(Path(saved).read_text())
     docs["allowlist"] = json.loads(Path(allow).read_text())
     docs["request"] = json.loads(min((tmp / "fails").iterdir()).read_text())
+    # A fuzz finding with a KVM_TDX_CAPABILITIES call is saved as a fuzz case.
+    docs["fuzz-case"] = json.loads(min((tmp / "fuzz").iterdir()).read_text())
     return docs
 
 
@@ -98,6 +102,8 @@ def test_the_kinds_own_fields_follow_unchanged(capsys: pytest.CaptureFixture[str
     assert list(docs["allowlist"])[3:5] == ["name", "provenance"]
     assert list(docs["request"])[3:6] == ["about", "attributes", "xfam"]
     assert list(docs["matrix"])[3:5] == ["runs", "checks"]
+    assert _own(docs["fuzz"])[:2] == ["verdict", "backend"]
+    assert list(docs["fuzz-case"])[3:5] == ["about", "calls"]
 
 
 def test_the_envelope_replaces_fields_of_the_same_name_in_the_body() -> None:

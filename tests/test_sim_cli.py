@@ -63,11 +63,14 @@ def test_init_vm_accepts_a_valid_request(capsys: pytest.CaptureFixture[str], tmp
     assert (rc, err) == (0, "")
     doc = json.loads(out)
     assert list(doc) == [*ENVELOPE, "host_identity", *OUTCOME_KEYS, "hw_error_decoded",
-                         "kernel_warn", "vm_bugged"]
+                         "kernel_warn", "vm_bugged", "key_ids"]
     assert doc["kernel_warn"] is False and doc["vm_bugged"] is None  # counted; not -EIO
     assert doc["kind"] == "init-vm"
     assert doc["outcome"] == "ACCEPTED" and doc["errno"] is None
     assert doc["check"] is None and doc["hw_error_decoded"] is None
+    # The simulated host counts its TDX key IDs: the TD kept one until it was closed.
+    k = doc["key_ids"]
+    assert k["free_after_calls"] == k["free_before"] - 1 == k["free_after_close"] - 1
 
 
 def test_init_vm_reports_kvm_and_module_rejections(capsys: pytest.CaptureFixture[str],
@@ -161,7 +164,8 @@ def commands_with_simulate() -> list[str]:
 
 
 def test_simulate_is_offered_where_a_kernel_is_talked_to() -> None:
-    assert commands_with_simulate() == ["caps", "explain", "info", "init-vm", "probe", "verify"]
+    assert commands_with_simulate() == ["caps", "explain", "fuzz", "info", "init-vm", "probe",
+                                        "verify"]
 
 
 @pytest.mark.parametrize("command", commands_with_simulate())

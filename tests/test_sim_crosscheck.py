@@ -1,8 +1,9 @@
 """The mirror and the simulated host, written independently from the same contract, must agree.
 
-Hypothesis draws module / host combinations and thousands of requests (tests/strategies.py):
-valid full requests with bits flipped, find() traps (unflagged, duplicated,
-reordered entries), malformed headers, lying nent, non-zero cmd words.
+Hypothesis draws module / host combinations and thousands of requests, with the
+strategies `kvmtdx fuzz` uses (kvmtdx.fuzz.strategies): valid requests with bits of
+every class added, find() traps (unflagged, steered, duplicated, reordered entries),
+malformed headers, lying nent, non-zero cmd words.
 Capabilities must match byte for byte (the caller's whole buffer afterwards),
 INIT_VM on outcome kind, errno and hw_error.  A disagreement means one of the
 two readings of the contract is wrong.
@@ -12,21 +13,29 @@ from __future__ import annotations
 
 import errno
 import functools
+from dataclasses import replace
 
-from helpers import bypass
+from helpers import bypass, host_without
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from strategies import HOST, MODULE, base_request, model, policy_named, requests, u32
 
 from kvmtdx import layout
 from kvmtdx.device import Kvm
+from kvmtdx.fuzz import strategies as fuzz_strategies
+from kvmtdx.fuzz.ground import Ground, ground
 from kvmtdx.model import lifecycle, mirror
-from kvmtdx.model.policy import get_policy
-from kvmtdx.model.profiles import Host, ModuleProfile
+from kvmtdx.model.policy import Policy, get_policy
+from kvmtdx.model.profiles import BUNDLED_MODULES, MAX_HOST, Host, ModuleProfile, load_profile
 from kvmtdx.model.requests import Request
 from kvmtdx.outcome import Outcome
+from kvmtdx.session import init_vm_bytes
 from kvmtdx.sim import SimulatedHost
-from kvmtdx.structs import FLAG_SIGNIFICANT_INDEX, Capabilities, CpuidEntry, InitVm
+from kvmtdx.structs import (
+    FLAG_SIGNIFICANT_INDEX,
+    Capabilities,
+    CpuidEntry,
+    InitVm,
+)
 
 # Each example checks a batch of requests on one module/host combination: the
 # per-example cost of hypothesis itself is what bounds the run time.
@@ -38,11 +47,58 @@ SETTINGS = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
+# A host with some features, 4-level EPT only, no TSX_CTRL and a narrow XFAM.
+_PARTIAL_NATIVE = {
+    (1, None): (0x000906EA, 0x00100800, 0x7FFAFBBF, 0xBFEBFBFF),
+    (7, 0): (0, 0x029C6FBF, 0x40000000, 0xBC000400),
+    (7, 1): (0x00000010, 0, 0, 0),
+    (0x80000008, None): (0x00003027, 0x00000200, 0, 0),
+}
+HOSTS: dict[str, Host] = {
+    "max": MAX_HOST,
+    "partial": replace(MAX_HOST, name="partial", native={**MAX_HOST.native, **_PARTIAL_NATIVE},
+                       kvm_xfam=0x2E7, ept_5level=False, tsx_ctrl=False),
+    # Lacks an XFAM bit every module fixes to 1: KVM reports nothing (EIO).
+    "no-x87": replace(MAX_HOST, name="no-x87", native={**MAX_HOST.native, **_PARTIAL_NATIVE},
+                      kvm_xfam=0x2E6, ept_5level=True, tsx_ctrl=True),
+    # No TSX at all (HLE and RTM absent, no TSX_CTRL): the module's final-value rule sees 0s.
+    "no-tsx": host_without("no-tsx", {(7, 0): {"ebx": 1 << 4 | 1 << 11}}, tsx_ctrl=False),
+}
+
 
 @functools.cache
 def combo(module: str, host: str, policy: str) -> tuple[ModuleProfile, Host, SimulatedHost]:
-    m, h = model(module, host)
+    m, h = load_profile(module), HOSTS[host]
     return m, h, SimulatedHost(m, h, get_policy(policy), key_ids=4)
+
+
+@functools.cache
+def base_request(module: str, host: str, policy: str) -> Request:
+    m, h, _ = combo(module, host, policy)
+    return mirror.full_request(m, h, get_policy(policy))
+
+
+@functools.cache
+def ground_of(module: str, host: str, policy: str) -> Ground:
+    """What the package's request strategies draw from, for the mirror's capabilities."""
+    m, h, _ = combo(module, host, policy)
+    p = policy_named(policy)
+    return ground(mirror.reported_entries(m, h, p), mirror.supported_attrs(m),
+                  mirror.supported_xfam(m, h), m, h)
+
+
+@functools.cache
+def request_strategy(module: str, host: str, policy: str) -> st.SearchStrategy[Request]:
+    # Built once per combination: building a strategy costs more than drawing from it.
+    return fuzz_strategies.requests(ground_of(module, host, policy))
+
+
+@st.composite
+def requests(draw: st.DrawFn, module: str, host: str, policy: str) -> tuple[Request, bytes]:
+    """A request (kvmtdx.fuzz.strategies: every domain `kvmtdx fuzz` draws from) and the
+    exact bytes sent (a lying nent gets zeroed room behind it)."""
+    req = draw(request_strategy(module, host, policy))
+    return req, init_vm_bytes(req.init_vm)
 
 
 def _answer(sim: SimulatedHost, data: bytes, req: Request, second: bool) -> Outcome:
@@ -58,6 +114,8 @@ def _key(sim: SimulatedHost) -> tuple[str, str, str]:
 
 
 Case = tuple[str, str, str, Request, bytes, bool]
+MODULE = st.sampled_from(BUNDLED_MODULES)
+HOST = st.sampled_from(sorted(HOSTS))
 SECOND = st.integers(0, 15)
 
 
@@ -72,6 +130,11 @@ def init_vm_cases(draw: st.DrawFn, policy: str) -> list[Case]:
         second = host == "max" and draw(SECOND) == 15
         out.append((module, host, policy, req, data, second))
     return out
+
+
+@functools.cache
+def policy_named(name: str) -> Policy:
+    return get_policy(name)
 
 
 def check_init_vm(cases: list[Case]) -> None:
@@ -106,6 +169,9 @@ def test_init_vm_agrees_rfc_v2(cases: list[Case]) -> None:
 
 # ---------------------------------------------------------------------------
 # KVM_TDX_CAPABILITIES, byte for byte.
+
+
+u32 = st.integers(0, 0xFFFFFFFF)
 
 
 @st.composite

@@ -109,6 +109,9 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None) -> int:
         raise DataError("- (standard input) can be given once")
     inputs = [read_input(a, stdin if stdin is not None else sys.stdin) for a in args.inputs]
     request = load_request(args.request) if args.request else None
+    if request is not None and request.before:
+        raise DataError(f"--request {args.request}: explain diagnoses one request on a fresh "
+                        "TD, not a TD's history ('before'); kvmtdx init-vm --request replays it")
     module, host, policy = _model(args)
     auto = args.policy == "auto" and request is not None
     backend = _backend(args, real=auto)

@@ -57,7 +57,7 @@ def _simulated_policy(args: argparse.Namespace) -> list[str]:
 def _allowlist_acts(args: argparse.Namespace) -> bool:
     """Whether some policy of the run takes the --allowlist table: the simulated kernel's,
     the one judged by (`auto` may choose one that does), the one saved or predicted."""
-    if args.command in ("verify", "probe"):
+    if args.command in ("verify", "probe", "fuzz"):
         if args.policy == "auto":
             return True
         return _has_allowlist([*_simulated_policy(args), args.policy])
@@ -82,7 +82,7 @@ RULES: tuple[Rule, ...] = (
          "--module and --policy: reports carry the host they were made on"),
     Rule("--allowlist", ("diff",), _policy_diff,
          "--module and --policy: reports carry the allowlist they were judged by"),
-    Rule("--allowlist", ("predict", "init-vm", "caps", "verify", "probe", "diff"),
+    Rule("--allowlist", ("predict", "init-vm", "caps", "verify", "probe", "fuzz", "diff"),
          _allowlist_acts, _ALLOWLIST_NEEDS),
     Rule("--module", ("caps",), _saving,
          "--save-module: it fills the bits the policy hides from that module's table"),

@@ -28,7 +28,7 @@ def arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvmtdx.model import mirror
+    from kvmtdx.model import lifecycle, mirror
     from kvmtdx.model.profiles import MODULE_CHOICES, host_refusal, load_profile
     from kvmtdx.model.requests import load_request
     from kvmtdx.native import host_by_name
@@ -45,7 +45,11 @@ def run(args: argparse.Namespace) -> int:
     policy = policy_from(args, args.policy)
     request = load_request(args.request) if args.request else None
     caps = mirror.predict_capabilities(module, host, policy, len(module.rows))
-    pred = None if request is None else mirror.init_vm_prediction(module, host, policy, request)
+    pred = None
+    if request is not None:
+        # A replay of a TD's history: the last call's answer, on the TD the others left.
+        state = lifecycle.predict_sequence(module, host, policy, request.before).final
+        pred = lifecycle.prediction_in(module, host, policy, state, request)
     fmt = render.render_json if args.format == "json" else render.render_text
     said = (f"{caps.caps.nent} CPUID entries predicted" if caps.caps is not None
             else "KVM_TDX_CAPABILITIES predicted to fail")

@@ -202,7 +202,11 @@ class CompiledModel:
         self.deny_leaves = frozenset(leaf for leaf, _ in self.deny)
         self._row_masks()
         keys = [(row.leaf, row.kvm_index) for row in module.rows]
-        self.lookup = Lookup(keys, self.watch, self.deny)
+        # A denylist judges an entry by its own (leaf, index), which only an entry without
+        # the flag can hold apart from its row's; one that judges rows (the hole closed)
+        # is all in the rows' watched masks.
+        judges_row = denylist is not None and denylist.judges_row
+        self.lookup = Lookup(keys, self.watch, {} if judges_row else self.deny)
         self.exact = len(set(keys)) == len(keys)
         self.gpaw_row = self.lookup.row_at.get((GPAW_LEAF, 0))
         self._module_positions()
@@ -287,7 +291,7 @@ class CompiledModel:
             assert known is not None
             e = known[0]
             if e.function in self.deny_leaves:
-                refused = kvm.denied(self.policy, e)
+                refused = kvm.denied(self.policy, e, self.module.rows[r].kvm_index)
                 if refused is not None:
                     return refused
             forbidden = self.forbidden[r]

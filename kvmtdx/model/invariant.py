@@ -24,11 +24,13 @@ than the model.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 
-from kvmtdx.model.mirror import find, silently_cleared
+from kvmtdx.model.mirror import InitVmPrediction, find, silently_cleared
+from kvmtdx.model.policy import Policy
 from kvmtdx.model.profiles import Host, ModuleProfile, enumerated
 from kvmtdx.model.requests import Request
 from kvmtdx.model.rules import bits_of, is_value_register
@@ -104,7 +106,9 @@ class Agreement(str, Enum):
 
     SAME = "same"  # the answer is the prediction
     # The prediction breaks the invariant (the policy's known hole: bits never reported
-    # ACCEPTED) and the kernel refused them itself: stricter than the model, and right.
+    # ACCEPTED) and the kernel refused them itself, or the kernel answers as the policy
+    # with a known bug fixed (`hole_closed`, `warn_fixed`): stricter than the model, and
+    # right.
     STRICTER = "stricter"
     DIFFERS = "differs"  # any other difference: the kernel is not the one predicted
 
@@ -114,20 +118,61 @@ STRICTER_NOTE = ("the model predicts the policy's known hole (bits never reporte
                  "invariant")
 
 
+HOLE_CLOSED_NOTE = ("this kernel answers as the policy with its known hole closed (the "
+                    "denylist judging the row KVM's lookup lands an entry on, not the entry's "
+                    "own index): a fix of the bypass, keeping the invariant")
+
+
+def hole_closed(policy: Policy) -> Policy | None:
+    """`policy` with its known hole closed: the denylist judging the row KVM's lookup lands
+    an entry on rather than the entry's own index, as a kernel that fixes the bypass does.
+    None when the policy has no such hole (no denylist, or one that judges rows already).
+
+    Such a kernel departs from the exact prediction both ways: it refuses the bypass, and it
+    no longer refuses a denied bit that an entry of index 0 carries onto another row (the
+    module judges it there).  Both answers keep the invariant."""
+    deny = policy.denylist
+    if deny is None or deny.judges_row:
+        return None
+    return replace(policy, denylist=replace(deny, judges_row=True))
+
+
+WARN_FIXED_NOTE = ("the model predicts Linux 7.3's answer to a TDX module status that is not "
+                   "the caller's operand: -EIO, hw_error not written, a kernel WARN and a "
+                   "bugged VM (spec section 4 step 10: a userspace-reachable WARN is a kernel "
+                   "bug); this kernel refuses the request as MODULE_REJECTED with the status "
+                   "in hw_error, as the invariant wants")
+
+
+def warn_fixed(prediction: InitVmPrediction) -> Outcome | None:
+    """Where the prediction is Linux 7.3's WARN (a module status that is not an operand's:
+    -EIO), the answer of a kernel that fixes it by handing every status to userspace:
+    -EINVAL with the status in hw_error, the VM left alive.  None elsewhere."""
+    o = prediction.outcome
+    if not prediction.warns or not prediction.status:
+        return None
+    return Outcome.classify(errno.EINVAL, prediction.status, check=o.check,
+                            decider=Decider.MODULE, leaf=o.leaf, subleaf=o.subleaf,
+                            register=o.register, bit=o.bit)
+
+
 def against_prediction(reported: Sequence[CpuidEntry], request: Request | InitVm,
                        predicted: Outcome, actual: Outcome, *,
-                       module: ModuleProfile | None = None,
-                       host: Host | None = None) -> Agreement:
+                       module: ModuleProfile | None = None, host: Host | None = None,
+                       fixed: Sequence[Outcome] = ()) -> Agreement:
     """Predictions stay exact; verdicts follow the invariant.  Where the prediction itself
     breaks the invariant (is_known_hole, judged against what this kernel reported), the
     answer the invariant asks for is KVM's own refusal (spec section 5: a bit KVM hides but
-    the module would take comes back KVM_REJECTED), and that answer passes.  Every other departure
-    from the prediction, a refusal of a request the invariant lets through included, is a
-    difference."""
+    the module would take comes back KVM_REJECTED), and that answer passes.  `fixed` are the
+    answers of the policy with a known bug fixed (`hole_closed`'s prediction, `warn_fixed`,
+    where they apply): those pass too.  Every other departure from the prediction, a refusal
+    of a request the invariant lets through included, is a difference."""
     if actual.same_answer(predicted):
         return Agreement.SAME
     if actual.kind is Kind.KVM_REJECTED and \
             is_known_hole(reported, request, predicted, module=module, host=host):
+        return Agreement.STRICTER
+    if any(actual.same_answer(f) for f in fixed):
         return Agreement.STRICTER
     return Agreement.DIFFERS
 

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 
-from kvmtdx.model.mirror import predict_init_vm
+from kvmtdx.model.mirror import InitVmPrediction, init_vm_prediction, predict_init_vm
 from kvmtdx.model.policy import Policy
 from kvmtdx.model.profiles import Host, ModuleProfile
 from kvmtdx.model.requests import Request
@@ -66,6 +66,19 @@ def predict_in(module: ModuleProfile, host: Host, policy: Policy, state: TdState
         return dead_vm()
     return predict_init_vm(module, host, policy, request,
                            td_initialized=state is TdState.INITIALIZED)
+
+
+def prediction_in(module: ModuleProfile, host: Host, policy: Policy, state: TdState,
+                  request: Request, *, detail: bool = True,
+                  explain: bool = True) -> InitVmPrediction:
+    """One INIT_VM on a TD in `state`, with what lies behind the answer (the module's
+    status, a kernel WARN, with `detail` an accepted TD's CPUID and with `explain` what
+    changed in it: mirror.init_vm_prediction)."""
+    if state is TdState.DEAD:
+        return InitVmPrediction(dead_vm())
+    return init_vm_prediction(module, host, policy, request,
+                              td_initialized=state is TdState.INITIALIZED, detail=detail,
+                              explain=explain)
 
 
 def caps_errno_in(state: TdState) -> int:

@@ -142,10 +142,10 @@ def predict_capabilities(module: ModuleProfile, host: Host, policy: Policy, nent
 
 def init_vm_prediction(module: ModuleProfile, host: Host, policy: Policy,
                        request: Request | InitVm, *, td_initialized: bool = False,
-                       detail: bool = True) -> InitVmPrediction:
+                       detail: bool = True, explain: bool = True) -> InitVmPrediction:
     """One KVM_TDX_INIT_VM: the Outcome with the check that decided it, and behind it the
     module's status, whether KVM WARNs and bugs the VM, and (`detail`, accepted) the TD's
-    effective CPUID with the requested bits it does not get as asked.
+    effective CPUID with (`explain`) the requested bits it does not get as asked.
 
     Assumes a free TDX key ID (see the module docstring).
     """
@@ -158,7 +158,7 @@ def init_vm_prediction(module: ModuleProfile, host: Host, policy: Policy,
     if isinstance(values, Outcome):
         return InitVmPrediction(values)
     params = td_params(module, host, req.init_vm.attributes, req.init_vm.xfam, values, gpaw)
-    return module_prediction(module, host, policy, params, detail=detail)
+    return module_prediction(module, host, policy, params, detail=detail, explain=explain)
 
 
 def predict_init_vm(module: ModuleProfile, host: Host, policy: Policy,

@@ -161,9 +161,10 @@ def _regs_of(e: CpuidEntry) -> Regs:
     return (e.eax, e.ebx, e.ecx, e.edx)
 
 
-def denied(policy: Policy, e: CpuidEntry) -> Outcome | None:
-    """The denylist's refusal of the entry find() matched, judged by its own index."""
-    hit = policy.denylist.hits(e) if policy.denylist is not None else None
+def denied(policy: Policy, e: CpuidEntry, row_index: int) -> Outcome | None:
+    """The denylist's refusal of the entry find() matched to a row (of KVM index
+    `row_index`), judged by the entry's own index (by the row's, where the hole is closed)."""
+    hit = policy.denylist.hits(e, row_index) if policy.denylist is not None else None
     if hit is None:
         return None
     return _kvm(errno.EINVAL, "denylist", leaf=e.function, subleaf=e.index, register=hit[0],
@@ -195,7 +196,7 @@ def td_values(module: ModuleProfile, host: Host, policy: Policy,
         if e is None:
             values.append((0, 0, 0, 0))
             continue
-        refused = denied(policy, e) or disallowed(policy, row, listed[i], e)
+        refused = denied(policy, e, row.kvm_index) or disallowed(policy, row, listed[i], e)
         if refused is not None:
             return refused
         count += 1

@@ -178,10 +178,11 @@ def outcome_of(result: MngInitResult, module: ModuleProfile, host: Host, policy:
 
 
 def module_prediction(module: ModuleProfile, host: Host, policy: Policy, params: TdParams,
-                      *, detail: bool) -> InitVmPrediction:
-    """What KVM answers once TDH.MNG.INIT has decided on `params`."""
+                      *, detail: bool, explain: bool = True) -> InitVmPrediction:
+    """What KVM answers once TDH.MNG.INIT has decided on `params` (tdx_module.mng_init's
+    `detail` and `explain`)."""
     if detail:
-        result = mng_init(module.tables, host, params)
+        result = mng_init(module.tables, host, params, explain=explain)
     else:
         result = decide(module.tables, host, params)
     outcome, warns, bugged = outcome_of(result, module, host, policy, params)

@@ -8,7 +8,7 @@ the inputs a kernel must refuse.  Integers may be JSON numbers or strings
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from kvmtdx import jsonfile
@@ -19,18 +19,29 @@ from kvmtdx.structs import REGISTERS, CpuidEntry, InitVm
 
 @dataclass(frozen=True)
 class Request:
-    """One INIT_VM attempt: the struct plus the kvm_tdx_cmd words the caller controls."""
+    """One INIT_VM attempt: the struct plus the kvm_tdx_cmd words the caller controls.
+
+    `before` replays a TD's history: INIT_VM calls sent to the same TD first, in order
+    (a lifecycle finding's replay); empty, the request goes to a fresh TD.
+    """
 
     init_vm: InitVm
     flags: int = 0  # kvm_tdx_cmd.flags
     hw_error: int = 0  # kvm_tdx_cmd.hw_error as sent
+    before: tuple[Request, ...] = ()
+
+    @property
+    def calls(self) -> tuple[Request, ...]:
+        """Every INIT_VM the replay sends to its TD, in order, this one last (without its
+        history)."""
+        return (*self.before, replace(self, before=()))
 
 
 _WORD_FIELDS: tuple[tuple[str, int], ...] = (
     ("mrconfigid", 6), ("mrowner", 6), ("mrownerconfig", 6), ("reserved", 12),
 )
 _TOP_KEYS = frozenset(
-    {"attributes", "xfam", "cpuid", "flags", "hw_error", "padding", "nent"}
+    {"attributes", "xfam", "cpuid", "flags", "hw_error", "padding", "nent", "before"}
     | {name for name, _ in _WORD_FIELDS}
 )
 # Free-text keys people put in hand-written files; ignored rather than refused.
@@ -74,6 +85,22 @@ def _entry(value: Any, where: str) -> CpuidEntry:
 def request_from_json(data: Any, origin: str) -> Request:
     """A Request from parsed JSON; `origin` (a file name) prefixes every error."""
     jsonfile.document(data, origin, "a request", _TOP_KEYS, kind=REQUEST_KIND, notes=_NOTE_KEYS)
+    before = data.get("before", [])
+    if not isinstance(before, list):
+        raise DataError(f"{origin}: before: expected a list of requests (sent to the same TD "
+                        "first)")
+    earlier = []
+    for i, item in enumerate(before):
+        where = f"{origin}: before[{i}]"
+        if isinstance(item, dict) and "before" in item:
+            raise DataError(f"{where}.before: an earlier call has no history of its own")
+        jsonfile.document(item, where, "a request", _TOP_KEYS, kind=REQUEST_KIND,
+                          notes=_NOTE_KEYS)
+        earlier.append(_one_request(item, where))
+    return replace(_one_request(data, origin), before=tuple(earlier))
+
+
+def _one_request(data: dict[str, Any], origin: str) -> Request:
     for key in ("attributes", "xfam", "cpuid"):
         if key not in data:
             raise DataError(f"{origin}: {key}: missing")
@@ -136,4 +163,6 @@ def request_to_json(req: Request) -> dict[str, Any]:
     if iv.nent is not None:
         out["nent"] = iv.nent
     out["cpuid"] = [entry_to_json(e) for e in iv.entries]
+    if req.before:
+        out["before"] = [request_to_json(r) for r in req.before]
     return out

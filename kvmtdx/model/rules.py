@@ -72,14 +72,19 @@ class Denylist:
     """
 
     bits: dict[tuple[int, int], dict[str, int]]
+    # The hole closed: the refusal judges the row find() landed the entry on, not the entry's
+    # own index (what a kernel that fixes the bypass does; kvmtdx.model.invariant.hole_closed).
+    judges_row: bool = False
 
     def mask(self, leaf: int, index: int, register: str) -> int:
         return self.bits.get((leaf, index), {}).get(register, 0)
 
-    def hits(self, e: CpuidEntry) -> tuple[str, int] | None:
-        """(register, bits) of the first denied bits the entry carries, judged by its own index."""
+    def hits(self, e: CpuidEntry, row_index: int | None = None) -> tuple[str, int] | None:
+        """(register, bits) of the first denied bits the entry carries, judged by its own index
+        (by `row_index`, the row it landed on, when the denylist judges rows)."""
+        index = row_index if self.judges_row and row_index is not None else e.index
         for r in REGISTERS:
-            hit = e.reg(r) & self.mask(e.function, e.index, r)
+            hit = e.reg(r) & self.mask(e.function, index, r)
             if hit:
                 return r, hit
         return None

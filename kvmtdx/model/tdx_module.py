@@ -213,15 +213,17 @@ def after_cpuid_pass(tables: ModuleTables, p: TdParams, td: Td) -> Refusal | Non
 
 
 def mng_init(tables: ModuleTables, host: Host, p: TdParams, *,
-             detail: bool = True) -> MngInitResult:
+             detail: bool = True, explain: bool = True) -> MngInitResult:
     """TDH.MNG.INIT of a TD with these TD_PARAMS on this host, by this module version.
 
     Without `detail` only the status and the refusing rule are worked out: an accepted
     TD's CPUID values and changes are left out (the mirror's hot path needs the answer
-    only)."""
+    only).  Without `explain`, an accepted TD's CPUID values are worked out but not the
+    changes that explain them (a differential check needs the values only)."""
     td = Td(tables=tables, host=host, attributes=p.attributes, xfam=p.xfam,
             config_flags=p.config_flags, tsc_frequency=p.tsc_frequency,
-            config=_cpuid_rows(tables, p), native=sampled_native(tables, host), log=detail)
+            config=_cpuid_rows(tables, p), native=sampled_native(tables, host),
+            log=detail and explain)
     refusal = td_configuration(tables, host, p)
     if refusal is None:
         refusal = cpuid_pass(td)
@@ -237,7 +239,7 @@ def mng_init(tables: ModuleTables, host: Host, p: TdParams, *,
     return MngInitResult(
         st.TDX_SUCCESS.value, "accepted", f"{MNG_INIT}: tdh_mng_init",
         cpuid={e.key: v for e, v in zip(tables.lookup, td.values, strict=True)},
-        faulting=faulting, changes=changes(td))
+        faulting=faulting, changes=changes(td) if explain else ())
 
 
 def changes(td: Td) -> tuple[Change, ...]:

@@ -41,6 +41,8 @@ class ReportKind(str, Enum):
     ALLOWLIST = "allowlist"
     MODULE_PROFILE = "module-profile"
     MATRIX = "matrix"
+    FUZZ = "fuzz"
+    FUZZ_CASE = "fuzz-case"  # a fuzz finding that involves KVM_TDX_CAPABILITIES (fuzz --save)
 
     def __str__(self) -> str:
         return self.value
@@ -53,7 +55,7 @@ ENVELOPE: tuple[str, ...] = ("schema", "kind", "tool_version")
 # so reports from many machines and kernels can be told apart and merged.  predict
 # (the mirror alone), diff and the data documents describe no host.
 RUN_KINDS = frozenset({ReportKind.INFO, ReportKind.CAPS, ReportKind.INIT_VM,
-                       ReportKind.VERIFY, ReportKind.PROBE})
+                       ReportKind.VERIFY, ReportKind.PROBE, ReportKind.FUZZ})
 HOST_IDENTITY = "host_identity"
 
 

@@ -6,6 +6,7 @@ from typing import Any
 
 from kvmtdx.identity import HostIdentity
 from kvmtdx.model.policy import get_policy
+from kvmtdx.outcome import Outcome
 from kvmtdx.report.encode import host_identity_json, outcome_json
 from kvmtdx.report.schema import ReportKind, document
 from kvmtdx.session import DEFAULT_SIM_POLICY, InitVmRun
@@ -28,18 +29,32 @@ def choices_text(choices: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def init_vm_to_json(run: InitVmRun) -> dict[str, Any]:
-    """The keys of `predict`'s init_vm, plus the module status decoded."""
-    o = run.outcome
+def _decoded(o: Outcome) -> dict[str, Any] | None:
     hw = o.hw
-    doc = outcome_json(o)
-    doc["hw_error_decoded"] = None if not o.hw_error else {
+    return None if not o.hw_error else {
         "status": hw.status_name,
         "operand": hw.operand,
         "operand_name": hw.operand_name,
     }
+
+
+def init_vm_to_json(run: InitVmRun) -> dict[str, Any]:
+    """The keys of `predict`'s init_vm, plus the module status decoded, whether the kernel
+    WARNed and the VM is bugged; a replay of a TD's history adds the earlier calls' answers
+    ("before"); a backend that counts TDX key IDs adds how many were free around the calls
+    ("key_ids")."""
+    o = run.outcome
+    doc = outcome_json(o)
+    doc["hw_error_decoded"] = _decoded(o)
     doc["kernel_warn"] = None if run.kernel_warnings is None else run.kernel_warnings > 0
     doc["vm_bugged"] = run.vm_bugged
+    if run.before:
+        doc["before"] = [{**outcome_json(b), "hw_error_decoded": _decoded(b)}
+                         for b in run.before]
+    k = run.key_ids
+    doc["key_ids"] = None if k is None else {
+        "free_before": k.before, "free_after_calls": k.after_calls,
+        "free_after_close": k.after_close}
     return doc
 
 
@@ -49,8 +64,11 @@ def init_vm_json(run: InitVmRun, identity: HostIdentity) -> str:
 
 def init_vm_text(run: InitVmRun) -> str:
     o = run.outcome
-    lines = [
-        f"KVM_TDX_INIT_VM on a fresh TD ({run.backend})",
+    where = "a fresh TD" if not run.before else \
+        f"a TD after {len(run.before)} earlier INIT_VM call{'s' if len(run.before) > 1 else ''}"
+    lines = [f"KVM_TDX_INIT_VM on {where} ({run.backend})"]
+    lines += [f"  before {k + 1}  {b.describe()}" for k, b in enumerate(run.before)]
+    lines += [
         f"  outcome   {o.kind.value}",
         f"  errno     {o.errno_name or 0}",
         f"  hw_error  {o.hw}",
@@ -61,5 +79,9 @@ def init_vm_text(run: InitVmRun) -> str:
     if run.vm_bugged is not None:
         lines.append("  VM        " + ("marked bugged: every later ioctl on it fails with EIO"
                                       if run.vm_bugged else "still answers ioctls"))
+    k = run.key_ids
+    if k is not None:
+        lines.append(f"  key IDs   {k.before} free before, {k.after_calls} after the calls, "
+                     f"{k.after_close} once the TD was closed")
     lines.append(f"  ioctls    {run.counters.ioctls}, TDs created {run.counters.tds_created}")
     return "\n".join(lines) + "\n"
