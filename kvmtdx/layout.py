@@ -186,8 +186,29 @@ def unpack_entry(data: bytes) -> CpuidEntry:
     return CpuidEntry(f, i, fl, a, b, c, d, (p0, p1, p2))
 
 
+# Entries packed before, by identity: a request derived from another (verify's builders, a
+# prober's units, a fuzzer's mutations) shares most of its entries with it.  Each entry is
+# kept beside its bytes, so an id here is its own entry's for as long as it is here.
+_PACKED: dict[int, tuple[CpuidEntry, bytes]] = {}
+_PACKED_KEPT = 1024
+
+
+def _packed(e: CpuidEntry) -> bytes:
+    try:
+        # Values that fit their fields (the rule) go as they are, without masking each.
+        data = _ENTRY.pack(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx, *e.padding)
+    except struct.error:
+        data = pack_entry(e)
+    if len(_PACKED) >= _PACKED_KEPT:
+        _PACKED.clear()
+    _PACKED[id(e)] = (e, data)
+    return data
+
+
 def pack_entries(entries: tuple[CpuidEntry, ...]) -> bytes:
-    return b"".join([pack_entry(e) for e in entries])
+    # A known entry comes back as (entry, bytes), an unknown one as itself.
+    return b"".join([k[1] if type(k) is tuple else _packed(e) for e, k in
+                     zip(entries, map(_PACKED.get, map(id, entries), entries), strict=True)])
 
 
 def unpack_entries(data: bytes, header: int, nent: int) -> tuple[CpuidEntry, ...]:
@@ -200,8 +221,21 @@ def unpack_entries(data: bytes, header: int, nent: int) -> tuple[CpuidEntry, ...
     )
 
 
+def entry_words(data: bytes, header: int, nent: int) -> list[tuple[int, ...]]:
+    """The entries after a header as raw words (function, index, flags, eax, ebx, ecx, edx,
+    padding[3]): min(nent, what the buffer holds), for a reader that wants no objects."""
+    room = max(0, (len(data) - header) // SIZEOF_CPUID_ENTRY2)
+    end = header + min(nent, room) * SIZEOF_CPUID_ENTRY2
+    return list(_ENTRY.iter_unpack(data[header:end]))
+
+
 def pack_cmd(cmd: TdxCmd) -> bytes:
-    return _CMD.pack(cmd.id & _M32, cmd.flags & _M32, cmd.data & _M64, cmd.hw_error & _M64)
+    return pack_cmd_words(cmd.id, cmd.flags, cmd.data, cmd.hw_error)
+
+
+def pack_cmd_words(cmd_id: int, flags: int, data: int, hw_error: int) -> bytes:
+    """struct kvm_tdx_cmd from its words (no TdxCmd to build for one call)."""
+    return _CMD.pack(cmd_id & _M32, flags & _M32, data & _M64, hw_error & _M64)
 
 
 def unpack_cmd(data: bytes) -> TdxCmd:
@@ -247,6 +281,16 @@ def unpack_capabilities(data: bytes) -> Capabilities:
 
 
 def pack_init_vm(req: InitVm) -> bytes:
+    try:
+        # Words that fit their fields (the rule) go as they are, without masking each.
+        header = _INIT_VM.pack(req.attributes, req.xfam, *req.mrconfigid, *req.mrowner,
+                               *req.mrownerconfig, *req.reserved, req.effective_nent,
+                               req.cpuid_padding)
+        if (len(req.mrconfigid), len(req.mrowner), len(req.mrownerconfig),
+                len(req.reserved)) == (6, 6, 6, 12):
+            return header + pack_entries(req.entries)
+    except struct.error:
+        pass
     header = _INIT_VM.pack(
         req.attributes & _M64, req.xfam & _M64,
         *_words(req.mrconfigid, 6, "init_vm.mrconfigid"),
@@ -256,6 +300,14 @@ def pack_init_vm(req: InitVm) -> bytes:
         req.effective_nent & _M32, req.cpuid_padding & _M32,
     )
     return header + pack_entries(req.entries)
+
+
+def init_vm_words(data: bytes) -> tuple[int, ...]:
+    """struct kvm_tdx_init_vm's header as raw words: attributes, xfam, mrconfigid[6],
+    mrowner[6], mrownerconfig[6], reserved[12], cpuid.nent, cpuid.padding."""
+    if len(data) < SIZEOF_INIT_VM_HEADER:
+        raise ValueError("buffer shorter than struct kvm_tdx_init_vm")
+    return _INIT_VM.unpack_from(data)
 
 
 def unpack_init_vm(data: bytes) -> InitVm:
@@ -280,6 +332,12 @@ def pack_cpuid2(entries: tuple[CpuidEntry, ...], nent: int | None = None,
         raise ValueError("more entries than room for them")
     header = _CPUID2.pack((len(entries) if nent is None else nent) & _M32, 0)
     return header + pack_entries(entries) + bytes((space - len(entries)) * SIZEOF_CPUID_ENTRY2)
+
+
+def unpack_cpuid2_header(data: bytes) -> tuple[int, int]:
+    """(nent, padding) of a struct kvm_cpuid2 header."""
+    nent, padding = _CPUID2.unpack_from(data)
+    return nent, padding
 
 
 def unpack_cpuid2(data: bytes) -> tuple[int, tuple[CpuidEntry, ...]]:

@@ -134,15 +134,20 @@ class Memory:
     """A zeroed, owned buffer with a stable address, alive as long as this object."""
 
     def __init__(self, size_or_data: int | bytes) -> None:
-        size = size_or_data if isinstance(size_or_data, int) else len(size_or_data)
-        self._buf: Any = ffi.new("char[]", max(size, 1))
-        self.size = size
-        if isinstance(size_or_data, bytes):
-            ffi.memmove(self._buf, size_or_data, size)
+        if isinstance(size_or_data, int):
+            self.size = size_or_data
+            self._buf: Any = ffi.new(_CHARS, max(size_or_data, 1))
+        else:
+            # Initialised from the bytes (cffi adds a terminating NUL past the end).
+            self.size = len(size_or_data)
+            self._buf = ffi.new(_CHARS, size_or_data)
+        self._address: int | None = None
 
     @property
     def address(self) -> int:
-        return int(ffi.cast("uintptr_t", self._buf))
+        if self._address is None:
+            self._address = int(ffi.cast(_UINTPTR, self._buf))
+        return self._address
 
     def read(self, offset: int = 0, size: int | None = None) -> bytes:
         n = self.size - offset if size is None else size
@@ -156,14 +161,20 @@ class Memory:
         ffi.memmove(self._buf + offset, data, len(data))
 
 
+# The C types the hot paths cast to, looked up once (ffi.cast parses a type string anew).
+_CHAR_P = ffi.typeof("char *")
+_UINTPTR = ffi.typeof("uintptr_t")
+_CHARS = ffi.typeof("char[]")
+
+
 def peek(address: int, size: int) -> bytes:
     """Read `size` bytes at a raw address of this process (the simulated host's copy_from_user)."""
-    return bytes(ffi.buffer(ffi.cast("char *", address), size))
+    return bytes(ffi.buffer(ffi.cast(_CHAR_P, address), size))
 
 
 def poke(address: int, data: bytes) -> None:
     """Write bytes at a raw address of this process (the simulated host's copy_to_user)."""
-    ffi.memmove(ffi.cast("char *", address), data, len(data))
+    ffi.memmove(ffi.cast(_CHAR_P, address), data, len(data))
 
 
 # ---------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from helpers import host_without
 
 from kvmtdx.explain.diagnose import Diagnosis, diagnose
 from kvmtdx.explain.reasons import CHECK_REASONS, Category, reason_of
-from kvmtdx.model import mirror
+from kvmtdx.model import mirror, mirror_kvm
 from kvmtdx.model.mirror_module import MODULE_CHECKS
 from kvmtdx.model.policy import Policy, get_policy
 from kvmtdx.model.profiles import MAX_HOST, Host, load_profile
@@ -179,10 +179,10 @@ def test_reasons_of_checks_without_a_row_come_from_status_or_leaf() -> None:
 
 def _mirror_check_names() -> set[str]:
     """Every check name the mirror can put in an Outcome (string arguments to its _kvm,
-    _module and check= sites, and the couplings' checks)."""
-    tree = ast.parse(Path(mirror.__file__).read_text())
+    _module and check= sites, in mirror.py and its KVM half, and the couplings' checks)."""
+    trees = [ast.parse(Path(str(m.__file__)).read_text()) for m in (mirror, mirror_kvm)]
     names: set[str] = set()
-    for node in ast.walk(tree):
+    for node in (n for tree in trees for n in ast.walk(tree)):
         if not isinstance(node, ast.Call):
             continue
         func = node.func.id if isinstance(node.func, ast.Name) else ""

@@ -13,11 +13,14 @@ What the mirror cannot know, and leaves to the live host:
 - -ENOMEM, -EAGAIN (no entropy), -EBUSY (vCPUs): never predicted.
 - Addresses: the mirror is handed the caller's bytes, so -EFAULT never arises.
 
-The KVM half is here, step by step in the kernel's order; the module half
-(TD_PARAMS, TDH.MNG.INIT by the module model, KVM's reading of its status) is
-kvmtdx.model.mirror_module.  `predict_init_vm` gives the Outcome alone, fast;
-`init_vm_prediction` adds the module's status, the kernel WARN and bugged VM
-that follow a non-operand status, and an accepted TD's effective CPUID.
+The KVM half, step by step in the kernel's order, is kvmtdx.model.mirror_kvm; the
+module half (TD_PARAMS, TDH.MNG.INIT by the module model, KVM's reading of its
+status) is kvmtdx.model.mirror_module.  `init_vm_prediction` runs them in turn and
+adds the module's status, the kernel WARN and bugged VM that follow a non-operand
+status, and (asked for detail) an accepted TD's effective CPUID with its changes.
+`predict_init_vm` gives the Outcome alone, the same Outcome, from the model
+compiled once per (module, host, policy) (kvmtdx.model.compiled): it is what
+verify, probe and a fuzzer call thousands of times.
 
 The invariant edge (spec section 4, "silently cleared"): an allow_direct bit the
 host lacks natively is not reported by any policy, yet a request carrying it is
@@ -29,12 +32,18 @@ mask so a conformance check can leave those bits out of "never ACCEPTED".
 from __future__ import annotations
 
 import errno
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from kvmtdx import layout
 from kvmtdx.model import builders
-from kvmtdx.model.memo import per_pair
+from kvmtdx.model.compiled import compiled
+from kvmtdx.model.mirror_kvm import (
+    find,
+    kvm_checks,
+    supported_attrs,
+    supported_xfam,
+    td_values,
+)
 from kvmtdx.model.mirror_module import (
     InitVmPrediction,
     module_prediction,
@@ -42,26 +51,10 @@ from kvmtdx.model.mirror_module import (
     td_params,
 )
 from kvmtdx.model.policy import Policy
-from kvmtdx.model.profiles import CpuidRow, Host, ModuleProfile, Regs, enumerated
+from kvmtdx.model.profiles import Host, ModuleProfile
 from kvmtdx.model.requests import Request
-from kvmtdx.model.rules import (
-    GPAW_FIELD,
-    GPAW_LEAF,
-    GPAW_SHIFT,
-    GPAW_VALUES,
-    SEPT_VE_DISABLE,
-    lowest_bit,
-)
-from kvmtdx.model.tdx_host import reported_xfam_fixed0
-from kvmtdx.outcome import Decider, Outcome
-from kvmtdx.structs import (
-    FLAG_SIGNIFICANT_INDEX,
-    KVM_MAX_CPUID_ENTRIES,
-    REGISTERS,
-    Capabilities,
-    CpuidEntry,
-    InitVm,
-)
+from kvmtdx.outcome import Outcome
+from kvmtdx.structs import Capabilities, CpuidEntry, InitVm
 
 __all__ = ["CapsPrediction", "InitVmPrediction", "find", "full_request", "init_vm_prediction",
            "predict_capabilities", "predict_init_vm", "reported_entries", "silently_cleared",
@@ -83,48 +76,8 @@ class CapsPrediction:
     caps: Capabilities | None  # decoded on success
 
 
-def _regs_of(e: CpuidEntry) -> Regs:
-    return (e.eax, e.ebx, e.ecx, e.edx)
-
-
-def _entry(function: int, index: int, regs: Sequence[int], flags: int = 0) -> CpuidEntry:
-    a, b, c, d = regs
-    return CpuidEntry(function=function, index=index, flags=flags, eax=a, ebx=b, ecx=c, edx=d)
-
-
 # ---------------------------------------------------------------------------
-# What KVM reports.
-
-
-def supported_attrs(module: ModuleProfile) -> int:
-    """KVM offers only SEPT_VE_DISABLE, and only when the module can leave it at 0 or 1."""
-    if SEPT_VE_DISABLE & module.attributes_fixed1 != module.attributes_fixed1:
-        return 0
-    return SEPT_VE_DISABLE & module.attributes_fixed0
-
-
-@per_pair
-def supported_xfam(module: ModuleProfile, host: Host) -> int:
-    """The host KVM's XCR0 | XSS within the module's XFAM_FIXED0 as reported on this host;
-    none at all unless KVM supports every fixed-1 bit."""
-    h = host.xfam_supported
-    if h & module.xfam_fixed1 != module.xfam_fixed1:
-        return 0
-    return h & reported_xfam_fixed0(module.tables, host)
-
-
-def _reported_regs(row: CpuidRow, mask: Regs, policy: Policy) -> Regs:
-    a, b, c, d = (v & ~policy.hides(row.leaf, row.kvm_index, r)
-                  for v, r in zip(mask, REGISTERS, strict=True))
-    if row.leaf == GPAW_LEAF:
-        a |= GPAW_FIELD
-    return (a, b, c, d)
-
-
-@per_pair
-def _reported_by_policy(module: ModuleProfile, host: Host
-                        ) -> dict[int, tuple[Policy, tuple[CpuidEntry, ...]]]:
-    return {}
+# What KVM reports (kvmtdx.model.mirror_kvm), remembered in the compiled model.
 
 
 def reported_entries(module: ModuleProfile, host: Host, policy: Policy) -> tuple[CpuidEntry, ...]:
@@ -133,18 +86,7 @@ def reported_entries(module: ModuleProfile, host: Host, policy: Policy) -> tuple
     Entry flags and padding are 0 (under upstream-6.16 they are undefined; this
     gives 0).  A policy diff compares these per policy.
     """
-    memo = _reported_by_policy(module, host)
-    hit = memo.get(id(policy))
-    if hit is not None and hit[0] is policy:
-        return hit[1]
-    entries = tuple(
-        _entry(row.leaf, row.kvm_index, _reported_regs(row, mask, policy))
-        for row, mask in zip(module.rows, enumerated(module, host), strict=True)
-    )
-    if len(memo) > 16:  # policies are values: a long run may make many
-        memo.clear()
-    memo[id(policy)] = (policy, entries)
-    return entries
+    return compiled(module, host, policy).reported
 
 
 def _default_caller(nent: int) -> bytes:
@@ -198,107 +140,6 @@ def predict_capabilities(module: ModuleProfile, host: Host, policy: Policy, nent
 # KVM_TDX_INIT_VM.
 
 
-def find(entries: Sequence[CpuidEntry], function: int, index: int) -> CpuidEntry | None:
-    """KVM's generic lookup: the first entry of that function that lacks the
-    significant-index flag or has that index."""
-    for e in entries:
-        if e.function == function and (not e.flags & FLAG_SIGNIFICANT_INDEX or e.index == index):
-            return e
-    return None
-
-
-def _kvm(err: int, check: str, **where: int | str | None) -> Outcome:
-    return Outcome.classify(err, 0, check=check, decider=Decider.KVM, **where)
-
-
-def _request_entries(iv: InitVm) -> tuple[CpuidEntry, ...]:
-    # KVM reads exactly nent entries.  A request that claims more than it
-    # carries is modelled as followed by zeroed room (function 0 matches no
-    # module row); callers that lie upward must send that zeroed room.
-    nent = iv.effective_nent
-    if nent <= len(iv.entries):
-        return iv.entries[:nent]
-    return iv.entries + (CpuidEntry(function=0),) * (nent - len(iv.entries))
-
-
-def _rfc_bad_bits(module: ModuleProfile, policy: Policy, row: CpuidRow, listed: Regs,
-                  e: CpuidEntry) -> tuple[str, int] | None:
-    assert policy.allowlist is not None
-    for r, listed_mask, value in zip(REGISTERS, listed, _regs_of(e), strict=True):
-        bad = value & listed_mask & ~policy.allowlist.mask(row.leaf, row.kvm_index, r)
-        if row.leaf == GPAW_LEAF and r == "eax":
-            bad &= ~GPAW_FIELD
-        if bad:
-            return r, lowest_bit(bad)
-    return None
-
-
-def _td_values(module: ModuleProfile, host: Host, policy: Policy,
-               entries: tuple[CpuidEntry, ...], nent: int) -> list[Regs] | Outcome:
-    """Steps 8 and 9: the per-row values KVM hands TDH.MNG.INIT, or KVM's refusal."""
-    listed = enumerated(module, host)
-    values: list[Regs] = []
-    count = 0
-    for i, row in enumerate(module.rows):
-        e = find(entries, row.leaf, row.kvm_index)
-        if e is None:
-            values.append((0, 0, 0, 0))
-            continue
-        deny = policy.denylist
-        denied = deny.hits(e, row.kvm_index) if deny is not None else None
-        if denied is not None:
-            return _kvm(errno.EINVAL, "denylist", leaf=e.function, subleaf=e.index,
-                        register=denied[0], bit=lowest_bit(denied[1]))
-        if policy.allowlist is not None:
-            bad = _rfc_bad_bits(module, policy, row, listed[i], e)
-            if bad is not None:
-                return _kvm(errno.EINVAL, "allowlist", leaf=row.leaf, subleaf=row.subleaf,
-                            register=bad[0], bit=bad[1])
-        count += 1
-        a, b, c, d = _regs_of(e)
-        if row.leaf == GPAW_LEAF:
-            a &= ~GPAW_FIELD
-        values.append((a, b, c, d))
-    if count != nent:
-        return _kvm(errno.EINVAL, "count_mismatch")
-    return values
-
-
-def _kvm_checks(module: ModuleProfile, host: Host, req: Request,
-                td_initialized: bool) -> tuple[tuple[CpuidEntry, ...], int] | Outcome:
-    """Steps 1 to 7 in the kernel's order: the request's entries and its GPAW, or KVM's
-    refusal."""
-    iv = req.init_vm
-    if req.hw_error:
-        return _kvm(errno.EINVAL, "cmd_hw_error")
-    if td_initialized:
-        return _kvm(errno.EINVAL, "td_initialized")
-    if req.flags:
-        return _kvm(errno.EINVAL, "cmd_flags")
-    if iv.effective_nent > KVM_MAX_CPUID_ENTRIES:
-        return _kvm(errno.E2BIG, "nent_too_big")
-    if any(iv.reserved):
-        return _kvm(errno.EINVAL, "reserved_nonzero")
-    if iv.cpuid_padding:
-        return _kvm(errno.EINVAL, "cpuid_padding")
-    bad = iv.attributes & ~supported_attrs(module)
-    if bad:
-        return _kvm(errno.EINVAL, "attributes_unsupported", bit=lowest_bit(bad))
-    bad = iv.xfam & ~supported_xfam(module, host)
-    if bad:
-        return _kvm(errno.EINVAL, "xfam_unsupported", bit=lowest_bit(bad))
-    entries = _request_entries(iv)
-    gpaw_entry = find(entries, GPAW_LEAF, 0)
-    if gpaw_entry is None:
-        return _kvm(errno.EINVAL, "gpaw_missing", leaf=GPAW_LEAF)
-    gpaw = (gpaw_entry.eax & GPAW_FIELD) >> GPAW_SHIFT
-    if gpaw not in GPAW_VALUES:
-        return _kvm(errno.EINVAL, "gpaw_value", leaf=GPAW_LEAF, register="eax", bit=GPAW_SHIFT)
-    if gpaw == 52 and not host.ept_5level:
-        return _kvm(errno.EINVAL, "gpaw_5level", leaf=GPAW_LEAF, register="eax", bit=GPAW_SHIFT)
-    return entries, gpaw
-
-
 def init_vm_prediction(module: ModuleProfile, host: Host, policy: Policy,
                        request: Request | InitVm, *, td_initialized: bool = False,
                        detail: bool = True, explain: bool = True) -> InitVmPrediction:
@@ -309,11 +150,11 @@ def init_vm_prediction(module: ModuleProfile, host: Host, policy: Policy,
     Assumes a free TDX key ID (see the module docstring).
     """
     req = request if isinstance(request, Request) else Request(init_vm=request)
-    checked = _kvm_checks(module, host, req, td_initialized)
+    checked = kvm_checks(module, host, req, td_initialized)
     if isinstance(checked, Outcome):
         return InitVmPrediction(checked)
     entries, gpaw = checked
-    values = _td_values(module, host, policy, entries, req.init_vm.effective_nent)
+    values = td_values(module, host, policy, entries, req.init_vm.effective_nent)
     if isinstance(values, Outcome):
         return InitVmPrediction(values)
     params = td_params(module, host, req.init_vm.attributes, req.init_vm.xfam, values, gpaw)
@@ -322,12 +163,16 @@ def init_vm_prediction(module: ModuleProfile, host: Host, policy: Policy,
 
 def predict_init_vm(module: ModuleProfile, host: Host, policy: Policy,
                     request: Request | InitVm, *, td_initialized: bool = False) -> Outcome:
-    """The Outcome of one KVM_TDX_INIT_VM, with the check that decided it.
+    """The Outcome of one KVM_TDX_INIT_VM, with the check that decided it: the same Outcome
+    init_vm_prediction gives, from the model compiled once per (module, host, policy).
 
     Assumes a free TDX key ID (see the module docstring).
     """
-    return init_vm_prediction(module, host, policy, request, td_initialized=td_initialized,
-                              detail=False).outcome
+    model = compiled(module, host, policy)
+    if not model.exact:
+        return init_vm_prediction(module, host, policy, request, td_initialized=td_initialized,
+                                  detail=False).outcome
+    return model.outcome(request, td_initialized)
 
 
 # ---------------------------------------------------------------------------

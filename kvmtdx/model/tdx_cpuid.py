@@ -375,6 +375,13 @@ def simple_leaf(td: Td, pos: int, e: LookupEntry) -> Refusal | None:
 
 Rule = Callable[[Td, int, LookupEntry], "Refusal | None"]
 
+# The leaf rules that can refuse.  Each reads only its own entry's value (after the row's
+# configuration), the TD's attributes and XFAM and the host, never what an earlier rule
+# left: the compiled mirror (kvmtdx.model.compiled) runs these alone, remembered on those
+# inputs, and takes every other rule for one that never refuses.  A rule that refuses
+# belongs here (tests/test_compiled.py reads the rules' source to hold this list to it).
+REFUSING_RULES: tuple[Rule, ...] = (leaf_1, leaf_7_0)
+
 
 def rule_for(e: LookupEntry) -> Rule | None:
     if e.leaf == 1:

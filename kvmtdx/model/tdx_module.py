@@ -198,7 +198,10 @@ def _cpuid_rows(tables: ModuleTables, p: TdParams) -> tuple[Regs, ...]:
     return rows
 
 
-def _after_cpuid(tables: ModuleTables, p: TdParams, td: Td) -> Refusal | None:
+def after_cpuid_pass(tables: ModuleTables, p: TdParams, td: Td) -> Refusal | None:
+    """What follows the CPUID pass: the 0x1F topology, reserved_3, the immutable-state
+    cross-check.  Reads only the TD's 0x1F values, its attributes and TD_PARAMS' L2 VMs
+    and reserved bytes (the compiled mirror remembers it on those)."""
     refusal = check_topology(td)
     if refusal is None:
         refusal = _reserved(p, "reserved_3")
@@ -225,7 +228,7 @@ def mng_init(tables: ModuleTables, host: Host, p: TdParams, *,
     if refusal is None:
         refusal = cpuid_pass(td)
     if refusal is None:
-        refusal = _after_cpuid(tables, p, td)
+        refusal = after_cpuid_pass(tables, p, td)
     if refusal is not None:
         return MngInitResult(refusal.status, refusal.rule, refusal.source, refusal.rcx,
                              refusal.leaf, refusal.subleaf, refusal.register, refusal.mask)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -75,6 +76,7 @@ class KeyIds:
     """The host's pool of TDX private key IDs; the lowest free one goes first."""
 
     def __init__(self, count: int) -> None:
+        # A heap: the lowest free key ID is always first.
         self._free: list[int] = list(range(_FIRST_KEY_ID, _FIRST_KEY_ID + count))
 
     @property
@@ -82,11 +84,10 @@ class KeyIds:
         return len(self._free)
 
     def alloc(self) -> int | None:
-        return self._free.pop(0) if self._free else None
+        return heapq.heappop(self._free) if self._free else None
 
     def release(self, key_id: int) -> None:
-        self._free.append(key_id)
-        self._free.sort()
+        heapq.heappush(self._free, key_id)
 
 
 @dataclass(frozen=True, slots=True)

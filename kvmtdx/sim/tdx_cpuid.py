@@ -36,16 +36,21 @@ FLAG_MAXGPA_VIRT = 1 << 4
 # Topology level types (x86_defs.h cpuid_topology_level_type_e).
 LEVEL_SMT, LEVEL_CORE = 1, 2
 
-Handler = Callable[["Td", "int | None", Regs], Regs]
+# A leaf rule: the entry's packed value in (see `pack`), the value the TD gets out.
+Handler = Callable[["Td", "int | None", int], int]
 
 
 class Refusal(Exception):
     """TDH.MNG.INIT stops with `status`; `rcx` is its extended error information."""
 
     def __init__(self, status: int, rcx: int = 0) -> None:
-        super().__init__(f"0x{status:016x} rcx 0x{rcx:x}")
+        super().__init__(status, rcx)
         self.status = status
         self.rcx = rcx
+
+    def __str__(self) -> str:
+        # Worked out when shown: most refusals are caught and never shown.
+        return f"0x{self.status:016x} rcx 0x{self.rcx:x}"
 
 
 class Unmodelled(Exception):
@@ -101,21 +106,21 @@ class _Entry:
     handler: Handler | None
 
 
-def _masked(v: Regs, masks: dict[int, Regs], xfam: int) -> Regs:
-    """apply_cpuid_xfam_masks: each XFAM bit that is 0 clears its mask's bits."""
-    a, b, c, d = v
-    for bit, (ma, mb, mc, md) in masks.items():
-        if not xfam >> bit & 1:
-            a, b, c, d = a & ~ma, b & ~mb, c & ~mc, d & ~md
-    return (a, b, c, d)
-
-
 def _set_bit(value: int, n: int, on: bool) -> int:
     return value | 1 << n if on else value & ~(1 << n)
 
 
-def _zero(td: Td, sub: int | None, v: Regs) -> Regs:
-    return ZERO
+def _with_reg(v: int, reg: int, value: int) -> int:
+    """A packed value with register `reg` (0 = EAX) replaced."""
+    return v & ~(_U32 << 32 * reg) | value << 32 * reg
+
+
+def _zero(td: Td, sub: int | None, v: int) -> int:
+    return 0
+
+
+# Bit positions in a packed value.
+_EBX, _ECX = 32, 64
 
 
 # Leaves whose rule reads only ATTRIBUTES, XFAM, TSC_FREQUENCY and the platform, never a
@@ -132,7 +137,11 @@ class CpuidProcessor:
         self.name = tables.name
         self.gen = gen
         self.platform = platform
-        self.masks = {name: dict(t) for name, t in tables.xfam_masks.items()}
+        self.masks = {name: {bit: pack(m) for bit, m in t.items()}
+                      for name, t in tables.xfam_masks.items()}
+        self._kept: dict[tuple[str, int], int] = {}
+        # The topology check's writes (or refusal status) per 0x1F values.
+        self._topologies: dict[tuple[int, ...], tuple[tuple[int, int], ...] | int] = {}
         self.user_mask = tables.const("XCR0_USER_BIT_MASK")
         self.la57_bits = tables.const("LA57_LINEAR_ADDRESS_WIDTH")
         self.legacy_la_bits = tables.const("LEGACY_LINEAR_ADDRESS_WIDTH")
@@ -155,6 +164,8 @@ class CpuidProcessor:
         self.dynamic = tuple(e for e in entries if e.row is not None or (
             e.handler is not None and e.leaf not in _PARAMS_ONLY))
         self.static = tuple(e for e in entries if e not in self.dynamic and e.handler)
+        self.dynamic_fields = tuple((e.index, e.row, ~e.allowed & _U128, e.base, e.config_direct,
+                                     e.keep, e.handler, e) for e in self.dynamic)
         self._static_values: dict[tuple[int, int, int], tuple[int, ...]] = {}
         self.faulting = frozenset(
             e.key for e in tables.lookup if e.faulting and gen.faulting_leaves)
@@ -184,20 +195,24 @@ class CpuidProcessor:
         the topology; raises Refusal."""
         values = td.values = list(self._static_part(td))
         config = td.config_values
-        for e in self.dynamic:
-            if e.row is None:
-                v = self.native[e.index]
+        native = self.native
+        # The entries' fields as plain tuples: this loop is hot.
+        for index, row, refused, base, config_direct, keep, handler, e in self.dynamic_fields:
+            if row is None:
+                v = native[index]
+            elif (regs := config[row]) == ZERO:
+                v = base & keep  # nothing asked: CONFIG_DIRECT bits 0, ALLOW_DIRECT bits cleared
             else:
-                a, b, c, d = config[e.row]
-                cfg = a | b << 32 | c << 64 | d << 96  # pack(), inline: this loop is hot
-                if cfg & ~e.allowed:
+                a, b, c, d = regs
+                cfg = a | b << 32 | c << 64 | d << 96  # pack(), inline
+                if cfg & refused:
                     raise Refusal(TDX_OPERAND_INVALID + OPERAND_CPUID_CONFIG,
                                   rcx_of(e.leaf, e.subleaf))
                 # CONFIG_DIRECT bits from the request; ALLOW_DIRECT bits kept only if asked.
-                v = (e.base | cfg & e.config_direct) & (cfg | e.keep)
-            if e.handler is not None:
-                v = pack(e.handler(td, e.subleaf, unpack(v)))
-            values[e.index] = v
+                v = (base | cfg & config_direct) & (cfg | keep)
+            if handler is not None:
+                v = handler(td, e.subleaf, v)
+            values[index] = v
         if self.gen.topology:
             self._topology(td)
 
@@ -208,107 +223,121 @@ class CpuidProcessor:
             values = list(self.native)
             for e in self.static:
                 assert e.handler is not None
-                values[e.index] = pack(e.handler(td, e.subleaf, unpack(self.native[e.index])))
+                values[e.index] = e.handler(td, e.subleaf, self.native[e.index])
             if len(self._static_values) >= _STATIC_CACHE_SIZE:
                 self._static_values.clear()
             cached = self._static_values[key] = tuple(values)
         return cached
 
     # ------------------------------------------------------------------
-    # The leaf rules: each returns the entry's value, or raises Refusal.
+    # The leaf rules: each takes the entry's packed value and returns the TD's, or raises
+    # Refusal.
 
-    def _leaf_1(self, td: Td, sub: int | None, v: Regs) -> Regs:
-        a, b, c, d = v
-        fms = a
+    def _masked(self, v: int, table: str, xfam: int) -> int:
+        """apply_cpuid_xfam_masks: each XFAM bit that is 0 clears its mask's bits."""
+        kept = self._kept.get((table, xfam))
+        if kept is None:
+            cleared = 0
+            for bit, mask in self.masks.get(table, {}).items():
+                if not xfam >> bit & 1:
+                    cleared |= mask
+            if len(self._kept) >= _STATIC_CACHE_SIZE:
+                self._kept.clear()
+            kept = self._kept[table, xfam] = ~cleared & _U128
+        return v & kept
+
+    def _leaf_1(self, td: Td, sub: int | None, v: int) -> int:
+        fms = v & _U32
         check = True
         if fms == 0:
             # 0 asks for the platform's F/M/S; 2.0 takes it as is, 1.5.x still checks it.
-            fms = a = self.platform.fms
+            fms = self.platform.fms
+            v |= fms
             check = self.gen.fms_zero_checked
         if check and not self._fms_allowed(fms, td.attributes):
             raise Refusal(TDX_OPERAND_INVALID + OPERAND_CPUID_CONFIG, rcx_of(1, sub))
         if not td.xfam >> 2 & 1:
-            c &= ~self.masks.get("xfam_mask_0x1_0xffffffff", {}).get(2, ZERO)[2]
-        td.monitor = bool(c >> 3 & 1)
-        return (a, b, c, d)
+            v &= ~(self.masks.get("xfam_mask_0x1_0xffffffff", {}).get(2, 0) & _U32 << _ECX)
+        td.monitor = bool(v >> _ECX + 3 & 1)
+        return v
 
     def _fms_allowed(self, fms: int, attributes: int) -> bool:
         if attributes & ATTR_MIGRATABLE:
             return self.platform.fms_allowed(fms)
         return fms == self.platform.fms
 
-    def _leaf_5(self, td: Td, sub: int | None, v: Regs) -> Regs:
-        return v if td.monitor else ZERO
+    def _leaf_5(self, td: Td, sub: int | None, v: int) -> int:
+        return v if td.monitor else 0
 
-    def _leaf_7(self, td: Td, sub: int | None, v: Regs) -> Regs:
+    def _leaf_7(self, td: Td, sub: int | None, v: int) -> int:
         if sub == 0:
-            a, b, c, d = _masked(v, self.masks.get("xfam_mask_0x7_0x0", {}), td.xfam)
-            hle, rtm = b >> 4 & 1, b >> 11 & 1
+            v = self._masked(v, "xfam_mask_0x7_0x0", td.xfam)
+            hle, rtm = v >> _EBX + 4 & 1, v >> _EBX + 11 & 1
             if hle != rtm:
                 raise Refusal(TDX_OPERAND_INVALID + OPERAND_CPUID_CONFIG,
                               rcx_of(7, 0) if self.gen.tsx_mismatch_rcx else 0)
             if hle and not self.platform.tsx_ctrl:
                 raise Refusal(TDX_INCORRECT_MSR_VALUE + IA32_ARCH_CAPABILITIES_MSR)
-            c = _set_bit(c, 31, bool(td.attributes & ATTR_PKS))  # PKS reflects ATTRIBUTES.PKS
-            c = _set_bit(c, 23, False)  # KL_SUPPORTED: no Key Locker in a TD
-            td.la57 = bool(c >> 16 & 1)
-            return (a, b, c, d)
+            # PKS reflects ATTRIBUTES.PKS; KL_SUPPORTED: no Key Locker in a TD.
+            v = _set_bit(v, _ECX + 31, bool(td.attributes & ATTR_PKS)) & ~(1 << _ECX + 23)
+            td.la57 = bool(v >> _ECX + 16 & 1)
+            return v
         if sub == 1:
-            a, b, c, d = _masked(v, self.masks.get("xfam_mask_0x7_0x1", {}), td.xfam)
+            v = self._masked(v, "xfam_mask_0x7_0x1", td.xfam)
             if self.gen.perfmon_ext:
-                td.perfmon_ext = bool(a >> 8 & 1)
-                a = _set_bit(a, 6, bool(td.attributes & ATTR_LASS))
-            return (a, b, c, d)
+                td.perfmon_ext = bool(v >> 8 & 1)
+                v = _set_bit(v, 6, bool(td.attributes & ATTR_LASS))
+            return v
         return v
 
-    def _leaf_a(self, td: Td, sub: int | None, v: Regs) -> Regs:
-        return v if td.attributes & ATTR_PERFMON else ZERO
+    def _leaf_a(self, td: Td, sub: int | None, v: int) -> int:
+        return v if td.attributes & ATTR_PERFMON else 0
 
-    def _leaf_d(self, td: Td, sub: int | None, v: Regs) -> Regs:
+    def _leaf_d(self, td: Td, sub: int | None, v: int) -> int:
         if sub == 0:
-            a, b, _, d = _masked(v, self.masks.get("xfam_mask_0xd_0x0", {}), td.xfam)
-            return (a, b, xsave_area_size(self.platform, td.xfam & self.user_mask), d)
+            v = self._masked(v, "xfam_mask_0xd_0x0", td.xfam)
+            size = xsave_area_size(self.platform, td.xfam & self.user_mask)
+            return _with_reg(v, 2, size)
         if sub == 1:
-            a, b, c, d = _masked(v, self.masks.get("xfam_mask_0xd_0x1", {}), td.xfam)
+            v = self._masked(v, "xfam_mask_0xd_0x1", td.xfam)
             if not self.platform.xfd_faulting_mask & td.xfam:
-                a = _set_bit(a, 4, False)  # XFD
-            return (a, b, c, d)
+                v &= ~(1 << 4)  # XFD
+            return v
         if sub is not None and sub < len(self.platform.xsave_ends):
-            return v if td.xfam >> sub & 1 else ZERO
+            return v if td.xfam >> sub & 1 else 0
         return v
 
-    def _leaf_14(self, td: Td, sub: int | None, v: Regs) -> Regs:
-        return v if td.xfam >> 8 & 1 else ZERO  # PT
+    def _leaf_14(self, td: Td, sub: int | None, v: int) -> int:
+        return v if td.xfam >> 8 & 1 else 0  # PT
 
-    def _leaf_15(self, td: Td, sub: int | None, v: Regs) -> Regs:
-        return (v[0], td.tsc_frequency, v[2], v[3])
+    def _leaf_15(self, td: Td, sub: int | None, v: int) -> int:
+        return _with_reg(v, 1, td.tsc_frequency)
 
-    def _leaf_1c(self, td: Td, sub: int | None, v: Regs) -> Regs:
-        return v if td.xfam >> 15 & 1 else ZERO  # LBR
+    def _leaf_1c(self, td: Td, sub: int | None, v: int) -> int:
+        return v if td.xfam >> 15 & 1 else 0  # LBR
 
-    def _leaf_1d(self, td: Td, sub: int | None, v: Regs) -> Regs:
-        return v if td.xfam >> 17 & 1 and td.xfam >> 18 & 1 else ZERO  # AMX
+    def _leaf_1d(self, td: Td, sub: int | None, v: int) -> int:
+        return v if td.xfam >> 17 & 1 and td.xfam >> 18 & 1 else 0  # AMX
 
-    def _leaf_1a(self, td: Td, sub: int | None, v: Regs) -> Regs:
-        return ZERO if td.attributes & ATTR_MIGRATABLE else v
+    def _leaf_1a(self, td: Td, sub: int | None, v: int) -> int:
+        return 0 if td.attributes & ATTR_MIGRATABLE else v
 
-    def _leaf_23(self, td: Td, sub: int | None, v: Regs) -> Regs:
+    def _leaf_23(self, td: Td, sub: int | None, v: int) -> int:
         if not td.attributes & ATTR_PERFMON or not td.perfmon_ext:
-            return ZERO
+            return 0
         if not self.gen.leaf_23_bitmap:
             return v
         if sub == 0:
-            td.leaf_23_bitmap = v[0]
+            td.leaf_23_bitmap = v & _U32
             return v
-        return v if sub is not None and td.leaf_23_bitmap >> sub & 1 else ZERO
+        return v if sub is not None and td.leaf_23_bitmap >> sub & 1 else 0
 
-    def _leaf_80000008(self, td: Td, sub: int | None, v: Regs) -> Regs:
-        a, b, c, d = v
+    def _leaf_80000008(self, td: Td, sub: int | None, v: int) -> int:
         la = self.la57_bits if td.la57 else self.legacy_la_bits
-        a = (a & ~0xFF00) | la << 8
+        a = (v & _U32 & ~0xFF00) | la << 8
         if self.gen.maxpa_flags:
             a = self._address_widths(td, a)
-        return (a, b, c, d)
+        return _with_reg(v, 0, a)
 
     def _address_widths(self, td: Td, a: int) -> int:
         """2.0: PA bits [7:0] and GPA bits [23:16] under MAXPA_VIRT / MAXGPA_VIRT."""
@@ -330,20 +359,39 @@ class CpuidProcessor:
     # Leaf 0x1F and the 0xB derived from it.
 
     def _topology(self, td: Td) -> None:
-        """check_cpuid_1f (1.5.05) / check_cpuid_1f_and_compute_cpuid_0b (2.0)."""
+        """check_cpuid_1f (1.5.05) / check_cpuid_1f_and_compute_cpuid_0b (2.0): it reads the
+        0x1F values alone, so what it writes (or its refusal) is remembered on them."""
+        found = tuple([td.values[i] for i in self.topology_rows])
+        done = self._topologies.get(found)
+        if done is None:
+            try:
+                done = tuple(self._topology_of(found).items())
+            except Refusal as r:
+                done = r.status
+            if len(self._topologies) >= _STATIC_CACHE_SIZE:
+                self._topologies.clear()
+            self._topologies[found] = done
+        if isinstance(done, int):
+            raise Refusal(done)
+        for i, v in done:
+            td.values[i] = v
+
+    def _topology_of(self, found: tuple[int, ...]) -> dict[int, int]:
+        """The values the topology check writes, by lookup index, for these 0x1F values."""
+        out: dict[int, int] = {}
         null = False
         core_seen = False
         level_type = 0
         last = ZERO
         smt = False
         for s, i in enumerate(self.topology_rows):
-            v = unpack(td.values[i])
+            v = unpack(found[s])
             if s == 0:
                 null = v == ZERO  # all zero: take the hardware's topology
             elif null and v != ZERO:
                 raise Refusal(TDX_CPUID_LEAF_1F_FORMAT_UNRECOGNIZED)
             if null:
-                td.values[i] = self.native[i]
+                out[i] = self.native[i]
                 v = unpack(self.native[i])
             prev, level_type = level_type, v[2] >> 8 & 0xFF
             if level_type:
@@ -353,7 +401,7 @@ class CpuidProcessor:
                         level_type == LEVEL_SMT and s != 0)):
                     raise Refusal(TDX_CPUID_LEAF_1F_FORMAT_UNRECOGNIZED)
                 if level_type == LEVEL_SMT:
-                    td.values[self.leaf_0b[0]] = pack(v)
+                    out[self.leaf_0b[0]] = pack(v)
                     smt = True
                 elif level_type == LEVEL_CORE:
                     core_seen = True
@@ -362,14 +410,15 @@ class CpuidProcessor:
                 raise Refusal(TDX_CPUID_LEAF_1F_FORMAT_UNRECOGNIZED)
             if self.gen.topology == 1:
                 # 1.5.05 writes 0xB.1 on every pass: the last sub-leaf scanned wins.
-                td.values[self.leaf_0b[1]] = pack(
+                out[self.leaf_0b[1]] = pack(
                     (v[0], v[1], (v[2] & ~0xFF00) | LEVEL_CORE << 8, v[3]))
         if self.gen.topology == 2:
-            self._derive_0b(td, last, 1 if smt else 0)
+            self._derive_0b(out, last, 1 if smt else 0)
+        return out
 
-    def _derive_0b(self, td: Td, last: Regs, level: int) -> None:
+    def _derive_0b(self, out: dict[int, int], last: Regs, level: int) -> None:
         """2.0: 0xB.level is the last valid 0x1F level as CORE, then empty levels up to 2."""
-        td.values[self.leaf_0b[level]] = pack(
+        out[self.leaf_0b[level]] = pack(
             (last[0], last[1], level | LEVEL_CORE << 8, last[3]))
         for n in range(level + 1, 3):
-            td.values[self.leaf_0b[n]] = pack((0, 0, n, last[3]))
+            out[self.leaf_0b[n]] = pack((0, 0, n, last[3]))

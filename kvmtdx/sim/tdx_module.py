@@ -51,6 +51,7 @@ XFAM_CET, XFAM_AMX = (1 << 11 | 1 << 12), (1 << 17 | 1 << 18)
 # EPTP (x86_defs.h ia32e_eptp_t; MT_WB 6, LVL_PML4 3, LVL_PML5 4).
 EPTP_MT_WB, PWL_4, PWL_5 = 6, 3, 4
 EPTP_DEFAULT = EPTP_MT_WB | PWL_4 << 3
+_CONFIGURATIONS_KEPT = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +127,7 @@ class TdxModule:
         for e in tables.lookup:
             self._lookup_of.setdefault(e.leaf, []).append(e.key)
         self._fixed0 = _fixed0_leaves(tables.constants)
+        self._configurations: dict[tuple[int, ...], int] = {}
 
     def mng_rd_cpuid(self, values: Mapping[tuple[int, int | None], Regs],
                      invalid: frozenset[tuple[int, int | None]], leaf: int,
@@ -163,6 +165,19 @@ class TdxModule:
     # read_and_set_td_configurations, in its order.
 
     def _td_configuration(self, params: TdParams) -> int:
+        """The status of the TD_PARAMS fields checked first; KVM sends few combinations of
+        them, so each one's is remembered."""
+        key = (params.attributes, params.xfam, params.max_vcpus, params.config_flags,
+               params.eptp_controls, params.tsc_frequency)
+        status = self._configurations.get(key)
+        if status is None:
+            status = self._configuration_status(params)
+            if len(self._configurations) >= _CONFIGURATIONS_KEPT:
+                self._configurations.clear()
+            self._configurations[key] = status
+        return status
+
+    def _configuration_status(self, params: TdParams) -> int:
         if not self._attributes_ok(params.attributes):
             return TDX_OPERAND_INVALID + OPERAND_ATTRIBUTES
         if not self._xfam_ok(params.xfam):

@@ -8,6 +8,7 @@ at the address the caller handed over.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 
 from kvmtdx import uapi
@@ -20,7 +21,12 @@ TASK_SIZE_MAX = 0x7FFFFFFFF000
 
 def fail(code: int) -> OSError:
     """The error a syscall returns as -code."""
-    return OSError(code, os.strerror(code))
+    return OSError(code, _strerror(code))
+
+
+@functools.cache
+def _strerror(code: int) -> str:
+    return os.strerror(code)
 
 
 def _check_range(address: int, size: int) -> None:
