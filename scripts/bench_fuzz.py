@@ -2,7 +2,8 @@
 """Benchmark `kvmtdx fuzz` on the simulated host: speed, and how soon each seeded bug is found.
 
   correct kernels  every bundled module under every policy, one run of the default budget
-                   each: TDs, INIT_VM and KVM_TDX_CAPABILITIES calls, calls per second,
+                   each: TDs, INIT_VM and KVM_TDX_CAPABILITIES calls, the vCPU paths and
+                   their KVM_TDX_GET_CPUID and KVM_SET_CPUID2 calls, calls per second,
                    findings (must be none)
   mutants          every seeded kernel change (kvmtdx.sim.mutants) on module 2.0 under the
                    first policy it names, per seed: TDs and seconds until the first failing
@@ -55,15 +56,17 @@ def entries(f: Finding) -> int:
 
 def correct_kernels(tds: int) -> bool:
     print(f"correct kernels, default budget ({tds} TDs), seed 1")
-    print(f"  {'module:policy':<22} {'TDs':>5} {'INIT_VM':>7} {'CAPS':>5} {'s':>6} "
-          f"{'calls/s':>8} findings")
+    print(f"  {'module:policy':<22} {'TDs':>5} {'INIT_VM':>7} {'CAPS':>5} {'vCPU':>5} "
+          f"{'GET':>4} {'SET':>4} {'s':>6} {'calls/s':>8} findings")
     ok = True
     for module in BUNDLED_MODULES:
         for policy in POLICY_NAMES:
             r = fuzz(f"{module}:{policy}", 1, tds)
             s = r.report.stats
+            v = s.vcpu
             print(f"  {module + ':' + policy:<22} {s.tds:>5} {s.init_vm_calls:>7} "
-                  f"{s.caps_calls:>5} {r.seconds:>6.2f} {s.requests_per_second:>8.0f} "
+                  f"{s.caps_calls:>5} {v.steps:>5} {v.get_cpuid_calls:>4} "
+                  f"{v.set_cpuid2_calls:>4} {r.seconds:>6.2f} {s.requests_per_second:>8.0f} "
                   f"{len(r.report.findings)}")
             ok &= not r.report.findings
     return ok

@@ -26,7 +26,6 @@ from kvmtdx.fuzz.judge import (
     CapsAnswer,
     Model,
     Observed,
-    TdCpuid,
     Verdict,
     difference,
     judge,
@@ -88,7 +87,10 @@ def test_a_bug_is_found_shrunk_and_replayed_through_init_vm_and_predict(
                       "--save", str(save))
     assert rc == ExitCode.FAIL and doc["verdict"] == "fail"
     findings = [f for f in doc["findings"] if f["failing"]]
-    assert findings and {f["verdict"] for f in findings} == {"breaks_invariant"}
+    # The hole shows as a bit never reported yet ACCEPTED (or let through to the module);
+    # what the module then says of the bit can differ as well, on the same row.
+    verdicts = {f["verdict"] for f in findings}
+    assert "breaks_invariant" in verdicts and verdicts <= {"breaks_invariant", "differs"}
     for f in findings:
         assert f["reproduced"] is True and f["call"] == "init_vm"
         assert len(f["request"]["cpuid"]) <= 4 and "before" not in f["request"]
@@ -370,7 +372,7 @@ def test_the_last_cut_keeps_only_what_shows_the_group() -> None:
 
 
 # ---------------------------------------------------------------------------
-# What lies behind an answer: the kernel WARN, and the TD's CPUID.
+# What lies behind an answer: the kernel WARN (the TD's CPUID: tests/test_fuzz_vcpu.py).
 
 RFC = Model(UPSTREAM.module, MAX_HOST, get_policy("rfc-v2"),
             mirror.reported_entries(UPSTREAM.module, MAX_HOST, get_policy("rfc-v2")))
@@ -401,22 +403,3 @@ def test_the_warn_replaced_by_module_rejected_is_stricter() -> None:
     accepted = Outcome.classify(0, 0)
     (d,) = judge(RFC, (FULL,), Observed((accepted,), (1,), 0, (1,))).departures
     assert (d.call.value, d.verdict) == ("kernel_warn", Verdict.DIFFERS)
-
-
-def test_an_accepted_tds_cpuid_is_held_to_the_effective_cpuid() -> None:
-    pred = mirror.init_vm_prediction(RFC.module, MAX_HOST, RFC.policy, FULL, explain=False)
-    assert pred.effective
-    accepted = Outcome.classify(0, 0)
-
-    def seen(values: dict[tuple[int, int | None], tuple[int, int, int, int]]) -> Observed:
-        return Observed((accepted,), (1,), 0, (0,), (TdCpuid(values, pred.faulting),))
-
-    same = dict(pred.effective)
-    assert judge(RFC, (FULL,), seen(same)).departures == ()
-    a, b, c, d = same[(7, 0)]
-    (dep,) = judge(RFC, (FULL,), seen({**same, (7, 0): (a, b, c ^ 1 << 5, d)})).departures
-    assert dep.call.value == "td_cpuid" and dep.verdict is Verdict.DIFFERS
-    assert "leaf 0x7.0 ECX" in dep.actual
-    # A host inferred from the capabilities cannot say what the CPU itself gives the TD.
-    inferred = replace(RFC, host_exact=False)
-    assert judge(inferred, (FULL,), seen({**same, (7, 0): (a, b, c ^ 1, d)})).departures == ()

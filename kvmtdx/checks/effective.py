@@ -32,16 +32,15 @@ from kvmtdx.checks.td_cpuid import (
     leaked,
     lies,
     mismatches,
-    quirk_free,
     requests_to_read,
     try_lie,
-    unknown_bits,
 )
 from kvmtdx.device import TdxVm, Vcpu
 from kvmtdx.model import mirror
 from kvmtdx.model.catalog import BitRef
-from kvmtdx.model.get_cpuid import predicted
+from kvmtdx.model.get_cpuid import predicted, unknown_bits
 from kvmtdx.model.requests import Request
+from kvmtdx.model.vcpu import without_dynamic_xsave
 from kvmtdx.outcome import Kind
 from kvmtdx.status import errno_name
 
@@ -70,7 +69,7 @@ def _vcpu_steps(ctx: Context, td: TdxVm) -> list[tuple[str, str, str]]:
 def _init_vcpu_steps(vcpu: Vcpu) -> list[tuple[str, str, str]]:
     theirs = vcpu.tdx_get_cpuid()
     no_cpuid = vcpu.tdx_init_vcpu().errno
-    set_err = vcpu.set_cpuid2(quirk_free(theirs))
+    set_err = vcpu.set_cpuid2(without_dynamic_xsave(theirs))
     first, again = vcpu.tdx_init_vcpu().errno, vcpu.tdx_init_vcpu().errno
     return [("KVM_TDX_INIT_VCPU before KVM_SET_CPUID2 (no x2APIC)", "EINVAL",
              errno_name(no_cpuid)),
@@ -212,7 +211,7 @@ def set_cpuid2_consistency(ctx: Context) -> Verdict:
         if ctx.send(td, ctx.full_request()).kind is not Kind.ACCEPTED:
             return skip("the every-reported-bit request was not ACCEPTED")
         theirs = cpuid_of(td.read_cpuid())
-        base = quirk_free(theirs)
+        base = without_dynamic_xsave(theirs)
         with td.create_vcpu(1) as vcpu:
             err = vcpu.set_cpuid2(base)
             if err:

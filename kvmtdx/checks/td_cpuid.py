@@ -5,7 +5,7 @@ set_cpuid2_consistency tells KVM_SET_CPUID2.  Helpers only; the checks are in `e
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from kvmtdx.checks.context import Context
@@ -14,8 +14,8 @@ from kvmtdx.device import TdCpuidRead, Vcpu
 from kvmtdx.model import mirror
 from kvmtdx.model.builders import Trap
 from kvmtdx.model.catalog import BitRef
-from kvmtdx.model.get_cpuid import entry_regs
-from kvmtdx.model.profiles import ModuleProfile, enumerated
+from kvmtdx.model.get_cpuid import EntryKey, entry_regs
+from kvmtdx.model.profiles import enumerated
 from kvmtdx.model.requests import Request
 from kvmtdx.model.rules import (
     LEAF7_EBX_HLE,
@@ -25,10 +25,9 @@ from kvmtdx.model.rules import (
     is_value_register,
     lowest_bit,
 )
+from kvmtdx.model.vcpu import with_bit
 from kvmtdx.status import errno_name
-from kvmtdx.structs import FLAG_SIGNIFICANT_INDEX, REGISTERS, CpuidEntry
-
-XTILEDATA = 1 << 18  # CPUID 0xD.0 EAX: dynamic XSAVE state, needs the FPU's guest permission
+from kvmtdx.structs import REGISTERS, CpuidEntry
 
 
 def cpuid_of(read: TdCpuidRead | None) -> tuple[CpuidEntry, ...]:
@@ -44,30 +43,8 @@ def cpuid_of(read: TdCpuidRead | None) -> tuple[CpuidEntry, ...]:
     return read.entries
 
 
-def quirk_free(entries: Iterable[CpuidEntry]) -> tuple[CpuidEntry, ...]:
-    """The TD's CPUID as KVM_SET_CPUID2 takes it from a process that has not asked for AMX
-    guest permission (arch_prctl ARCH_REQ_XCOMP_GUEST_PERM): XTILEDATA left out of 0xD.0."""
-    return tuple(e.with_reg("eax", e.eax & ~XTILEDATA) if (e.function, e.index) == (0xD, 0)
-                 else e for e in entries)
-
-
 def entry_label(e: CpuidEntry) -> str:
     return f"0x{e.function:x}" + (f".{e.index}" if e.significant_index else "")
-
-
-EntryKey = tuple[int, int, int]  # function, index, flags of a KVM_TDX_GET_CPUID entry
-
-
-def unknown_bits(module: ModuleProfile) -> dict[EntryKey, tuple[int, int, int, int]]:
-    """Per entry of the TD's CPUID: the bits a saved profile marks unknown (hidden by the
-    policy it was saved under), which no prediction of the TD can know."""
-    out = {}
-    for i, row in enumerate(module.rows):
-        mask = module.unknown_mask(i)
-        if any(mask):
-            flags = 0 if row.subleaf is None else FLAG_SIGNIFICANT_INDEX
-            out[(row.leaf, row.kvm_index, flags)] = mask
-    return out
 
 
 def mismatches(got: Sequence[CpuidEntry], want: Sequence[CpuidEntry],
@@ -245,19 +222,10 @@ def lies(ctx: Context, theirs: tuple[CpuidEntry, ...]) -> list[Lie]:
     return out
 
 
-def _told(entries: tuple[CpuidEntry, ...], lie: Lie) -> tuple[CpuidEntry, ...]:
-    """The TD's CPUID with the lie in it."""
-    b = lie.bit
-    mask = 1 << b.bit
-    return tuple(e.with_reg(b.register, e.reg(b.register) | mask if lie.on
-                            else e.reg(b.register) & ~mask)
-                 if e.function == b.leaf and (b.subleaf is None or e.index == b.subleaf)
-                 else e for e in entries)
-
-
 def try_lie(vcpu: Vcpu, base: tuple[CpuidEntry, ...], lie: Lie) -> str:
     """What KVM did with the lie: refused (its errno), or took it into its own view."""
-    err = vcpu.set_cpuid2(_told(base, lie))
+    b = lie.bit
+    err = vcpu.set_cpuid2(with_bit(base, b.leaf, b.subleaf, b.register, b.bit, lie.on))
     if err:
         return f"refused ({errno_name(err)})"
     view = _regs(vcpu.get_cpuid2(), lie.bit.leaf, lie.bit.subleaf)

@@ -1,11 +1,12 @@
 """`kvmtdx fuzz`: differential fuzzing of a backend against the mirror.
 
-Each example is one fresh TD: a scenario of one to three calls (`scenario`), drawn by
-hypothesis from what the kernel reported (`ground`, `strategies`), sent to the backend
-(`execute`) and held, answer by answer, to the mirror's exact prediction for the TD's state
-(`judge`), whose verdicts follow spec section 5's invariant: a kernel stricter than the model
-where the invariant allows it is reported apart from one that differs, and from one whose
-answer breaks the invariant.  Hypothesis shrinks every group of discrepancies to its smallest
+Each example is one fresh TD: a scenario of one to three calls, sometimes followed by the
+vCPU path that reads the TD's CPUID (`scenario`), drawn by hypothesis from what the kernel
+reported (`ground`, `strategies`, `strategies_vcpu`), sent to the backend (`execute`) and
+held, answer by answer, to the mirror's exact prediction for the TD's state (`judge`),
+whose verdicts follow spec section 5's invariant: a kernel stricter than the model where
+the invariant allows it is reported apart from one that differs, and from one whose answer
+breaks the invariant.  Hypothesis shrinks every group of discrepancies to its smallest
 scenario and keeps failing examples in its database (`engine`).
 
 Hypothesis is the `fuzz` extra: only the search needs it (`require_hypothesis`); replaying
@@ -25,14 +26,14 @@ from kvmtdx.errors import DataError, KvmError, MissingExtra
 from kvmtdx.fuzz.execute import Tally, run_scenario
 from kvmtdx.fuzz.ground import Ground, ground
 from kvmtdx.fuzz.judge import Model, judge
-from kvmtdx.fuzz.result import Budget, End, Finding, FuzzReport, Progress, Stats
+from kvmtdx.fuzz.result import Budget, End, Finding, FuzzReport, Progress, Stats, VcpuStats
 from kvmtdx.fuzz.scenario import Scenario
 from kvmtdx.knowledge import Given, Knowledge, complete
 from kvmtdx.session import Backend
 from kvmtdx.structs import Capabilities
 
 __all__ = ["Budget", "End", "Finding", "FuzzOptions", "FuzzReport", "Progress", "Stats",
-           "require_hypothesis", "run_fuzz", "run_replay"]
+           "VcpuStats", "require_hypothesis", "run_fuzz", "run_replay"]
 
 INSTALL_HINT = "pip install 'kvmtdx[fuzz]'"
 
@@ -84,7 +85,7 @@ def _open(kvm: Kvm, known: Given) -> _Opened:
 
 def _ground(o: _Opened) -> Ground:
     return ground(o.caps.entries, o.caps.supported_attrs, o.caps.supported_xfam,
-                  o.model.module, o.model.host)
+                  o.model.module, o.model.host, o.model.policy)
 
 
 def database_for(root: Path, backend: Backend, model: Model) -> Path:
@@ -136,14 +137,15 @@ def run_replay(backend: Backend, known: Given, cases: Sequence[tuple[str, Scenar
     tally = Tally()
     start = time.monotonic()
     found: list[Finding] = []
+    refused: str | None = None
     with Kvm(backend.seam, backend.path) as kvm:
         o = _open(kvm, known)
         for origin, scenario in cases:
             j = judge(o.model, scenario, run_scenario(kvm, backend.seam, scenario, tally))
+            refused = refused or j.vcpu_refused
             found += [Finding(scenario[:d.step + 1], d, tally.tds, time.monotonic() - start,
                               tally.tds, 1, True, origin) for d in j.departures]
-    stats = Stats(tally.tds, tally.init_vm_calls, tally.caps_calls, time.monotonic() - start,
-                  len(cases), 0, End.REPLAYED)
+    stats = tally.stats(time.monotonic() - start, len(cases), 0, End.REPLAYED, refused)
     return FuzzReport(backend.label, o.knowledge, None, None, stats, _ordered(tuple(found)),
                       None, stricter_fails)
 

@@ -80,6 +80,7 @@ class Engine:
     _pending: bool = False
     _examples: int = 0
     _unjudged: int = 0
+    _refused: str | None = None  # the vCPU ioctl the backend answered ENOTTY
     _start: float = 0.0
     _shown: float = 0.0
 
@@ -141,6 +142,7 @@ class Engine:
             raise _Abort(e) from e
         j = judge(self.model, scenario, observed)
         self._unjudged += j.unjudged is not None
+        self._refused = self._refused or j.vcpu_refused
         for d in j.departures:
             self._note(scenario, d)
         self._show()
@@ -184,8 +186,8 @@ class Engine:
                              s.best_tds, s.seen) for s in self._seen.values())
 
     def stats(self, end: End) -> Stats:
-        return Stats(self.tally.tds, self.tally.init_vm_calls, self.tally.caps_calls,
-                     time.monotonic() - self._start, self._examples, self._unjudged, end)
+        return self.tally.stats(time.monotonic() - self._start, self._examples,
+                                self._unjudged, end, self._refused)
 
     def _shows(self, scenario: Scenario, group: tuple[str, ...]) -> Discrepancy | None:
         """The scenario on a fresh TD: its departure of `group`, if it shows."""

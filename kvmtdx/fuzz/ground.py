@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvmtdx.model import builders
+from kvmtdx.model import builders, get_cpuid, mirror
+from kvmtdx.model.policy import Policy
 from kvmtdx.model.profiles import Host, ModuleProfile, Regs
 from kvmtdx.model.requests import Request
 from kvmtdx.model.rules import bits_of, is_value_register
@@ -70,6 +71,9 @@ class Ground:
     # row's eight.  `multi_bits`: the same within the rows of multi-row leaves.
     bits: tuple[tuple[RowBits, ...], ...]
     multi_bits: tuple[tuple[RowBits, ...], ...]
+    # How many entries KVM_TDX_GET_CPUID gives after each valid request (where the policy
+    # is known and the mirror foresees them): the vCPU path's buffers are drawn around them.
+    td_entries: tuple[int, ...] = ()
 
     @property
     def valid(self) -> tuple[Request, Request]:
@@ -90,10 +94,24 @@ def _bit_lists(rows: tuple[Row, ...], among: range | tuple[int, ...]
     return tuple(out)
 
 
+def _td_entries(module: ModuleProfile, host: Host, policy: Policy | None,
+                requests: tuple[Request, ...]) -> tuple[int, ...]:
+    """KVM_TDX_GET_CPUID's count after each request the mirror foresees ACCEPTED."""
+    if policy is None:
+        return ()
+    counts = []
+    for req in requests:
+        pred = mirror.init_vm_prediction(module, host, policy, req, explain=False)
+        entries = get_cpuid.predicted(module.tables, pred)
+        if entries is not None:
+            counts.append(len(entries))
+    return tuple(dict.fromkeys(counts))
+
+
 def ground(reported: tuple[CpuidEntry, ...], supported_attrs: int, supported_xfam: int,
-           module: ModuleProfile, host: Host) -> Ground:
+           module: ModuleProfile, host: Host, policy: Policy | None = None) -> Ground:
     """The generators' ground for a kernel that reported `reported` (and those attributes
-    and XFAM) on `module` and `host`."""
+    and XFAM) on `module` and `host` (and, where known, `policy`)."""
     rows: list[Row] = []
     subleaves: list[int | None] = []
     for e in reported:
@@ -112,6 +130,7 @@ def ground(reported: tuple[CpuidEntry, ...], supported_attrs: int, supported_xfa
     leaves = builders.multi_row_leaves(reported)
     all_rows = tuple(rows)
     multi = tuple(k for k, r in enumerate(all_rows) if r.index in leaves.get(r.leaf, ()))
-    return Ground(reported, supported_attrs, supported_xfam, all_rows,
-                  builders.base_request(supported_xfam), full, host.native_fms(), multi,
-                  _bit_lists(all_rows, range(len(all_rows))), _bit_lists(all_rows, multi))
+    minimal = builders.base_request(supported_xfam)
+    return Ground(reported, supported_attrs, supported_xfam, all_rows, minimal, full,
+                  host.native_fms(), multi, _bit_lists(all_rows, range(len(all_rows))),
+                  _bit_lists(all_rows, multi), _td_entries(module, host, policy, (minimal, full)))

@@ -2,16 +2,17 @@
 
 Pure code.  Each call's answer is compared with the exact prediction for the TD's state at
 that point (kvmtdx.model.lifecycle): an INIT_VM by outcome kind, errno and hw_error, then
-the kernel WARNs it provoked and an accepted TD's CPUID where the backend says
-(kvmtdx.fuzz.judge_init_vm); a KVM_TDX_CAPABILITIES by errno and the caller's whole buffer
-afterwards; and, where the backend counts TDX key IDs, how many the TD holds after each
-INIT_VM and after it is closed.
+the kernel WARNs it provoked where the backend counts them (kvmtdx.fuzz.judge_init_vm); a
+KVM_TDX_CAPABILITIES by errno and the caller's whole buffer afterwards; the vCPU path by
+each ioctl's errno, what KVM_TDX_GET_CPUID wrote where, and the TD's CPUID it gave
+(kvmtdx.fuzz.judge_vcpu); and, where the backend counts TDX key IDs, how many the TD holds
+after each call and after it is closed.
 
 A departure is one of three verdicts (item 5 of the fuzz issue):
 - STRICTER: the kernel refused what the model lets through only because the policy has its
   known hole, or answered as the policy with a known bug fixed (the bypass closed, the WARN
-  replaced by MODULE_REJECTED): the invariant allows it, and it is reported apart, not as
-  a bug;
+  replaced by MODULE_REJECTED, KVM_SET_CPUID2 held to the TD's CPUID): the invariant allows
+  it, and it is reported apart, not as a bug;
 - BREAKS_INVARIANT: the answer itself breaks the invariant (a bit never reported ACCEPTED,
   or a bit KVM hides let through to the module);
 - DIFFERS: any other departure: the kernel is not the one predicted.
@@ -25,6 +26,7 @@ import errno as _errno
 
 from kvmtdx import layout
 from kvmtdx.fuzz.judge_init_vm import init_vm_step
+from kvmtdx.fuzz.judge_vcpu import Initialised, vcpu_step
 from kvmtdx.fuzz.judgement import (
     Answer,
     Call,
@@ -33,44 +35,56 @@ from kvmtdx.fuzz.judgement import (
     Judgement,
     Model,
     Observed,
-    TdCpuid,
     Unjudged,
+    VcpuAnswer,
     Verdict,
 )
-from kvmtdx.fuzz.scenario import HEADER_WORDS, CapsCall, Scenario
+from kvmtdx.fuzz.scenario import HEADER_WORDS, CapsCall, Scenario, VcpuCall
 from kvmtdx.model import lifecycle, mirror
 from kvmtdx.model.lifecycle import TdState
+from kvmtdx.model.policy import Policy
 from kvmtdx.outcome import Outcome
 from kvmtdx.status import errno_name
 from kvmtdx.structs import REGISTERS, CpuidEntry
 
 __all__ = ["Answer", "Call", "CapsAnswer", "Discrepancy", "Judgement", "Model", "Observed",
-           "TdCpuid", "Verdict", "difference", "judge"]
+           "VcpuAnswer", "Verdict", "difference", "judge"]
 
 
 def judge(model: Model, scenario: Scenario, observed: Observed) -> Judgement:
     found: list[Discrepancy] = []
+    refused: list[str] = []
     try:
-        _judge(model, scenario, observed, found)
+        _judge(model, scenario, observed, found, refused)
     except Unjudged as e:
-        return Judgement(tuple(found), str(e))
-    return Judgement(tuple(found))
+        return Judgement(tuple(found), str(e), next(iter(refused), None))
+    return Judgement(tuple(found), None, next(iter(refused), None))
 
 
 def _judge(model: Model, scenario: Scenario, observed: Observed,
-           found: list[Discrepancy]) -> None:
-    """Each call in turn into `found`, until one departs in a way that fails."""
+           found: list[Discrepancy], refused: list[str]) -> None:
+    """Each call in turn into `found`, until one departs in a way that fails; `refused`
+    gets the vCPU ioctl a backend without them answered ENOTTY."""
     state = TdState.UNINITIALIZED
+    origin: Initialised | None = None
     for k, (step, answer) in enumerate(zip(scenario, observed.answers, strict=True)):
         if isinstance(step, CapsCall):
             assert isinstance(answer, CapsAnswer)
             d = _capabilities(model, state, k, step, answer)
+        elif isinstance(step, VcpuCall):
+            assert isinstance(answer, VcpuAnswer)
+            d, lacks = vcpu_step(model, state, origin, k, step, answer)
+            refused += [lacks] if lacks is not None else []
+            d = d or _held(k, state, observed.held[k])
         else:
             assert isinstance(answer, Outcome)
             if answer.errno == _errno.ENOSPC:
                 # The mirror assumes a free key ID; how many are free is the machine's.
                 raise Unjudged(f"call {k + 1} found no free TDX key ID (ENOSPC)")
+            before = state
             d, state = init_vm_step(model, state, k, step, answer, observed)
+            if before is not state and state is TdState.INITIALIZED:
+                origin = Initialised(step, _policy_of(model, d))
             d = d or _held(k, state, observed.held[k])
         if d is not None:
             found.append(d)
@@ -79,6 +93,14 @@ def _judge(model: Model, scenario: Scenario, observed: Observed,
     d = _held(len(scenario), None, observed.held_after_close)
     if d is not None:
         found.append(d)
+
+
+def _policy_of(model: Model, d: Discrepancy | None) -> Policy:
+    """The policy whose prediction an accepted INIT_VM was: the run's, unless the kernel was
+    stricter than it by answering as the policy with its hole closed."""
+    if d is not None and d.call is Call.INIT_VM and model.closed is not None:
+        return model.closed
+    return model.policy
 
 
 # ---------------------------------------------------------------------------

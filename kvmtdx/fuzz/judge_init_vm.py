@@ -1,6 +1,5 @@
 """One KVM_TDX_INIT_VM answer against the prediction for the TD's state: the outcome (kind,
-errno, hw_error), then, where the backend says, the kernel WARNs the call provoked and an
-accepted TD's CPUID (TDCS CPUID_VALUES, the mirror's effective CPUID).
+errno, hw_error), then, where the backend says, the kernel WARNs the call provoked.
 
 Pure code.  The outcome is judged by the invariant (kvmtdx.model.invariant): the answers of
 the policy with a known bug fixed (the denylist bypass closed; the WARN on a module status
@@ -10,14 +9,13 @@ differences.
 
 from __future__ import annotations
 
-from kvmtdx.fuzz.judgement import Call, Discrepancy, Model, Observed, TdCpuid, Unjudged, Verdict
+from kvmtdx.fuzz.judgement import Call, Discrepancy, Model, Observed, Unjudged, Verdict
 from kvmtdx.model import invariant, lifecycle
 from kvmtdx.model.catalog import BitRef
 from kvmtdx.model.lifecycle import TdState
 from kvmtdx.model.mirror import InitVmPrediction
 from kvmtdx.model.requests import Request
 from kvmtdx.outcome import Outcome
-from kvmtdx.structs import REGISTERS
 
 # Predictions that rest on what an inferred host cannot know (verify skips GPAW 52 there).
 INFERRED_HOST_CANNOT_TELL = frozenset({"gpaw_5level"})
@@ -32,9 +30,6 @@ def init_vm_step(model: Model, state: TdState, k: int, req: Request, answer: Out
     pred = lifecycle.prediction_in(m, h, p, state, req, detail=False)
     if answer.same_answer(pred.outcome):
         d = _warned(k, pred, observed.warned_at(k))
-        if d is None and answer.errno == 0 and state is TdState.UNINITIALIZED and \
-                model.host_exact:
-            d = _td_cpuid(model, k, req, observed.cpuid_at(k))
         return d, lifecycle.after(p, state, pred.outcome)
     if not model.host_exact and pred.outcome.check in INFERRED_HOST_CANNOT_TELL:
         raise Unjudged(f"call {k + 1}: {pred.outcome.check} depends on what a host inferred "
@@ -108,38 +103,3 @@ def _warned(k: int, pred: InitVmPrediction, warned: int | None) -> Discrepancy |
                        f"{pred.outcome.kind.value} with {got}",
                        (Call.KERNEL_WARN.value, verdict.value, pred.outcome.check or ""),
                        predicted=pred.outcome, note=note)
-
-
-def _td_cpuid(model: Model, k: int, req: Request, seen: TdCpuid | None) -> Discrepancy | None:
-    """An accepted TD's CPUID, leaf by leaf, against the mirror's effective CPUID."""
-    if seen is None:
-        return None
-    pred = lifecycle.prediction_in(model.module, model.host, model.policy,
-                                   TdState.UNINITIALIZED, req, explain=False)
-    want = dict(pred.effective or {})
-    keys = sorted(set(want) | set(seen.values), key=lambda x: (x[0], -1 if x[1] is None else x[1]))
-    for key in keys:
-        a, b = want.get(key), seen.values.get(key)
-        if a == b:
-            continue
-        where = f"0x{key[0]:x}" + ("" if key[1] is None else f".{key[1]}")
-        if a is None or b is None:
-            what = f"leaf {where} {'missing' if b is None else 'not predicted'}"
-            return _cpuid_departure(k, pred, what, (where, "row"))
-        r = next(i for i in range(4) if a[i] != b[i])
-        what = f"leaf {where} {REGISTERS[r].upper()} 0x{b[r]:08x}, not 0x{a[r]:08x}"
-        return _cpuid_departure(k, pred, what, (where, REGISTERS[r]))
-    if set(pred.faulting) != set(seen.faulting):
-        odd = sorted(set(pred.faulting) ^ set(seen.faulting), key=str)[0]
-        what = f"leaf 0x{odd[0]:x} {'faults' if odd in seen.faulting else 'does not fault'}"
-        return _cpuid_departure(k, pred, what, ("faulting",))
-    return None
-
-
-def _cpuid_departure(k: int, pred: InitVmPrediction, what: str,
-                     where: tuple[str, ...]) -> Discrepancy:
-    return Discrepancy(k, Call.TD_CPUID, Verdict.DIFFERS,
-                       "the TD's CPUID as the mirror's effective CPUID",
-                       f"the TD's CPUID differs: {what}", (Call.TD_CPUID.value, *where),
-                       predicted=pred.outcome,
-                       note="TDH.MNG.INIT's CPUID_VALUES for an accepted request")

@@ -3,13 +3,13 @@ types the judge (kvmtdx.fuzz.judge) works with, without the judging.  Pure data.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import errno as _errno
 from dataclasses import dataclass
 from enum import Enum
 
 from kvmtdx.model import invariant
 from kvmtdx.model.policy import Policy
-from kvmtdx.model.profiles import Host, ModuleProfile, Regs
+from kvmtdx.model.profiles import Host, ModuleProfile
 from kvmtdx.outcome import Outcome
 from kvmtdx.structs import CpuidEntry
 
@@ -40,36 +40,52 @@ class CapsAnswer:
     buffer: bytes
 
 
-Answer = Outcome | CapsAnswer
+@dataclass(frozen=True, slots=True)
+class CpuidRead:
+    """One KVM_TDX_GET_CPUID as the caller saw it afterwards: its errno and the buffer."""
+
+    errno: int
+    buffer: bytes
 
 
 @dataclass(frozen=True, slots=True)
-class TdCpuid:
-    """The TD's CPUID as TDH.MNG.INIT left it (TDCS CPUID_VALUES), and its leaves whose
-    CPUID_VALID is 0 (a #VE for the guest)."""
+class VcpuAnswer:
+    """What the vCPU path answered (scenario.VcpuCall), each ioctl's errno; None: not sent
+    (no vCPU to send it to, no CPUID read to hand KVM_SET_CPUID2)."""
 
-    values: Mapping[tuple[int, int | None], Regs]
-    faulting: frozenset[tuple[int, int | None]] = frozenset()
+    split_irqchip: int | None
+    create_vcpu: int | None
+    reads: tuple[CpuidRead, ...] = ()  # the drawn room, then (after E2BIG) the count told
+    set_cpuid2: int | None = None
+
+    @property
+    def refused_by_backend(self) -> str | None:
+        """The first vCPU-path ioctl the backend has no handler for (ENOTTY: the
+        kernel-source host runs only KVM's VM-level TDX code), as "IOCTL: ENOTTY"."""
+        for name, err in ((SPLIT_IRQCHIP, self.split_irqchip),
+                          ("KVM_CREATE_VCPU", self.create_vcpu)):
+            if err == _errno.ENOTTY:
+                return f"{name}: ENOTTY"
+        return None
+
+
+SPLIT_IRQCHIP = "KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP)"
+Answer = Outcome | CapsAnswer | VcpuAnswer
 
 
 @dataclass(frozen=True, slots=True)
 class Observed:
     """What the backend did with a scenario: each call's answer, the key IDs the TD held after
-    each call and after it was closed, the kernel WARNs each INIT_VM provoked, and the TD's
-    CPUID after one it accepted (None: the backend does not say; only the simulated host
-    shows a TD's CPUID, a real kernel needs a vCPU and KVM_TDX_GET_CPUID for it)."""
+    each call and after it was closed, and the kernel WARNs each INIT_VM provoked (None:
+    the backend does not say)."""
 
     answers: tuple[Answer, ...]
     held: tuple[int | None, ...]
     held_after_close: int | None
     warned: tuple[int | None, ...] = ()
-    cpuid: tuple[TdCpuid | None, ...] = ()
 
     def warned_at(self, k: int) -> int | None:
         return self.warned[k] if k < len(self.warned) else None
-
-    def cpuid_at(self, k: int) -> TdCpuid | None:
-        return self.cpuid[k] if k < len(self.cpuid) else None
 
 
 class Call(str, Enum):
@@ -79,7 +95,10 @@ class Call(str, Enum):
     CAPABILITIES = "capabilities"
     KEY_IDS = "key_ids"
     KERNEL_WARN = "kernel_warn"
-    TD_CPUID = "td_cpuid"
+    VCPU = "vcpu"  # KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP), KVM_CREATE_VCPU
+    GET_CPUID = "get_cpuid"  # KVM_TDX_GET_CPUID's errno and what it wrote where
+    TD_CPUID = "td_cpuid"  # the entries KVM_TDX_GET_CPUID gave: the TD's CPUID
+    SET_CPUID2 = "set_cpuid2"
 
 
 class Verdict(str, Enum):
@@ -104,7 +123,7 @@ class Discrepancy:
     expected: str
     actual: str
     group: tuple[str, ...]
-    predicted: Outcome | None = None  # an INIT_VM's
+    predicted: Outcome | None = None  # an INIT_VM's (the vCPU path's: the accepted one's)
     observed: Outcome | None = None
     note: str = ""
 
@@ -113,6 +132,7 @@ class Discrepancy:
 class Judgement:
     departures: tuple[Discrepancy, ...]  # STRICTER ones, then at most one that fails
     unjudged: str | None = None  # why judging stopped early (no free key ID)
+    vcpu_refused: str | None = None  # the backend answers no vCPU ioctl: not judged
 
     @property
     def worst(self) -> Discrepancy | None:

@@ -4,9 +4,10 @@ Hypothesis shrinks the choices that drew a scenario, which cannot always take on
 of a request (every later operation would land elsewhere).  This pass works on the scenario
 itself: it tries it without each earlier call, without CPUID entries (a leaf's at once,
 halves, quarters, each one, each pair), with each register and each word KVM must refuse
-at zero, and keeps every change after which the same group of discrepancy still shows,
-until nothing more goes or the tries run out.  Pure code: the caller says whether a
-candidate still shows the group (one TD each).
+at zero, with the vCPU path's choices made plain one at a time, and keeps every change
+after which the same group of discrepancy still shows, until nothing more goes or the tries
+run out.  Pure code: the caller says whether a candidate still shows the group (one TD
+each).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
-from kvmtdx.fuzz.scenario import Scenario, size
+from kvmtdx.fuzz.scenario import Scenario, VcpuCall, size
 from kvmtdx.model.requests import Request
 from kvmtdx.structs import REGISTERS, CpuidEntry, InitVm
 
@@ -65,11 +66,31 @@ def _cuts(entries: tuple[CpuidEntry, ...]) -> Iterator[tuple[CpuidEntry, ...]]:
                 yield tuple(e for x, e in enumerate(entries) if x not in (i, j))
 
 
+def _plainer(call: VcpuCall) -> Iterator[VcpuCall]:
+    """The vCPU path with one choice made plain: no lie, no KVM_SET_CPUID2, room for every
+    entry, no fill, the irqchip split."""
+    if call.lie is not None:
+        yield replace(call, lie=None)
+    if call.set_cpuid2:
+        yield replace(call, set_cpuid2=False, lie=None)
+    plain = VcpuCall()
+    for name in ("nent", "fill", "split_irqchip"):
+        if getattr(call, name) != getattr(plain, name):
+            yield replace(call, **{name: getattr(plain, name)})
+
+
 def candidates(scenario: Scenario) -> Iterator[Scenario]:
     """Smaller scenarios, one change each, the biggest cuts first; the last call (the one
-    that departs) stays."""
+    that departs) stays, unless it is the vCPU path, which a departure after the TD was
+    closed may not need."""
+    if scenario and isinstance(scenario[-1], VcpuCall):
+        yield scenario[:-1]
     for k in range(len(scenario) - 2, -1, -1):
         yield (*scenario[:k], *scenario[k + 1:])
+    for k, step in enumerate(scenario):
+        if isinstance(step, VcpuCall):
+            for call in _plainer(step):
+                yield (*scenario[:k], call, *scenario[k + 1:])
     for k, req in _requests_at(scenario):
         iv = req.init_vm
         if iv.nent is None:  # with a nent of its own, an entry's absence changes the count

@@ -1,6 +1,7 @@
 """Reading saved findings back (`kvmtdx fuzz --replay FILE`): request files, as `kvmtdx
 init-vm --request` reads them (their "before" calls first, on the same TD), and fuzz-case
-files (calls that include KVM_TDX_CAPABILITIES), as `kvmtdx fuzz --save DIR` writes them."""
+files (calls that include KVM_TDX_CAPABILITIES or end with the vCPU path), as `kvmtdx fuzz
+--save DIR` writes them."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ from typing import Any
 
 from kvmtdx import jsonfile
 from kvmtdx.errors import DataError
-from kvmtdx.fuzz.scenario import HEADER_WORDS, CapsCall, Scenario, Step
+from kvmtdx.fuzz.scenario import HEADER_WORDS, CapsCall, Lie, Scenario, Step, VcpuCall
 from kvmtdx.jsonfile import parse_int
 from kvmtdx.model.requests import request_from_json
+from kvmtdx.structs import REGISTERS
 
 FUZZ_CASE_KIND = "fuzz-case"
 _CAPS_KEYS = ("nent", "flags", "hw_error", "header", "fill")
+_VCPU_KEYS = ("split_irqchip", "nent", "fill", "set_cpuid2", "lie")
+_LIE_KEYS = ("leaf", "subleaf", "register", "bit", "set")
 
 
 def caps_call_from_json(value: Any, where: str) -> CapsCall:
@@ -35,14 +39,62 @@ def caps_call_from_json(value: Any, where: str) -> CapsCall:
                     parse_int(value.get("fill", 0), f"{where}.fill", 8))
 
 
+def _flag(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise DataError(f"{where}: expected true or false")
+    return value
+
+
+def lie_from_json(value: Any, where: str) -> Lie | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise DataError(f"{where}: expected null or an object (one bit told otherwise)")
+    jsonfile.check_fields(value, where, _LIE_KEYS)
+    missing = [k for k in _LIE_KEYS if k not in value]
+    if missing:
+        raise DataError(f"{where}.{missing[0]}: missing")
+    register = value["register"]
+    if register not in REGISTERS:
+        raise DataError(f"{where}.register: {register!r}: expected one of "
+                        f"{', '.join(REGISTERS)}")
+    sub = value["subleaf"]
+    return Lie(parse_int(value["leaf"], f"{where}.leaf", 32),
+               None if sub is None else parse_int(sub, f"{where}.subleaf", 32), register,
+               _bit(value["bit"], f"{where}.bit"), _flag(value["set"], f"{where}.set"))
+
+
+def _bit(value: Any, where: str) -> int:
+    bit = parse_int(value, where, 32)
+    if bit > 31:
+        raise DataError(f"{where}: {bit}: a register has bits 0 to 31")
+    return bit
+
+
+def vcpu_call_from_json(value: Any, where: str) -> VcpuCall:
+    if not isinstance(value, dict):
+        raise DataError(f"{where}: expected an object (the vCPU path)")
+    jsonfile.check_fields(value, where, _VCPU_KEYS)
+    plain = VcpuCall()
+    nent = parse_int(value.get("nent", plain.nent), f"{where}.nent", 32)
+    if nent > 256:
+        raise DataError(f"{where}.nent: {nent}: room for at most 256 entries")
+    return VcpuCall(_flag(value.get("split_irqchip", True), f"{where}.split_irqchip"), nent,
+                    parse_int(value.get("fill", 0), f"{where}.fill", 8),
+                    _flag(value.get("set_cpuid2", False), f"{where}.set_cpuid2"),
+                    lie_from_json(value.get("lie"), f"{where}.lie"))
+
+
 def _call(value: Any, where: str) -> tuple[Step, ...]:
     if not isinstance(value, dict) or len(value) != 1 or \
-            next(iter(value)) not in ("init_vm", "capabilities"):
-        raise DataError(f"{where}: expected {{\"init_vm\": REQUEST}} or "
-                        "{\"capabilities\": CALL}")
+            next(iter(value)) not in ("init_vm", "capabilities", "vcpu"):
+        raise DataError(f"{where}: expected {{\"init_vm\": REQUEST}}, "
+                        "{\"capabilities\": CALL} or {\"vcpu\": CALL}")
     key, body = next(iter(value.items()))
     if key == "capabilities":
         return (caps_call_from_json(body, f"{where}.capabilities"),)
+    if key == "vcpu":
+        return (vcpu_call_from_json(body, f"{where}.vcpu"),)
     return request_from_json(body, f"{where}.init_vm").calls
 
 
@@ -53,7 +105,10 @@ def case_from_json(doc: Any, origin: str) -> Scenario:
         calls = doc.get("calls")
         if not isinstance(calls, list) or not calls:
             raise DataError(f"{origin}: calls: expected a non-empty list of calls")
-        return tuple(s for i, c in enumerate(calls) for s in _call(c, f"{origin}: calls[{i}]"))
+        steps = tuple(s for i, c in enumerate(calls) for s in _call(c, f"{origin}: calls[{i}]"))
+        if any(isinstance(s, VcpuCall) for s in steps[:-1]):
+            raise DataError(f"{origin}: calls: the vCPU path must be the last call")
+        return steps
     return request_from_json(doc, origin).calls
 
 

@@ -50,6 +50,18 @@ class Finding:
 
 
 @dataclass(frozen=True, slots=True)
+class VcpuStats:
+    """The vCPU path's share of a run: scenarios that ended with it, KVM_TDX_GET_CPUID and
+    KVM_SET_CPUID2 calls, and, where the backend answers no vCPU ioctl, which one said so
+    (nothing of the path was judged then)."""
+
+    steps: int = 0
+    get_cpuid_calls: int = 0
+    set_cpuid2_calls: int = 0
+    refused: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Stats:
     tds: int
     init_vm_calls: int
@@ -58,10 +70,12 @@ class Stats:
     examples: int  # scenarios run (every one a TD)
     unjudged: int  # scenarios whose judging stopped at ENOSPC
     end: End
+    vcpu: VcpuStats = VcpuStats()
 
     @property
     def requests_per_second(self) -> float:
-        calls = self.init_vm_calls + self.caps_calls
+        """TDX calls a second: INIT_VM, KVM_TDX_CAPABILITIES and KVM_TDX_GET_CPUID."""
+        calls = self.init_vm_calls + self.caps_calls + self.vcpu.get_cpuid_calls
         return calls / self.seconds if self.seconds > 0 else 0.0
 
 

@@ -1,8 +1,10 @@
-"""What one fuzz example sends to one TD: INIT_VM requests and KVM_TDX_CAPABILITIES calls.
+"""What one fuzz example sends to one TD: INIT_VM requests, KVM_TDX_CAPABILITIES calls and
+the vCPU path.
 
 Pure data.  A scenario is a short sequence of calls on one fresh TD: most are a single
 INIT_VM, some are a TD's history (a refusal, then a valid request; a valid request, then
-another), some ask for the capabilities with a caller's buffer of their own making.  The
+another), some ask for the capabilities with a caller's buffer of their own making, and some
+end by reading the TD's CPUID through a vCPU as a VMM does (`VcpuCall`).  The
 generators (`strategies`) draw scenarios, the engine runs them, `judge` holds every answer
 to the mirror.
 """
@@ -14,8 +16,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kvmtdx import layout
+from kvmtdx.model import vcpu
 from kvmtdx.model.requests import Request
-from kvmtdx.structs import Capabilities, CpuidEntry
+from kvmtdx.structs import KVM_MAX_CPUID_ENTRIES, Capabilities, CpuidEntry
 
 HEADER_WORDS = ("supported_attrs", "supported_xfam", "kernel_tdvmcallinfo_1_r11",
                 "user_tdvmcallinfo_1_r11", "kernel_tdvmcallinfo_1_r12",
@@ -52,7 +55,65 @@ def _buffer(call: CapsCall) -> bytes:
     return layout.pack_capabilities(caps, nent_room=call.nent)
 
 
-Step = Request | CapsCall
+@dataclass(frozen=True, slots=True)
+class Lie:
+    """One bit of the TD's CPUID told otherwise to KVM_SET_CPUID2: set (`on`) or cleared in
+    the entry of (leaf, sub-leaf or none) that KVM_TDX_GET_CPUID gave."""
+
+    leaf: int
+    subleaf: int | None
+    register: str
+    bit: int
+    on: bool
+
+    def label(self) -> str:
+        sub = "" if self.subleaf is None else f".{self.subleaf}"
+        return f"0x{self.leaf:x}{sub} {self.register.upper()}[{self.bit}] " + \
+            ("set" if self.on else "cleared")
+
+
+@dataclass(frozen=True, slots=True)
+class VcpuCall:
+    """What a VMM does after INIT_VM to learn the TD's CPUID, with the caller's choices.
+
+    KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP) unless `split_irqchip` is False (Linux 7.3 then
+    refuses the vCPU), KVM_CREATE_VCPU, one KVM_TDX_GET_CPUID with room for `nent` entries
+    (`fill` in every byte of the buffer but nent: what KVM leaves, writes or echoes shows)
+    and, after E2BIG, another with the count KVM wrote back; with `set_cpuid2`,
+    KVM_SET_CPUID2 with the TD's CPUID as read (less AMX tile data, which needs a guest FPU
+    permission the process lacks), `lie` told otherwise.  Always a scenario's last call: the
+    vCPU, once made, stays.
+    """
+
+    split_irqchip: bool = True
+    nent: int = KVM_MAX_CPUID_ENTRIES
+    fill: int = 0
+    set_cpuid2: bool = False
+    lie: Lie | None = None
+
+    def buffer(self, nent: int | None = None) -> bytes:
+        """The struct kvm_cpuid2 sent, with room for `nent` entries (default: the call's)."""
+        room = self.nent if nent is None else nent
+        byte = bytes([self.fill])
+        return room.to_bytes(4, "little") + byte * (4 + room * layout.SIZEOF_CPUID_ENTRY2)
+
+    def told(self, entries: Sequence[CpuidEntry]) -> tuple[CpuidEntry, ...]:
+        """What KVM_SET_CPUID2 is handed: the TD's CPUID as read, AMX tile data left out,
+        the lie told."""
+        out = vcpu.without_dynamic_xsave(entries)
+        lie = self.lie
+        if lie is None:
+            return out
+        return vcpu.with_bit(out, lie.leaf, lie.subleaf, lie.register, lie.bit, lie.on)
+
+    def words(self) -> int:
+        """How far the call is from the plain one (split, room for every entry, zeros, no
+        KVM_SET_CPUID2)."""
+        return (not self.split_irqchip) + (self.nent != KVM_MAX_CPUID_ENTRIES) + \
+            bool(self.fill) + self.set_cpuid2 + (self.lie is not None)
+
+
+Step = Request | CapsCall | VcpuCall
 Scenario = tuple[Step, ...]
 
 
@@ -67,6 +128,9 @@ def size(scenario: Sequence[Step]) -> tuple[int, ...]:
     for s in scenario:
         if isinstance(s, CapsCall):
             words += bool(s.flags) + bool(s.hw_error) + any(s.header) + bool(s.fill)
+            continue
+        if isinstance(s, VcpuCall):
+            words += s.words()
             continue
         iv = s.init_vm
         entries += len(iv.entries)

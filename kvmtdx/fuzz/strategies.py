@@ -1,5 +1,6 @@
 """Hypothesis strategies for KVM_TDX_INIT_VM requests, KVM_TDX_CAPABILITIES calls and
-scenarios (a few calls on one TD), drawn from what a kernel reported (`ground.Ground`).
+scenarios (a few calls on one TD, sometimes ending with the vCPU path: strategies_vcpu),
+drawn from what a kernel reported (`ground.Ground`).
 
 A request is one of the two valid requests (the minimal one, the one with every reported
 bit) changed by a few operations, each on one domain of the contract:
@@ -28,6 +29,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
+from kvmtdx.fuzz import strategies_vcpu
 from kvmtdx.fuzz.ground import Ground, Row
 from kvmtdx.fuzz.scenario import HEADER_WORDS, CapsCall, Scenario, Step
 from kvmtdx.model import builders
@@ -410,13 +412,18 @@ STEPS = st.integers(1, 3)
 
 
 def scenarios(g: Ground) -> st.SearchStrategy[Scenario]:
-    """One to three calls on one TD: generated requests, the valid ones, capabilities.
-    Built once per ground: building strategies costs more than drawing from them."""
+    """One to three calls on one TD: generated requests, the valid ones, capabilities;
+    sometimes followed by the vCPU path (strategies_vcpu).  Built once per ground: building
+    strategies costs more than drawing from them."""
     kinds: dict[str, st.SearchStrategy[Step]] = {
         "init_vm": requests(g), "valid": st.sampled_from(g.valid), "caps": caps_calls(g)}
+    vcpu = strategies_vcpu.vcpu_calls(g)
 
     @st.composite
     def draw_scenario(draw: Draw) -> Scenario:
-        return tuple(draw(kinds[draw(STEP_KIND)]) for _ in range(draw(STEPS)))
+        calls = tuple(draw(kinds[draw(STEP_KIND)]) for _ in range(draw(STEPS)))
+        if draw(strategies_vcpu.VCPU_CHANCE):
+            return (*calls, draw(vcpu))
+        return calls
 
     return draw_scenario()

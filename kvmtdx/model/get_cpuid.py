@@ -30,6 +30,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from kvmtdx.model.mirror_module import InitVmPrediction
+from kvmtdx.model.profiles import ModuleProfile
 from kvmtdx.model.tdx_cpuid import FLAG_GPAW
 from kvmtdx.model.tdx_module_tables import ModuleTables, Regs
 from kvmtdx.structs import FLAG_SIGNIFICANT_INDEX, KVM_MAX_CPUID_ENTRIES, CpuidEntry
@@ -139,6 +140,19 @@ def entry_regs(entries: Sequence[CpuidEntry], leaf: int, subleaf: int | None) ->
     return loose
 
 
+EntryKey = tuple[int, int, int]  # function, index, flags of a KVM_TDX_GET_CPUID entry
+
+
+def unknown_bits(module: ModuleProfile) -> dict[EntryKey, Regs]:
+    """Per entry of the TD's CPUID: the bits a saved profile marks unknown (hidden by the
+    policy it was saved under), which no prediction of the TD can know."""
+    out = {}
+    for i, row in enumerate(module.rows):
+        mask = module.unknown_mask(i)
+        if any(mask):
+            flags = 0 if row.subleaf is None else FLAG_SIGNIFICANT_INDEX
+            out[(row.leaf, row.kvm_index, flags)] = mask
+    return out
 
 
 def gpaw_of(config_flags: int) -> int:

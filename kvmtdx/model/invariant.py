@@ -156,6 +156,19 @@ def warn_fixed(prediction: InitVmPrediction) -> Outcome | None:
                             register=o.register, bit=o.bit)
 
 
+SET_CPUID2_VALIDATED_NOTE = ("Linux 7.3 takes any CPUID in KVM_SET_CPUID2 on a TD vCPU "
+                             "(kvm_set_cpuid has no TD path: the series leaves it open); this "
+                             "kernel refuses one unlike the TD's (KVM_TDX_GET_CPUID), holding "
+                             "KVM's own view of the guest to what the TD has")
+
+
+def set_cpuid2_validated(td: Sequence[CpuidEntry], told: Sequence[CpuidEntry]) -> int | None:
+    """Where a TD vCPU's KVM_SET_CPUID2 is handed a CPUID unlike the TD's (as
+    KVM_TDX_GET_CPUID gave it), the answer of a kernel that closes the series' open question
+    by holding it to the TD's: -EINVAL.  None where it is the TD's own."""
+    return None if tuple(told) == tuple(td) else errno.EINVAL
+
+
 def against_prediction(reported: Sequence[CpuidEntry], request: Request | InitVm,
                        predicted: Outcome, actual: Outcome, *,
                        module: ModuleProfile | None = None, host: Host | None = None,

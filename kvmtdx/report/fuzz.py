@@ -3,8 +3,8 @@
 A finding whose calls are all INIT_VM is written, in its report and as its replay file, in
 the `kvmtdx init-vm --request` format (kind `request`: the departing call, the earlier ones
 on the same TD under "before"), which `init-vm` replays; one that involves a
-KVM_TDX_CAPABILITIES call is a `fuzz-case` (its calls in order), which `kvmtdx fuzz
---replay` replays, as it does request files.
+KVM_TDX_CAPABILITIES call or the vCPU path is a `fuzz-case` (its calls in order), which
+`kvmtdx fuzz --replay` replays, as it does request files.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 from kvmtdx.fuzz.judge import Verdict
-from kvmtdx.fuzz.result import End, Finding, FuzzReport
-from kvmtdx.fuzz.scenario import HEADER_WORDS, CapsCall, Scenario
+from kvmtdx.fuzz.result import End, Finding, FuzzReport, VcpuStats
+from kvmtdx.fuzz.scenario import HEADER_WORDS, CapsCall, Lie, Scenario, Step, VcpuCall
 from kvmtdx.identity import HostIdentity
 from kvmtdx.jsonfile import hex64
 from kvmtdx.model.requests import Request, request_to_json
@@ -46,9 +46,28 @@ def caps_call_json(c: CapsCall) -> dict[str, Any]:
             "header": [hex64(w) for w in c.header], "fill": f"0x{c.fill:02x}"}
 
 
+def lie_json(lie: Lie | None) -> dict[str, Any] | None:
+    if lie is None:
+        return None
+    return {"leaf": f"0x{lie.leaf:x}", "subleaf": lie.subleaf, "register": lie.register,
+            "bit": lie.bit, "set": lie.on}
+
+
+def vcpu_call_json(c: VcpuCall) -> dict[str, Any]:
+    return {"split_irqchip": c.split_irqchip, "nent": c.nent, "fill": f"0x{c.fill:02x}",
+            "set_cpuid2": c.set_cpuid2, "lie": lie_json(c.lie)}
+
+
+def _call_json(s: Step) -> dict[str, Any]:
+    if isinstance(s, CapsCall):
+        return {"capabilities": caps_call_json(s)}
+    if isinstance(s, VcpuCall):
+        return {"vcpu": vcpu_call_json(s)}
+    return {"init_vm": request_to_json(s)}
+
+
 def calls_json(scenario: Scenario) -> list[dict[str, Any]]:
-    return [{"capabilities": caps_call_json(s)} if isinstance(s, CapsCall)
-            else {"init_vm": request_to_json(s)} for s in scenario]
+    return [_call_json(s) for s in scenario]
 
 
 def as_request(scenario: Scenario) -> Request | None:
@@ -138,7 +157,10 @@ def report_to_json(report: FuzzReport) -> dict[str, Any]:
         "database": report.database,
         "stricter_fails": report.stricter_fails,
         "summary": {"end": s.end.value, "tds": s.tds, "init_vm_calls": s.init_vm_calls,
-                    "caps_calls": s.caps_calls, "examples": s.examples,
+                    "caps_calls": s.caps_calls, "vcpu_steps": s.vcpu.steps,
+                    "get_cpuid_calls": s.vcpu.get_cpuid_calls,
+                    "set_cpuid2_calls": s.vcpu.set_cpuid2_calls,
+                    "vcpu_refused": s.vcpu.refused, "examples": s.examples,
                     "seconds": round(s.seconds, 3),
                     "requests_per_second": round(s.requests_per_second, 1),
                     "unjudged": s.unjudged, "failing": len(report.failing()),
@@ -183,16 +205,36 @@ def _facts(report: FuzzReport) -> list[tuple[str, str]]:
         first = ", --first" if report.budget.first else ""
         rows.append(("budget", f"--max-tds {report.budget.max_tds}, --time "
                                f"{report.budget.seconds:g} s{first}: {END[s.end]}"))
-    work = (f"{s.tds} TDs, {s.init_vm_calls} INIT_VM, {s.caps_calls} KVM_TDX_CAPABILITIES "
-            f"({s.requests_per_second:.0f} calls/s)")
+    work = (f"{s.tds} TDs, {s.init_vm_calls} INIT_VM, {s.caps_calls} KVM_TDX_CAPABILITIES, "
+            f"{s.vcpu.get_cpuid_calls} KVM_TDX_GET_CPUID ({s.requests_per_second:.0f} calls/s)")
     if s.unjudged:
         work += f"; {s.unjudged} not judged to the end (no free TDX key ID, or a fact the " \
                 "inferred host cannot tell)"
-    rows.append(("work", work))
+    rows += [("work", work), ("vcpu", _vcpu_text(s.vcpu))]
     if report.budget is not None:
         rows.append(("database", report.database or
                      "none (--no-db, or no writable cache directory)"))
     return rows
+
+
+def _vcpu_text(v: VcpuStats) -> str:
+    if v.refused is not None:
+        return (f"not judged: this backend answers no vCPU ioctl ({v.refused}), so no TD's "
+                f"CPUID was read ({v.steps} vCPU paths sent)")
+    return (f"{v.steps} TDs ended with the vCPU path (split irqchip, KVM_CREATE_VCPU, "
+            f"KVM_TDX_GET_CPUID), {v.set_cpuid2_calls} KVM_SET_CPUID2")
+
+
+def vcpu_call_text(c: VcpuCall) -> str:
+    words = [] if c.split_irqchip else ["no split irqchip"]
+    words.append(f"KVM_CREATE_VCPU, KVM_TDX_GET_CPUID with room for {c.nent} "
+                 f"entr{'y' if c.nent == 1 else 'ies'}")
+    if c.fill:
+        words[-1] += f" (every other byte 0x{c.fill:02x})"
+    if c.set_cpuid2:
+        lie = f", {c.lie.label()}" if c.lie is not None else ""
+        words.append(f"KVM_SET_CPUID2 with the TD's CPUID{lie}")
+    return "vCPU: " + ", ".join(words)
 
 
 def _calls_text(scenario: Scenario) -> list[str]:
@@ -209,6 +251,8 @@ def _calls_text(scenario: Scenario) -> list[str]:
             if s.fill:
                 words.append(f"every other byte 0x{s.fill:02x}")
             out.append(f"  {k}. KVM_TDX_CAPABILITIES {', '.join(words)}")
+        elif isinstance(s, VcpuCall):
+            out.append(f"  {k}. {vcpu_call_text(s)}")
         else:
             out.append(f"  {k}. KVM_TDX_INIT_VM {request_line(s)}")
     return out
