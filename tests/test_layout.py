@@ -228,7 +228,8 @@ def test_layout_numbers_match_the_spec() -> None:
     assert KVM_MAX_CPUID_ENTRIES == 256
 
 
-def test_cdefs_load_from_an_installed_wheel(tmp_path: Path) -> None:
+def _build_wheel(tmp_path: Path) -> Path:
+    """A wheel of the source tree as it is, built offline where the machine allows."""
     src = tmp_path / "src"
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
@@ -251,6 +252,11 @@ def test_cdefs_load_from_an_installed_wheel(tmp_path: Path) -> None:
     if res.returncode != 0:
         pytest.fail(f"pip wheel failed:\n{res.stdout}\n{res.stderr}")
     (wheel,) = wheels.glob("kvmtdx-*.whl")
+    return wheel
+
+
+def test_cdefs_load_from_an_installed_wheel(tmp_path: Path) -> None:
+    wheel = _build_wheel(tmp_path)
     site = tmp_path / "site"
     with zipfile.ZipFile(wheel) as z:
         assert "kvmtdx/cdefs/kvm_tdx.h" in z.namelist()
