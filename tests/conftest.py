@@ -11,8 +11,15 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
+from kvmtdx.fuzz.engine import pin_constants
+
 # helpers.py holds shared asserts (golden files, the KTAP reader): let pytest explain them.
 pytest.register_assert_rewrite("helpers")
+
+# Hypothesis draws now and then integers found in the source of the modules loaded so far;
+# `kvmtdx fuzz` loads them all before its search.  Loading them all here, before any test,
+# gives every hypothesis test the same draws whichever tests ran before it.
+pin_constants()
 
 KVM_PATH = "/dev/kvm"
 

@@ -127,9 +127,24 @@ def test_the_draws_reach_every_path_of_the_compiled_model() -> None:
         checks.update(str(fast(module, host, policy, r, i).check) for r, i in batch)
 
     sample()
+    # HLE without RTM reaches the module only smuggled past the denylist with one of the
+    # pair (about one request in 3,000 of upstream's): test_hle_or_rtm_alone_... below.
     assert {"accepted", "denylist", "allowlist", "count_mismatch", "gpaw_missing",
-            "module_cpuid_config", "module_xfam", "module_fms", "module_hle_rtm",
-            "module_topology", "td_initialized"} <= checks, checks
+            "module_cpuid_config", "module_xfam", "module_fms", "module_topology",
+            "td_initialized"} <= checks, checks
+
+
+@pytest.mark.parametrize("host", ["max", "partial"])
+@pytest.mark.parametrize("policy", ["upstream-6.16", "upstream"])
+@pytest.mark.parametrize("ebx", [1 << 4, 1 << 11], ids=["hle", "rtm"])
+def test_hle_or_rtm_alone_smuggled_past_the_denylist(policy: str, host: str, ebx: int) -> None:
+    """The module's HLE/RTM coupling (both or neither), reached by one of the pair that
+    find() lands on row 7.0 behind the denylist's back."""
+    full = base_request("2.0", host, policy)
+    smuggled = Request(init_vm=bypass(full.init_vm, ebx=ebx, ecx=0))
+    want = straight("2.0", host, policy, smuggled, False)
+    assert want.check == "module_hle_rtm"
+    assert fast("2.0", host, policy, smuggled, False) == want
 
 
 @pytest.mark.parametrize("policy", ["upstream-6.16", "upstream"])
