@@ -27,6 +27,7 @@ from kvmtdx.kernelsrc.module_bridge import ModuleBridge, Seamcall, TdParams
 from kvmtdx.model.profiles import Regs
 from kvmtdx.sim.kvm import get_supported_cpuid, supported_cpuid
 from kvmtdx.sim.uaccess import fail
+from kvmtdx.status import errno_name
 
 _CDEF = """
 typedef uint64_t (*kt_seamcall_fn)(int fn, const uint64_t *in, int nin, uint64_t *out);
@@ -156,7 +157,7 @@ class KernelSourceHost:
             return None
         what = "disables TDX" if self.bringup == errno.ENODEV else "fails to load kvm_intel"
         return (f"the kernel's TDX bring-up {what} on this host and module "
-                f"(__tdx_hardware_setup: -{errno.errorcode.get(self.bringup, self.bringup)})")
+                f"(__tdx_hardware_setup: -{errno_name(self.bringup)})")
 
     @property
     def _tdx(self) -> bool:
