@@ -381,7 +381,8 @@ def simulated_report(folder: Path, command: str, spec: str) -> Path:
     """`kvmtdx COMMAND --simulate SPEC --format json` written to FOLDER/COMMAND-SPEC.json."""
     out = folder / f"{command}-{spec.replace(':', '-')}.json"
     rc = cli.main([command, "--simulate", spec, "--format", "json", "--output", str(out)])
-    assert rc in (0, 1) and out.is_file(), (command, spec, rc)
+    verdict = json.loads(out.read_text())["verdict"]
+    assert rc == {"pass": 0, "fail": 1}[verdict], (command, spec, rc, verdict)
     return out
 
 
