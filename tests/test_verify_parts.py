@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from helpers import PassThrough, simulated
+from helpers import GOLDEN, PassThrough, run_cli, simulated
 
 from kvmtdx import checks, uapi
 from kvmtdx.checks import policy as policy_checks
@@ -28,6 +28,25 @@ def test_check_order_is_the_readmes_ktap_numbering() -> None:
     listed = re.findall(r"^(?:not )?ok (\d+) ([a-z0-9_]+)", README.read_text(), re.M)
     assert [int(n) for n, _ in listed] == list(range(1, len(listed) + 1))
     assert [s.id for s in checks.CHECKS] == [i for _, i in listed]
+
+
+def _readme_block(first_line: str, last_prefix: str) -> str:
+    text = README.read_text()
+    start = text.index(f"\n{first_line}", text.index("### kvmtdx verify")) + 1
+    end = text.index("\n", text.index(f"\n{last_prefix}", start) + 1) + 1
+    return text[start:end]
+
+
+def test_the_readmes_verify_runs_are_what_verify_prints(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's text and KTAP runs of `verify --simulate 2.0:upstream`, line for line:
+    the text run as it prints now, the KTAP one as the golden file test_verify_formats
+    holds to the output."""
+    r = run_cli(capsys, "verify", "--simulate", "2.0:upstream")
+    assert r.rc == 1
+    assert _readme_block("kvmtdx verify: FAIL", "  adversarial_steer_every_row:") == r.out
+    assert _readme_block("KTAP version 1", "# Totals:") == (
+        GOLDEN / "verify-2.0-upstream.ktap").read_text()
 
 
 def test_each_group_module_holds_its_own_checks_in_groups_order() -> None:
