@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import run_cli
+from helpers import PassThrough, run_cli, simulated
 from kernelsrc_support import backend, linux_tree
 
 from kvmtdx import checks, uapi
@@ -24,7 +24,6 @@ from kvmtdx.checks.result import CheckResult
 from kvmtdx.kernelsrc.extract import TDX_C
 from kvmtdx.kmsg import KernelLog, LogUnreadable
 from kvmtdx.knowledge import Given
-from kvmtdx.model.policy import get_policy
 from kvmtdx.model.profiles import MAX_HOST, load_profile
 from kvmtdx.sim import SimulatedHost
 
@@ -48,23 +47,17 @@ def logs(tmp_path: Path, panic: str | None = "0", tainted: str = "0") -> KernelL
     return log
 
 
-class RealLike:
+class RealLike(PassThrough):
     """A simulated host as a real kernel looks: no WARN count; the WARN goes to the log."""
 
     def __init__(self, inner: SimulatedHost, log: KernelLog) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.log = log
-
-    def open(self, path: str, flags: int) -> int:
-        return self.inner.open(path, flags)
-
-    def close(self, fd: int) -> None:
-        self.inner.close(fd)
 
     def ioctl(self, fd: int, request: int, arg: int) -> int:
         before = self.inner.kernel_warnings
         try:
-            return self.inner.ioctl(fd, request, arg)
+            return super().ioctl(fd, request, arg)
         finally:
             if self.inner.kernel_warnings > before:
                 seq = len(Path(self.log.kmsg).read_text().splitlines()) + 200
@@ -84,10 +77,6 @@ def run(seam: Any, log: KernelLog | None, *, allow: bool, module: str = "2.0",
                                allow_kernel_warn=allow, kernel_log=log)
     [result] = report.checks
     return result
-
-
-def sim(module: str = "2.0", policy: str = "upstream") -> SimulatedHost:
-    return SimulatedHost(load_profile(module), MAX_HOST, get_policy(policy))
 
 
 # ---------------------------------------------------------------------------
@@ -119,7 +108,7 @@ def test_an_unreadable_log_names_the_file(tmp_path: Path) -> None:
 
 def test_a_real_kernel_is_not_made_to_warn_unless_asked(tmp_path: Path) -> None:
     log = logs(tmp_path)
-    r = run(RealLike(sim(), log), log, allow=False)
+    r = run(RealLike(simulated(), log), log, allow=False)
     assert r.status == "skip" and "--allow-kernel-warn" in r.detail
     assert "taints" in r.detail and "panic_on_warn" in r.detail
     assert [m.message for m in log.records()][-1] == "kvm_intel: TDX enabled"  # nothing sent
@@ -130,14 +119,14 @@ def test_a_real_kernel_is_not_made_to_warn_unless_asked(tmp_path: Path) -> None:
 def test_never_with_panic_on_warn_set_or_unknown(tmp_path: Path, panic: str | None,
                                                  why: str) -> None:
     log = logs(tmp_path, panic=panic)
-    r = run(RealLike(sim(), log), log, allow=True)
+    r = run(RealLike(simulated(), log), log, allow=True)
     assert r.status == "skip" and why in r.detail
 
 
 def test_a_real_kernel_asked_to_warn_is_judged_by_its_log_and_left_tainted(
         tmp_path: Path) -> None:
     log = logs(tmp_path)
-    r = run(RealLike(sim(), log), log, allow=True)
+    r = run(RealLike(simulated(), log), log, allow=True)
     assert r.status == "fail", r.detail
     assert "malformed leaf 0x1F" in r.detail and LINE in r.detail
     assert "VM marked bugged" in r.detail
@@ -149,7 +138,7 @@ def test_an_unreadable_log_is_said_and_the_answer_still_judged(tmp_path: Path) -
     unreadable = KernelLog(kmsg=str(tmp_path / "no-kmsg"),
                            panic_on_warn_path=log.panic_on_warn_path,
                            tainted_path=log.tainted_path)
-    r = run(RealLike(sim(), log), unreadable, allow=True)
+    r = run(RealLike(simulated(), log), unreadable, allow=True)
     assert r.status == "fail"
     assert "the kernel log is unreadable" in r.detail and "no-kmsg" in r.detail
 
@@ -159,7 +148,7 @@ def test_an_unreadable_log_is_said_and_the_answer_still_judged(tmp_path: Path) -
 
 
 def test_the_simulated_7_3_kernel_warns_on_a_malformed_leaf_1f() -> None:
-    s = sim()
+    s = simulated()
     r = run(s, None, allow=False)
     assert r.status == "fail" and "counted by the backend" in r.detail
     assert r.actual == "ERROR -EIO, kernel WARN" and s.kernel_warnings == 1
@@ -187,7 +176,7 @@ def test_a_kernel_that_hands_every_status_to_userspace_passes(tmp_path: Path) ->
 
 
 def test_a_module_without_topology_rows_has_nothing_to_provoke() -> None:
-    r = run(sim("1.5.01"), None, allow=False, module="1.5.01")
+    r = run(simulated("1.5.01"), None, allow=False, module="1.5.01")
     assert r.status == "skip" and "no leaf 0x1F rows" in r.detail
 
 
@@ -213,7 +202,7 @@ def test_is_dead_tells_a_bugged_vm(tmp_path: Path) -> None:
     from kvmtdx.device import Kvm
     from kvmtdx.structs import FLAG_SIGNIFICANT_INDEX, CpuidEntry, InitVm
 
-    s = sim()
+    s = simulated()
     req = InitVm(xfam=3, entries=(CpuidEntry(0x1F, 0, FLAG_SIGNIFICANT_INDEX),
                                   CpuidEntry(0x1F, 1, FLAG_SIGNIFICANT_INDEX, ecx=0x201),
                                   CpuidEntry(0x80000008, eax=48 << 16)))

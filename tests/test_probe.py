@@ -6,7 +6,7 @@ import dataclasses
 import errno
 
 import pytest
-from helpers import host_without
+from helpers import PassThrough, host_without
 
 from kvmtdx import uapi
 from kvmtdx.knowledge import Given
@@ -260,26 +260,20 @@ def test_parallel_jobs_on_a_small_supply_retry_instead_of_failing() -> None:
     assert any("--jobs 4" in n for n in parallel.notes)
 
 
-class _Tally:
+class _Tally(PassThrough):
     """The seam as the probe sees it, counted from outside the device layer."""
 
     def __init__(self, inner: SimulatedHost) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.ioctls = 0
         self.tds = 0
 
-    def open(self, path: str, flags: int) -> int:
-        return self.inner.open(path, flags)
-
     def ioctl(self, fd: int, request: int, arg: int) -> int:
         self.ioctls += 1  # the probe serialises seams other than the real device
-        ret = self.inner.ioctl(fd, request, arg)
+        ret = super().ioctl(fd, request, arg)
         if request == uapi.Ioctl.KVM_CREATE_VM and arg == uapi.VmType.KVM_X86_TDX_VM:
             self.tds += 1
         return ret
-
-    def close(self, fd: int) -> None:
-        self.inner.close(fd)
 
 
 @pytest.mark.parametrize("jobs", [1, 4])

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import bypass_request, run_cli, write_request
+from helpers import PassThrough, bypass_request, run_cli, simulated, write_request
 
 from kvmtdx.model import mirror
 from kvmtdx.model.get_cpuid import predicted
@@ -143,20 +143,9 @@ def test_a_backend_without_vcpus_says_which_ioctl_failed(
     assert doc["effective_error"] == {"step": "KVM_CREATE_VCPU", "errno": "ENOTTY"}
 
 
-class _NoVcpus:
+class _NoVcpus(PassThrough):
     """The simulated 2.0 upstream kernel, answering KVM_CREATE_VCPU with ENOTTY (as the
     kernel-source host does)."""
-
-    def __init__(self) -> None:
-        from kvmtdx.sim import SimulatedHost
-
-        self.inner = SimulatedHost(load_profile("2.0"), MAX_HOST, get_policy("upstream"))
-
-    def open(self, path: str, flags: int) -> int:
-        return self.inner.open(path, flags)
-
-    def close(self, fd: int) -> None:
-        self.inner.close(fd)
 
     def ioctl(self, fd: int, request: int, arg: int) -> int:
         import errno
@@ -166,11 +155,11 @@ class _NoVcpus:
 
         if request == uapi.Ioctl.KVM_CREATE_VCPU:
             raise OSError(errno.ENOTTY, os.strerror(errno.ENOTTY))
-        return self.inner.ioctl(fd, request, arg)
+        return super().ioctl(fd, request, arg)
 
 
 def no_vcpus() -> _NoVcpus:
-    return _NoVcpus()
+    return _NoVcpus(simulated())
 
 
 def plugin_upstream() -> object:

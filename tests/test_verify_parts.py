@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from helpers import GOLDEN, PassThrough, run_cli, simulated
 
 from kvmtdx import checks, uapi
 from kvmtdx.checks import policy as policy_checks
@@ -17,7 +18,6 @@ from kvmtdx.knowledge import complete, given
 from kvmtdx.model.policy import get_policy
 from kvmtdx.model.profiles import MAX_HOST, load_profile
 from kvmtdx.session import simulated_backend
-from kvmtdx.sim import SimulatedHost
 from kvmtdx.verdict import Status
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -30,6 +30,25 @@ def test_check_order_is_the_readmes_ktap_numbering() -> None:
     assert [s.id for s in checks.CHECKS] == [i for _, i in listed]
 
 
+def _readme_block(first_line: str, last_prefix: str) -> str:
+    text = README.read_text()
+    start = text.index(f"\n{first_line}", text.index("### kvmtdx verify")) + 1
+    end = text.index("\n", text.index(f"\n{last_prefix}", start) + 1) + 1
+    return text[start:end]
+
+
+def test_the_readmes_verify_runs_are_what_verify_prints(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's text and KTAP runs of `verify --simulate 2.0:upstream`, line for line:
+    the text run as it prints now, the KTAP one as the golden file test_verify_formats
+    holds to the output."""
+    r = run_cli(capsys, "verify", "--simulate", "2.0:upstream")
+    assert r.rc == 1
+    assert _readme_block("kvmtdx verify: FAIL", "  adversarial_steer_every_row:") == r.out
+    assert _readme_block("KTAP version 1", "# Totals:") == (
+        GOLDEN / "verify-2.0-upstream.ktap").read_text()
+
+
 def test_each_group_module_holds_its_own_checks_in_groups_order() -> None:
     for s in checks.CHECKS:
         assert s.fn.__module__ == f"kvmtdx.checks.{s.group}", s.id
@@ -37,23 +56,17 @@ def test_each_group_module_holds_its_own_checks_in_groups_order() -> None:
     assert order == sorted(order) and set(order) == set(range(len(checks.GROUPS)))
 
 
-class _Answers:
+class _Answers(PassThrough):
     """The simulated TDX host, but KVM answers one system ioctl otherwise."""
 
     def __init__(self, request: int, arg: int | None, answer: int) -> None:
-        self.host = SimulatedHost(load_profile("2.0"), MAX_HOST, get_policy("rfc-v2"))
+        super().__init__(simulated("2.0", "rfc-v2"))
         self.request, self.arg, self.answer = request, arg, answer
-
-    def open(self, path: str, flags: int) -> int:
-        return self.host.open(path, flags)
 
     def ioctl(self, fd: int, request: int, arg: int) -> int:
         if request == self.request and self.arg in (None, arg):
             return self.answer
-        return self.host.ioctl(fd, request, arg)
-
-    def close(self, fd: int) -> None:
-        self.host.close(fd)
+        return super().ioctl(fd, request, arg)
 
 
 def test_another_api_version_fails_tdx_available() -> None:
@@ -62,7 +75,7 @@ def test_another_api_version_fails_tdx_available() -> None:
     assert r.verdict is Status.FAIL and r.skip_reason is None
     assert [(c.id, c.status) for c in r.checks] == [("tdx_available", Status.FAIL)]
     assert "unexpected KVM API version 11 (want 12)" in r.checks[0].detail
-    assert seam.host.live_tds == 0
+    assert seam.inner.live_tds == 0
 
 
 def test_no_tdx_vm_type_skips_the_suite() -> None:

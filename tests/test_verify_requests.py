@@ -11,12 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import run_cli
+from helpers import TRAP_CHECKS, run_cli
 
 from kvmtdx.model.requests import request_from_json
 
-BYPASS = ("adversarial_denylist_bypass_waitpkg", "adversarial_denylist_bypass_hle_rtm",
-          "adversarial_denylist_bypass_stray_balance")
+BYPASS = TRAP_CHECKS
 
 
 def _kind(actual: str) -> str:

@@ -1,7 +1,8 @@
 """The kernel-source host: a syscall seam whose TDX VM ioctls run the kernel's own code.
 
 `/dev/kvm` and its generic ioctls (API version, VM types, creating a VM,
-the host's supported CPUID) are answered here, as KVM's common code would;
+the host's supported CPUID) are answered here, as KVM's common code would
+(KVM_GET_SUPPORTED_CPUID by the simulated host's copy of that code);
 every KVM_MEMORY_ENCRYPT_OP on a TDX VM goes to the extracted
 `tdx_vm_ioctl`, compiled from the tree, which reads and writes the
 caller's memory at the address it is handed.  Its SEAMCALLs come back here
@@ -21,10 +22,12 @@ from typing import Any
 
 import cffi
 
-from kvmtdx import layout, uapi
+from kvmtdx import uapi
 from kvmtdx.kernelsrc.module_bridge import ModuleBridge, Seamcall, TdParams
 from kvmtdx.model.profiles import Regs
-from kvmtdx.structs import FLAG_SIGNIFICANT_INDEX, KVM_MAX_CPUID_ENTRIES, CpuidEntry
+from kvmtdx.sim.kvm import get_supported_cpuid, supported_cpuid
+from kvmtdx.sim.uaccess import fail
+from kvmtdx.status import errno_name
 
 _CDEF = """
 typedef uint64_t (*kt_seamcall_fn)(int fn, const uint64_t *in, int nin, uint64_t *out);
@@ -59,10 +62,6 @@ def load(path: Path) -> Any:
     if key not in _libs:
         _libs[key] = _ffi.dlopen(key)
     return _libs[key]
-
-
-def _fail(code: int) -> OSError:
-    return OSError(code, os.strerror(code))
 
 
 class _System:
@@ -106,7 +105,7 @@ class KernelSourceHost:
         if rc:
             raise ValueError(f"module {bridge.module.name}: {n} CPUID_CONFIG rows or "
                              f"{key_ids} key IDs do not fit the kernel's tables")
-        self._supported_cpuid = _host_cpuid(bridge)
+        self._supported_cpuid = supported_cpuid(bridge.host, bridge.module)
         with _lock:
             # What kvm_intel decides at load time on this host and module.
             self.bringup = -int(self._lib.kt_host_bringup(self._host))
@@ -158,7 +157,7 @@ class KernelSourceHost:
             return None
         what = "disables TDX" if self.bringup == errno.ENODEV else "fails to load kvm_intel"
         return (f"the kernel's TDX bring-up {what} on this host and module "
-                f"(__tdx_hardware_setup: -{errno.errorcode.get(self.bringup, self.bringup)})")
+                f"(__tdx_hardware_setup: -{errno_name(self.bringup)})")
 
     @property
     def _tdx(self) -> bool:
@@ -177,7 +176,7 @@ class KernelSourceHost:
     def close(self, fd: int) -> None:
         f = self._files.pop(fd, None)
         if f is None:
-            raise _fail(errno.EBADF)
+            raise fail(errno.EBADF)
         if isinstance(f, _Vm) and f.handle != _ffi.NULL:
             with _lock:
                 self._lib.kt_vm_free(self._host, f.handle)
@@ -186,19 +185,19 @@ class KernelSourceHost:
     def ioctl(self, fd: int, request: int, arg: int) -> int:
         f = self._files.get(fd)
         if f is None:
-            raise _fail(errno.EBADF)
+            raise fail(errno.EBADF)
         if isinstance(f, _System):
             return self._system_ioctl(request, arg)
         if f.handle != _ffi.NULL:
             with _lock:
                 dead = bool(self._lib.kt_vm_dead(self._host, f.handle))
             if dead:  # kvm_vm_ioctl: a VM KVM_BUG_ON marked dead refuses every ioctl
-                raise _fail(errno.EIO)
+                raise fail(errno.EIO)
         if request == uapi.Ioctl.KVM_CHECK_EXTENSION:
             return self._vm_types if arg == uapi.KVM_CAP_VM_TYPES else 0
         # kvm_arch_vm_ioctl -> vt_mem_enc_ioctl: only a TD has the TDX commands.
         if request != uapi.Ioctl.KVM_MEMORY_ENCRYPT_OP or f.handle == _ffi.NULL:
-            raise _fail(errno.ENOTTY)
+            raise fail(errno.ENOTTY)
         with _lock:
             self._error = None
             rc = int(self._lib.kt_vm_ioctl(self._host, f.handle, arg))
@@ -206,7 +205,7 @@ class KernelSourceHost:
         if error is not None:
             raise RuntimeError("the TDX module model failed inside a SEAMCALL") from error
         if rc < 0:
-            raise _fail(-rc)
+            raise fail(-rc)
         return rc
 
     def _install(self, f: _System | _Vm) -> int:
@@ -219,7 +218,7 @@ class KernelSourceHost:
     def _system_ioctl(self, request: int, arg: int) -> int:
         if request == uapi.Ioctl.KVM_GET_API_VERSION:
             if arg:
-                raise _fail(errno.EINVAL)
+                raise fail(errno.EINVAL)
             return _API_VERSION
         if request == uapi.Ioctl.KVM_CHECK_EXTENSION:
             return self._vm_types if arg == uapi.KVM_CAP_VM_TYPES else 0
@@ -227,27 +226,15 @@ class KernelSourceHost:
             if arg == uapi.VmType.KVM_X86_DEFAULT_VM:
                 return self._install(_Vm(arg, _ffi.NULL))
             if arg != uapi.VmType.KVM_X86_TDX_VM or not self._tdx:
-                raise _fail(errno.EINVAL)
+                raise fail(errno.EINVAL)
             with _lock:
                 handle = self._lib.kt_vm_new(self._host)
             if handle == _ffi.NULL:
-                raise _fail(errno.ENOMEM)
+                raise fail(errno.ENOMEM)
             return self._install(_Vm(arg, handle))
         if request == uapi.Ioctl.KVM_GET_SUPPORTED_CPUID:
-            return self._get_supported_cpuid(arg)
-        raise _fail(errno.ENOTTY)
-
-    def _get_supported_cpuid(self, arg: int) -> int:
-        # KVM's common code, not the TDX code: header read, E2BIG when it does not fit.
-        if arg < 0x10000:
-            raise _fail(errno.EFAULT)
-        nent, _ = layout.unpack_cpuid2(uapi.peek(arg, layout.SIZEOF_CPUID2))
-        if nent < len(self._supported_cpuid) or nent < 1:
-            raise _fail(errno.E2BIG)
-        packed = layout.pack_cpuid2(self._supported_cpuid)
-        uapi.poke(arg + layout.SIZEOF_CPUID2, packed[layout.SIZEOF_CPUID2:])
-        uapi.poke(arg, packed[: layout.OFFSET_CPUID2_PADDING])
-        return 0
+            return get_supported_cpuid(self._supported_cpuid, arg)
+        raise fail(errno.ENOTTY)
 
     # ------------------------------------------------------------------
     # SEAMCALLs, called from the kernel code while the lock is held.
@@ -272,16 +259,3 @@ def _td_params(words: list[int]) -> TdParams:
     return TdParams(attributes=words[0], xfam=words[1], max_vcpus=words[2],
                     eptp_controls=words[3], config_flags=words[4], cpuid_values=tuple(rows))
 
-
-def _host_cpuid(bridge: ModuleBridge) -> tuple[CpuidEntry, ...]:
-    """KVM_GET_SUPPORTED_CPUID: the host's leaves (the module's rows for an all-ones host)."""
-    host = bridge.host
-    keys = list(host.native) or [(r.leaf, r.subleaf) for r in bridge.module.rows]
-    keys = sorted(set(keys), key=lambda k: (k[0], -1 if k[1] is None else k[1]))
-    out = []
-    for leaf, sub in keys[:KVM_MAX_CPUID_ENTRIES]:
-        a, b, c, d = host.native_regs(leaf, sub)
-        out.append(CpuidEntry(function=leaf, index=0 if sub is None else sub,
-                              flags=0 if sub is None else FLAG_SIGNIFICANT_INDEX,
-                              eax=a, ebx=b, ecx=c, edx=d))
-    return tuple(out)

@@ -31,7 +31,7 @@ class Kvm:
         self.tdx = tdx
         self.vcpus = vcpus
         self.install = install
-        self.supported_cpuid = _host_cpuid(host, module)
+        self.supported_cpuid = supported_cpuid(host, module)
 
     def ioctl(self, f: File, request: int, arg: int) -> int:
         """An ioctl on one of KVM's files."""
@@ -81,27 +81,32 @@ class Kvm:
         raise fail(errno.ENOTTY)
 
     def _get_supported_cpuid(self, arg: int) -> int:
-        # Linux cpuid.c: the header is read, a too small nent is E2BIG with
-        # nothing written back; nent is clamped to KVM_MAX_CPUID_ENTRIES.
-        nent, _ = layout.unpack_cpuid2(copy_from_user(arg, layout.SIZEOF_CPUID2))
-        if nent < 1:
-            raise fail(errno.E2BIG)
-        room = min(nent, KVM_MAX_CPUID_ENTRIES)
-        entries = self.supported_cpuid
-        if len(entries) > room:
-            raise fail(errno.E2BIG)
-        packed = layout.pack_cpuid2(entries)
-        copy_to_user(arg + layout.SIZEOF_CPUID2, packed[layout.SIZEOF_CPUID2:])
-        # The header goes back with the caller's own padding: only nent changes.
-        copy_to_user(arg, packed[: layout.OFFSET_CPUID2_PADDING])
-        return 0
-
+        return get_supported_cpuid(self.supported_cpuid, arg)
 
 def _check_extension(cap: int) -> int:
     return _VM_TYPES if cap == uapi.KVM_CAP_VM_TYPES else 0
 
 
-def _host_cpuid(host: Host, module: ModuleProfile) -> tuple[CpuidEntry, ...]:
+def get_supported_cpuid(entries: tuple[CpuidEntry, ...], arg: int) -> int:
+    """KVM_GET_SUPPORTED_CPUID of `entries` into the caller's kvm_cpuid2 at `arg`.
+
+    KVM's common code, not TDX's: the kernel-source host answers it with this too.
+    """
+    # Linux cpuid.c: the header is read, a too small nent is E2BIG with
+    # nothing written back; nent is clamped to KVM_MAX_CPUID_ENTRIES.
+    nent, _ = layout.unpack_cpuid2(copy_from_user(arg, layout.SIZEOF_CPUID2))
+    if nent < 1:
+        raise fail(errno.E2BIG)
+    if len(entries) > min(nent, KVM_MAX_CPUID_ENTRIES):
+        raise fail(errno.E2BIG)
+    packed = layout.pack_cpuid2(entries)
+    copy_to_user(arg + layout.SIZEOF_CPUID2, packed[layout.SIZEOF_CPUID2:])
+    # The header goes back with the caller's own padding: only nent changes.
+    copy_to_user(arg, packed[: layout.OFFSET_CPUID2_PADDING])
+    return 0
+
+
+def supported_cpuid(host: Host, module: ModuleProfile) -> tuple[CpuidEntry, ...]:
     """What KVM_GET_SUPPORTED_CPUID lists: the host's leaves (the module's rows, zero, for a
     host that names none)."""
     leaves = host.native if host.native else {(r.leaf, r.subleaf) for r in module.rows}
