@@ -37,7 +37,7 @@ from kvmtdx.model.policy import Policy
 from kvmtdx.model.requests import Request
 from kvmtdx.outcome import Outcome
 from kvmtdx.status import errno_name
-from kvmtdx.structs import KVM_MAX_CPUID_ENTRIES, REGISTERS, CpuidEntry
+from kvmtdx.structs import KVM_MAX_CPUID_ENTRIES, CpuidEntry
 
 ENTRY = layout.SIZEOF_CPUID_ENTRY2
 HEADER = layout.SIZEOF_CPUID2
@@ -178,28 +178,23 @@ def _read_departure(k: int, expected: str, actual: str, what: str, want: int,
                        (Call.GET_CPUID.value, what, _text(want), _text(got)), note=READ_NOTE)
 
 
-def _label(e: CpuidEntry) -> str:
-    return f"0x{e.function:x}" + (f".{e.index}" if e.significant_index else "")
-
-
 def _entries(model: Model, td: _Td, k: int, want: Sequence[CpuidEntry],
              got: Sequence[CpuidEntry]) -> Discrepancy | None:
     """The TD's CPUID, leaf by leaf, against the mirror's (bits the profile cannot know
     excused)."""
     excused = get_cpuid.unknown_bits(model.module)
     for a, b in zip(want, got, strict=False):
-        key = (a.function, a.index, a.flags)
+        key, label = (a.function, a.index, a.flags), get_cpuid.entry_label(a)
         if key != (b.function, b.index, b.flags):
-            return _cpuid_departure(k, td, f"{_label(b)} where {_label(a)} belongs",
-                                    (_label(a), "row"))
-        mask = excused.get(key, (0, 0, 0, 0))
-        for r, va, vb, x in zip(REGISTERS, a.regs(), b.regs(), mask, strict=True):
-            if (va ^ vb) & ~x:
-                return _cpuid_departure(k, td, f"{_label(a)} {r.upper()} 0x{vb:08x}, not "
-                                        f"0x{va:08x}", (_label(a), r))
+            return _cpuid_departure(k, td, f"{get_cpuid.entry_label(b)} where {label} belongs",
+                                    (label, "row"))
+        differ = get_cpuid.differing_registers(b, a, excused.get(key, (0, 0, 0, 0)))
+        if differ:
+            r, vb, va = differ[0]
+            return _cpuid_departure(k, td, f"{label} {r.upper()} 0x{vb:08x}, not 0x{va:08x}",
+                                    (label, r))
         if a.padding != b.padding:
-            return _cpuid_departure(k, td, f"{_label(a)} padding {b.padding}",
-                                    (_label(a), "padding"))
+            return _cpuid_departure(k, td, f"{label} padding {b.padding}", (label, "padding"))
     return None
 
 
