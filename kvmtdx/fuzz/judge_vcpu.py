@@ -29,6 +29,7 @@ from kvmtdx.fuzz.judgement import (
     Model,
     VcpuAnswer,
     Verdict,
+    errno_text,
 )
 from kvmtdx.fuzz.scenario import VcpuCall
 from kvmtdx.model import get_cpuid, invariant, lifecycle, vcpu
@@ -36,7 +37,6 @@ from kvmtdx.model.lifecycle import TdState
 from kvmtdx.model.policy import Policy
 from kvmtdx.model.requests import Request
 from kvmtdx.outcome import Outcome
-from kvmtdx.status import errno_name
 from kvmtdx.structs import KVM_MAX_CPUID_ENTRIES, CpuidEntry
 
 ENTRY = layout.SIZEOF_CPUID_ENTRY2
@@ -64,14 +64,10 @@ class _Td:
     accepted: Outcome | None = None
 
 
-def _text(err: int | None) -> str:
-    return "not sent" if err is None else "success" if not err else f"-{errno_name(err)}"
-
-
 def _errno_departure(k: int, ioctl: str, want: int, got: int | None) -> Discrepancy:
-    return Discrepancy(k, Call.VCPU, Verdict.DIFFERS, f"{ioctl} {_text(want)}",
-                       f"{ioctl} {_text(got)}",
-                       (Call.VCPU.value, ioctl, _text(want), _text(got)),
+    return Discrepancy(k, Call.VCPU, Verdict.DIFFERS, f"{ioctl} {errno_text(want)}",
+                       f"{ioctl} {errno_text(got)}",
+                       (Call.VCPU.value, ioctl, errno_text(want), errno_text(got)),
                        note="a TD vCPU needs an initialised TD (EIO) and a split irqchip "
                             "(EINVAL), Linux 7.3 tdx_vcpu_create")
 
@@ -149,8 +145,8 @@ def _read(model: Model, td: _Td, k: int, size: int, want_errno: int, want: bytes
     got = read.buffer
     head = f"{_room(size)}: "
     if read.errno != want_errno or got[:HEADER] != want[:HEADER]:
-        said = [_text(want_errno), f"nent {int.from_bytes(want[:4], 'little')}"]
-        saw = [_text(read.errno), f"nent {int.from_bytes(got[:4], 'little')}"]
+        said = [errno_text(want_errno), f"nent {int.from_bytes(want[:4], 'little')}"]
+        saw = [errno_text(read.errno), f"nent {int.from_bytes(got[:4], 'little')}"]
         if got[4:HEADER] != want[4:HEADER]:
             said.append("the caller's padding")
             saw.append(f"padding 0x{int.from_bytes(got[4:HEADER], 'little'):08x}")
@@ -166,8 +162,8 @@ def _read(model: Model, td: _Td, k: int, size: int, want_errno: int, want: bytes
     if got[end:] != want[end:]:
         first = (next(i for i in range(end, len(got)) if got[i] != want[i]) - HEADER) // ENTRY
         kept = f"nothing past its {count} entries" if count else "no entry"
-        return _read_departure(k, head + f"{_text(want_errno)}, {kept} written",
-                               head + f"{_text(read.errno)}, entries[{first}] written",
+        return _read_departure(k, head + f"{errno_text(want_errno)}, {kept} written",
+                               head + f"{errno_text(read.errno)}, entries[{first}] written",
                                "written", want_errno, read.errno)
     return None
 
@@ -175,7 +171,8 @@ def _read(model: Model, td: _Td, k: int, size: int, want_errno: int, want: bytes
 def _read_departure(k: int, expected: str, actual: str, what: str, want: int,
                     got: int) -> Discrepancy:
     return Discrepancy(k, Call.GET_CPUID, Verdict.DIFFERS, expected, actual,
-                       (Call.GET_CPUID.value, what, _text(want), _text(got)), note=READ_NOTE)
+                       (Call.GET_CPUID.value, what, errno_text(want), errno_text(got)),
+                       note=READ_NOTE)
 
 
 def _entries(model: Model, td: _Td, k: int, want: Sequence[CpuidEntry],
@@ -228,6 +225,6 @@ def _set_cpuid2(k: int, call: VcpuCall, answer: VcpuAnswer) -> Discrepancy | Non
     note = invariant.SET_CPUID2_VALIDATED_NOTE if verdict is Verdict.STRICTER else \
         "KVM_SET_CPUID2 on a TD vCPU is KVM's generic code (kvm_set_cpuid, kvm_check_cpuid)"
     return Discrepancy(k, Call.SET_CPUID2, verdict, f"KVM_SET_CPUID2 with {what}: "
-                       f"{_text(want)}", f"KVM_SET_CPUID2 with {what}: {_text(got)}",
-                       (Call.SET_CPUID2.value, verdict.value, _text(want), _text(got)),
+                       f"{errno_text(want)}", f"KVM_SET_CPUID2 with {what}: {errno_text(got)}",
+                       (Call.SET_CPUID2.value, verdict.value, errno_text(want), errno_text(got)),
                        note=note)
