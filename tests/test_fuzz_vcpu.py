@@ -250,10 +250,16 @@ def test_the_kernel_source_host_says_once_it_has_no_vcpu_path_and_goes_on(
      "calls[1].vcpu.lie.register: 'esp'"),
     ({"vcpu": {"lie": {"leaf": 7, "subleaf": 0, "register": "ebx", "bit": 32, "set": True}}},
      "calls[1].vcpu.lie.bit: 32"),
+    ({"vcpu": {"lie": {"leaf": 7, "subleaf": None, "register": "ebx", "bit": 1, "set": 1}}},
+     "calls[1].vcpu.lie.set: expected true or false"),
     ({"vcpu": {"split_irqchip": 1}}, "calls[1].vcpu.split_irqchip: expected true or false"),
     ({"vcpu": {"cpus": 2}}, "calls[1].vcpu"),
+    ({"capabilities": {"nent": 257}}, "calls[1].capabilities.nent: 257: room for at most 256"),
+    ({"capabilities": {}}, "calls[1].capabilities.nent: missing"),
+    ({"capabilities": {"nent": 1, "header": [0]}},
+     "calls[1].capabilities.header: expected a list of 6 integers"),
 ])
-def test_a_wrong_vcpu_call_in_a_replay_file_is_one_line(
+def test_a_wrong_call_in_a_replay_file_is_one_line(
         capsys: pytest.CaptureFixture[str], tmp_path: Path, call: dict[str, Any],
         says: str) -> None:
     path = tmp_path / "case.json"
