@@ -168,27 +168,11 @@ def _seed_of(args: argparse.Namespace) -> int:
 
 
 def _database(args: argparse.Namespace) -> Path | None:
-    """--db, else the cache directory's fuzz/ where it can be made (else none: a run does
-    not fail for want of a cache)."""
+    from kvmtdx.fuzz import default_database
+
     if args.no_db:
         return None
-    if args.db:
-        return Path(args.db)
-    root = cache_root() / "fuzz"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return None
-    return root if os.access(root, os.W_OK | os.X_OK) else None
-
-
-def cache_root() -> Path:
-    """$KVMTDX_CACHE_DIR, else the XDG cache directory's kvmtdx/: never the working
-    directory, which hypothesis would otherwise fill."""
-    env = os.environ.get("KVMTDX_CACHE_DIR")
-    if env:
-        return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kvmtdx"
+    return Path(args.db) if args.db else default_database()
 
 
 def _end_progress(tty: bool) -> None:
