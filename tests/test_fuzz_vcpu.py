@@ -147,6 +147,49 @@ def test_entries_written_with_e2big_differ() -> None:
     assert "no entry written" in d.expected and "entries[0] written" in d.actual
 
 
+def _swapped(entries: tuple[CpuidEntry, ...]) -> tuple[CpuidEntry, ...]:
+    return (entries[1], entries[0], *entries[2:])
+
+
+def _padded(entries: tuple[CpuidEntry, ...]) -> tuple[CpuidEntry, ...]:
+    return (replace(entries[0], padding=(1, 0, 0)), *entries[1:])
+
+
+def _short_call() -> VcpuCall:
+    return VcpuCall(nent=len(td_entries()) - 1, fill=0xA5)
+
+
+def _header_padding_lost() -> VcpuAnswer:
+    """E2BIG with the count right but the caller's padding overwritten."""
+    good = answer(_short_call())
+    first = good.reads[0]
+    return replace(good, reads=(CpuidRead(first.errno, first.buffer[:4] + bytes(4)
+                                          + first.buffer[8:]), *good.reads[1:]))
+
+
+def _second_read_refused() -> VcpuAnswer:
+    """The read again with the room KVM asked for, refused all the same."""
+    good = answer(_short_call())
+    return replace(good, reads=(good.reads[0], CpuidRead(errno.E2BIG, good.reads[1].buffer)))
+
+
+@pytest.mark.parametrize(("call", "got", "where", "says"), [
+    (VcpuCall(), lambda: VcpuAnswer(errno.EINVAL, None), "vcpu",
+     "KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP) -EINVAL"),
+    (_short_call(), _header_padding_lost, "get_cpuid", "padding 0x00000000"),
+    (_short_call(), _second_read_refused, "get_cpuid", "-E2BIG"),
+    (VcpuCall(), lambda: answer(VcpuCall(), _swapped(td_entries())), "td_cpuid",
+     "0x1 where 0x0 belongs"),
+    (VcpuCall(), lambda: answer(VcpuCall(), _padded(td_entries())), "td_cpuid",
+     "0x0 padding (1, 0, 0)"),
+], ids=["split_irqchip", "header_padding", "second_read", "entry_order", "entry_padding"])
+def test_each_part_of_the_path_is_judged(call: VcpuCall, got: Any, where: str,
+                                         says: str) -> None:
+    (d,) = judged(call, got()).departures
+    assert (d.call.value, d.verdict) == (where, Verdict.DIFFERS)
+    assert says in d.actual, d.actual
+
+
 def test_a_td_cpuid_bit_off_the_mirror_differs_on_an_exact_host_only() -> None:
     entries = td_entries()
     k = next(i for i, e in enumerate(entries) if (e.function, e.index) == (7, 0))
