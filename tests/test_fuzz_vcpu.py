@@ -22,7 +22,9 @@ from helpers import run_cli
 from kernelsrc_support import linux_tree
 
 from kvmtdx import layout
+from kvmtdx.device import Kvm
 from kvmtdx.errors import ExitCode
+from kvmtdx.fuzz.execute import Tally, run_scenario
 from kvmtdx.fuzz.judge import Model, Observed, Verdict, judge
 from kvmtdx.fuzz.judgement import SPLIT_IRQCHIP, CpuidRead, VcpuAnswer
 from kvmtdx.fuzz.scenario import Lie, VcpuCall
@@ -31,6 +33,7 @@ from kvmtdx.model.policy import get_policy
 from kvmtdx.model.profiles import MAX_HOST, load_profile
 from kvmtdx.model.rules import LEAF7_EBX_HLE
 from kvmtdx.outcome import Outcome
+from kvmtdx.session import open_backend
 from kvmtdx.structs import KVM_MAX_CPUID_ENTRIES, CpuidEntry
 
 RFC = Model(load_profile("2.0"), MAX_HOST, get_policy("rfc-v2"),
@@ -239,6 +242,22 @@ def test_a_backend_without_vcpu_ioctls_is_said_once_not_judged() -> None:
 
 # ---------------------------------------------------------------------------
 # Runs: the summary, a vCPU finding replayed, a backend without vCPU ioctls.
+
+
+def test_a_read_with_too_little_room_is_sent_again_with_the_count_kvm_told() -> None:
+    """As a VMM does: the second KVM_TDX_GET_CPUID gets the TD's CPUID, which then goes to
+    KVM_SET_CPUID2."""
+    backend = open_backend(simulate="2.0:rfc-v2")
+    tally = Tally()
+    scenario = (FULL, VcpuCall(nent=1, set_cpuid2=True))
+    with Kvm(backend.seam, backend.path) as kvm:
+        observed = run_scenario(kvm, backend.seam, scenario, tally)
+    got = observed.answers[-1]
+    assert isinstance(got, VcpuAnswer)
+    assert [r.errno for r in got.reads] == [errno.E2BIG, 0] and got.set_cpuid2 == 0
+    assert layout.unpack_cpuid2(got.reads[1].buffer)[1] == td_entries()
+    assert (tally.vcpu_steps, tally.get_cpuid_calls, tally.set_cpuid2_calls) == (1, 2, 1)
+    assert judge(RFC, scenario, observed).departures == ()
 
 
 def test_a_correct_kernel_drives_the_vcpu_path_and_says_how_often(
