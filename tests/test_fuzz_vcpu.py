@@ -27,12 +27,14 @@ from kvmtdx.errors import ExitCode
 from kvmtdx.fuzz.execute import Tally, run_scenario
 from kvmtdx.fuzz.judge import Model, Observed, Verdict, judge
 from kvmtdx.fuzz.judgement import SPLIT_IRQCHIP, CpuidRead, VcpuAnswer
-from kvmtdx.fuzz.scenario import Lie, VcpuCall
+from kvmtdx.fuzz.replay import FUZZ_CASE_KIND, case_from_json
+from kvmtdx.fuzz.scenario import CapsCall, Lie, VcpuCall
 from kvmtdx.model import get_cpuid, invariant, mirror, vcpu
 from kvmtdx.model.policy import get_policy
 from kvmtdx.model.profiles import MAX_HOST, load_profile
 from kvmtdx.model.rules import LEAF7_EBX_HLE
 from kvmtdx.outcome import Outcome
+from kvmtdx.report.fuzz import calls_json
 from kvmtdx.session import open_backend
 from kvmtdx.structs import KVM_MAX_CPUID_ENTRIES, CpuidEntry
 
@@ -304,6 +306,18 @@ def test_the_kernel_source_host_says_once_it_has_no_vcpu_path_and_goes_on(
     text = run_cli(capsys, "fuzz", "--kernel-source", tree, "--seed", "1", "--no-db",
                    "--max-tds", "300").out
     assert text.count("answers no vCPU ioctl") == 1
+
+
+@pytest.mark.parametrize("last", [
+    VcpuCall(False, 7, 0xA5, True, Lie(0x80000001, None, "edx", 31, False)),
+    VcpuCall(True, KVM_MAX_CPUID_ENTRIES, 0, True, Lie(7, 0, "ebx", 4, True)),
+    VcpuCall(nent=0),
+])
+def test_a_fuzz_case_reads_back_as_the_calls_written(last: VcpuCall) -> None:
+    caps = CapsCall(3, 1, 2, (1, 2, 3, 4, 5, 2**64 - 1), 0xA5)
+    scenario = (FULL, caps, last)
+    doc = json.loads(json.dumps({"kind": FUZZ_CASE_KIND, "calls": calls_json(scenario)}))
+    assert case_from_json(doc, "case.json") == scenario
 
 
 @pytest.mark.parametrize(("call", "says"), [
