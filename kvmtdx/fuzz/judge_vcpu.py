@@ -107,13 +107,17 @@ def _predicted(model: Model, origin: Initialised | None) -> _Td:
 # KVM_TDX_GET_CPUID.
 
 
+def _nent(buffer: bytes) -> int:
+    return layout.unpack_cpuid2_header(buffer)[0]
+
+
 def _expected(td: _Td, buffer: bytes, read: CpuidRead) -> tuple[int, bytes]:
     """The read's errno and buffer: as predicted, or (the TD unknown) as its own count says."""
     if td.known:
         return vcpu.get_cpuid_answer(td.entries, buffer)
     if read.errno == errno.EIO:
         return errno.EIO, buffer
-    count = int.from_bytes(read.buffer[:4], "little")
+    count = _nent(read.buffer)
     got = layout.unpack_cpuid2(read.buffer)[1]
     return vcpu.get_cpuid_answer(got if len(got) == count else (CpuidEntry(0),) * count, buffer)
 
@@ -127,7 +131,7 @@ def _reads(model: Model, td: _Td, k: int, call: VcpuCall,
         d = _read(model, td, k, len(buffer), want_errno, want, read)
         if d is not None:
             return d
-        told = int.from_bytes(want[:4], "little")
+        told = _nent(want)
         if want_errno != errno.E2BIG or not told <= KVM_MAX_CPUID_ENTRIES or n:
             return None
         buffer = call.buffer(told)
@@ -145,15 +149,15 @@ def _read(model: Model, td: _Td, k: int, size: int, want_errno: int, want: bytes
     got = read.buffer
     head = f"{_room(size)}: "
     if read.errno != want_errno or got[:HEADER] != want[:HEADER]:
-        said = [errno_text(want_errno), f"nent {int.from_bytes(want[:4], 'little')}"]
-        saw = [errno_text(read.errno), f"nent {int.from_bytes(got[:4], 'little')}"]
+        said = [errno_text(want_errno), f"nent {_nent(want)}"]
+        saw = [errno_text(read.errno), f"nent {_nent(got)}"]
         if got[4:HEADER] != want[4:HEADER]:
             said.append("the caller's padding")
-            saw.append(f"padding 0x{int.from_bytes(got[4:HEADER], 'little'):08x}")
+            saw.append(f"padding 0x{layout.unpack_cpuid2_header(got)[1]:08x}")
         what = "errno" if read.errno != want_errno else "header"
         return _read_departure(k, head + ", ".join(said), head + ", ".join(saw), what,
                                want_errno, read.errno)
-    count = int.from_bytes(want[:4], "little") if not want_errno else 0
+    count = _nent(want) if not want_errno else 0
     if td.known and td.entries is not None and count:
         d = _entries(model, td, k, td.entries, layout.unpack_cpuid2(got)[1])
         if d is not None:

@@ -50,7 +50,7 @@ def get_cpuid_answer(entries: Sequence[CpuidEntry] | None, buffer: bytes) -> tup
     before it and the entries the walk gives (None: -EIO)."""
     if entries is None:
         return errno.EIO, buffer
-    room = int.from_bytes(buffer[:4], "little")
+    room = layout.unpack_cpuid2_header(buffer)[0]
     header = len(entries).to_bytes(4, "little") + buffer[4:layout.SIZEOF_CPUID2]
     rest = buffer[layout.SIZEOF_CPUID2:]
     if room < len(entries):
