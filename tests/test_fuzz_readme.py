@@ -1,6 +1,6 @@
 """The README's `kvmtdx fuzz` example runs and prints what the README shows: a discrepancy
 found and shrunk, its replay file through `init-vm` on the buggy kernel, and `fuzz --replay`
-passing on the fixed one.
+passing on the fixed one; its JSON description names every field the report writes.
 
 An example is a ```sh block of the fuzz section; each `$ kvmtdx ...` line is a command and
 the lines up to the next are its output (`...` stands for lines left out, a line ending in
@@ -16,6 +16,9 @@ from pathlib import Path
 
 import pytest
 from helpers import run_cli, shown_in
+
+from kvmtdx.fuzz.judgement import Call
+from kvmtdx.fuzz.result import End
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 SH = re.compile(r"^```sh\n(.*?)^```$", re.M | re.S)
@@ -55,3 +58,18 @@ def test_the_readme_examples_print_what_the_readme_shows(
         r = run_cli(capsys, *shlex.split(command)[1:])
         assert r.rc in (0, 1), (command, r.err)
         assert shown_in(shown, r.out.splitlines()), (command, r.out)
+
+
+def test_the_readme_names_every_field_of_the_json_report(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Every field a report and its findings carry, every call a finding can name and every
+    way a run ends are in the README's JSON description."""
+    section = _section()
+    described = section[section.index("JSON (`--format json`)"):]
+    r = run_cli(capsys, "fuzz", "--simulate", "2.0:rfc-v2:vcpu_without_split_irqchip",
+                "--seed", "1", "--first", "--no-db", "--format", "json")
+    doc = r.json()
+    assert r.rc == 1 and doc["findings"]
+    fields = {*doc, *doc["budget"], *doc["summary"], *doc["findings"][0]}
+    names = fields | {c.value for c in Call} | {e.value for e in End}
+    assert not [n for n in sorted(names) if f'"{n}"' not in described]

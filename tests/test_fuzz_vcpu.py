@@ -22,15 +22,20 @@ from helpers import run_cli
 from kernelsrc_support import linux_tree
 
 from kvmtdx import layout
+from kvmtdx.device import Kvm
 from kvmtdx.errors import ExitCode
+from kvmtdx.fuzz.execute import Tally, run_scenario
 from kvmtdx.fuzz.judge import Model, Observed, Verdict, judge
 from kvmtdx.fuzz.judgement import SPLIT_IRQCHIP, CpuidRead, VcpuAnswer
-from kvmtdx.fuzz.scenario import Lie, VcpuCall
+from kvmtdx.fuzz.replay import FUZZ_CASE_KIND, case_from_json
+from kvmtdx.fuzz.scenario import CapsCall, Lie, VcpuCall
 from kvmtdx.model import get_cpuid, invariant, mirror, vcpu
 from kvmtdx.model.policy import get_policy
 from kvmtdx.model.profiles import MAX_HOST, load_profile
 from kvmtdx.model.rules import LEAF7_EBX_HLE
 from kvmtdx.outcome import Outcome
+from kvmtdx.report.fuzz import calls_json
+from kvmtdx.session import open_backend
 from kvmtdx.structs import KVM_MAX_CPUID_ENTRIES, CpuidEntry
 
 RFC = Model(load_profile("2.0"), MAX_HOST, get_policy("rfc-v2"),
@@ -147,6 +152,49 @@ def test_entries_written_with_e2big_differ() -> None:
     assert "no entry written" in d.expected and "entries[0] written" in d.actual
 
 
+def _swapped(entries: tuple[CpuidEntry, ...]) -> tuple[CpuidEntry, ...]:
+    return (entries[1], entries[0], *entries[2:])
+
+
+def _padded(entries: tuple[CpuidEntry, ...]) -> tuple[CpuidEntry, ...]:
+    return (replace(entries[0], padding=(1, 0, 0)), *entries[1:])
+
+
+def _short_call() -> VcpuCall:
+    return VcpuCall(nent=len(td_entries()) - 1, fill=0xA5)
+
+
+def _header_padding_lost() -> VcpuAnswer:
+    """E2BIG with the count right but the caller's padding overwritten."""
+    good = answer(_short_call())
+    first = good.reads[0]
+    return replace(good, reads=(CpuidRead(first.errno, first.buffer[:4] + bytes(4)
+                                          + first.buffer[8:]), *good.reads[1:]))
+
+
+def _second_read_refused() -> VcpuAnswer:
+    """The read again with the room KVM asked for, refused all the same."""
+    good = answer(_short_call())
+    return replace(good, reads=(good.reads[0], CpuidRead(errno.E2BIG, good.reads[1].buffer)))
+
+
+@pytest.mark.parametrize(("call", "got", "where", "says"), [
+    (VcpuCall(), lambda: VcpuAnswer(errno.EINVAL, None), "vcpu",
+     "KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP) -EINVAL"),
+    (_short_call(), _header_padding_lost, "get_cpuid", "padding 0x00000000"),
+    (_short_call(), _second_read_refused, "get_cpuid", "-E2BIG"),
+    (VcpuCall(), lambda: answer(VcpuCall(), _swapped(td_entries())), "td_cpuid",
+     "0x1 where 0x0 belongs"),
+    (VcpuCall(), lambda: answer(VcpuCall(), _padded(td_entries())), "td_cpuid",
+     "0x0 padding (1, 0, 0)"),
+], ids=["split_irqchip", "header_padding", "second_read", "entry_order", "entry_padding"])
+def test_each_part_of_the_path_is_judged(call: VcpuCall, got: Any, where: str,
+                                         says: str) -> None:
+    (d,) = judged(call, got()).departures
+    assert (d.call.value, d.verdict) == (where, Verdict.DIFFERS)
+    assert says in d.actual, d.actual
+
+
 def test_a_td_cpuid_bit_off_the_mirror_differs_on_an_exact_host_only() -> None:
     entries = td_entries()
     k = next(i for i, e in enumerate(entries) if (e.function, e.index) == (7, 0))
@@ -198,6 +246,22 @@ def test_a_backend_without_vcpu_ioctls_is_said_once_not_judged() -> None:
 # Runs: the summary, a vCPU finding replayed, a backend without vCPU ioctls.
 
 
+def test_a_read_with_too_little_room_is_sent_again_with_the_count_kvm_told() -> None:
+    """As a VMM does: the second KVM_TDX_GET_CPUID gets the TD's CPUID, which then goes to
+    KVM_SET_CPUID2."""
+    backend = open_backend(simulate="2.0:rfc-v2")
+    tally = Tally()
+    scenario = (FULL, VcpuCall(nent=1, set_cpuid2=True))
+    with Kvm(backend.seam, backend.path) as kvm:
+        observed = run_scenario(kvm, backend.seam, scenario, tally)
+    got = observed.answers[-1]
+    assert isinstance(got, VcpuAnswer)
+    assert [r.errno for r in got.reads] == [errno.E2BIG, 0] and got.set_cpuid2 == 0
+    assert layout.unpack_cpuid2(got.reads[1].buffer)[1] == td_entries()
+    assert (tally.vcpu_steps, tally.get_cpuid_calls, tally.set_cpuid2_calls) == (1, 2, 1)
+    assert judge(RFC, scenario, observed).departures == ()
+
+
 def test_a_correct_kernel_drives_the_vcpu_path_and_says_how_often(
         capsys: pytest.CaptureFixture[str]) -> None:
     r = run_cli(capsys, "fuzz", "--simulate", "2.0:rfc-v2", "--seed", "2", "--no-db",
@@ -244,16 +308,34 @@ def test_the_kernel_source_host_says_once_it_has_no_vcpu_path_and_goes_on(
     assert text.count("answers no vCPU ioctl") == 1
 
 
+@pytest.mark.parametrize("last", [
+    VcpuCall(False, 7, 0xA5, True, Lie(0x80000001, None, "edx", 31, False)),
+    VcpuCall(True, KVM_MAX_CPUID_ENTRIES, 0, True, Lie(7, 0, "ebx", 4, True)),
+    VcpuCall(nent=0),
+])
+def test_a_fuzz_case_reads_back_as_the_calls_written(last: VcpuCall) -> None:
+    caps = CapsCall(3, 1, 2, (1, 2, 3, 4, 5, 2**64 - 1), 0xA5)
+    scenario = (FULL, caps, last)
+    doc = json.loads(json.dumps({"kind": FUZZ_CASE_KIND, "calls": calls_json(scenario)}))
+    assert case_from_json(doc, "case.json") == scenario
+
+
 @pytest.mark.parametrize(("call", "says"), [
     ({"vcpu": {"nent": 257}}, "calls[1].vcpu.nent: 257: room for at most 256"),
     ({"vcpu": {"lie": {"leaf": 7, "subleaf": 0, "register": "esp", "bit": 1, "set": True}}},
      "calls[1].vcpu.lie.register: 'esp'"),
     ({"vcpu": {"lie": {"leaf": 7, "subleaf": 0, "register": "ebx", "bit": 32, "set": True}}},
      "calls[1].vcpu.lie.bit: 32"),
+    ({"vcpu": {"lie": {"leaf": 7, "subleaf": None, "register": "ebx", "bit": 1, "set": 1}}},
+     "calls[1].vcpu.lie.set: expected true or false"),
     ({"vcpu": {"split_irqchip": 1}}, "calls[1].vcpu.split_irqchip: expected true or false"),
     ({"vcpu": {"cpus": 2}}, "calls[1].vcpu"),
+    ({"capabilities": {"nent": 257}}, "calls[1].capabilities.nent: 257: room for at most 256"),
+    ({"capabilities": {}}, "calls[1].capabilities.nent: missing"),
+    ({"capabilities": {"nent": 1, "header": [0]}},
+     "calls[1].capabilities.header: expected a list of 6 integers"),
 ])
-def test_a_wrong_vcpu_call_in_a_replay_file_is_one_line(
+def test_a_wrong_call_in_a_replay_file_is_one_line(
         capsys: pytest.CaptureFixture[str], tmp_path: Path, call: dict[str, Any],
         says: str) -> None:
     path = tmp_path / "case.json"

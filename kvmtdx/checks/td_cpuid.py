@@ -14,7 +14,7 @@ from kvmtdx.device import TdCpuidRead, Vcpu
 from kvmtdx.model import mirror
 from kvmtdx.model.builders import Trap
 from kvmtdx.model.catalog import BitRef
-from kvmtdx.model.get_cpuid import EntryKey, entry_regs
+from kvmtdx.model.get_cpuid import EntryKey, differing_registers, entry_label, entry_regs
 from kvmtdx.model.profiles import enumerated
 from kvmtdx.model.requests import Request
 from kvmtdx.model.rules import (
@@ -43,10 +43,6 @@ def cpuid_of(read: TdCpuidRead | None) -> tuple[CpuidEntry, ...]:
     return read.entries
 
 
-def entry_label(e: CpuidEntry) -> str:
-    return f"0x{e.function:x}" + (f".{e.index}" if e.significant_index else "")
-
-
 def mismatches(got: Sequence[CpuidEntry], want: Sequence[CpuidEntry],
                unknown: dict[EntryKey, tuple[int, int, int, int]] | None = None) -> list[str]:
     """Per leaf: what differs between the TD's CPUID as read and as predicted (bits the
@@ -60,9 +56,8 @@ def mismatches(got: Sequence[CpuidEntry], want: Sequence[CpuidEntry],
         if w is None:
             continue
         excused = (unknown or {}).get(k, (0, 0, 0, 0))
-        for r, a, b, x in zip(REGISTERS, e.regs(), w.regs(), excused, strict=True):
-            if (a ^ b) & ~x:
-                out.append(f"{entry_label(e)} {r.upper()} 0x{a:08x}, expected 0x{b:08x}")
+        out += [f"{entry_label(e)} {r.upper()} 0x{a:08x}, expected 0x{b:08x}"
+                for r, a, b in differing_registers(e, w, excused)]
     if not out and [(e.function, e.index) for e in got] != [(e.function, e.index) for e in want]:
         out.append("the leaves in another order")
     return out

@@ -36,7 +36,8 @@ DESCRIPTION = (
     "Differential fuzzing: draw KVM_TDX_INIT_VM requests and KVM_TDX_CAPABILITIES calls from "
     "what the kernel reported (the CPUID lookup's flags, indexes, order, duplicates and "
     "strays; bits inside, hidden by KVM and outside what the module takes; attributes, XFAM, "
-    "GPAW and value registers; the words KVM must refuse; a TD's history), hold every answer "
+    "GPAW and value registers; the words KVM must refuse; a TD's history), and the vCPU path "
+    "that reads the TD's CPUID (KVM_TDX_GET_CPUID, KVM_SET_CPUID2), hold every answer "
     "to the mirror's exact prediction, and shrink each discrepancy to a minimal request.  "
     "A kernel stricter than the model where the invariant allows it (spec section 5) is "
     "reported apart, not as a failure.  Needs hypothesis: pip install 'kvmtdx[fuzz]'.")
@@ -94,8 +95,8 @@ def arguments(p: argparse.ArgumentParser) -> None:
                         "as failures")
     g.add_argument("--save", metavar="DIR", type=output_directory("--save"),
                    help="write each finding to DIR as a replay file: a request 'kvmtdx "
-                        "init-vm --request' replays, or (with KVM_TDX_CAPABILITIES calls) a "
-                        "fuzz case 'kvmtdx fuzz --replay' replays (DIR is created)")
+                        "init-vm --request' replays, or (with KVM_TDX_CAPABILITIES calls or the "
+                        "vCPU path) a fuzz case 'kvmtdx fuzz --replay' replays (DIR is created)")
     db = g.add_mutually_exclusive_group()
     db.add_argument("--db", metavar="DIR", type=output_directory("--db"),
                     help="keep hypothesis's failing examples under DIR (default: the kvmtdx "
@@ -167,27 +168,11 @@ def _seed_of(args: argparse.Namespace) -> int:
 
 
 def _database(args: argparse.Namespace) -> Path | None:
-    """--db, else the cache directory's fuzz/ where it can be made (else none: a run does
-    not fail for want of a cache)."""
+    from kvmtdx.fuzz import default_database
+
     if args.no_db:
         return None
-    if args.db:
-        return Path(args.db)
-    root = cache_root() / "fuzz"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return None
-    return root if os.access(root, os.W_OK | os.X_OK) else None
-
-
-def cache_root() -> Path:
-    """$KVMTDX_CACHE_DIR, else the XDG cache directory's kvmtdx/: never the working
-    directory, which hypothesis would otherwise fill."""
-    env = os.environ.get("KVMTDX_CACHE_DIR")
-    if env:
-        return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kvmtdx"
+    return Path(args.db) if args.db else default_database()
 
 
 def _end_progress(tty: bool) -> None:

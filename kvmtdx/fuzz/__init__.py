@@ -16,6 +16,7 @@ saved findings (`run_replay`) does not.
 from __future__ import annotations
 
 import hashlib
+import os
 import platform
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from kvmtdx.session import Backend
 from kvmtdx.structs import Capabilities
 
 __all__ = ["Budget", "End", "Finding", "FuzzOptions", "FuzzReport", "Progress", "Stats",
-           "VcpuStats", "require_hypothesis", "run_fuzz", "run_replay"]
+           "VcpuStats", "default_database", "require_hypothesis", "run_fuzz", "run_replay"]
 
 INSTALL_HINT = "pip install 'kvmtdx[fuzz]'"
 
@@ -86,6 +87,22 @@ def _open(kvm: Kvm, known: Given) -> _Opened:
 def _ground(o: _Opened) -> Ground:
     return ground(o.caps.entries, o.caps.supported_attrs, o.caps.supported_xfam,
                   o.model.module, o.model.host, o.model.policy)
+
+
+def default_database() -> Path | None:
+    """Where hypothesis keeps failing examples unless told: fuzz/ in $KVMTDX_CACHE_DIR, else
+    in the XDG cache directory's kvmtdx/, never the working directory, which hypothesis
+    would otherwise fill; None where it cannot be made (a run does not fail for want of a
+    cache)."""
+    env = os.environ.get("KVMTDX_CACHE_DIR")
+    cache = Path(env) if env else \
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kvmtdx"
+    root = cache / "fuzz"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return root if os.access(root, os.W_OK | os.X_OK) else None
 
 
 def database_for(root: Path, backend: Backend, model: Model) -> Path:

@@ -60,7 +60,7 @@ def _reads(vcpu: Vcpu, call: VcpuCall) -> tuple[CpuidRead, ...]:
     """KVM_TDX_GET_CPUID with the call's room and, after E2BIG, with the count KVM told."""
     first = vcpu.tdx_get_cpuid_raw(call.nent, fill=call.buffer())
     reads = [CpuidRead(first.errno, first.data)]
-    told = int.from_bytes(first.data[:4], "little")
+    told = layout.unpack_cpuid2_header(first.data)[0]
     if first.errno == errno.E2BIG and call.nent < told <= KVM_MAX_CPUID_ENTRIES:
         again = vcpu.tdx_get_cpuid_raw(told, fill=call.buffer(told))
         reads.append(CpuidRead(again.errno, again.data))

@@ -38,13 +38,13 @@ from kvmtdx.fuzz.judgement import (
     Unjudged,
     VcpuAnswer,
     Verdict,
+    errno_text,
 )
 from kvmtdx.fuzz.scenario import HEADER_WORDS, CapsCall, Scenario, VcpuCall
 from kvmtdx.model import lifecycle, mirror
 from kvmtdx.model.lifecycle import TdState
 from kvmtdx.model.policy import Policy
 from kvmtdx.outcome import Outcome
-from kvmtdx.status import errno_name
 from kvmtdx.structs import REGISTERS, CpuidEntry
 
 __all__ = ["Answer", "Call", "CapsAnswer", "Discrepancy", "Judgement", "Model", "Observed",
@@ -140,18 +140,14 @@ def _capabilities(model: Model, state: TdState, k: int, call: CapsCall,
     if answer.errno == want_errno and answer.buffer == want:
         return None
     where = "" if answer.buffer == want else difference(want, answer.buffer)
-    expected = f"KVM_TDX_CAPABILITIES {_errno_text(want_errno)}"
-    actual = f"KVM_TDX_CAPABILITIES {_errno_text(answer.errno)}"
+    expected = f"KVM_TDX_CAPABILITIES {errno_text(want_errno)}"
+    actual = f"KVM_TDX_CAPABILITIES {errno_text(answer.errno)}"
     if where:
         actual += f", the buffer differs at {where}"
         expected += ", the buffer " + ("untouched" if want == buf else "as predicted")
-    group = (Call.CAPABILITIES.value, Verdict.DIFFERS.value, _errno_text(want_errno),
-             _errno_text(answer.errno), where.split("[")[0].split(" ")[0])
+    group = (Call.CAPABILITIES.value, Verdict.DIFFERS.value, errno_text(want_errno),
+             errno_text(answer.errno), where.split("[")[0].split(" ")[0])
     return Discrepancy(k, Call.CAPABILITIES, Verdict.DIFFERS, expected, actual, group)
-
-
-def _errno_text(err: int) -> str:
-    return "success" if not err else f"-{errno_name(err)}"
 
 
 def difference(want: bytes, got: bytes) -> str:

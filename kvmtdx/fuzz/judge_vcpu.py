@@ -29,6 +29,7 @@ from kvmtdx.fuzz.judgement import (
     Model,
     VcpuAnswer,
     Verdict,
+    errno_text,
 )
 from kvmtdx.fuzz.scenario import VcpuCall
 from kvmtdx.model import get_cpuid, invariant, lifecycle, vcpu
@@ -36,8 +37,7 @@ from kvmtdx.model.lifecycle import TdState
 from kvmtdx.model.policy import Policy
 from kvmtdx.model.requests import Request
 from kvmtdx.outcome import Outcome
-from kvmtdx.status import errno_name
-from kvmtdx.structs import KVM_MAX_CPUID_ENTRIES, REGISTERS, CpuidEntry
+from kvmtdx.structs import KVM_MAX_CPUID_ENTRIES, CpuidEntry
 
 ENTRY = layout.SIZEOF_CPUID_ENTRY2
 HEADER = layout.SIZEOF_CPUID2
@@ -64,14 +64,10 @@ class _Td:
     accepted: Outcome | None = None
 
 
-def _text(err: int | None) -> str:
-    return "not sent" if err is None else "success" if not err else f"-{errno_name(err)}"
-
-
 def _errno_departure(k: int, ioctl: str, want: int, got: int | None) -> Discrepancy:
-    return Discrepancy(k, Call.VCPU, Verdict.DIFFERS, f"{ioctl} {_text(want)}",
-                       f"{ioctl} {_text(got)}",
-                       (Call.VCPU.value, ioctl, _text(want), _text(got)),
+    return Discrepancy(k, Call.VCPU, Verdict.DIFFERS, f"{ioctl} {errno_text(want)}",
+                       f"{ioctl} {errno_text(got)}",
+                       (Call.VCPU.value, ioctl, errno_text(want), errno_text(got)),
                        note="a TD vCPU needs an initialised TD (EIO) and a split irqchip "
                             "(EINVAL), Linux 7.3 tdx_vcpu_create")
 
@@ -111,13 +107,17 @@ def _predicted(model: Model, origin: Initialised | None) -> _Td:
 # KVM_TDX_GET_CPUID.
 
 
+def _nent(buffer: bytes) -> int:
+    return layout.unpack_cpuid2_header(buffer)[0]
+
+
 def _expected(td: _Td, buffer: bytes, read: CpuidRead) -> tuple[int, bytes]:
     """The read's errno and buffer: as predicted, or (the TD unknown) as its own count says."""
     if td.known:
         return vcpu.get_cpuid_answer(td.entries, buffer)
     if read.errno == errno.EIO:
         return errno.EIO, buffer
-    count = int.from_bytes(read.buffer[:4], "little")
+    count = _nent(read.buffer)
     got = layout.unpack_cpuid2(read.buffer)[1]
     return vcpu.get_cpuid_answer(got if len(got) == count else (CpuidEntry(0),) * count, buffer)
 
@@ -131,7 +131,7 @@ def _reads(model: Model, td: _Td, k: int, call: VcpuCall,
         d = _read(model, td, k, len(buffer), want_errno, want, read)
         if d is not None:
             return d
-        told = int.from_bytes(want[:4], "little")
+        told = _nent(want)
         if want_errno != errno.E2BIG or not told <= KVM_MAX_CPUID_ENTRIES or n:
             return None
         buffer = call.buffer(told)
@@ -149,15 +149,15 @@ def _read(model: Model, td: _Td, k: int, size: int, want_errno: int, want: bytes
     got = read.buffer
     head = f"{_room(size)}: "
     if read.errno != want_errno or got[:HEADER] != want[:HEADER]:
-        said = [_text(want_errno), f"nent {int.from_bytes(want[:4], 'little')}"]
-        saw = [_text(read.errno), f"nent {int.from_bytes(got[:4], 'little')}"]
+        said = [errno_text(want_errno), f"nent {_nent(want)}"]
+        saw = [errno_text(read.errno), f"nent {_nent(got)}"]
         if got[4:HEADER] != want[4:HEADER]:
             said.append("the caller's padding")
-            saw.append(f"padding 0x{int.from_bytes(got[4:HEADER], 'little'):08x}")
+            saw.append(f"padding 0x{layout.unpack_cpuid2_header(got)[1]:08x}")
         what = "errno" if read.errno != want_errno else "header"
         return _read_departure(k, head + ", ".join(said), head + ", ".join(saw), what,
                                want_errno, read.errno)
-    count = int.from_bytes(want[:4], "little") if not want_errno else 0
+    count = _nent(want) if not want_errno else 0
     if td.known and td.entries is not None and count:
         d = _entries(model, td, k, td.entries, layout.unpack_cpuid2(got)[1])
         if d is not None:
@@ -166,8 +166,8 @@ def _read(model: Model, td: _Td, k: int, size: int, want_errno: int, want: bytes
     if got[end:] != want[end:]:
         first = (next(i for i in range(end, len(got)) if got[i] != want[i]) - HEADER) // ENTRY
         kept = f"nothing past its {count} entries" if count else "no entry"
-        return _read_departure(k, head + f"{_text(want_errno)}, {kept} written",
-                               head + f"{_text(read.errno)}, entries[{first}] written",
+        return _read_departure(k, head + f"{errno_text(want_errno)}, {kept} written",
+                               head + f"{errno_text(read.errno)}, entries[{first}] written",
                                "written", want_errno, read.errno)
     return None
 
@@ -175,11 +175,8 @@ def _read(model: Model, td: _Td, k: int, size: int, want_errno: int, want: bytes
 def _read_departure(k: int, expected: str, actual: str, what: str, want: int,
                     got: int) -> Discrepancy:
     return Discrepancy(k, Call.GET_CPUID, Verdict.DIFFERS, expected, actual,
-                       (Call.GET_CPUID.value, what, _text(want), _text(got)), note=READ_NOTE)
-
-
-def _label(e: CpuidEntry) -> str:
-    return f"0x{e.function:x}" + (f".{e.index}" if e.significant_index else "")
+                       (Call.GET_CPUID.value, what, errno_text(want), errno_text(got)),
+                       note=READ_NOTE)
 
 
 def _entries(model: Model, td: _Td, k: int, want: Sequence[CpuidEntry],
@@ -188,18 +185,17 @@ def _entries(model: Model, td: _Td, k: int, want: Sequence[CpuidEntry],
     excused)."""
     excused = get_cpuid.unknown_bits(model.module)
     for a, b in zip(want, got, strict=False):
-        key = (a.function, a.index, a.flags)
+        key, label = (a.function, a.index, a.flags), get_cpuid.entry_label(a)
         if key != (b.function, b.index, b.flags):
-            return _cpuid_departure(k, td, f"{_label(b)} where {_label(a)} belongs",
-                                    (_label(a), "row"))
-        mask = excused.get(key, (0, 0, 0, 0))
-        for r, va, vb, x in zip(REGISTERS, a.regs(), b.regs(), mask, strict=True):
-            if (va ^ vb) & ~x:
-                return _cpuid_departure(k, td, f"{_label(a)} {r.upper()} 0x{vb:08x}, not "
-                                        f"0x{va:08x}", (_label(a), r))
+            return _cpuid_departure(k, td, f"{get_cpuid.entry_label(b)} where {label} belongs",
+                                    (label, "row"))
+        differ = get_cpuid.differing_registers(b, a, excused.get(key, (0, 0, 0, 0)))
+        if differ:
+            r, vb, va = differ[0]
+            return _cpuid_departure(k, td, f"{label} {r.upper()} 0x{vb:08x}, not 0x{va:08x}",
+                                    (label, r))
         if a.padding != b.padding:
-            return _cpuid_departure(k, td, f"{_label(a)} padding {b.padding}",
-                                    (_label(a), "padding"))
+            return _cpuid_departure(k, td, f"{label} padding {b.padding}", (label, "padding"))
     return None
 
 
@@ -233,6 +229,6 @@ def _set_cpuid2(k: int, call: VcpuCall, answer: VcpuAnswer) -> Discrepancy | Non
     note = invariant.SET_CPUID2_VALIDATED_NOTE if verdict is Verdict.STRICTER else \
         "KVM_SET_CPUID2 on a TD vCPU is KVM's generic code (kvm_set_cpuid, kvm_check_cpuid)"
     return Discrepancy(k, Call.SET_CPUID2, verdict, f"KVM_SET_CPUID2 with {what}: "
-                       f"{_text(want)}", f"KVM_SET_CPUID2 with {what}: {_text(got)}",
-                       (Call.SET_CPUID2.value, verdict.value, _text(want), _text(got)),
+                       f"{errno_text(want)}", f"KVM_SET_CPUID2 with {what}: {errno_text(got)}",
+                       (Call.SET_CPUID2.value, verdict.value, errno_text(want), errno_text(got)),
                        note=note)

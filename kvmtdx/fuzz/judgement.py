@@ -11,6 +11,7 @@ from kvmtdx.model import invariant
 from kvmtdx.model.policy import Policy
 from kvmtdx.model.profiles import Host, ModuleProfile
 from kvmtdx.outcome import Outcome
+from kvmtdx.status import errno_name
 from kvmtdx.structs import CpuidEntry
 
 
@@ -126,6 +127,11 @@ class Discrepancy:
     predicted: Outcome | None = None  # an INIT_VM's (the vCPU path's: the accepted one's)
     observed: Outcome | None = None
     note: str = ""
+
+
+def errno_text(err: int | None) -> str:
+    """An ioctl's errno as a finding says it: "success", "-EINVAL", or (None) "not sent"."""
+    return "not sent" if err is None else "success" if not err else f"-{errno_name(err)}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,12 +12,20 @@ from kvmtdx.errors import DataError
 from kvmtdx.fuzz.scenario import HEADER_WORDS, CapsCall, Lie, Scenario, Step, VcpuCall
 from kvmtdx.jsonfile import parse_int
 from kvmtdx.model.requests import request_from_json
-from kvmtdx.structs import REGISTERS
+from kvmtdx.structs import KVM_MAX_CPUID_ENTRIES, REGISTERS
 
 FUZZ_CASE_KIND = "fuzz-case"
 _CAPS_KEYS = ("nent", "flags", "hw_error", "header", "fill")
 _VCPU_KEYS = ("split_irqchip", "nent", "fill", "set_cpuid2", "lie")
 _LIE_KEYS = ("leaf", "subleaf", "register", "bit", "set")
+
+
+def _room(value: Any, where: str) -> int:
+    """A caller's buffer's room in entries: KVM takes at most KVM_MAX_CPUID_ENTRIES."""
+    nent = parse_int(value, where, 32)
+    if nent > KVM_MAX_CPUID_ENTRIES:
+        raise DataError(f"{where}: {nent}: room for at most {KVM_MAX_CPUID_ENTRIES} entries")
+    return nent
 
 
 def caps_call_from_json(value: Any, where: str) -> CapsCall:
@@ -30,19 +38,11 @@ def caps_call_from_json(value: Any, where: str) -> CapsCall:
     if not isinstance(header, list) or len(header) != len(HEADER_WORDS):
         raise DataError(f"{where}.header: expected a list of {len(HEADER_WORDS)} integers "
                         f"({', '.join(HEADER_WORDS)})")
-    nent = parse_int(value["nent"], f"{where}.nent", 32)
-    if nent > 256:
-        raise DataError(f"{where}.nent: {nent}: room for at most 256 entries")
-    return CapsCall(nent, parse_int(value.get("flags", 0), f"{where}.flags", 32),
+    return CapsCall(_room(value["nent"], f"{where}.nent"),
+                    parse_int(value.get("flags", 0), f"{where}.flags", 32),
                     parse_int(value.get("hw_error", 0), f"{where}.hw_error", 64),
                     tuple(parse_int(w, f"{where}.header[{i}]", 64) for i, w in enumerate(header)),
                     parse_int(value.get("fill", 0), f"{where}.fill", 8))
-
-
-def _flag(value: Any, where: str) -> bool:
-    if not isinstance(value, bool):
-        raise DataError(f"{where}: expected true or false")
-    return value
 
 
 def lie_from_json(value: Any, where: str) -> Lie | None:
@@ -61,7 +61,7 @@ def lie_from_json(value: Any, where: str) -> Lie | None:
     sub = value["subleaf"]
     return Lie(parse_int(value["leaf"], f"{where}.leaf", 32),
                None if sub is None else parse_int(sub, f"{where}.subleaf", 32), register,
-               _bit(value["bit"], f"{where}.bit"), _flag(value["set"], f"{where}.set"))
+               _bit(value["bit"], f"{where}.bit"), jsonfile.flag(value, "set", where))
 
 
 def _bit(value: Any, where: str) -> int:
@@ -76,12 +76,10 @@ def vcpu_call_from_json(value: Any, where: str) -> VcpuCall:
         raise DataError(f"{where}: expected an object (the vCPU path)")
     jsonfile.check_fields(value, where, _VCPU_KEYS)
     plain = VcpuCall()
-    nent = parse_int(value.get("nent", plain.nent), f"{where}.nent", 32)
-    if nent > 256:
-        raise DataError(f"{where}.nent: {nent}: room for at most 256 entries")
-    return VcpuCall(_flag(value.get("split_irqchip", True), f"{where}.split_irqchip"), nent,
+    return VcpuCall(jsonfile.flag(value, "split_irqchip", where, True),
+                    _room(value.get("nent", plain.nent), f"{where}.nent"),
                     parse_int(value.get("fill", 0), f"{where}.fill", 8),
-                    _flag(value.get("set_cpuid2", False), f"{where}.set_cpuid2"),
+                    jsonfile.flag(value, "set_cpuid2", where),
                     lie_from_json(value.get("lie"), f"{where}.lie"))
 
 

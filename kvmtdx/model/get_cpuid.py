@@ -33,7 +33,7 @@ from kvmtdx.model.mirror_module import InitVmPrediction
 from kvmtdx.model.profiles import ModuleProfile
 from kvmtdx.model.tdx_cpuid import FLAG_GPAW
 from kvmtdx.model.tdx_module_tables import ModuleTables, Regs
-from kvmtdx.structs import FLAG_SIGNIFICANT_INDEX, KVM_MAX_CPUID_ENTRIES, CpuidEntry
+from kvmtdx.structs import FLAG_SIGNIFICANT_INDEX, KVM_MAX_CPUID_ENTRIES, REGISTERS, CpuidEntry
 
 EXTENDED = 0x80000000
 UNREADABLE_LEAF = 0x7FFFFF80  # GENMASK(30, 7)
@@ -153,6 +153,19 @@ def unknown_bits(module: ModuleProfile) -> dict[EntryKey, Regs]:
             flags = 0 if row.subleaf is None else FLAG_SIGNIFICANT_INDEX
             out[(row.leaf, row.kvm_index, flags)] = mask
     return out
+
+
+def entry_label(e: CpuidEntry) -> str:
+    """An entry of a TD's CPUID as reports name it: its leaf, and its sub-leaf if flagged."""
+    return f"0x{e.function:x}" + (f".{e.index}" if e.significant_index else "")
+
+
+def differing_registers(got: CpuidEntry, want: CpuidEntry,
+                        excused: Regs = (0, 0, 0, 0)) -> list[tuple[str, int, int]]:
+    """Each register (name, got, want) where an entry of the TD's CPUID departs from its
+    prediction in a bit not `excused` (unknown_bits: what the profile cannot know)."""
+    return [(r, a, b) for r, a, b, x in zip(REGISTERS, got.regs(), want.regs(), excused,
+                                            strict=True) if (a ^ b) & ~x]
 
 
 def gpaw_of(config_flags: int) -> int:

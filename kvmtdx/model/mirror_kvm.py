@@ -70,11 +70,13 @@ def reported(module: ModuleProfile, host: Host, policy: Policy) -> tuple[CpuidEn
     )
 
 
-def find(entries: Sequence[CpuidEntry], function: int, index: int) -> CpuidEntry | None:
-    """KVM's generic lookup: the first entry of that function that lacks the
-    significant-index flag or has that index."""
+def find(entries: Sequence[CpuidEntry], function: int, index: int | None) -> CpuidEntry | None:
+    """KVM's generic lookup (kvm_find_cpuid_entry2): the first entry of that function that
+    lacks the significant-index flag or has that index (None: any entry of it, as
+    kvm_find_cpuid_entry asks for a leaf without sub-leaves)."""
     for e in entries:
-        if e.function == function and (not e.flags & FLAG_SIGNIFICANT_INDEX or e.index == index):
+        if e.function == function and (index is None or not e.flags & FLAG_SIGNIFICANT_INDEX
+                                       or e.index == index):
             return e
     return None
 

@@ -25,7 +25,8 @@ import errno
 from collections.abc import Iterable, Sequence
 
 from kvmtdx import layout
-from kvmtdx.structs import FLAG_SIGNIFICANT_INDEX, KVM_MAX_CPUID_ENTRIES, REGISTERS, CpuidEntry
+from kvmtdx.model.mirror_kvm import find
+from kvmtdx.structs import KVM_MAX_CPUID_ENTRIES, REGISTERS, CpuidEntry
 
 XTILEDATA = 1 << 18  # CPUID 0xD.0 EAX: XFEATURE_MASK_USER_DYNAMIC, AMX tile data
 LINEAR_WIDTHS = (0, 48, 57)
@@ -49,7 +50,7 @@ def get_cpuid_answer(entries: Sequence[CpuidEntry] | None, buffer: bytes) -> tup
     before it and the entries the walk gives (None: -EIO)."""
     if entries is None:
         return errno.EIO, buffer
-    room = int.from_bytes(buffer[:4], "little")
+    room = layout.unpack_cpuid2_header(buffer)[0]
     header = len(entries).to_bytes(4, "little") + buffer[4:layout.SIZEOF_CPUID2]
     rest = buffer[layout.SIZEOF_CPUID2:]
     if room < len(entries):
@@ -58,22 +59,15 @@ def get_cpuid_answer(entries: Sequence[CpuidEntry] | None, buffer: bytes) -> tup
     return 0, header + written + rest[len(written):]
 
 
-def _find(entries: Sequence[CpuidEntry], function: int, index: int | None) -> CpuidEntry | None:
-    """kvm_find_cpuid_entry2: the first entry of the function that is unflagged or has the
-    index (any entry of it where the index does not matter)."""
-    return next((e for e in entries if e.function == function and (
-        index is None or not e.flags & FLAG_SIGNIFICANT_INDEX or e.index == index)), None)
-
-
 def set_cpuid2_errno(entries: Sequence[CpuidEntry]) -> int:
     """KVM_SET_CPUID2 on a vCPU that has not run, from a process without guest FPU
     permission for dynamic XSAVE state."""
     if len(entries) > KVM_MAX_CPUID_ENTRIES:
         return errno.E2BIG
-    ext = _find(entries, 0x80000008, None)
+    ext = find(entries, 0x80000008, None)
     if ext is not None and ext.eax >> LA_BITS_SHIFT & 0xFF not in LINEAR_WIDTHS:
         return errno.EINVAL
-    xsave = _find(entries, 0xD, 0)
+    xsave = find(entries, 0xD, 0)
     if xsave is not None and xsave.eax & XTILEDATA:
         return errno.EPERM
     return 0
