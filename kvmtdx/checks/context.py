@@ -25,6 +25,7 @@ from kvmtdx.model.policy import Policy
 from kvmtdx.model.profiles import Host, ModuleProfile
 from kvmtdx.model.requests import Request
 from kvmtdx.outcome import Kind, Outcome
+from kvmtdx.session import free_key_ids
 from kvmtdx.structs import Capabilities, CpuidEntry
 from kvmtdx.td_cpuid import default_request
 
@@ -116,8 +117,7 @@ class Context:
 
     def free_key_ids(self) -> int | None:
         """The backend's free TDX key IDs, where it says (the simulated host does)."""
-        free = getattr(self.seam, "free_key_ids", None)
-        return free if isinstance(free, int) else None
+        return free_key_ids(self.seam)
 
     def agreement(self, req: Request, pred: Outcome, actual: Outcome) -> invariant.Agreement:
         """The answer against the exact prediction, as the invariant judges a departure
