@@ -110,3 +110,14 @@ def test_a_check_that_lacks_knowledge_is_reported_as_a_skip() -> None:
     status = {c.id: (c.status, c.detail) for c in r.checks}
     assert status == {"tdx_available": (Status.PASS, status["tdx_available"][1]),
                       "policy_allowlist_filter": (Status.SKIP, "upstream has no allowlist")}
+
+
+def test_a_kernel_that_echoes_the_callers_header_fails_caps_reserved_zero() -> None:
+    # Linux 6.16 echoes the caller's reserved words; judged as a later kernel, which zeroes
+    # them, the pattern left in the buffer must fail the check (no seeded bug does this).
+    b = simulated_backend(load_profile("2.0"), MAX_HOST, get_policy("upstream-6.16"))
+    r = checks.run_verify(b.seam, backend_label="6.16", only=["caps_reserved_zero"],
+                          given=given(b.simulation, policy="upstream"))
+    c = next(c for c in r.checks if c.id == "caps_reserved_zero")
+    assert c.status is Status.FAIL, c.detail
+    assert c.detail.startswith("not zeroed: reserved[0]") and c.actual == "caller's pattern left"
