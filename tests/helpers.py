@@ -348,6 +348,15 @@ def warn_failures(module: str) -> set[str]:
     return {WARN_CHECK} if load_profile(module).enumerates_topology else set()
 
 
+def mutant_policy(name: str) -> str:
+    """The policy a seeded bug is run under: rfc-v2 where it applies (bugs of every kernel
+    included), else the first policy whose answers it changes."""
+    from kvmtdx.sim.mutants import BY_NAME
+
+    policies = BY_NAME[name].policies
+    return "rfc-v2" if "rfc-v2" in policies else policies[0]
+
+
 # ---------------------------------------------------------------------------
 # Reports of simulated runs, and the report page parsed as a browser's parser would.
 

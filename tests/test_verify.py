@@ -8,12 +8,11 @@ test_verify_formats.py.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import WARN_CHECK, run_cli, warn_failures
+from helpers import WARN_CHECK, mutant_policy, run_cli, warn_failures
 
 from kvmtdx import checks, cli, sim
 from kvmtdx.device import Kvm
@@ -90,13 +89,6 @@ def test_upstream_fails_only_the_denylist_bypass(capsys: pytest.CaptureFixture[s
 
 # ---------------------------------------------------------------------------
 # Every seeded kernel bug is caught.
-
-
-def mutant_policy(name: str) -> str:
-    """The policy a mutant changes, from its description's bracket; [all] runs under rfc-v2."""
-    m = re.match(r"\[([^\]]+)\]", sim.MUTANTS[name])
-    tags = [t.strip() for t in m.group(1).split(",")] if m else ["all"]
-    return "rfc-v2" if "rfc-v2" in tags or "all" in tags else tags[0]
 
 
 _BASELINE: dict[str, set[str]] = {}

@@ -11,12 +11,18 @@ import pytest
 from helpers import GOLDEN, PassThrough, run_cli, simulated
 
 from kvmtdx import checks, uapi
+from kvmtdx.checks import capabilities as capability_checks
+from kvmtdx.checks import effective as effective_checks
+from kvmtdx.checks import hygiene as hygiene_checks
 from kvmtdx.checks import policy as policy_checks
 from kvmtdx.checks.context import Context
-from kvmtdx.device import Kvm
+from kvmtdx.device import Kvm, TdCpuidRead
 from kvmtdx.knowledge import complete, given
+from kvmtdx.model import vcpu
 from kvmtdx.model.policy import get_policy
 from kvmtdx.model.profiles import MAX_HOST, load_profile
+from kvmtdx.model.requests import Request
+from kvmtdx.outcome import Outcome
 from kvmtdx.session import simulated_backend
 from kvmtdx.verdict import Status
 
@@ -123,3 +129,60 @@ def test_a_check_that_lacks_knowledge_is_reported_as_a_skip() -> None:
     status = {c.id: (c.status, c.detail) for c in r.checks}
     assert status == {"tdx_available": (Status.PASS, status["tdx_available"][1]),
                       "policy_allowlist_filter": (Status.SKIP, "upstream has no allowlist")}
+
+
+def test_a_kernel_that_echoes_the_callers_header_fails_caps_reserved_zero() -> None:
+    # Linux 6.16 echoes the caller's reserved words; judged as a later kernel, which zeroes
+    # them, the pattern left in the buffer must fail the check (no seeded bug does this).
+    b = simulated_backend(load_profile("2.0"), MAX_HOST, get_policy("upstream-6.16"))
+    r = checks.run_verify(b.seam, backend_label="6.16", only=["caps_reserved_zero"],
+                          given=given(b.simulation, policy="upstream"))
+    c = next(c for c in r.checks if c.id == "caps_reserved_zero")
+    assert c.status is Status.FAIL, c.detail
+    assert c.detail.startswith("not zeroed: reserved[0]") and c.actual == "caller's pattern left"
+
+
+# Checks no seeded bug fails (the suite's clean runs only show them passing), each broken
+# here on its own.
+
+
+def test_capabilities_unlike_the_first_call_fail_caps_two_calls_equal() -> None:
+    ctx = _context("upstream")
+    try:
+        ctx.caps = replace(ctx.caps, supported_attrs=ctx.caps.supported_attrs ^ 1)
+        v = capability_checks.caps_two_calls_equal(ctx)
+        assert v.status is Status.FAIL and "something else" in v.detail
+    finally:
+        ctx.kvm.close()
+
+
+def test_a_td_left_open_fails_hygiene_tds_closed() -> None:
+    ctx = _context("upstream")
+    ctx.kvm.close()  # the check runs once the KVM handle is closed
+    assert hygiene_checks.hygiene_tds_closed(ctx).status is Status.PASS
+    ctx.kvm = Kvm(ctx.seam)
+    td = ctx.kvm.create_td()
+    ctx.kvm.close()
+    try:
+        v = hygiene_checks.hygiene_tds_closed(ctx)
+        assert v.status is Status.FAIL and v.detail == "2 opens, 1 closes"
+    finally:
+        td.close()
+    assert hygiene_checks.hygiene_tds_closed(ctx).status is Status.PASS
+
+
+def test_a_requested_bit_missing_from_the_td_fails_effective_requested_bits_present() -> None:
+    ctx = _context("upstream")
+    real = ctx.td_cpuid
+
+    def without_bmi1(req: Request) -> tuple[Outcome, TdCpuidRead | None]:
+        outcome, read = real(req)
+        assert read is not None and read.entries is not None
+        return outcome, replace(read, entries=vcpu.with_bit(read.entries, 7, 0, "ebx", 3, False))
+    try:
+        assert effective_checks.effective_requested_bits_present(ctx).status is Status.PASS
+        ctx.td_cpuid = without_bmi1  # type: ignore[method-assign]
+        v = effective_checks.effective_requested_bits_present(ctx)
+        assert v.status is Status.FAIL and [b.label() for b in v.bits] == ["0x7.0 EBX[3] BMI1"]
+    finally:
+        ctx.kvm.close()

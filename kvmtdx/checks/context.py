@@ -25,7 +25,9 @@ from kvmtdx.model.policy import Policy
 from kvmtdx.model.profiles import Host, ModuleProfile
 from kvmtdx.model.requests import Request
 from kvmtdx.outcome import Kind, Outcome
+from kvmtdx.session import free_key_ids
 from kvmtdx.structs import Capabilities, CpuidEntry
+from kvmtdx.td_cpuid import default_request
 
 NEEDS_MODULE = ("needs a TDX module profile: give --module NAME|FILE "
                 "(kvmtdx caps --save-module FILE writes one)")
@@ -115,8 +117,7 @@ class Context:
 
     def free_key_ids(self) -> int | None:
         """The backend's free TDX key IDs, where it says (the simulated host does)."""
-        free = getattr(self.seam, "free_key_ids", None)
-        return free if isinstance(free, int) else None
+        return free_key_ids(self.seam)
 
     def agreement(self, req: Request, pred: Outcome, actual: Outcome) -> invariant.Agreement:
         """The answer against the exact prediction, as the invariant judges a departure
@@ -178,11 +179,7 @@ class Context:
     def full_request(self) -> Request:
         """Every reported feature bit at once: the mirror's, or without a profile one built
         from the capabilities (attributes 0; the host's TSX_CTRL taken as present)."""
-        m = self.model()
-        if m is not None:
-            return mirror.full_request(*m)
-        return builders.full_request(self.caps.entries, attributes=0,
-                                     xfam=self.caps.supported_xfam)
+        return default_request(self.know, self.caps)
 
     def trap(self, trap: Trap, *, ebx: int, ecx: int) -> Request:
         return builders.trap_request(trap, self.base(), self.caps.entries, ebx=ebx, ecx=ecx)

@@ -40,7 +40,13 @@ from kvmtdx.model import mirror
 from kvmtdx.model.catalog import BitRef
 from kvmtdx.model.get_cpuid import predicted, unknown_bits
 from kvmtdx.model.requests import Request
-from kvmtdx.model.vcpu import without_dynamic_xsave
+from kvmtdx.model.vcpu import (
+    create_vcpu_errno,
+    get_cpuid_answer,
+    set_cpuid2_errno,
+    split_irqchip_errno,
+    without_dynamic_xsave,
+)
 from kvmtdx.outcome import Kind
 from kvmtdx.status import errno_name
 
@@ -56,12 +62,16 @@ def _vcpu_steps(ctx: Context, td: TdxVm) -> list[tuple[str, str, str]]:
     def create() -> None:
         td.create_vcpu(0).close()
 
-    steps = [("KVM_CREATE_VCPU before INIT_VM", "EIO", errno_name(errno_of(create)))]
+    steps = [("KVM_CREATE_VCPU before INIT_VM",
+              errno_name(create_vcpu_errno(dead=False, initialized=False, split=False)),
+              errno_name(errno_of(create)))]
     if ctx.send(td, ctx.base()).kind is not Kind.ACCEPTED:
         raise Skip("the minimal request was not ACCEPTED (init_vm_minimal_accepted judges that)")
-    steps.append(("KVM_CREATE_VCPU without a split irqchip", "EINVAL",
+    steps.append(("KVM_CREATE_VCPU without a split irqchip",
+                  errno_name(create_vcpu_errno(dead=False, initialized=True, split=False)),
                   errno_name(errno_of(create))))
-    steps.append(("KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP)", "success",
+    steps.append(("KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP)",
+                  errno_name(split_irqchip_errno(dead=False)),
                   errno_name(errno_of(td.enable_split_irqchip))))
     return steps
 
@@ -69,11 +79,13 @@ def _vcpu_steps(ctx: Context, td: TdxVm) -> list[tuple[str, str, str]]:
 def _init_vcpu_steps(vcpu: Vcpu) -> list[tuple[str, str, str]]:
     theirs = vcpu.tdx_get_cpuid()
     no_cpuid = vcpu.tdx_init_vcpu().errno
-    set_err = vcpu.set_cpuid2(without_dynamic_xsave(theirs))
+    told = without_dynamic_xsave(theirs)
+    set_err = vcpu.set_cpuid2(told)
     first, again = vcpu.tdx_init_vcpu().errno, vcpu.tdx_init_vcpu().errno
     return [("KVM_TDX_INIT_VCPU before KVM_SET_CPUID2 (no x2APIC)", "EINVAL",
              errno_name(no_cpuid)),
-            ("KVM_SET_CPUID2 with the TD's CPUID", "success", errno_name(set_err)),
+            ("KVM_SET_CPUID2 with the TD's CPUID", errno_name(set_cpuid2_errno(told)),
+             errno_name(set_err)),
             ("KVM_TDX_INIT_VCPU", "success", errno_name(first)),
             ("KVM_TDX_INIT_VCPU again", "EINVAL", errno_name(again))]
 
@@ -82,14 +94,15 @@ def _init_vcpu_steps(vcpu: Vcpu) -> list[tuple[str, str, str]]:
        "a TD vCPU needs an initialised TD (EIO) and a split irqchip (EINVAL); "
        "KVM_TDX_INIT_VCPU needs x2APIC in the CPUID KVM_SET_CPUID2 gave, once per vCPU")
 def effective_vcpu_lifecycle(ctx: Context) -> Verdict:
+    created = errno_name(create_vcpu_errno(dead=False, initialized=True, split=True))
     with ctx.td() as td:
         steps = _vcpu_steps(ctx, td)
         try:
             with td.create_vcpu(0) as vcpu:
-                steps.append(("KVM_CREATE_VCPU", "success", "success"))
+                steps.append(("KVM_CREATE_VCPU", created, "success"))
                 steps += _init_vcpu_steps(vcpu)
         except OSError as e:
-            steps.append(("KVM_CREATE_VCPU", "success", errno_name(e.errno or errno.EIO)))
+            steps.append(("KVM_CREATE_VCPU", created, errno_name(e.errno or errno.EIO)))
     expected = "; ".join(f"{s}: {w}" for s, w, _ in steps)
     actual = "; ".join(f"{s}: {g}" for s, _, g in steps)
     wrong = [f"{s}: {g}, expected {w}" for s, w, g in steps if w != g]
@@ -105,16 +118,18 @@ def effective_get_cpuid_e2big(ctx: Context) -> Verdict:
     with ctx.td() as td:
         if ctx.send(td, ctx.base()).kind is not Kind.ACCEPTED:
             return skip("the minimal request was not ACCEPTED")
-        count = len(cpuid_of(td.read_cpuid()))
+        entries = cpuid_of(td.read_cpuid())
+        count = len(entries)
         with td.create_vcpu(1) as vcpu:
             fill = (count - 1).to_bytes(4, "little") + b"\x5a" * 4 + b"\xa5" * 40 * (count - 1)
             short = vcpu.tdx_get_cpuid_raw(0, fill=fill)
             hw = vcpu.tdx_get_cpuid_raw(count, hw_error=1)
-    want = (f"E2BIG, nent {count}, padding and entries untouched; hw_error: EINVAL")
-    told = int.from_bytes(short.data[:4], "little")
-    got = (f"{errno_name(short.errno)}, nent {told}, padding and entries "
-           + ("untouched" if short.data[4:] == fill[4:] else "written")
-           + f"; hw_error: {errno_name(hw.errno)}")
+
+    def said(err: int, data: bytes) -> str:
+        return (f"{errno_name(err)}, nent {int.from_bytes(data[:4], 'little')}, padding and "
+                f"entries {'untouched' if data[4:] == fill[4:] else 'written'}")
+    want = f"{said(*get_cpuid_answer(entries, fill))}; hw_error: EINVAL"
+    got = f"{said(short.errno, short.data)}; hw_error: {errno_name(hw.errno)}"
     if got != want:
         return bad(got, want, got)
     return ok(got, want, got)

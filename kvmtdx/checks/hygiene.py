@@ -28,7 +28,7 @@ def hygiene_tds_closed(ctx: Context) -> Verdict:
        "no TDX key ID is left behind: none ran out, and the backend has them all back",
        after_close=True)
 def hygiene_key_ids_released(ctx: Context) -> Verdict:
-    free = getattr(ctx.seam, "free_key_ids", None)
+    free = ctx.free_key_ids()
     if ctx.enospc:
         return bad(f"{ctx.enospc} INIT_VM calls got ENOSPC: TDX key IDs ran out "
                    "(a key ID leaks)", "0 ENOSPC", f"{ctx.enospc} ENOSPC")

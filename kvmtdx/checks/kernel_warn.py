@@ -16,12 +16,12 @@ import errno
 from dataclasses import dataclass, field
 
 from kvmtdx.checks.context import Context
-from kvmtdx.device import Seam
 from kvmtdx.kmsg import SEAMCALL_FAILED, TAINT_WARN, LogUnreadable
 from kvmtdx.model.builders import Trap
 from kvmtdx.model.requests import Request
 from kvmtdx.model.rules import LEAF7_EBX_HLE, LEAF7_EBX_RTM, lowest_bit
 from kvmtdx.outcome import Kind, Outcome
+from kvmtdx.session import kernel_warnings
 from kvmtdx.structs import FLAG_SIGNIFICANT_INDEX, CpuidEntry
 
 TOPOLOGY_LEAF = 0x1F
@@ -32,15 +32,9 @@ REPLAY_NOTE = ("on a real kernel this request provokes the kernel WARN: replayin
                "the kernel, and with kernel.panic_on_warn=1 crashes the host")
 
 
-def counted_warnings(seam: Seam) -> int | None:
-    """The WARN splats a backend that counts them has seen (None: a real kernel)."""
-    count = getattr(seam, "kernel_warnings", None)
-    return count if isinstance(count, int) and not isinstance(count, bool) else None
-
-
 def real_kernel_gate(ctx: Context) -> str | None:
     """Why the check must not run here, on a kernel that does not count its WARNs."""
-    if counted_warnings(ctx.seam) is not None:
+    if kernel_warnings(ctx.seam) is not None:
         return None
     if not ctx.allow_kernel_warn:
         return (f"on a real kernel this check provokes a kernel WARN, which taints the kernel "
@@ -132,7 +126,7 @@ class Provoked:
 
 def provoke(ctx: Context, what: str, req: Request) -> Provoked:
     """One request on a fresh TD, with the kernel's WARNs and the VM's state after it."""
-    before = counted_warnings(ctx.seam)
+    before = kernel_warnings(ctx.seam)
     mark, unreadable = None, ctx.log_unreadable
     if before is None and unreadable is None:
         try:
@@ -142,7 +136,7 @@ def provoke(ctx: Context, what: str, req: Request) -> Provoked:
     with ctx.td() as td:
         outcome = ctx.send(td, req)
         bugged = outcome.errno == errno.EIO and td.is_dead()
-    after = counted_warnings(ctx.seam)
+    after = kernel_warnings(ctx.seam)
     lines: list[str] = []
     if mark is not None:
         try:
@@ -166,7 +160,7 @@ def since_start(ctx: Context) -> list[str]:
 
 def tainted_note(ctx: Context, provoked: list[Provoked]) -> str:
     """On a real kernel: say that the check left it tainted."""
-    if counted_warnings(ctx.seam) is not None or not any(p.warned for p in provoked):
+    if kernel_warnings(ctx.seam) is not None or not any(p.warned for p in provoked):
         return ""
     flags = ctx.kernel_log.tainted()
     known = "" if flags is None else f" (taint flags 0x{flags:x}"

@@ -11,13 +11,13 @@ from dataclasses import dataclass, replace
 import psutil
 
 from kvmtdx.checks.context import Context, ProcessNumbers
-from kvmtdx.checks.kernel_warn import counted_warnings
 from kvmtdx.checks.registry import CheckSpec, Skip, Verdict, bad, registered, skip
 from kvmtdx.checks.result import CheckResult, Summary, VerifyReport
 from kvmtdx.device import Counters, Kvm, Seam, availability
 from kvmtdx.errors import KvmError
 from kvmtdx.kmsg import KernelLog, LogUnreadable
 from kvmtdx.knowledge import Given, complete
+from kvmtdx.session import free_key_ids, kernel_warnings
 from kvmtdx.structs import Capabilities
 from kvmtdx.verdict import Status
 
@@ -125,7 +125,7 @@ def _summary(results: Sequence[CheckResult], c: Counters, proc: ProcessNumbers) 
 def _log_start(ctx: Context) -> None:
     """Where the kernel log stood when the run started, for a real kernel whose WARNs a
     check may provoke (a backend that counts its WARNs needs no log)."""
-    if not ctx.allow_kernel_warn or counted_warnings(ctx.seam) is not None:
+    if not ctx.allow_kernel_warn or kernel_warnings(ctx.seam) is not None:
         return
     try:
         ctx.log_start = ctx.kernel_log.mark()
@@ -161,9 +161,8 @@ def run_verify(seam: Seam, *, backend_label: str, given: Given | None = None,
         if isinstance(caps, VerifyReport):
             return caps
         know = complete(given if given is not None else Given(), caps, kernel_release)
-        free = getattr(seam, "free_key_ids", None)
         ctx = Context(kvm=kvm, seam=seam, know=know, caps=caps,
-                      key_ids_before=free if isinstance(free, int) else None,
+                      key_ids_before=free_key_ids(seam),
                       allow_kernel_warn=allow_kernel_warn, strict=strict,
                       kernel_log=kernel_log if kernel_log is not None else KernelLog())
         _log_start(ctx)

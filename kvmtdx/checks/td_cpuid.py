@@ -25,6 +25,7 @@ from kvmtdx.model.rules import (
     is_value_register,
     lowest_bit,
 )
+from kvmtdx.model.td_diff import rows_of, smuggled
 from kvmtdx.model.vcpu import with_bit
 from kvmtdx.status import errno_name
 from kvmtdx.structs import REGISTERS, CpuidEntry
@@ -117,20 +118,19 @@ def hidden_masks(ctx: Context) -> dict[tuple[int, int], tuple[int, int, int, int
 
 
 def leaked(ctx: Context, req: Request, got: Sequence[CpuidEntry]) -> list[BitRef]:
-    """Bits KVM hides that the TD's CPUID has (feature registers only)."""
+    """Bits KVM hides that the TD's CPUID has (feature registers only); without a module
+    profile, the requested bits KVM did not report."""
     hidden = hidden_masks(ctx)
+    if hidden is None:
+        return list(smuggled(rows_of(ctx.know.module, ctx.caps.entries), ctx.caps.entries,
+                             req.init_vm.entries, got))
     out = []
     for row in ctx.caps.entries:
         sub = ctx.subleaf_of(row.function, row.index)
         have = entry_regs(got, row.function, sub)
         if have is None:
             continue
-        if hidden is not None:
-            masks = list(hidden.get((row.function, row.index), (0, 0, 0, 0)))
-        else:
-            asked = mirror.find(req.init_vm.entries, row.function, row.index)
-            sent = asked.regs() if asked is not None else (0, 0, 0, 0)
-            masks = [s & ~r for s, r in zip(sent, row.regs(), strict=True)]
+        masks = hidden.get((row.function, row.index), (0, 0, 0, 0))
         for r, h, mask in zip(REGISTERS, have, masks, strict=True):
             if not is_value_register(row.function, sub, r):
                 out += [BitRef(row.function, sub, r, b) for b in bits_of(h & mask)]

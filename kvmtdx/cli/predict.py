@@ -8,6 +8,7 @@ from kvmtdx.cli.common import (
     HOST_FORMS,
     HOST_METAVAR,
     Command,
+    check_host,
     model_options,
     note_module,
     output_options,
@@ -29,7 +30,7 @@ def arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from kvmtdx.model import lifecycle, mirror
-    from kvmtdx.model.profiles import MODULE_CHOICES, host_refusal, load_profile
+    from kvmtdx.model.profiles import MODULE_CHOICES, load_profile
     from kvmtdx.model.requests import load_request
     from kvmtdx.native import host_by_name
     from kvmtdx.report import predict as render
@@ -38,18 +39,13 @@ def run(args: argparse.Namespace) -> int:
         raise DataError(f"predict needs --module: {MODULE_CHOICES} or a module JSON file")
     module = load_profile(args.module)
     host = host_by_name(args.host)
-    refusal = host_refusal(module, host, f"--host {args.host}")
-    if refusal is not None:
-        raise refusal
+    check_host(module, host, args.host)
     note_module(module)
     policy = policy_from(args, args.policy)
     request = load_request(args.request) if args.request else None
     caps = mirror.predict_capabilities(module, host, policy, len(module.rows))
-    pred = None
-    if request is not None:
-        # A replay of a TD's history: the last call's answer, on the TD the others left.
-        state = lifecycle.predict_sequence(module, host, policy, request.before).final
-        pred = lifecycle.prediction_in(module, host, policy, state, request)
+    pred = (lifecycle.replay_prediction(module, host, policy, request)
+            if request is not None else None)
     fmt = render.render_json if args.format == "json" else render.render_text
     said = (f"{caps.caps.nent} CPUID entries predicted" if caps.caps is not None
             else "KVM_TDX_CAPABILITIES predicted to fail")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import TYPE_CHECKING
 
 from kvmtdx.cli.common import (
     JUDGED_BY,
@@ -20,10 +19,7 @@ from kvmtdx.cli.common import (
     write,
     write_also,
 )
-from kvmtdx.errors import DataError, ExitCode, ProbeError
-
-if TYPE_CHECKING:
-    from kvmtdx.probe import ProbeResult
+from kvmtdx.errors import DataError, ProbeError
 
 DESCRIPTION = (
     "Classify every bit of every row KVM_TDX_CAPABILITIES lists by real "
@@ -67,9 +63,8 @@ def run(args: argparse.Namespace) -> int:
     import datetime
 
     from kvmtdx import probe, verdict
-    from kvmtdx.probe.allowlist import untried_bits
+    from kvmtdx.probe.allowlist import note_untried
     from kvmtdx.report import probe as render
-    from kvmtdx.report import probe_cases as cases
 
     if args.jobs < 1:
         raise DataError("--jobs must be at least 1")
@@ -85,33 +80,16 @@ def run(args: argparse.Namespace) -> int:
         _end_progress(tty)  # before the error line main() writes
         raise
     _end_progress(tty)
-    code = verdict.exit_code(result.verdict)
     if args.emit_allowlist:
-        untried = untried_bits(result)
-        if untried:
-            n = sum(bin(m).count("1") for m in untried.values())
-            result.notes.append(f"{args.emit_allowlist}: {n} bits never tried are listed under "
-                                "'untried', not in 'allowed' (no evidence KVM blocks them)")
+        note_untried(result, args.emit_allowlist)
     identity = identity_of(backend, result.knowledge)
-    renderers = {"text": render.render_text, "ktap": cases.render_ktap,
-                 "junit": cases.render_junit}
-
-    def rendered(fmt: str) -> str:
-        return render.render_json(result, identity) if fmt == "json" \
-            else renderers[fmt](result)
     # The report first: a side file that cannot be written must not take it along.
-    write(args, rendered(args.format), _verdict(result, code))
-    write_also(args, rendered)
+    write(args, render.render(result, args.format, identity), render.verdict_line(result))
+    write_also(args, lambda fmt: render.render(result, fmt, identity))
     if args.emit_allowlist:
         save(render.allowlist_text(result, datetime.date.today().isoformat()),
              args.emit_allowlist, "--emit-allowlist")
-    return code
-
-
-def _verdict(result: ProbeResult, code: ExitCode) -> str:
-    done = "" if result.complete else ", incomplete"
-    return (f"{'FAIL' if code else 'PASS'} ({len(result.bits)} bits, {len(result.failures)} "
-            f"failing, {result.tds} TDs{done})")
+    return verdict.exit_code(result.verdict)
 
 
 def _end_progress(tty: bool) -> None:

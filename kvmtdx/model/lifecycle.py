@@ -112,3 +112,11 @@ def predict_sequence(module: ModuleProfile, host: Host, policy: Policy,
         outcomes.append(o)
         states.append(state)
     return SequencePrediction(tuple(outcomes), tuple(states))
+
+
+def replay_prediction(module: ModuleProfile, host: Host, policy: Policy,
+                      request: Request) -> InitVmPrediction:
+    """A replay of a TD's history (`request.before`, then the request): the last call's
+    answer, on the TD the earlier ones left."""
+    state = predict_sequence(module, host, policy, request.before).final
+    return prediction_in(module, host, policy, state, request)

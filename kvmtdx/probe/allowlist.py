@@ -39,13 +39,25 @@ def effective_allowlist(result: ProbeResult, *, date: str) -> Allowlist:
         for row, register in layout.value_regs
     )
     untried = untried_bits(result)
-    n = sum(bin(m).count("1") for m in untried.values())
+    n = _count(untried)
     provenance = f"probed from {result.backend} on {date}"
     if n:
         provenance += (f"; {n} bits never tried (listed under 'untried': left out of "
                        "'allowed' without evidence that KVM blocks them)")
     return Allowlist(name="probed", provenance=provenance, allowed=allowed,
                      passthrough=passthrough, names=names, untried=untried)
+
+
+def note_untried(result: ProbeResult, file: str) -> None:
+    """Say in the result's notes that the allowlist written to `file` lists bits apart."""
+    n = _count(untried_bits(result))
+    if n:
+        result.notes.append(f"{file}: {n} bits never tried are listed under 'untried', not in "
+                            "'allowed' (no evidence KVM blocks them)")
+
+
+def _count(masks: dict[tuple[int, int, str], int]) -> int:
+    return sum(bin(m).count("1") for m in masks.values())
 
 
 def untried_bits(result: ProbeResult) -> dict[tuple[int, int, str], int]:

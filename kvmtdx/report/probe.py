@@ -193,5 +193,21 @@ def _verdict_lines(r: ProbeResult) -> list[str]:
     return out
 
 
+def verdict_line(r: ProbeResult) -> str:
+    """The outcome in brief, for stderr when the report goes to a file."""
+    done = "" if r.complete else ", incomplete"
+    return (f"{r.verdict.upper()} ({len(r.bits)} bits, {len(r.failures)} failing, {r.tds} TDs"
+            f"{done})")
+
+
+def render(r: ProbeResult, fmt: str, identity: HostIdentity) -> str:
+    """`r` in `fmt`; only JSON carries the host identity."""
+    from kvmtdx.report import probe_cases as cases
+
+    if fmt == "json":
+        return render_json(r, identity)
+    return {"text": render_text, "ktap": cases.render_ktap, "junit": cases.render_junit}[fmt](r)
+
+
 def allowlist_text(r: ProbeResult, date: str) -> str:
     return document(ReportKind.ALLOWLIST, allowlist_to_json(effective_allowlist(r, date=date)))
