@@ -58,8 +58,16 @@ def test_max_tds_reports_incomplete(capsys: pytest.CaptureFixture[str]) -> None:
     assert doc["tds"] == 5 and doc["complete"] is False and doc["verdict"] == "fail"
 
 
-def test_bad_jobs_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["probe", "--simulate", "2.0", "--jobs", "0"]) == 2
+@pytest.mark.parametrize(("option", "value"), [("--jobs", "0"), ("--max-tds", "0"),
+                                               ("--max-tds", "-3"), ("--max-tds", "x")])
+def test_a_count_below_one_is_a_usage_error(capsys: pytest.CaptureFixture[str], option: str,
+                                            value: str) -> None:
+    """Bad input exits 2 naming the option before any TD is made (--max-tds 0 once ended as
+    a probe that could not go on: exit 1)."""
+    with pytest.raises(SystemExit) as e:
+        main(["probe", "--simulate", "2.0", option, value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument {option}" in err and len(err.splitlines()) == 1
 
 
 def test_emitted_allowlist_loads_and_verifies_clean(tmp_path: Path,

@@ -21,6 +21,7 @@ from kvmtdx.cli.common import (
     save,
     write,
 )
+from kvmtdx.cli.options import positive_int
 from kvmtdx.errors import DataError, ExitCode
 
 if TYPE_CHECKING:
@@ -43,16 +44,6 @@ DESCRIPTION = (
     "reported apart, not as a failure.  Needs hypothesis: pip install 'kvmtdx[fuzz]'.")
 EPILOG = ("exit codes: 0 the budget ran out with no discrepancy, 1 a discrepancy, 2 usage or "
           "input error (or hypothesis missing), 4 no TDX here")
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be above 0")
-    return value
 
 
 def _seconds(text: str) -> float:
@@ -83,7 +74,7 @@ def arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=_seed, metavar="N",
                    help="the run's seed (default: a random one, printed): the same seed, "
                         "backend and database make the same run")
-    g.add_argument("--max-tds", type=_count, metavar="N",
+    g.add_argument("--max-tds", type=positive_int, metavar="N",
                    help=f"stop searching after N TDs (default {DEFAULT_TDS}); shrinking what "
                         "was found takes more, reported apart")
     g.add_argument("--time", type=_seconds, metavar="SECONDS",

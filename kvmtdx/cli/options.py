@@ -99,3 +99,15 @@ def check(args: argparse.Namespace) -> None:
                 and not rule.acts(args):
             raise DataError(f"{rule.option} has no effect here: kvmtdx {args.command} uses it "
                             f"only with {rule.needs}")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type for a count that must be above 0 (TDs, jobs): bad input is a usage
+    error (exit 2) named by argparse with its option, before any work starts."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be above 0")
+    return value

@@ -19,7 +19,8 @@ from kvmtdx.cli.common import (
     write,
     write_also,
 )
-from kvmtdx.errors import DataError, ProbeError
+from kvmtdx.cli.options import positive_int
+from kvmtdx.errors import ProbeError
 
 DESCRIPTION = (
     "Classify every bit of every row KVM_TDX_CAPABILITIES lists by real "
@@ -43,9 +44,9 @@ def arguments(p: argparse.ArgumentParser) -> None:
                    help="every bit of every listed row (the default without a module profile; "
                         "with one, the default tries the bits whose class can differ between "
                         "policies or between KVM and the module, plus a fixed sample)")
-    p.add_argument("--max-tds", type=int, metavar="N",
+    p.add_argument("--max-tds", type=positive_int, metavar="N",
                    help="create at most N TDs (the report says when it is incomplete)")
-    p.add_argument("--jobs", type=int, default=1, metavar="N",
+    p.add_argument("--jobs", type=positive_int, default=1, metavar="N",
                    help="TDs in parallel (real device; the simulated host runs one ioctl at a "
                         "time)")
     p.add_argument("--effective", action="store_true",
@@ -66,8 +67,6 @@ def run(args: argparse.Namespace) -> int:
     from kvmtdx.probe.allowlist import note_untried
     from kvmtdx.report import probe as render
 
-    if args.jobs < 1:
-        raise DataError("--jobs must be at least 1")
     backend = open_session(args)
     known = given_from(args, backend)
     tty = sys.stderr.isatty()

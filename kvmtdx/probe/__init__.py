@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvmtdx.device import Kvm, RealSeam, Seam, no_tdx_reason
-from kvmtdx.errors import KvmError, ProbeError
+from kvmtdx.errors import DataError, KvmError
 from kvmtdx.knowledge import Given, complete
 from kvmtdx.probe.allowlist import effective_allowlist
 from kvmtdx.probe.classify import bit_results, classify, expected_classes, field_results
@@ -56,7 +56,7 @@ def probe(seam: Seam, options: ProbeOptions, *, label: str, given: Given | None 
     are driven one ioctl at a time: kvmtdx cannot know that they are thread-safe."""
     start = time.monotonic()
     if options.max_tds is not None and options.max_tds < 1:
-        raise ProbeError("--max-tds must be at least 1")
+        raise DataError("--max-tds must be at least 1")
     serialize = not isinstance(seam, RealSeam)
     with Kvm(SerialSeam(seam) if serialize else seam) as kvm:
         if not kvm.has_tdx():
