@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvmtdx.model.profiles import bundled_json
-from kvmtdx.status import STATUS_MASK, TdxStatus, errno_name
+from kvmtdx.model.tdx_status import kvm73_outcome
+from kvmtdx.status import STATUS_MASK, errno_name
 
 DATA_FILE = "explain-statuses.json"
 ERROR_BIT = 1 << 63
@@ -117,16 +118,18 @@ class KvmHandling:
 
 
 def kvm_handling(status: int) -> KvmHandling | None:
-    """How KVM 7.3 maps a TDH.MNG.INIT status (None for success or a non-error)."""
+    """How KVM 7.3 maps a TDH.MNG.INIT status (None for success or a non-error); the
+    mapping itself is the model's (kvm73_outcome), this adds the words and the source."""
     if not status & ERROR_BIT:
         return None
     src = knowledge().source("kvm_init")
-    if status & STATUS_MASK == TdxStatus.TDX_OPERAND_INVALID:
-        return KvmHandling(_errno.EINVAL, True, False,
+    kvm = kvm73_outcome(status)
+    if not kvm.warns:
+        return KvmHandling(-kvm.errno, bool(kvm.hw_error), False,
                            "KVM_TDX_INIT_VM fails with -EINVAL and copies the status to "
                            "kvm_tdx_cmd.hw_error (no kernel WARN: the caller gave the operand)",
                            src)
-    return KvmHandling(_errno.EIO, False, True,
+    return KvmHandling(-kvm.errno, bool(kvm.hw_error), True,
                        "KVM_TDX_INIT_VM fails with -EIO and hw_error 0; the kernel WARNs once, "
                        "marks the VM bugged (every later ioctl on it fails) and logs "
                        "'SEAMCALL TDH_MNG_INIT failed: 0x<status>, rcx 0x<rcx>' - the status "
