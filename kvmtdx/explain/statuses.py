@@ -18,7 +18,7 @@ from typing import Any
 
 from kvmtdx.model.profiles import bundled_json
 from kvmtdx.model.tdx_status import kvm73_outcome
-from kvmtdx.status import STATUS_MASK, errno_name
+from kvmtdx.status import STATUS_MASK, errno_from_name, errno_name
 
 DATA_FILE = "explain-statuses.json"
 ERROR_BIT = 1 << 63
@@ -63,13 +63,6 @@ class Knowledge:
         return self.sources.get(key, key)
 
 
-def _errno_value(name: str) -> int:
-    value = getattr(_errno, name, None)
-    if not isinstance(value, int):
-        raise ValueError(f"{DATA_FILE}: unknown errno {name}")
-    return value
-
-
 @functools.cache
 def knowledge() -> Knowledge:
     data: Any = bundled_json(DATA_FILE)
@@ -89,7 +82,7 @@ def knowledge() -> Knowledge:
         msrs={int(m["index"], 16): (m["name"], m.get("about", "")) for m in data["msrs"]},
         seamcalls={k: (v["leaf"], v["kvm"], tuple(v["sources"]))
                    for k, v in data["seamcalls"].items()},
-        errnos={ioctl: {_errno_value(name): tuple(texts) for name, texts in by_errno.items()}
+        errnos={ioctl: {errno_from_name(name): tuple(texts) for name, texts in by_errno.items()}
                 for ioctl, by_errno in data["errnos"].items()},
     )
 
