@@ -1,8 +1,9 @@
 """What a TDX module status or a KVM errno means for a TD launch, down to the bit.
 
 The knowledge is data (`kvmtdx/data/explain-statuses.json`, every entry with
-its sources); this module decodes a raw 64-bit status into its fields (the
-module's api_error_code_t layout: operand 31:0, details 39:32, class 47:40,
+its sources; statuses and operands by name, their numbers are kvmtdx.status's);
+this module decodes a raw 64-bit status into its fields (the module's
+api_error_code_t layout: operand 31:0, details 39:32, class 47:40,
 flags 60-63), finds what is known of it, and says what is not.  How Linux 7.3
 hands a status of TDH.MNG.INIT to userspace follows from its class alone:
 TDX_OPERAND_INVALID is -EINVAL with the status in hw_error; anything else is
@@ -18,7 +19,7 @@ from typing import Any
 
 from kvmtdx.model.profiles import bundled_json
 from kvmtdx.model.tdx_status import kvm73_outcome
-from kvmtdx.status import STATUS_MASK, errno_from_name, errno_name
+from kvmtdx.status import STATUS_MASK, Operand, TdxStatus, errno_from_name, errno_name
 
 DATA_FILE = "explain-statuses.json"
 ERROR_BIT = 1 << 63
@@ -67,13 +68,14 @@ class Knowledge:
 def knowledge() -> Knowledge:
     data: Any = bundled_json(DATA_FILE)
     statuses = {
-        int(s["code"], 16): StatusInfo(int(s["code"], 16), s["name"], s["detail"], s["meaning"],
-                                       s["causes"], tuple(s.get("seamcalls", ())),
-                                       tuple(s["sources"]))
+        int(TdxStatus[s["name"]]): StatusInfo(int(TdxStatus[s["name"]]), s["name"], s["detail"],
+                                              s["meaning"], s["causes"],
+                                              tuple(s.get("seamcalls", ())), tuple(s["sources"]))
         for s in data["statuses"]
     }
-    operands = {o["id"]: OperandInfo(o["id"], o["name"], o["field"], o["causes"],
-                                     tuple(o["sources"])) for o in data["operands"]}
+    operands = {int(Operand[o["name"]]): OperandInfo(int(Operand[o["name"]]), o["name"],
+                                                     o["field"], o["causes"], tuple(o["sources"]))
+                for o in data["operands"]}
     return Knowledge(
         sources=dict(data["sources"]),
         classes={int(k, 16): v for k, v in data["classes"].items()},
