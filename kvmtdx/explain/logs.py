@@ -27,7 +27,7 @@ import errno as _errno
 import os
 import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
@@ -84,10 +84,8 @@ def errno_from_text(text: str) -> int | None:
 
 
 def status_from_name(text: str) -> int | None:
-    for s in statuses.knowledge().statuses.values():
-        if s.name == text.strip().upper():
-            return s.code
-    return None
+    status = TdxStatus.__members__.get(text.strip().upper())
+    return None if status is None else int(status)
 
 
 def _hex(text: str) -> int:
@@ -120,7 +118,8 @@ def plausible_status(value: int) -> bool:
     if not value >> 63 or value >> 48 & 0xFFF:
         return False
     kb = statuses.knowledge()
-    return (value & STATUS_MASK) in kb.statuses or (value >> 40 & 0xFF) in kb.classes
+    status_class = value >> statuses.CLASS_SHIFT & 0xFF
+    return (value & STATUS_MASK) in kb.statuses or status_class in kb.classes
 
 
 # --- recognisers ------------------------------------------------------------------
@@ -292,12 +291,3 @@ def read_input(arg: str, stdin: TextIO | None = None) -> Input:
     except OSError as e:
         raise DataError(f"{arg}: cannot read: {e.strerror}") from None
     return Input(arg, data.decode("utf-8", errors="replace"))
-
-
-def iter_findings(inputs: list[Input]) -> Iterator[Finding]:
-    for i in inputs:
-        yield from i.findings()
-
-
-def is_operand_invalid(status: int) -> bool:
-    return status & STATUS_MASK == TdxStatus.TDX_OPERAND_INVALID
