@@ -35,7 +35,8 @@ def test_json_has_the_envelope_and_decodes_the_status() -> None:
     assert f["value"] == "0xc000010000000045" and f["kind"] == "status"
     s = f["status"]
     assert s["operand"]["name"] == "CPUID_CONFIG" and s["class"]["id"] == 1
-    assert s["kvm"] == {**s["kvm"], "errno": "EINVAL", "hw_error": True, "warn": False}
+    assert s["kvm"] == {**s["kvm"], "errno": "EINVAL", "status_in_hw_error": True,
+                        "warn": False}
     assert data["diagnosis"] is None and data["unrecognised"] == []
 
 
