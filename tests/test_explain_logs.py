@@ -65,6 +65,16 @@ def test_older_qemu_shape() -> None:
     assert f.hw_error is None
 
 
+@pytest.mark.parametrize("line", [
+    "qemu-kvm: KVM_TDX_INIT_VM failed: -22, hw_error=0xc000010000000045",
+    "qemu-kvm: KVM_TDX_INIT_VM failed: Invalid argument, hw_error=0xc000010000000045",
+])
+def test_older_qemu_shape_with_hw_error_gives_errno_and_status(line: str) -> None:
+    e, s = one(line)
+    assert (e.kind, e.value, e.hw_error) == (Kind.ERRNO, errno.EINVAL, 0xC000010000000045)
+    assert (s.kind, s.value, s.ioctl) == (Kind.STATUS, 0xC000010000000045, "KVM_TDX_INIT_VM")
+
+
 def test_qemu_feature_warning() -> None:
     [f] = one("qemu-system-x86_64: warning: TDX doesn't support requested feature: "
               "CPUID.07H:EDX.avx512-fp16 [bit 23]")

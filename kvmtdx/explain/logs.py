@@ -133,7 +133,7 @@ _KERNEL_WARN = re.compile(r"WARNING: .*? at arch/x86/kvm/vmx/tdx\.c:(\d+) (\w+)"
 _KERNEL_PACKAGES = re.compile(r"All packages need to have online CPU to create TD")
 _QEMU_IOCTL = re.compile(r"TDX ioctl (KVM_TDX_[A-Z_]+) failed, hw_errors?: " + HEX
                          + r"(?::\s*([A-Za-z][\w /'-]*[a-z]))?")
-_QEMU_OLD = re.compile(r"(KVM_TDX_[A-Z_]+) failed(?::|,)?\s*(?:\(?(-?\d+)\)?\s*)?([A-Za-z][^:]*)?")
+_QEMU_OLD = re.compile(r"(KVM_TDX_[A-Z_]+) failed(?::|,)?\s*(?:\(?(-?\d+)\)?\s*)?([A-Za-z][^:,]*)?")
 _QEMU_FEATURE = re.compile(r"((?:TDX|host) doesn't support requested feature|TDX forcibly "
                            r"sets the feature): CPUID\.([0-9A-F]+)H:(E[ABCD]X)(?:\.(\S+))? "
                            r"\[bit (\d+)\]")
