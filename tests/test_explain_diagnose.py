@@ -126,6 +126,25 @@ def test_xfam_outside_what_kvm_supports() -> None:
     assert d.fixed.init_vm.xfam == 0x3
 
 
+def test_xfam_the_module_refuses_is_an_xfam_rule_and_the_bit_is_dropped() -> None:
+    # KVM offers AVX-512 state, but the module wants bits 5-7 together.
+    d = diagnose(MODULE, MAX_HOST, UPSTREAM, request(xfam=0x7 | 1 << 5))
+    [f] = d.faults
+    assert (f.category, f.check, f.decider, f.xfam_bits) == (Category.XFAM_RULE, "module_xfam",
+                                                              Decider.MODULE, 1 << 5)
+    assert f.fix.startswith("drop XFAM bit 5 (AVX512_OPMASK; QEMU: +avx512f)")
+    assert d.fixed.init_vm.xfam == 0x7 and d.final.kind == Kind.ACCEPTED
+
+
+def test_gpaw_52_without_5_level_ept_is_fixed_with_48() -> None:
+    host = replace(MAX_HOST, name="no-5-level-ept", ept_5level=False)
+    d = diagnose(MODULE, host, UPSTREAM, Request(init_vm=InitVm(
+        attributes=0x10000000, xfam=0x3, entries=(gpaw_entry(52),))))
+    [f] = d.faults
+    assert (f.category, f.check, f.fix) == (Category.GPAW, "gpaw_5level", "use a GPAW of 48")
+    assert d.fixed.init_vm.entries[0].eax == 48 << 16 and d.final.kind == Kind.ACCEPTED
+
+
 def test_gpaw_missing_and_invalid_are_fixed_with_48() -> None:
     no_gpaw = Request(init_vm=InitVm(attributes=0x10000000, xfam=0x3))
     d = diagnose(MODULE, MAX_HOST, UPSTREAM, no_gpaw)
@@ -173,6 +192,13 @@ def test_reasons_of_checks_without_a_row_come_from_status_or_leaf() -> None:
     topo = Outcome.classify(errno.EIO, 0, check="module_new_topology", decider=Decider.MODULE,
                             leaf=0x1F)
     assert reason_of(topo).category == Category.TOPOLOGY_RULE
+    leaf_1f_status = Outcome.classify(errno.EIO, 0xC000090400000000, check="module_new_1f",
+                                      decider=Decider.MODULE)
+    assert reason_of(leaf_1f_status).category == Category.TOPOLOGY_RULE
+    cpuid_config = Outcome.classify(errno.EINVAL, 0xC000010000000045, check="module_new_bit",
+                                    decider=Decider.MODULE)
+    assert reason_of(cpuid_config).category == Category.NOT_CONFIGURABLE
+    assert reason_of(cpuid_config).why == "the TDX module refused it (module_new_bit)"
     assert reason_of(Outcome.classify(errno.EINVAL, 0, check="denylist")) is \
         CHECK_REASONS["denylist"]
 
