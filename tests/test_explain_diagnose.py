@@ -104,18 +104,34 @@ def test_tsx_without_tsx_ctrl_is_eio_and_both_bits_go() -> None:
     assert accepted_by_the_simulated_host(d, OPEN, host)
 
 
-def test_an_avx512_feature_without_its_xfam_state_is_named_with_the_xfam_fix() -> None:
-    # The model of the module may refuse it (a gate) or drop it silently (the corrected
-    # module model); either way the answer names the XFAM bits and QEMU's avx512f.
+def test_an_avx512_feature_without_its_xfam_state_is_accepted_and_named_as_dropped() -> None:
+    # The module drops it without refusing (its XFAM gate); the answer names the XFAM bits.
     d = diagnose(MODULE, MAX_HOST, UPSTREAM, request(leaf7(ebx=1 << 16)))
-    if d.faults:
-        [f] = d.faults
-        assert f.category == Category.XFAM_RULE and f.bits[0].qemu == "avx512f"
-        assert "XFAM bits 5-7" in f.fix and "+avx512f" in f.fix
-    else:
-        [s] = d.silent
-        assert s.bit.qemu == "avx512f" and "XFAM" in s.why
-    assert d.final.kind == Kind.ACCEPTED
+    assert not d.faults and d.final.kind == Kind.ACCEPTED
+    [s] = d.silent
+    assert s.bit.qemu == "avx512f" and "XFAM lacks bits 5, 6, 7" in s.why
+
+
+def test_an_attribute_kvm_does_not_support_is_dropped_from_the_request() -> None:
+    d = diagnose(MODULE, MAX_HOST, UPSTREAM, request(attributes=0x10000000 | 1 << 30))
+    [f] = d.faults
+    assert (f.category, f.check, f.attribute_bits) == (Category.ATTRIBUTES,
+                                                        "attributes_unsupported", 1 << 30)
+    assert d.fixed.init_vm.attributes == 0x10000000 and d.final.kind == Kind.ACCEPTED
+
+
+def test_a_second_entry_for_a_taken_row_and_a_wrong_nent_are_entry_faults() -> None:
+    d = diagnose(MODULE, MAX_HOST, OPEN, request(leaf7(), leaf7()))
+    [f] = d.faults
+    assert f.facts == ("an earlier entry already took the row of CPUID 0x7 index 0",)
+    assert len(d.fixed.init_vm.entries) == 2 and d.final.kind == Kind.ACCEPTED
+    wrong = request(leaf7())
+    d = diagnose(MODULE, MAX_HOST, UPSTREAM, replace(wrong, init_vm=replace(wrong.init_vm,
+                                                                              nent=3)))
+    [f] = d.faults
+    assert (f.category, f.fix) == (Category.UNLISTED_LEAF, "send the true nent")
+    assert f.facts == ("cpuid.nent says 3 but 2 entries follow",)
+    assert d.fixed.init_vm.nent is None and d.final.kind == Kind.ACCEPTED
 
 
 def test_xfam_outside_what_kvm_supports() -> None:
@@ -149,6 +165,10 @@ def test_gpaw_missing_and_invalid_are_fixed_with_48() -> None:
     no_gpaw = Request(init_vm=InitVm(attributes=0x10000000, xfam=0x3))
     d = diagnose(MODULE, MAX_HOST, UPSTREAM, no_gpaw)
     assert [f.check for f in d.faults] == ["gpaw_missing"] and d.final.kind == Kind.ACCEPTED
+    counted = Request(init_vm=InitVm(attributes=0x10000000, xfam=0x3, entries=(leaf7(),), nent=1))
+    d = diagnose(MODULE, MAX_HOST, UPSTREAM, counted)
+    assert [f.check for f in d.faults] == ["gpaw_missing"] and d.final.kind == Kind.ACCEPTED
+    assert d.fixed.init_vm.nent == 2
     d = diagnose(MODULE, MAX_HOST, UPSTREAM, Request(init_vm=InitVm(
         attributes=0x10000000, xfam=0x3, entries=(gpaw_entry(50),))))
     assert [f.category for f in d.faults] == [Category.GPAW] and d.final.kind == Kind.ACCEPTED
@@ -170,8 +190,10 @@ def test_an_unflagged_entry_counted_on_three_rows_gets_the_flag() -> None:
 
 def test_structure_faults_are_fixed_and_a_second_init_cannot_be() -> None:
     bad = replace(request(), flags=1, hw_error=5)
+    bad = replace(bad, init_vm=replace(bad.init_vm, reserved=(1,) + (0,) * 11, cpuid_padding=1))
     d = diagnose(MODULE, MAX_HOST, UPSTREAM, bad)
-    assert [f.check for f in d.faults] == ["cmd_hw_error", "cmd_flags"]
+    assert [f.check for f in d.faults] == ["cmd_hw_error", "cmd_flags", "reserved_nonzero",
+                                           "cpuid_padding"]
     assert d.final.kind == Kind.ACCEPTED
 
 
