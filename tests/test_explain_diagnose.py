@@ -13,6 +13,7 @@ import pytest
 from helpers import host_without
 
 from kvmtdx.explain.diagnose import Diagnosis, diagnose
+from kvmtdx.explain.facts import bit_facts, bit_info, qemu_facts
 from kvmtdx.explain.reasons import CHECK_REASONS, Category, reason_of
 from kvmtdx.model import mirror, mirror_kvm
 from kvmtdx.model.mirror_module import MODULE_CHECKS
@@ -283,3 +284,21 @@ def test_a_topology_check_the_table_lacks_is_replayed_past_by_zeroing_leaf_1f(
     assert "zero CPUID 0x1f" in f.fix
     assert all(not any(e.regs()) for e in d.fixed.init_vm.entries if e.function == 0x1F)
     assert d.final.kind == Kind.ACCEPTED
+
+
+def test_bit_facts_say_how_the_module_takes_each_bit() -> None:
+    # Leaf 1 has a row without sub-leaves; index 0 finds it.
+    facts, _ = bit_facts(MODULE, MAX_HOST, UPSTREAM, request(), (bit_info(1, 0, "ebx", 16),))
+    assert facts == ("module 2.0 lets a VMM set it directly (config_direct)",)
+    row = MODULE.rows[MODULE.row_index(7, 0) or 0]
+    allow_only = row.allow_direct[2] & ~row.config_direct[2] & ~(1 << 5)
+    bit = (allow_only & -allow_only).bit_length() - 1
+    host = host_without("lacking", {(7, 0): {"ecx": 1 << bit}})
+    facts, _ = bit_facts(MODULE, host, UPSTREAM, request(), (bit_info(7, 0, "ecx", bit),))
+    assert facts == ("module 2.0 allows it only where the host has it (allow_direct); host "
+                     "lacking lacks it, so the module would drop it silently",)
+
+
+def test_qemu_facts_alone_name_what_every_module_sets_and_what_an_attribute_sets() -> None:
+    assert qemu_facts(bit_info(1, None, "edx", 0)) == ("every TDX module sets it for a TD",)
+    assert qemu_facts(bit_info(7, 0, "ecx", 31)) == ("the module sets it from TD attribute PKS",)
