@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -184,3 +185,11 @@ def test_a_backend_that_answers_otherwise_than_the_model_is_said_so() -> None:
     text = render.explanation_text(e)
     assert "no fault: the request is accepted" in text
     assert text.rstrip().endswith("KVM_REJECTED -EINVAL (NOT as predicted)")
+
+
+def test_a_simulated_backend_lends_its_host_to_the_model() -> None:
+    host = replace(MAX_HOST, name="no-5-level-ept", ept_5level=False)
+    backend = simulated_backend(load_profile("2.0"), host, get_policy("upstream"))
+    e = explain([], request=_replayed(), backend=backend)
+    assert e.model is not None and e.model.host.name == "no-5-level-ept"
+    assert e.model.source == "the simulated host"

@@ -125,3 +125,11 @@ def test_seamcall_names_and_leaves() -> None:
 def test_a_status_is_64_bits() -> None:
     with pytest.raises(ValueError):
         explain_status(1 << 64)
+
+
+def test_what_bits_31_0_and_the_flags_say_when_kvmtdx_does_not_know_them() -> None:
+    s = explain_status(0xC000092100000999)
+    assert s.msr == (0x999, "MSR 0x999", "") and s.unknown == ("MSR 0x999 is not one kvmtdx knows",)
+    assert explain_status(0xC000090400000005).unknown == (
+        "bits 31:0 (0x5) are not used by this status",)
+    assert explain_status(0x9000020000000000).flags == ("error", "host-recoverable")
