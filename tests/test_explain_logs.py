@@ -147,6 +147,7 @@ def test_tokens(token: str, kind: Kind, value: int) -> None:
 def test_not_a_token() -> None:
     assert classify_token("hello") is None
     assert classify_token("qemu.log") is None
+    assert classify_token("abcdefabcdefabcdefab") is None  # 80 bits: no status
 
 
 def test_read_input_token_file_and_stdin(tmp_path: Path) -> None:
@@ -162,3 +163,5 @@ def test_read_input_token_file_and_stdin(tmp_path: Path) -> None:
 def test_read_input_names_what_it_cannot_read(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"nope\.log: neither a TDX status"):
         read_input(str(tmp_path / "nope.log"))
+    with pytest.raises(DataError, match=r"^abcdefabcdefabcdefab: neither a TDX status"):
+        read_input("abcdefabcdefabcdefab")

@@ -108,7 +108,9 @@ def classify_token(text: str) -> Finding | None:
     if named is not None:
         return Finding(Kind.STATUS, "argument", named, line=t)
     if _STATUS_TOKEN.fullmatch(t) and (t.lower().startswith("0x") or len(t) >= 9):
-        return Finding(Kind.STATUS, "argument", int(t, 16), line=t)
+        value = int(t, 16)
+        # Wider than a status: not one (read_input then says what it is not, exit 2).
+        return Finding(Kind.STATUS, "argument", value, line=t) if value >> 64 == 0 else None
     return None
 
 
