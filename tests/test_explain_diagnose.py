@@ -13,6 +13,7 @@ import pytest
 from helpers import host_without
 
 from kvmtdx.explain.diagnose import Diagnosis, diagnose
+from kvmtdx.explain.facts import bit_facts, bit_info, qemu_facts
 from kvmtdx.explain.reasons import CHECK_REASONS, Category, reason_of
 from kvmtdx.model import mirror, mirror_kvm
 from kvmtdx.model.mirror_module import MODULE_CHECKS
@@ -104,18 +105,34 @@ def test_tsx_without_tsx_ctrl_is_eio_and_both_bits_go() -> None:
     assert accepted_by_the_simulated_host(d, OPEN, host)
 
 
-def test_an_avx512_feature_without_its_xfam_state_is_named_with_the_xfam_fix() -> None:
-    # The model of the module may refuse it (a gate) or drop it silently (the corrected
-    # module model); either way the answer names the XFAM bits and QEMU's avx512f.
+def test_an_avx512_feature_without_its_xfam_state_is_accepted_and_named_as_dropped() -> None:
+    # The module drops it without refusing (its XFAM gate); the answer names the XFAM bits.
     d = diagnose(MODULE, MAX_HOST, UPSTREAM, request(leaf7(ebx=1 << 16)))
-    if d.faults:
-        [f] = d.faults
-        assert f.category == Category.XFAM_RULE and f.bits[0].qemu == "avx512f"
-        assert "XFAM bits 5-7" in f.fix and "+avx512f" in f.fix
-    else:
-        [s] = d.silent
-        assert s.bit.qemu == "avx512f" and "XFAM" in s.why
-    assert d.final.kind == Kind.ACCEPTED
+    assert not d.faults and d.final.kind == Kind.ACCEPTED
+    [s] = d.silent
+    assert s.bit.qemu == "avx512f" and "XFAM lacks bits 5, 6, 7" in s.why
+
+
+def test_an_attribute_kvm_does_not_support_is_dropped_from_the_request() -> None:
+    d = diagnose(MODULE, MAX_HOST, UPSTREAM, request(attributes=0x10000000 | 1 << 30))
+    [f] = d.faults
+    assert (f.category, f.check, f.attribute_bits) == (Category.ATTRIBUTES,
+                                                        "attributes_unsupported", 1 << 30)
+    assert d.fixed.init_vm.attributes == 0x10000000 and d.final.kind == Kind.ACCEPTED
+
+
+def test_a_second_entry_for_a_taken_row_and_a_wrong_nent_are_entry_faults() -> None:
+    d = diagnose(MODULE, MAX_HOST, OPEN, request(leaf7(), leaf7()))
+    [f] = d.faults
+    assert f.facts == ("an earlier entry already took the row of CPUID 0x7 index 0",)
+    assert len(d.fixed.init_vm.entries) == 2 and d.final.kind == Kind.ACCEPTED
+    wrong = request(leaf7())
+    d = diagnose(MODULE, MAX_HOST, UPSTREAM, replace(wrong, init_vm=replace(wrong.init_vm,
+                                                                              nent=3)))
+    [f] = d.faults
+    assert (f.category, f.fix) == (Category.UNLISTED_LEAF, "send the true nent")
+    assert f.facts == ("cpuid.nent says 3 but 2 entries follow",)
+    assert d.fixed.init_vm.nent is None and d.final.kind == Kind.ACCEPTED
 
 
 def test_xfam_outside_what_kvm_supports() -> None:
@@ -126,10 +143,33 @@ def test_xfam_outside_what_kvm_supports() -> None:
     assert d.fixed.init_vm.xfam == 0x3
 
 
+def test_xfam_the_module_refuses_is_an_xfam_rule_and_the_bit_is_dropped() -> None:
+    # KVM offers AVX-512 state, but the module wants bits 5-7 together.
+    d = diagnose(MODULE, MAX_HOST, UPSTREAM, request(xfam=0x7 | 1 << 5))
+    [f] = d.faults
+    assert (f.category, f.check, f.decider, f.xfam_bits) == (Category.XFAM_RULE, "module_xfam",
+                                                              Decider.MODULE, 1 << 5)
+    assert f.fix.startswith("drop XFAM bit 5 (AVX512_OPMASK; QEMU: +avx512f)")
+    assert d.fixed.init_vm.xfam == 0x7 and d.final.kind == Kind.ACCEPTED
+
+
+def test_gpaw_52_without_5_level_ept_is_fixed_with_48() -> None:
+    host = replace(MAX_HOST, name="no-5-level-ept", ept_5level=False)
+    d = diagnose(MODULE, host, UPSTREAM, Request(init_vm=InitVm(
+        attributes=0x10000000, xfam=0x3, entries=(gpaw_entry(52),))))
+    [f] = d.faults
+    assert (f.category, f.check, f.fix) == (Category.GPAW, "gpaw_5level", "use a GPAW of 48")
+    assert d.fixed.init_vm.entries[0].eax == 48 << 16 and d.final.kind == Kind.ACCEPTED
+
+
 def test_gpaw_missing_and_invalid_are_fixed_with_48() -> None:
     no_gpaw = Request(init_vm=InitVm(attributes=0x10000000, xfam=0x3))
     d = diagnose(MODULE, MAX_HOST, UPSTREAM, no_gpaw)
     assert [f.check for f in d.faults] == ["gpaw_missing"] and d.final.kind == Kind.ACCEPTED
+    counted = Request(init_vm=InitVm(attributes=0x10000000, xfam=0x3, entries=(leaf7(),), nent=1))
+    d = diagnose(MODULE, MAX_HOST, UPSTREAM, counted)
+    assert [f.check for f in d.faults] == ["gpaw_missing"] and d.final.kind == Kind.ACCEPTED
+    assert d.fixed.init_vm.nent == 2
     d = diagnose(MODULE, MAX_HOST, UPSTREAM, Request(init_vm=InitVm(
         attributes=0x10000000, xfam=0x3, entries=(gpaw_entry(50),))))
     assert [f.category for f in d.faults] == [Category.GPAW] and d.final.kind == Kind.ACCEPTED
@@ -151,8 +191,10 @@ def test_an_unflagged_entry_counted_on_three_rows_gets_the_flag() -> None:
 
 def test_structure_faults_are_fixed_and_a_second_init_cannot_be() -> None:
     bad = replace(request(), flags=1, hw_error=5)
+    bad = replace(bad, init_vm=replace(bad.init_vm, reserved=(1,) + (0,) * 11, cpuid_padding=1))
     d = diagnose(MODULE, MAX_HOST, UPSTREAM, bad)
-    assert [f.check for f in d.faults] == ["cmd_hw_error", "cmd_flags"]
+    assert [f.check for f in d.faults] == ["cmd_hw_error", "cmd_flags", "reserved_nonzero",
+                                           "cpuid_padding"]
     assert d.final.kind == Kind.ACCEPTED
 
 
@@ -173,6 +215,13 @@ def test_reasons_of_checks_without_a_row_come_from_status_or_leaf() -> None:
     topo = Outcome.classify(errno.EIO, 0, check="module_new_topology", decider=Decider.MODULE,
                             leaf=0x1F)
     assert reason_of(topo).category == Category.TOPOLOGY_RULE
+    leaf_1f_status = Outcome.classify(errno.EIO, 0xC000090400000000, check="module_new_1f",
+                                      decider=Decider.MODULE)
+    assert reason_of(leaf_1f_status).category == Category.TOPOLOGY_RULE
+    cpuid_config = Outcome.classify(errno.EINVAL, 0xC000010000000045, check="module_new_bit",
+                                    decider=Decider.MODULE)
+    assert reason_of(cpuid_config).category == Category.NOT_CONFIGURABLE
+    assert reason_of(cpuid_config).why == "the TDX module refused it (module_new_bit)"
     assert reason_of(Outcome.classify(errno.EINVAL, 0, check="denylist")) is \
         CHECK_REASONS["denylist"]
 
@@ -235,3 +284,21 @@ def test_a_topology_check_the_table_lacks_is_replayed_past_by_zeroing_leaf_1f(
     assert "zero CPUID 0x1f" in f.fix
     assert all(not any(e.regs()) for e in d.fixed.init_vm.entries if e.function == 0x1F)
     assert d.final.kind == Kind.ACCEPTED
+
+
+def test_bit_facts_say_how_the_module_takes_each_bit() -> None:
+    # Leaf 1 has a row without sub-leaves; index 0 finds it.
+    facts, _ = bit_facts(MODULE, MAX_HOST, UPSTREAM, request(), (bit_info(1, 0, "ebx", 16),))
+    assert facts == ("module 2.0 lets a VMM set it directly (config_direct)",)
+    row = MODULE.rows[MODULE.row_index(7, 0) or 0]
+    allow_only = row.allow_direct[2] & ~row.config_direct[2] & ~(1 << 5)
+    bit = (allow_only & -allow_only).bit_length() - 1
+    host = host_without("lacking", {(7, 0): {"ecx": 1 << bit}})
+    facts, _ = bit_facts(MODULE, host, UPSTREAM, request(), (bit_info(7, 0, "ecx", bit),))
+    assert facts == ("module 2.0 allows it only where the host has it (allow_direct); host "
+                     "lacking lacks it, so the module would drop it silently",)
+
+
+def test_qemu_facts_alone_name_what_every_module_sets_and_what_an_attribute_sets() -> None:
+    assert qemu_facts(bit_info(1, None, "edx", 0)) == ("every TDX module sets it for a TD",)
+    assert qemu_facts(bit_info(7, 0, "ecx", 31)) == ("the module sets it from TD attribute PKS",)

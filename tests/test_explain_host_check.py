@@ -46,6 +46,8 @@ def test_simulated_upstream_host_names_what_kvm_hides_and_what_the_module_keeps(
     more = replace(MAX_HOST, name="max+mpx+apx", kvm_xfam=MAX_HOST.xfam_supported | 0x18 | 1 << 19)
     h = host_check.run(simulated_backend(MODULE, more, get_policy("upstream")))
     assert {name for _, name, _ in h.xfam_missing} >= {"MPX_BNDREGS", "APX"}
+    assert {why for _, _, why in h.xfam_missing} == {"module 2.0 does not allow it (XFAM_FIXED0)"}
+    assert h.unjudged == ((0x14, 0, "ecx"),)  # QEMU leaves leaf 0x14 to the module
 
 
 def test_the_series_hides_more() -> None:
@@ -84,12 +86,38 @@ def test_host_lacks_a_feature_kvm_would_emulate() -> None:
     assert [m.cause for m in lacking] == [Cause.HOST]
 
 
+def test_leaves_without_a_module_row_are_judged_by_qemus_tdx_tables() -> None:
+    caps, wanted = _caps_and_wanted("upstream")
+    extra = [CpuidEntry(0x40000001, 0, 0, 0xFFFFFFFF),  # KVM's paravirtual features
+             CpuidEntry(0x80000001, 0, 0, 0, 0, 0xFFFFFFFF, 0xFFFFFFFF)]
+    h = check(caps, [*wanted, *extra], Facts(MODULE, get_policy("upstream"), "given", MAX_HOST))
+    pv = {m.bit.qemu: m for m in h.missing if m.bit.leaf == 0x40000001}
+    assert {"kvm-steal-time", "kvm-asyncpf-int"} <= set(pv)
+    assert {m.cause for m in pv.values()} == {Cause.QEMU}
+    ext = {m.bit.qemu: m for m in h.missing if m.bit.leaf == 0x80000001}
+    assert {"svm", "sse4a"} <= set(ext)
+    assert all(m.cause == Cause.MODULE and "makes no configurable row" in m.why
+               for m in ext.values())
+
+
 def test_without_a_module_the_policy_still_tells_kvm_hides() -> None:
     caps, wanted = _caps_and_wanted("upstream")
     h = check(caps, wanted, Facts(None, get_policy("upstream"), "given", None))
     causes = by_cause(h)
     assert causes[Cause.KVM] == {"hle", "rtm", "waitpkg"}
     assert all("--module" in m.why for m in h.missing if m.cause == Cause.MODULE)
+
+
+def test_without_a_module_a_bit_the_host_lacks_is_the_hosts() -> None:
+    caps, wanted = _caps_and_wanted("upstream")
+    host = host_without("lacking", {(7, 0): {"ecx": 1 << 2}})  # UMIP: allow_direct on 2.0
+    entries = tuple(e.with_reg("ecx", e.ecx & ~(1 << 2)) if (e.function, e.index) == (7, 0)
+                    else e for e in caps.entries)
+    h = check(replace(caps, entries=entries), wanted,
+              Facts(None, get_policy("upstream"), "given", host))
+    [umip] = [m for m in h.missing if m.bit.qemu == "umip"]
+    assert (umip.cause, umip.why) == (Cause.HOST, "the CPU lacks it (KVM emulates it for "
+                                                  "ordinary VMs)")
 
 
 def test_xfam_the_module_does_not_offer_removes_the_features_that_need_it() -> None:

@@ -65,6 +65,16 @@ def test_older_qemu_shape() -> None:
     assert f.hw_error is None
 
 
+@pytest.mark.parametrize("line", [
+    "qemu-kvm: KVM_TDX_INIT_VM failed: -22, hw_error=0xc000010000000045",
+    "qemu-kvm: KVM_TDX_INIT_VM failed: Invalid argument, hw_error=0xc000010000000045",
+])
+def test_older_qemu_shape_with_hw_error_gives_errno_and_status(line: str) -> None:
+    e, s = one(line)
+    assert (e.kind, e.value, e.hw_error) == (Kind.ERRNO, errno.EINVAL, 0xC000010000000045)
+    assert (s.kind, s.value, s.ioctl) == (Kind.STATUS, 0xC000010000000045, "KVM_TDX_INIT_VM")
+
+
 def test_qemu_feature_warning() -> None:
     [f] = one("qemu-system-x86_64: warning: TDX doesn't support requested feature: "
               "CPUID.07H:EDX.avx512-fp16 [bit 23]")
@@ -137,6 +147,7 @@ def test_tokens(token: str, kind: Kind, value: int) -> None:
 def test_not_a_token() -> None:
     assert classify_token("hello") is None
     assert classify_token("qemu.log") is None
+    assert classify_token("abcdefabcdefabcdefab") is None  # 80 bits: no status
 
 
 def test_read_input_token_file_and_stdin(tmp_path: Path) -> None:
@@ -152,3 +163,5 @@ def test_read_input_token_file_and_stdin(tmp_path: Path) -> None:
 def test_read_input_names_what_it_cannot_read(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"nope\.log: neither a TDX status"):
         read_input(str(tmp_path / "nope.log"))
+    with pytest.raises(DataError, match=r"^abcdefabcdefabcdefab: neither a TDX status"):
+        read_input("abcdefabcdefabcdefab")

@@ -32,6 +32,12 @@ def test_find_and_resolve_a_warning() -> None:
     assert qemu.resolve_warning(7, "edx", 23, None) == (7, 0, "edx", 23)
 
 
+def test_a_warnings_feature_name_picks_the_sub_leaf() -> None:
+    # Bit 4 of EDX is FSRM in sub-leaf 0 and AVX-VNNI-INT8 in sub-leaf 1.
+    assert qemu.resolve_warning(7, "edx", 4, "avx-vnni-int8") == (7, 1, "edx", 4)
+    assert qemu.resolve_warning(7, "edx", 4, None) == (7, 0, "edx", 4)
+
+
 def test_xsave_components_name_the_feature_that_enables_them() -> None:
     assert qemu.xfam_enablers(0xE0) == ("avx512f",)
     assert qemu.xfam_enablers(3 << 17) == ("amx-tile",)

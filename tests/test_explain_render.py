@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from kvmtdx.errors import ExitCode
 from kvmtdx.explain import explain, host_check, read_input, render
 from kvmtdx.model.policy import get_policy
 from kvmtdx.model.profiles import MAX_HOST, load_profile
-from kvmtdx.model.requests import request_from_json
+from kvmtdx.model.requests import Request, request_from_json
 from kvmtdx.session import simulated_backend
 from kvmtdx.sim import SimulatedHost
 
@@ -35,7 +36,8 @@ def test_json_has_the_envelope_and_decodes_the_status() -> None:
     assert f["value"] == "0xc000010000000045" and f["kind"] == "status"
     s = f["status"]
     assert s["operand"]["name"] == "CPUID_CONFIG" and s["class"]["id"] == 1
-    assert s["kvm"] == {**s["kvm"], "errno": "EINVAL", "hw_error": True, "warn": False}
+    assert s["kvm"] == {**s["kvm"], "errno": "EINVAL", "status_in_hw_error": True,
+                        "warn": False}
     assert data["diagnosis"] is None and data["unrecognised"] == []
 
 
@@ -156,3 +158,38 @@ def test_a_qemu_feature_warning_without_a_model_still_says_what_qemu_knows() -> 
     assert item.bit is not None and item.bit.qemu == "avx512-fp16" and item.bit.subleaf == 0
     assert item.facts == ("a TD gets it from the CPU, not from its CPUID configuration, with "
                           "XFAM bit 5 (AVX512_OPMASK; QEMU: +avx512f)",)
+
+
+def _replayed(edx: int = 0, leaf1_ecx: int = 0) -> Request:
+    return request_from_json({"attributes": "0x10000000", "xfam": "0x3", "cpuid": [
+        {"function": "0x7", "index": 0, "flags": 1, "edx": hex(edx)},
+        {"function": "0x1", "index": 0, "flags": 0, "ecx": hex(leaf1_ecx)},
+        {"function": "0x80000008", "index": 0, "flags": 0, "eax": "0x300000"}]}, "r")
+
+
+def test_faults_of_one_rule_in_one_register_are_told_as_one_with_every_bit() -> None:
+    e = explain([], request=_replayed(edx=0b11), module=load_profile("2.0"),
+                policy=get_policy("upstream"))
+    text = render.explanation_text(e)
+    assert "faults     2 (3 replays)" in text
+    assert "  1. not configurable on this module" in text and "  2. " not in text
+    assert "fix        drop 0x7.0 EDX[0] bit0, 0x7.0 EDX[1] SGX_KEYS" in text
+
+
+def test_a_backend_that_answers_otherwise_than_the_model_is_said_so() -> None:
+    # Judged by the upstream kernel, run on one with the series: MONITOR is refused there.
+    module = load_profile("2.0")
+    e = explain([], request=_replayed(leaf1_ecx=1 << 3), module=module,
+                policy=get_policy("upstream"),
+                backend=simulated_backend(module, MAX_HOST, get_policy("rfc-v2")))
+    text = render.explanation_text(e)
+    assert "no fault: the request is accepted" in text
+    assert text.rstrip().endswith("KVM_REJECTED -EINVAL (NOT as predicted)")
+
+
+def test_a_simulated_backend_lends_its_host_to_the_model() -> None:
+    host = replace(MAX_HOST, name="no-5-level-ept", ept_5level=False)
+    backend = simulated_backend(load_profile("2.0"), host, get_policy("upstream"))
+    e = explain([], request=_replayed(), backend=backend)
+    assert e.model is not None and e.model.host.name == "no-5-level-ept"
+    assert e.model.source == "the simulated host"

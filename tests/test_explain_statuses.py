@@ -80,18 +80,19 @@ def test_success_and_informational_statuses_have_no_kvm_failure() -> None:
     assert explain_status(0x0000081500000000).kvm is None  # TDX_KEY_CONFIGURED
 
 
-def test_the_knowledge_agrees_with_the_status_constants_and_names_every_source() -> None:
+def test_the_knowledge_covers_every_status_and_operand_kvmtdx_numbers_with_sources() -> None:
+    # The numbers are kvmtdx.status's; the knowledge names them, and must name them all.
     kb = knowledge()
+    assert set(kb.statuses) == {int(s) for s in TdxStatus}
+    assert set(kb.operands) == {int(o) for o in Operand}
     for code, info in kb.statuses.items():
         assert code & ~STATUS_MASK == 0, info.name
-        if info.name in TdxStatus.__members__:
-            assert TdxStatus[info.name] == code, info.name
+        assert TdxStatus(code).name == info.name
         for key in info.sources:
             assert key in kb.sources, (info.name, key)
     for op in kb.operands.values():
         assert all(key in kb.sources for key in op.sources), op.name
-        if op.name in Operand.__members__:
-            assert Operand[op.name] == op.id
+        assert Operand(op.id).name == op.name
     assert int(TdxStatus.TDX_INCORRECT_MSR_VALUE) == 0xC000092100000000
 
 
@@ -124,3 +125,11 @@ def test_seamcall_names_and_leaves() -> None:
 def test_a_status_is_64_bits() -> None:
     with pytest.raises(ValueError):
         explain_status(1 << 64)
+
+
+def test_what_bits_31_0_and_the_flags_say_when_kvmtdx_does_not_know_them() -> None:
+    s = explain_status(0xC000092100000999)
+    assert s.msr == (0x999, "MSR 0x999", "") and s.unknown == ("MSR 0x999 is not one kvmtdx knows",)
+    assert explain_status(0xC000090400000005).unknown == (
+        "bits 31:0 (0x5) are not used by this status",)
+    assert explain_status(0x9000020000000000).flags == ("error", "host-recoverable")

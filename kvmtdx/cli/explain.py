@@ -76,15 +76,6 @@ def _model(args: argparse.Namespace) -> tuple[ModuleProfile | None, Host | None,
     return module, host, get_policy(name, allowlist) if name else None
 
 
-def _auto_policy(args: argparse.Namespace, backend: Backend, module: ModuleProfile | None,
-                 host: Host | None) -> Policy | None:
-    """--policy auto for a request: chosen from the backend's capabilities, as verify does."""
-    caps, _ = host_check.read(backend)
-    allowlist = load_allowlist(args.allowlist) if args.allowlist else None
-    return host_check.facts_of(backend, caps, module=module, policy="auto", host=host,
-                               allowlist=allowlist).policy
-
-
 def _host_check(args: argparse.Namespace) -> int:
     module, host, policy = _model(args)
     backend = _backend(args, real=True)
@@ -116,7 +107,8 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None) -> int:
     auto = args.policy == "auto" and request is not None
     backend = _backend(args, real=auto)
     if auto and backend is not None and not backend.simulated:
-        policy = _auto_policy(args, backend, module, host)
+        allowlist = load_allowlist(args.allowlist) if args.allowlist else None
+        policy = host_check.auto_policy(backend, module=module, host=host, allowlist=allowlist)
     result = explain(inputs, request=request, module=module, host=host, policy=policy,
                      backend=backend)
     said = (f"{len(result.items)} statuses or errors explained"

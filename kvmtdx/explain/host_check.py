@@ -215,6 +215,15 @@ def facts_of(backend: Backend, caps: Capabilities, *, module: ModuleProfile | No
     return Facts(the_module, chosen, why, the_host)
 
 
+def auto_policy(backend: Backend, *, module: ModuleProfile | None, host: Host | None,
+                allowlist: Allowlist | None) -> Policy | None:
+    """`--policy auto` for a backend that brings no policy of its own: chosen from its
+    capabilities, as the host check (and verify) chooses it."""
+    caps, _ = read(backend)
+    return facts_of(backend, caps, module=module, policy="auto", host=host,
+                    allowlist=allowlist).policy
+
+
 def run(backend: Backend, *, module: ModuleProfile | None = None, policy: str | None = "auto",
         host: Host | None = None, allowlist: Allowlist | None = None) -> HostCheck:
     """Read the backend and compare.  A simulated backend brings its own module, host and

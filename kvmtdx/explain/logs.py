@@ -27,7 +27,7 @@ import errno as _errno
 import os
 import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
@@ -84,10 +84,8 @@ def errno_from_text(text: str) -> int | None:
 
 
 def status_from_name(text: str) -> int | None:
-    for s in statuses.knowledge().statuses.values():
-        if s.name == text.strip().upper():
-            return s.code
-    return None
+    status = TdxStatus.__members__.get(text.strip().upper())
+    return None if status is None else int(status)
 
 
 def _hex(text: str) -> int:
@@ -110,7 +108,9 @@ def classify_token(text: str) -> Finding | None:
     if named is not None:
         return Finding(Kind.STATUS, "argument", named, line=t)
     if _STATUS_TOKEN.fullmatch(t) and (t.lower().startswith("0x") or len(t) >= 9):
-        return Finding(Kind.STATUS, "argument", int(t, 16), line=t)
+        value = int(t, 16)
+        # Wider than a status: not one (read_input then says what it is not, exit 2).
+        return Finding(Kind.STATUS, "argument", value, line=t) if value >> 64 == 0 else None
     return None
 
 
@@ -120,7 +120,8 @@ def plausible_status(value: int) -> bool:
     if not value >> 63 or value >> 48 & 0xFFF:
         return False
     kb = statuses.knowledge()
-    return (value & STATUS_MASK) in kb.statuses or (value >> 40 & 0xFF) in kb.classes
+    status_class = value >> statuses.CLASS_SHIFT & 0xFF
+    return (value & STATUS_MASK) in kb.statuses or status_class in kb.classes
 
 
 # --- recognisers ------------------------------------------------------------------
@@ -134,7 +135,7 @@ _KERNEL_WARN = re.compile(r"WARNING: .*? at arch/x86/kvm/vmx/tdx\.c:(\d+) (\w+)"
 _KERNEL_PACKAGES = re.compile(r"All packages need to have online CPU to create TD")
 _QEMU_IOCTL = re.compile(r"TDX ioctl (KVM_TDX_[A-Z_]+) failed, hw_errors?: " + HEX
                          + r"(?::\s*([A-Za-z][\w /'-]*[a-z]))?")
-_QEMU_OLD = re.compile(r"(KVM_TDX_[A-Z_]+) failed(?::|,)?\s*(?:\(?(-?\d+)\)?\s*)?([A-Za-z][^:]*)?")
+_QEMU_OLD = re.compile(r"(KVM_TDX_[A-Z_]+) failed(?::|,)?\s*(?:\(?(-?\d+)\)?\s*)?([A-Za-z][^:,]*)?")
 _QEMU_FEATURE = re.compile(r"((?:TDX|host) doesn't support requested feature|TDX forcibly "
                            r"sets the feature): CPUID\.([0-9A-F]+)H:(E[ABCD]X)(?:\.(\S+))? "
                            r"\[bit (\d+)\]")
@@ -292,12 +293,3 @@ def read_input(arg: str, stdin: TextIO | None = None) -> Input:
     except OSError as e:
         raise DataError(f"{arg}: cannot read: {e.strerror}") from None
     return Input(arg, data.decode("utf-8", errors="replace"))
-
-
-def iter_findings(inputs: list[Input]) -> Iterator[Finding]:
-    for i in inputs:
-        yield from i.findings()
-
-
-def is_operand_invalid(status: int) -> bool:
-    return status & STATUS_MASK == TdxStatus.TDX_OPERAND_INVALID

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from kvmtdx.outcome import Decider, Outcome
-from kvmtdx.status import STATUS_MASK, Operand, TdxStatus
+from kvmtdx.status import HwError, Operand, TdxStatus
 
 
 class Category(str, Enum):
@@ -133,12 +133,12 @@ def reason_of(outcome: Outcome) -> Reason:
     row = CHECK_REASONS.get(outcome.check or "")
     if row is not None:
         return row
-    status = outcome.hw_error & STATUS_MASK
-    category = _STATUS_CATEGORY.get(status)
+    hw = HwError.decode(outcome.hw_error)
+    category = _STATUS_CATEGORY.get(hw.status)
     if category is None and outcome.leaf == TOPOLOGY_LEAF:
         category = C.TOPOLOGY_RULE
-    if category is None and status == TdxStatus.TDX_OPERAND_INVALID:
-        category = _OPERAND_CATEGORY.get(outcome.hw_error & 0xFF, C.NOT_CONFIGURABLE)
+    if category is None and hw.status == TdxStatus.TDX_OPERAND_INVALID:
+        category = _OPERAND_CATEGORY.get(hw.operand, C.NOT_CONFIGURABLE)
     who = "the TDX module" if outcome.decider == Decider.MODULE else "KVM"
     name = outcome.check or "an unnamed check"
     return Reason(category or C.UNKNOWN, f"{who} refused it ({name})", "see the check")

@@ -3,7 +3,8 @@
 JSON: {"schema": 1, "kind": "explain", "tool_version", "findings": [...],
 "unrecognised": [...], "model", "diagnosis", "observed", "backend"}; or, for
 --host-check, the same envelope with "host_check" instead.  Every value is
-plain JSON: statuses and masks as "0x..." strings, errnos by name.
+plain JSON: 64-bit words (statuses, hw_error, RCX, attribute and XFAM masks) as "0x" and
+16 hex digits and outcomes as every kvmtdx report writes them, errnos by name.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import textwrap
 from collections.abc import Iterable
 from typing import Any
 
-from kvmtdx import __version__
 from kvmtdx.explain import Explanation, Item, qemu
 from kvmtdx.explain.diagnose import Diagnosis, Fault
 from kvmtdx.explain.facts import BitInfo
@@ -20,11 +20,14 @@ from kvmtdx.explain.host_check import Cause, HostCheck
 from kvmtdx.explain.logs import Finding, Kind
 from kvmtdx.explain.reasons import Category
 from kvmtdx.explain.statuses import ErrnoExplanation, StatusExplanation, knowledge
+from kvmtdx.jsonfile import hex64
 from kvmtdx.model import catalog
 from kvmtdx.outcome import Outcome
+from kvmtdx.report import encode
+from kvmtdx.report.schema import ReportKind
+from kvmtdx.report.schema import envelope as report_envelope
 from kvmtdx.status import errno_name
 
-SCHEMA = 1
 WIDTH = 100
 
 
@@ -32,8 +35,13 @@ def _hx(v: int | None) -> str | None:
     return None if v is None else f"0x{v:x}"
 
 
+def _hx64(v: int | None) -> str | None:
+    """A 64-bit word as every kvmtdx report spells it (jsonfile.hex64); None stays null."""
+    return None if v is None else hex64(v)
+
+
 def envelope(**body: Any) -> dict[str, Any]:
-    return {"schema": SCHEMA, "kind": "explain", "tool_version": __version__, **body}
+    return report_envelope(ReportKind.EXPLAIN, body)
 
 
 # --- JSON --------------------------------------------------------------------------
@@ -45,9 +53,8 @@ def bit_json(b: BitInfo) -> dict[str, Any]:
 
 
 def outcome_json(o: Outcome) -> dict[str, Any]:
-    return {"outcome": o.kind.value, "errno": o.errno_name, "hw_error": _hx(o.hw_error),
-            "check": o.check, "decider": o.decider.value if o.decider else None,
-            "leaf": _hx(o.leaf), "subleaf": o.subleaf, "register": o.register, "bit": o.bit}
+    """An outcome as every report writes it (report.encode), and who decided it."""
+    return {**encode.outcome_json(o), "decider": o.decider.value if o.decider else None}
 
 
 def status_json(s: StatusExplanation) -> dict[str, Any]:
@@ -55,7 +62,7 @@ def status_json(s: StatusExplanation) -> dict[str, Any]:
     info = s.info
     row = s.rcx_row()
     return {
-        "raw": _hx(s.raw), "status": _hx(s.status), "name": s.name, "known": info is not None,
+        "raw": hex64(s.raw), "status": hex64(s.status), "name": s.name, "known": info is not None,
         "class": {"id": s.class_id, "name": s.class_name}, "flags": list(s.flags),
         "detail": _hx(s.detail),
         "operand": None if s.operand is None else {
@@ -65,11 +72,12 @@ def status_json(s: StatusExplanation) -> dict[str, Any]:
                                            "about": s.msr[2] or None},
         "meaning": info.meaning if info else None, "causes": info.causes if info else None,
         "seamcalls": list(info.seamcalls) if info else [], "seamcall": s.seamcall,
-        "rcx": _hx(s.rcx), "rcx_row": None if row is None else {"leaf": _hx(row[0]),
+        "rcx": _hx64(s.rcx), "rcx_row": None if row is None else {"leaf": _hx(row[0]),
                                                                  "subleaf": row[1]},
         "seamcall_kvm": s.seamcall_kvm,
         "kvm": None if s.kvm is None else {
-            "errno": errno_name(s.kvm.errno), "hw_error": s.kvm.hw_error, "warn": s.kvm.warn,
+            "errno": errno_name(s.kvm.errno), "status_in_hw_error": s.kvm.hw_error,
+            "warn": s.kvm.warn,
             "text": s.kvm.text, "source": s.kvm.source},
         "sources": [kb.source(x) for x in info.sources] if info else [],
         "unknown": list(s.unknown),
@@ -78,12 +86,12 @@ def status_json(s: StatusExplanation) -> dict[str, Any]:
 
 def errno_json(e: ErrnoExplanation) -> dict[str, Any]:
     return {"errno": e.name, "value": e.errno, "ioctl": e.ioctl, "causes": list(e.causes),
-            "hw_error": _hx(e.hw_error)}
+            "hw_error": _hx64(e.hw_error)}
 
 
 def _finding_value(f: Finding) -> str | int | None:
     if f.kind == Kind.STATUS:
-        return _hx(f.value)
+        return hex64(f.value)
     if f.kind == Kind.ERRNO:
         return errno_name(f.value)
     return f.value
@@ -95,7 +103,8 @@ def item_json(item: Item) -> dict[str, Any]:
         "origin": f.origin, "line_no": f.line_no or None, "line": f.line or None,
         "source": f.source, "kind": f.kind.value,
         "value": _finding_value(f),
-        "ioctl": f.ioctl, "seamcall": f.seamcall, "rcx": _hx(f.rcx), "hw_error": _hx(f.hw_error),
+        "ioctl": f.ioctl, "seamcall": f.seamcall, "rcx": _hx64(f.rcx),
+        "hw_error": _hx64(f.hw_error),
         "name": f.name, "why": f.why,
         "status": status_json(item.status) if item.status else None,
         "errno": errno_json(item.errno) if item.errno else None,
@@ -109,8 +118,8 @@ def fault_json(f: Fault) -> dict[str, Any]:
         "category": f.category.value, "check": f.check,
         "decider": f.decider.value if f.decider else None, "outcome": outcome_json(f.outcome),
         "why": f.why, "fix": f.fix, "bits": [bit_json(b) for b in f.bits],
-        "xfam_bits": _hx(f.xfam_bits) if f.xfam_bits else None,
-        "attribute_bits": _hx(f.attribute_bits) if f.attribute_bits else None,
+        "xfam_bits": hex64(f.xfam_bits) if f.xfam_bits else None,
+        "attribute_bits": hex64(f.attribute_bits) if f.attribute_bits else None,
         "entry": None if entry is None else {"function": _hx(entry.function),
                                              "index": entry.index, "flags": entry.flags},
         "facts": list(f.facts),
@@ -144,7 +153,8 @@ def host_check_json(h: HostCheck) -> dict[str, Any]:
     return envelope(host_check={
         "backend": h.backend, "module": h.module, "policy": h.policy,
         "policy_reason": h.policy_reason, "host": h.host,
-        "supported_attrs": _hx(h.supported_attrs), "supported_xfam": _hx(h.supported_xfam),
+        "supported_attrs": hex64(h.supported_attrs),
+        "supported_xfam": hex64(h.supported_xfam),
         "wanted": h.wanted, "available": h.available,
         "missing": [{**bit_json(m.bit), "cause": m.cause.value, "why": m.why}
                     for m in h.missing],

@@ -1,8 +1,9 @@
 """What a TDX module status or a KVM errno means for a TD launch, down to the bit.
 
 The knowledge is data (`kvmtdx/data/explain-statuses.json`, every entry with
-its sources); this module decodes a raw 64-bit status into its fields (the
-module's api_error_code_t layout: operand 31:0, details 39:32, class 47:40,
+its sources; statuses and operands by name, their numbers are kvmtdx.status's);
+this module decodes a raw 64-bit status into its fields (the module's
+api_error_code_t layout: operand 31:0, details 39:32, class 47:40,
 flags 60-63), finds what is known of it, and says what is not.  How Linux 7.3
 hands a status of TDH.MNG.INIT to userspace follows from its class alone:
 TDX_OPERAND_INVALID is -EINVAL with the status in hw_error; anything else is
@@ -17,7 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvmtdx.model.profiles import bundled_json
-from kvmtdx.status import STATUS_MASK, TdxStatus, errno_name
+from kvmtdx.model.tdx_status import kvm73_outcome
+from kvmtdx.status import STATUS_MASK, Operand, TdxStatus, errno_from_name, errno_name
 
 DATA_FILE = "explain-statuses.json"
 ERROR_BIT = 1 << 63
@@ -62,24 +64,18 @@ class Knowledge:
         return self.sources.get(key, key)
 
 
-def _errno_value(name: str) -> int:
-    value = getattr(_errno, name, None)
-    if not isinstance(value, int):
-        raise ValueError(f"{DATA_FILE}: unknown errno {name}")
-    return value
-
-
 @functools.cache
 def knowledge() -> Knowledge:
     data: Any = bundled_json(DATA_FILE)
     statuses = {
-        int(s["code"], 16): StatusInfo(int(s["code"], 16), s["name"], s["detail"], s["meaning"],
-                                       s["causes"], tuple(s.get("seamcalls", ())),
-                                       tuple(s["sources"]))
+        int(TdxStatus[s["name"]]): StatusInfo(int(TdxStatus[s["name"]]), s["name"], s["detail"],
+                                              s["meaning"], s["causes"],
+                                              tuple(s.get("seamcalls", ())), tuple(s["sources"]))
         for s in data["statuses"]
     }
-    operands = {o["id"]: OperandInfo(o["id"], o["name"], o["field"], o["causes"],
-                                     tuple(o["sources"])) for o in data["operands"]}
+    operands = {int(Operand[o["name"]]): OperandInfo(int(Operand[o["name"]]), o["name"],
+                                                     o["field"], o["causes"], tuple(o["sources"]))
+                for o in data["operands"]}
     return Knowledge(
         sources=dict(data["sources"]),
         classes={int(k, 16): v for k, v in data["classes"].items()},
@@ -88,7 +84,7 @@ def knowledge() -> Knowledge:
         msrs={int(m["index"], 16): (m["name"], m.get("about", "")) for m in data["msrs"]},
         seamcalls={k: (v["leaf"], v["kvm"], tuple(v["sources"]))
                    for k, v in data["seamcalls"].items()},
-        errnos={ioctl: {_errno_value(name): tuple(texts) for name, texts in by_errno.items()}
+        errnos={ioctl: {errno_from_name(name): tuple(texts) for name, texts in by_errno.items()}
                 for ioctl, by_errno in data["errnos"].items()},
     )
 
@@ -117,16 +113,18 @@ class KvmHandling:
 
 
 def kvm_handling(status: int) -> KvmHandling | None:
-    """How KVM 7.3 maps a TDH.MNG.INIT status (None for success or a non-error)."""
+    """How KVM 7.3 maps a TDH.MNG.INIT status (None for success or a non-error); the
+    mapping itself is the model's (kvm73_outcome), this adds the words and the source."""
     if not status & ERROR_BIT:
         return None
     src = knowledge().source("kvm_init")
-    if status & STATUS_MASK == TdxStatus.TDX_OPERAND_INVALID:
-        return KvmHandling(_errno.EINVAL, True, False,
+    kvm = kvm73_outcome(status)
+    if not kvm.warns:
+        return KvmHandling(-kvm.errno, bool(kvm.hw_error), False,
                            "KVM_TDX_INIT_VM fails with -EINVAL and copies the status to "
                            "kvm_tdx_cmd.hw_error (no kernel WARN: the caller gave the operand)",
                            src)
-    return KvmHandling(_errno.EIO, False, True,
+    return KvmHandling(-kvm.errno, bool(kvm.hw_error), True,
                        "KVM_TDX_INIT_VM fails with -EIO and hw_error 0; the kernel WARNs once, "
                        "marks the VM bugged (every later ioctl on it fails) and logs "
                        "'SEAMCALL TDH_MNG_INIT failed: 0x<status>, rcx 0x<rcx>' - the status "

@@ -44,6 +44,7 @@ class ReportKind(str, Enum):
     MATRIX = "matrix"
     FUZZ = "fuzz"
     FUZZ_CASE = "fuzz-case"  # a fuzz finding that involves KVM_TDX_CAPABILITIES (fuzz --save)
+    EXPLAIN = "explain"
 
     def __str__(self) -> str:
         return self.value
