@@ -23,8 +23,9 @@ from kvmtdx.explain.facts import (
     silently_dropped,
     xfam_label,
 )
-from kvmtdx.explain.reasons import CHECK_REASONS, Category, Reason, reason_of
+from kvmtdx.explain.reasons import CHECK_REASONS, TOPOLOGY_LEAF, Category, Reason, reason_of
 from kvmtdx.model import mirror
+from kvmtdx.model.mirror_kvm import find, lands_on
 from kvmtdx.model.policy import Policy
 from kvmtdx.model.profiles import Host, ModuleProfile
 from kvmtdx.model.requests import Request
@@ -124,14 +125,9 @@ def _unfixable(world: _World, req: Request, outcome: Outcome,
 # --- CPUID bits -------------------------------------------------------------------
 
 
-def _matches(e: CpuidEntry, leaf: int, index: int) -> bool:
-    """Whether KVM's lookup for row (leaf, index) can land on `e`."""
-    return e.function == leaf and (not e.flags & FLAG_SIGNIFICANT_INDEX or e.index == index)
-
-
 def _map_entries(req: Request, leaf: int, index: int,
                  change: Callable[[CpuidEntry], CpuidEntry]) -> Request:
-    entries = tuple(change(e) if _matches(e, leaf, index) else e for e in req.init_vm.entries)
+    entries = tuple(change(e) if lands_on(e, leaf, index) else e for e in req.init_vm.entries)
     return replace(req, init_vm=replace(req.init_vm, entries=entries))
 
 
@@ -145,7 +141,8 @@ def _bit_fault(world: _World, req: Request, outcome: Outcome,
     coupling = coupling_of(leaf, index, register, bit)
     if reason.category == Category.COUPLING and coupling is not None:
         mask = coupling.mask
-    value = next((e.reg(register) for e in req.init_vm.entries if _matches(e, leaf, index)), 0)
+    found = find(req.init_vm.entries, leaf, index)
+    value = found.reg(register) if found is not None else 0
     bits = tuple(bit_info(leaf, outcome.subleaf, register, b)
                  for b in range(32) if (mask & value or mask) >> b & 1)
     facts, xfam = bit_facts(world.module, world.host, world.policy, req, bits)
@@ -181,7 +178,7 @@ def _value_fault(world: _World, req: Request, outcome: Outcome,
             e = e.with_reg(r, 0)
         return e
 
-    if leaf == 0x1F:  # the topology rules read every sub-leaf together
+    if leaf == TOPOLOGY_LEAF:  # the topology rules read every sub-leaf together
         entries = tuple(zero(e) if e.function == leaf else e for e in req.init_vm.entries)
         following = replace(req, init_vm=replace(req.init_vm, entries=entries))
     else:

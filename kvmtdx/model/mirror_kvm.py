@@ -70,15 +70,17 @@ def reported(module: ModuleProfile, host: Host, policy: Policy) -> tuple[CpuidEn
     )
 
 
+def lands_on(e: CpuidEntry, function: int, index: int | None) -> bool:
+    """Whether KVM's generic lookup for (function, index) can land on `e`: an entry of that
+    function that lacks the significant-index flag or has that index (None: any entry of it,
+    as kvm_find_cpuid_entry asks for a leaf without sub-leaves)."""
+    return e.function == function and (index is None or not e.flags & FLAG_SIGNIFICANT_INDEX
+                                       or e.index == index)
+
+
 def find(entries: Sequence[CpuidEntry], function: int, index: int | None) -> CpuidEntry | None:
-    """KVM's generic lookup (kvm_find_cpuid_entry2): the first entry of that function that
-    lacks the significant-index flag or has that index (None: any entry of it, as
-    kvm_find_cpuid_entry asks for a leaf without sub-leaves)."""
-    for e in entries:
-        if e.function == function and (index is None or not e.flags & FLAG_SIGNIFICANT_INDEX
-                                       or e.index == index):
-            return e
-    return None
+    """KVM's generic lookup (kvm_find_cpuid_entry2): the first entry it can land on."""
+    return next((e for e in entries if lands_on(e, function, index)), None)
 
 
 def _kvm(err: int, check: str, **where: int | str | None) -> Outcome:
