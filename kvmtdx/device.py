@@ -336,7 +336,7 @@ class TdxVm(Vm):
 
     def init_vm_raw(self, request: InitVm | bytes, *, flags: int = 0,
                     hw_error: int = 0) -> CmdResult:
-        data = request if isinstance(request, bytes) else layout.pack_init_vm(request)
+        data = request if isinstance(request, bytes) else layout.init_vm_bytes(request)
         self.counters.init_vm_calls += 1
         return self.memory_encrypt_op(
             TdxCmd(id=uapi.TdxCommand.KVM_TDX_INIT_VM, flags=flags, hw_error=hw_error), data

@@ -20,7 +20,14 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from kvmtdx.structs import Capabilities, CpuidEntry, EnableCap, InitVm, TdxCmd
+from kvmtdx.structs import (
+    KVM_MAX_CPUID_ENTRIES,
+    Capabilities,
+    CpuidEntry,
+    EnableCap,
+    InitVm,
+    TdxCmd,
+)
 
 _SCALARS = {"uint8_t": 1, "uint32_t": 4, "uint64_t": 8}
 _FORMAT = {1: "B", 4: "I", 8: "Q"}
@@ -278,6 +285,18 @@ def unpack_capabilities(data: bytes) -> Capabilities:
         reserved=tuple(w[6:256]), nent=nent, cpuid_padding=w[257],
         entries=unpack_entries(data, SIZEOF_CAPS_HEADER, nent),
     )
+
+
+def init_vm_bytes(init_vm: InitVm) -> bytes:
+    """The bytes KVM reads for a request: the struct, and for one that claims more entries
+    than it carries (up to the limit KVM reads at all) zeroed room behind them, so the
+    kernel reads zeros rather than whatever follows the buffer (the mirror models the
+    same)."""
+    data = pack_init_vm(init_vm)
+    nent = init_vm.effective_nent
+    if len(init_vm.entries) < nent <= KVM_MAX_CPUID_ENTRIES:
+        data += bytes((nent - len(init_vm.entries)) * SIZEOF_CPUID_ENTRY2)
+    return data
 
 
 def pack_init_vm(req: InitVm) -> bytes:

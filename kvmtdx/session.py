@@ -11,14 +11,12 @@ import errno
 import importlib
 from dataclasses import dataclass
 
-from kvmtdx import layout
 from kvmtdx.device import DEFAULT_KVM_PATH, Counters, Kvm, RealSeam, Seam
 from kvmtdx.errors import DataError
 from kvmtdx.model.policy import POLICY_NAMES, Allowlist, Policy, get_policy
 from kvmtdx.model.profiles import BUNDLED_MODULES, MAX_HOST, Host, ModuleProfile, load_profile
 from kvmtdx.model.requests import Request
 from kvmtdx.outcome import Outcome
-from kvmtdx.structs import KVM_MAX_CPUID_ENTRIES, InitVm
 
 DEFAULT_SIM_POLICY = "upstream"
 
@@ -187,17 +185,6 @@ def kernel_source_backend(tree: str, patches: tuple[str, ...], module: ModulePro
                    simulation=Simulation(module=ks.module, host=ks.host, policy=None))
 
 
-def init_vm_bytes(init_vm: InitVm) -> bytes:
-    """The bytes KVM reads for a request; one that claims more entries than it carries
-    gets zeroed room behind them, so the kernel reads zeros rather than whatever
-    follows the buffer (the mirror models the same)."""
-    data = layout.pack_init_vm(init_vm)
-    nent = init_vm.effective_nent
-    if len(init_vm.entries) < nent <= KVM_MAX_CPUID_ENTRIES:
-        data += bytes((nent - len(init_vm.entries)) * layout.SIZEOF_CPUID_ENTRY2)
-    return data
-
-
 @dataclass(frozen=True)
 class KeyIdCount:
     """The backend's free TDX key IDs around a replay (where it counts them: the simulated
@@ -251,10 +238,10 @@ def init_vm_once(backend: Backend, request: Request) -> InitVmRun:
     with Kvm(seam, backend.path) as kvm:
         td = kvm.create_td()
         with td:
-            outcomes = [td.init_vm(init_vm_bytes(r.init_vm), flags=r.flags,
+            outcomes = [td.init_vm(r.init_vm, flags=r.flags,
                                    hw_error=r.hw_error) for r in request.before]
             warned0 = kernel_warnings(seam)
-            outcome = td.init_vm(init_vm_bytes(request.init_vm), flags=request.flags,
+            outcome = td.init_vm(request.init_vm, flags=request.flags,
                                  hw_error=request.hw_error)
             warned1 = kernel_warnings(seam)
             if outcome.errno == errno.EIO:

@@ -20,7 +20,7 @@ from kvmtdx.model.mirror import InitVmPrediction
 from kvmtdx.model.requests import Request
 from kvmtdx.model.td_diff import BitDiff, differences, rows_of, smuggled
 from kvmtdx.outcome import Kind
-from kvmtdx.session import Backend, InitVmRun, init_vm_bytes, kernel_warnings
+from kvmtdx.session import Backend, InitVmRun, kernel_warnings
 from kvmtdx.structs import Capabilities
 
 
@@ -59,7 +59,7 @@ def td_cpuid_once(backend: Backend, request: Request | None, known: Given,
         caps = td.capabilities()
         know = complete(known, caps, release)
         req = request if request is not None else default_request(know, caps)
-        outcome = td.init_vm(init_vm_bytes(req.init_vm), flags=req.flags,
+        outcome = td.init_vm(req.init_vm, flags=req.flags,
                              hw_error=req.hw_error)
         if outcome.errno == errno.EIO:
             bugged = td.is_dead()

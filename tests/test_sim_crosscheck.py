@@ -23,12 +23,12 @@ from kvmtdx import layout
 from kvmtdx.device import Kvm
 from kvmtdx.fuzz import strategies as fuzz_strategies
 from kvmtdx.fuzz.ground import Ground, ground
+from kvmtdx.layout import init_vm_bytes
 from kvmtdx.model import lifecycle, mirror
 from kvmtdx.model.policy import Policy, get_policy
 from kvmtdx.model.profiles import BUNDLED_MODULES, MAX_HOST, Host, ModuleProfile, load_profile
 from kvmtdx.model.requests import Request
 from kvmtdx.outcome import Outcome
-from kvmtdx.session import init_vm_bytes
 from kvmtdx.sim import SimulatedHost
 from kvmtdx.structs import (
     FLAG_SIGNIFICANT_INDEX,

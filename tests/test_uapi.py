@@ -170,3 +170,27 @@ def test_memory_peek_poke_round_trip(payload: bytes, data: st.DataObject) -> Non
     assert uapi.peek(mem.address + off, len(payload)) == payload
     assert mem.read(off, len(payload)) == payload
     assert mem.read(0, off) == bytes(off)
+
+
+@given(st.integers(0, 3), st.integers(0, 300))
+def test_a_request_claiming_more_entries_gets_zeroed_room(carried: int, nent: int) -> None:
+    """The bytes KVM reads: room up to the limit KVM reads at all, zeros in it."""
+    req = InitVm(entries=tuple(CpuidEntry(0x80000000 + i, eax=1) for i in range(carried)),
+                 nent=nent)
+    data = layout.init_vm_bytes(req)
+    sent = carried if not carried < nent <= 256 else nent
+    assert len(data) == layout.init_vm_size(sent)
+    assert data[layout.init_vm_size(carried):] == bytes(len(data) - layout.init_vm_size(carried))
+
+
+def test_every_request_the_device_sends_carries_that_room() -> None:
+    """verify, probe, fuzz and init-vm hand the device a request, not bytes: the room is
+    the device's to add, once (the command's data is the buffer KVM read)."""
+    from helpers import GPAW48, simulated
+
+    from kvmtdx.device import Kvm
+
+    req = InitVm(xfam=0x3, entries=(GPAW48,), nent=3)
+    with Kvm(simulated("2.0", "upstream")) as kvm, kvm.create_td() as td:
+        res = td.init_vm_raw(req)
+    assert res.data == layout.init_vm_bytes(req) and len(res.data) == layout.init_vm_size(3)

@@ -143,10 +143,9 @@ class Context:
             yield vm
 
     def send(self, td: TdxVm, req: Request) -> Outcome:
-        res = td.init_vm_raw(req.init_vm, flags=req.flags, hw_error=req.hw_error)
-        if res.errno == errno.ENOSPC:
+        outcome = td.init_vm(req.init_vm, flags=req.flags, hw_error=req.hw_error)
+        if outcome.errno == errno.ENOSPC:
             self.enospc += 1
-        outcome = Outcome.classify(res.errno, res.cmd.hw_error)
         if outcome.kind is Kind.ACCEPTED:
             self.accepted.setdefault(req)
         return outcome
