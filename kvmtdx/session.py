@@ -11,7 +11,7 @@ import errno
 import importlib
 from dataclasses import dataclass
 
-from kvmtdx.device import DEFAULT_KVM_PATH, Counters, Kvm, RealSeam, Seam
+from kvmtdx.device import DEFAULT_KVM_PATH, Counters, Kvm, RealSeam, Seam, TdxVm
 from kvmtdx.errors import DataError
 from kvmtdx.model.policy import POLICY_NAMES, Allowlist, Policy, get_policy
 from kvmtdx.model.profiles import BUNDLED_MODULES, MAX_HOST, Host, ModuleProfile, load_profile
@@ -226,6 +226,26 @@ def free_key_ids(seam: Seam) -> int | None:
     return free if isinstance(free, int) and not isinstance(free, bool) else None
 
 
+@dataclass(frozen=True, slots=True)
+class Sent:
+    """One KVM_TDX_INIT_VM's answer, the kernel WARNs it provoked where the backend counts
+    them, and after an -EIO whether KVM then refuses every ioctl on the VM (None: not
+    asked)."""
+
+    outcome: Outcome
+    warned: int | None
+    bugged: bool | None
+
+
+def send_init_vm(seam: Seam, td: TdxVm, request: Request, *, ask_bugged: bool = True) -> Sent:
+    """The request's INIT_VM (its cmd.flags and hw_error) on `td`, whose kernel is `seam`."""
+    before = kernel_warnings(seam)
+    outcome = td.init_vm(request.init_vm, flags=request.flags, hw_error=request.hw_error)
+    after = kernel_warnings(seam)
+    bugged = td.is_dead() if ask_bugged and outcome.errno == errno.EIO else None
+    return Sent(outcome, None if before is None or after is None else after - before, bugged)
+
+
 def init_vm_once(backend: Backend, request: Request) -> InitVmRun:
     """KVM_TDX_INIT_VM on a fresh TD with the request's cmd.flags and hw_error (its `before`
     calls sent to the same TD first); all fds closed.
@@ -234,23 +254,15 @@ def init_vm_once(backend: Backend, request: Request) -> InitVmRun:
     """
     seam = backend.seam
     free0 = free_key_ids(seam)
-    bugged: bool | None = None
     with Kvm(seam, backend.path) as kvm:
-        td = kvm.create_td()
-        with td:
+        with kvm.create_td() as td:
             outcomes = [td.init_vm(r.init_vm, flags=r.flags,
                                    hw_error=r.hw_error) for r in request.before]
-            warned0 = kernel_warnings(seam)
-            outcome = td.init_vm(request.init_vm, flags=request.flags,
-                                 hw_error=request.hw_error)
-            warned1 = kernel_warnings(seam)
-            if outcome.errno == errno.EIO:
-                bugged = td.is_dead()
+            sent = send_init_vm(seam, td, request)
             free1 = free_key_ids(seam)
         free2 = free_key_ids(seam)
-    warned = None if warned0 is None or warned1 is None else warned1 - warned0
     count = None if free0 is None or free1 is None or free2 is None else \
         KeyIdCount(free0, free1, free2)
-    return InitVmRun(outcome=outcome, backend=backend.label, counters=kvm.counters,
-                     kernel_warnings=warned, vm_bugged=bugged, before=tuple(outcomes),
-                     key_ids=count)
+    return InitVmRun(outcome=sent.outcome, backend=backend.label, counters=kvm.counters,
+                     kernel_warnings=sent.warned, vm_bugged=sent.bugged,
+                     before=tuple(outcomes), key_ids=count)

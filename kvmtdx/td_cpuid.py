@@ -9,7 +9,6 @@ module model when the module is known.  Every fd is closed before this returns.
 
 from __future__ import annotations
 
-import errno
 from dataclasses import dataclass
 
 from kvmtdx.device import Kvm, TdCpuidRead
@@ -20,7 +19,7 @@ from kvmtdx.model.mirror import InitVmPrediction
 from kvmtdx.model.requests import Request
 from kvmtdx.model.td_diff import BitDiff, differences, rows_of, smuggled
 from kvmtdx.outcome import Kind
-from kvmtdx.session import Backend, InitVmRun, kernel_warnings
+from kvmtdx.session import Backend, InitVmRun, send_init_vm
 from kvmtdx.structs import Capabilities
 
 
@@ -52,23 +51,16 @@ def td_cpuid_once(backend: Backend, request: Request | None, known: Given,
                   release: str | None = None) -> TdCpuidRun:
     """INIT_VM with `request` (default: every reported bit) on a fresh TD, and what the TD
     then has.  KvmError(skip=True) without TDX."""
-    before = kernel_warnings(backend.seam)
-    bugged: bool | None = None
     read: TdCpuidRead | None = None
     with Kvm(backend.seam, backend.path) as kvm, kvm.create_td() as td:
         caps = td.capabilities()
         know = complete(known, caps, release)
         req = request if request is not None else default_request(know, caps)
-        outcome = td.init_vm(req.init_vm, flags=req.flags,
-                             hw_error=req.hw_error)
-        if outcome.errno == errno.EIO:
-            bugged = td.is_dead()
-        if outcome.kind is Kind.ACCEPTED:
+        sent = send_init_vm(backend.seam, td, req)
+        if sent.outcome.kind is Kind.ACCEPTED:
             read = td.read_cpuid()
-    after = kernel_warnings(backend.seam)
-    warned = None if before is None or after is None else after - before
-    run = InitVmRun(outcome=outcome, backend=backend.label, counters=kvm.counters,
-                    kernel_warnings=warned, vm_bugged=bugged)
+    run = InitVmRun(outcome=sent.outcome, backend=backend.label, counters=kvm.counters,
+                    kernel_warnings=sent.warned, vm_bugged=sent.bugged)
     pred = _predict(know, req)
     diffs: tuple[BitDiff, ...] = ()
     hidden: tuple[BitRef, ...] = ()
