@@ -403,3 +403,17 @@ def test_the_warn_replaced_by_module_rejected_is_stricter() -> None:
     accepted = Outcome.classify(0, 0)
     (d,) = judge(RFC, (FULL,), Observed((accepted,), (1,), 0, (1,))).departures
     assert (d.call.value, d.verdict) == ("kernel_warn", Verdict.DIFFERS)
+
+
+def test_caches_follow_kvmtdx_cache_dir_else_the_xdg_cache(monkeypatch: pytest.MonkeyPatch,
+                                                          tmp_path: Path) -> None:
+    """One rule moves every cache: the fuzz databases and the kernel-source builds."""
+    from kvmtdx.fuzz import default_database
+    from kvmtdx.kernelsrc.build import cache_dir
+
+    monkeypatch.delenv("KVMTDX_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_database() == tmp_path / "xdg" / "kvmtdx" / "fuzz"
+    monkeypatch.setenv("KVMTDX_CACHE_DIR", str(tmp_path / "mine"))
+    assert default_database() == tmp_path / "mine" / "fuzz"
+    assert cache_dir() == tmp_path / "mine" / "kernelsrc"

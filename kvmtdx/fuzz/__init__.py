@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvmtdx.cachedir import user_cache
 from kvmtdx.device import Kvm, availability
 from kvmtdx.errors import DataError, KvmError, MissingExtra
 from kvmtdx.fuzz.execute import Tally, run_scenario
@@ -94,10 +95,7 @@ def default_database() -> Path | None:
     in the XDG cache directory's kvmtdx/, never the working directory, which hypothesis
     would otherwise fill; None where it cannot be made (a run does not fail for want of a
     cache)."""
-    env = os.environ.get("KVMTDX_CACHE_DIR")
-    cache = Path(env) if env else \
-        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kvmtdx"
-    root = cache / "fuzz"
+    root = user_cache("fuzz")
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError:

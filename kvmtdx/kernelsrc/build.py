@@ -18,6 +18,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from kvmtdx.cachedir import user_cache
 from kvmtdx.kernelsrc import extract
 from kvmtdx.kernelsrc.cparse import Kind
 from kvmtdx.kernelsrc.errors import KernelSourceError
@@ -41,14 +42,11 @@ _UNDECLARED = re.compile(rf"{_Q}(?P<name>\w+){_Q} undeclared")
 
 def cache_dir() -> Path:
     """$KVMTDX_CACHE_DIR; a checkout's own .cache/; else the XDG cache directory."""
-    env = os.environ.get("KVMTDX_CACHE_DIR")
-    if env:
-        return Path(env) / "kernelsrc"
     checkout = Path(__file__).resolve().parents[2]
-    if (checkout / "pyproject.toml").is_file() and (checkout / ".git").exists():
+    if not os.environ.get("KVMTDX_CACHE_DIR") and (checkout / "pyproject.toml").is_file() \
+            and (checkout / ".git").exists():
         return checkout / ".cache" / "kernelsrc"
-    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg) / "kvmtdx" / "kernelsrc"
+    return user_cache("kernelsrc")
 
 
 def compiler() -> str:
