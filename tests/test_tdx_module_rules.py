@@ -15,7 +15,13 @@ import pytest
 from kvmtdx.model import tdx_status as st
 from kvmtdx.model.host_files import load_host
 from kvmtdx.model.tdx_host import HostCpu, full_request
-from kvmtdx.model.tdx_module import MngInitResult, TdParams, kvm73_td_params, mng_init
+from kvmtdx.model.tdx_module import (
+    MngInitResult,
+    TdParams,
+    kvm73_td_params,
+    mng_init,
+    xfam_culprit,
+)
 from kvmtdx.model.tdx_module_tables import ModuleTables, Regs, load_tables
 
 HOST = load_host()
@@ -103,6 +109,16 @@ def test_xfam_combinations_check_xfam_refuses(version: str, xfam: int) -> None:
     r = run(version, xfam=xfam)
     assert r.status == 0xC000010000000041 and r.rule == "check_xfam"
     assert st.kvm73_outcome(r.status) == st.KvmOutcome(-22, 0xC000010000000041, False)
+
+
+@pytest.mark.parametrize(("xfam", "bit"), [
+    (0x23, 5), (0xE3, 5), (0x20003, 17), (0x803, 11), (0x67, 5), (0x2, 0)])
+def test_the_xfam_bit_check_xfam_objects_to(xfam: int, bit: int) -> None:
+    """The bit a refusal names (the status names only the operand): a lacking or missing
+    fixed-1 bit, else AVX-512 without AVX, else the lowest present bit of a split group."""
+    t = load_tables("2.0.08")
+    assert xfam_culprit(t, HOST, xfam) == bit
+    assert xfam_culprit(t, HOST, FULL_XFAM) is None
 
 
 @pytest.mark.parametrize("version", ALL)

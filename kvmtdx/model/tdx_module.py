@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from kvmtdx.model import tdx_status as st
+from kvmtdx.model.rules import lowest_bit
 from kvmtdx.model.tdx_cpuid import (
     ATTR_DEBUG,
     ATTR_ICSSD,
@@ -39,6 +40,7 @@ from kvmtdx.model.tdx_cpuid import (
 from kvmtdx.model.tdx_host import (
     Host,
     reported_attributes_fixed0,
+    reported_xfam_fixed0,
     sampled_native,
 )
 from kvmtdx.model.tdx_module_tables import REGISTER_NAMES, ZERO, ModuleTables, Regs
@@ -122,12 +124,26 @@ def _check_attributes(tables: ModuleTables, host: Host, attributes: int) -> Refu
                     f"{HELPERS}: verify_td_attributes") if bad else None
 
 
+# The XFAM bit groups check_xfam wants all or none of: AVX-512 (5-7), CET (11-12), AMX (17-18).
+XFAM_GROUPS = (0b111 << 5, 0b11 << 11, 0b11 << 17)
+
+
+def xfam_culprit(tables: ModuleTables, host: Host, xfam: int) -> int | None:
+    """check_xfam: the XFAM bit it objects to (the status names only the operand), or None.
+    One the platform lacks or a missing fixed-1 bit, else AVX-512 without AVX, else a
+    present bit of a group that must be all or none (dropping it is a step towards a
+    valid XFAM)."""
+    bad = xfam & ~reported_xfam_fixed0(tables, host) | tables.xfam_fixed1 & ~xfam
+    if not bad and xfam >> 5 & 1 and not xfam >> 2 & 1:
+        bad = 1 << 5
+    for group in XFAM_GROUPS:
+        if not bad and xfam & group not in (0, group):
+            bad = xfam & group
+    return lowest_bit(bad) if bad else None
+
+
 def _check_xfam(tables: ModuleTables, host: Host, xfam: int) -> Refusal | None:
-    allowed = tables.xfam_fixed0 & (host.xcr0_supported(tables) | host.xss_supported(tables))
-    b = [bool(xfam >> n & 1) for n in range(64)]
-    bad = (xfam & ~allowed or xfam & tables.xfam_fixed1 != tables.xfam_fixed1
-           or (b[5] and not b[2]) or b[5] != b[6] or b[5] != b[7]
-           or b[11] != b[12] or b[17] != b[18])
+    bad = xfam_culprit(tables, host, xfam) is not None
     return _refusal(st.OPERAND_ID_XFAM, "check_xfam", f"{HELPERS}: check_xfam") if bad else None
 
 
