@@ -210,6 +210,16 @@ def test_hle_rtm_without_tsx_ctrl_is_incorrect_msr_value(version: str) -> None:
     assert st.kvm73_outcome(r.status).warns
 
 
+@pytest.mark.parametrize(("status", "name"), [
+    (0, "TDX_SUCCESS"),
+    (0xC000010000000045, "TDX_OPERAND_INVALID(CPUID_CONFIG)"),
+    (0xC000010000000042, "TDX_OPERAND_INVALID(CONFIG_FLAGS)"),
+    (0xC000090400000000, "TDX_CPUID_LEAF_1F_FORMAT_UNRECOGNIZED"),
+    (0x1234000000000000, "0x1234000000000000")])
+def test_a_status_is_named_by_its_class_and_operand(status: int, name: str) -> None:
+    assert st.status_name(status) == name
+
+
 @pytest.mark.parametrize("version", ALL)
 def test_hle_rtm_with_tsx_ctrl_is_accepted(version: str) -> None:
     r = run(version, with_tsx(version, HLE | RTM))

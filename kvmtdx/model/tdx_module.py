@@ -45,6 +45,7 @@ from kvmtdx.model.tdx_host import (
 )
 from kvmtdx.model.tdx_module_tables import REGISTER_NAMES, ZERO, ModuleTables, Regs
 from kvmtdx.model.tdx_topology import check_topology
+from kvmtdx.status import operand_invalid
 
 MAX_L2_VMS = 3  # MAX_VMS - 1 (src/common/data_structures/tdx_tdvps.h)
 EPTP_MT_WB, PWL_4, PWL_5 = 6, 3, 4
@@ -106,7 +107,7 @@ class MngInitResult:
 
 
 def _refusal(operand: int, rule: str, source: str) -> Refusal:
-    return Refusal(st.operand_invalid(operand), rule, source)
+    return Refusal(operand_invalid(operand), rule, source)
 
 
 def _check_attributes(tables: ModuleTables, host: Host, attributes: int) -> Refusal | None:
