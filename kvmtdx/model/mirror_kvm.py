@@ -187,7 +187,8 @@ def disallowed(policy: Policy, row: CpuidRow, listed: Regs, e: CpuidEntry) -> Ou
 
 def td_values(module: ModuleProfile, host: Host, policy: Policy,
               entries: tuple[CpuidEntry, ...], nent: int) -> list[Regs] | Outcome:
-    """Steps 8 and 9: the per-row values KVM hands TDH.MNG.INIT, or KVM's refusal."""
+    """Steps 8 and 9: the per-row values KVM copies into TD_PARAMS, or KVM's refusal (the
+    GPAW field is cleared where TD_PARAMS is filled, tdx_module.kvm73_td_params)."""
     listed = enumerated(module, host)
     values: list[Regs] = []
     count = 0
@@ -200,10 +201,7 @@ def td_values(module: ModuleProfile, host: Host, policy: Policy,
         if refused is not None:
             return refused
         count += 1
-        a, b, c, d = _regs_of(e)
-        if row.leaf == GPAW_LEAF:
-            a &= ~GPAW_FIELD
-        values.append((a, b, c, d))
+        values.append(_regs_of(e))
     if count != nent:
         return COUNT_MISMATCH
     return values
