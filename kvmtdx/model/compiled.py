@@ -225,15 +225,11 @@ class CompiledModel:
             # may hold, though no wire carries it): the module refuses them all.
             out = [~m for m in row.module_allows()]
             out[0] &= ~gpaw
-            forbidden = [0, 0, 0, 0]
-            if self.policy.allowlist is not None:
-                for r, reg in enumerate(REGISTERS):
-                    allowed = self.policy.allowlist.mask(row.leaf, row.kvm_index, reg)
-                    forbidden[r] = self.listed[i][r] & ~allowed & ~(gpaw if r == 0 else 0)
+            forbidden = kvm.allowlist_refuses(self.policy, row, self.listed[i])
             deny = self.deny.get((row.leaf, row.kvm_index), ZERO)
             watched = [o | f | d for o, f, d in zip(out, forbidden, deny, strict=True)]
             self.outside.append((out[0], out[1], out[2], out[3]))
-            self.forbidden.append((forbidden[0], forbidden[1], forbidden[2], forbidden[3]))
+            self.forbidden.append(forbidden)
             self.watch.append((watched[0], watched[1], watched[2], watched[3]))
 
     def _module_positions(self) -> None:
