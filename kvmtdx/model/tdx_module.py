@@ -43,7 +43,7 @@ from kvmtdx.model.tdx_host import (
     reported_xfam_fixed0,
     sampled_native,
 )
-from kvmtdx.model.tdx_module_tables import REGISTER_NAMES, ZERO, ModuleTables, Regs
+from kvmtdx.model.tdx_module_tables import REGISTER_NAMES, ZERO, ConfigRow, ModuleTables, Regs
 from kvmtdx.model.tdx_topology import check_topology
 from kvmtdx.status import operand_invalid
 
@@ -296,6 +296,16 @@ def _register_changes(leaf: int, subleaf: int | None, reg: int, asked: int, got:
 # ---------------------------------------------------------------------------
 # TD_PARAMS as KVM 7.3 fills it (arch/x86/kvm/vmx/tdx.c, setup_tdparams*).
 
+def kvm73_row_value(row: ConfigRow, regs: Regs | None) -> Regs:
+    """The value KVM 7.3 puts in one CPUID_CONFIG row (setup_tdparams_cpuids): the entry's,
+    0x80000008 EAX[23:16] (the GPAW, KVM's own interface) zeroed; zero without an entry."""
+    if regs is None:
+        return ZERO
+    if row.leaf == 0x80000008:
+        return (regs[0] & ~0x00FF0000, regs[1], regs[2], regs[3])
+    return regs
+
+
 def kvm73_td_params(tables: ModuleTables, *, attributes: int, xfam: int,
                     rows: Sequence[Regs | None], guest_pa_bits: int, tsc_khz: int,
                     max_vcpus: int) -> TdParams:
@@ -304,16 +314,12 @@ def kvm73_td_params(tables: ModuleTables, *, attributes: int, xfam: int,
 
     The KVM-side refusals (supported attributes/XFAM, GPAW 48/52, the denylist, the
     entry count) belong to the kernel model, not here."""
-    values = []
-    for row, regs in zip(tables.configurable, rows, strict=True):
-        a, b, c, d = regs if regs is not None else ZERO
-        if row.leaf == 0x80000008:
-            a &= ~0x00FF0000
-        values.append((a, b, c, d))
+    values = tuple(kvm73_row_value(row, regs)
+                   for row, regs in zip(tables.configurable, rows, strict=True))
     wide = guest_pa_bits == 52
     return TdParams(
         attributes=attributes | tables.attributes_fixed1, xfam=xfam | tables.xfam_fixed1,
-        cpuid_values=tuple(values), max_vcpus=max_vcpus,
+        cpuid_values=values, max_vcpus=max_vcpus,
         eptp_controls=EPTP_MT_WB | (PWL_5 if wide else PWL_4) << 3,
         config_flags=CONFIG_FLAGS_NO_RBP_MOD | (1 << FLAG_GPAW if wide else 0),
         tsc_frequency=tsc_khz // 25000)
