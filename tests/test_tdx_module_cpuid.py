@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as hs
 
 from kvmtdx.model.host_files import load_host
+from kvmtdx.model.rules import GPAW_FIELD
 from kvmtdx.model.tdx_cpuid import Unmodelled
 from kvmtdx.model.tdx_host import full_request, sampled_native
 from kvmtdx.model.tdx_module import MngInitResult, kvm73_td_params, mng_init
@@ -195,7 +196,8 @@ HLE_RTM = (1 << 4) | (1 << 11)
 
 def random_request(data: hs.DataObject, t: ModuleTables, extra: bool) -> list[Regs]:
     """Native value fields; a random subset of every allow_direct mask (HLE = RTM); with
-    `extra`, random bits outside config_direct | allow_direct in one random row."""
+    `extra`, random bits outside config_direct | allow_direct in one random row (but for
+    the GPAW field, which KVM zeroes)."""
     out = []
     for row, regs in zip(t.configurable, base(t), strict=True):
         picked = [r & ~ad | data.draw(hs.integers(0, 0xFFFFFFFF)) & ad & r
@@ -207,6 +209,8 @@ def random_request(data: hs.DataObject, t: ModuleTables, extra: bool) -> list[Re
         i = data.draw(hs.integers(0, len(out) - 1))
         reg = data.draw(hs.integers(0, 3))
         outside = ~t.configurable[i].allowed()[reg] & 0xFFFFFFFF
+        if t.configurable[i].leaf == 0x80000008 and reg == 0:
+            outside &= ~GPAW_FIELD  # KVM zeroes it in TD_PARAMS: the module never sees it
         if outside:
             bit = data.draw(hs.sampled_from([b for b in range(32) if outside >> b & 1]))
             changed = list(out[i])
