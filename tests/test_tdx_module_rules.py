@@ -361,6 +361,23 @@ def test_config_flags_eptp_and_tsc(version: str) -> None:
     assert run(version, reserved_nonzero=frozenset({"reserved_3"})).status == 0xC000010000000002
 
 
+MIGRATABLE = 1 << 29
+
+
+@pytest.mark.parametrize("version", ALL)
+def test_l2_vms_at_most_three_and_not_with_a_migratable_td_before_2_0(version: str) -> None:
+    """read_and_set_td_configurations: NUM_L2_VMS <= MAX_VMS - 1; 1.5.x's
+    td_immutable_state_cross_check refuses a MIGRATABLE TD with L2 VMs (RDX)."""
+    assert run(version, num_l2_vms=3).accepted
+    assert run(version, num_l2_vms=4).status == 0xC000010000000047
+    assert run(version, attributes=SEPT_VE_DISABLE | MIGRATABLE).accepted
+    r = run(version, attributes=SEPT_VE_DISABLE | MIGRATABLE, num_l2_vms=1)
+    if version == "2.0.08":
+        assert r.accepted
+    else:
+        assert (r.status, r.rule) == (0xC000010000000002, "td_immutable_state_cross_check")
+
+
 def test_attributes_fixed0_differs_per_version() -> None:
     icssd = 1 << 16
     assert run("1.5.05", attributes=SEPT_VE_DISABLE | icssd).status == 0xC000010000000040
