@@ -226,7 +226,9 @@ class CompiledModel:
             # may hold, though no wire carries it): the module refuses them all.
             out = [~m for m in row.module_allows()]
             out[0] &= ~gpaw
-            forbidden = kvm.allowlist_refuses(self.policy, row, self.listed[i])
+            a, b, c, d = (kvm.allowlist_refuses(self.policy, row, reg, listed)
+                          for reg, listed in zip(REGISTERS, self.listed[i], strict=True))
+            forbidden = (a, b, c, d)
             deny = self.deny.get((row.leaf, row.kvm_index), ZERO)
             watched = [o | f | d for o, f, d in zip(out, forbidden, deny, strict=True)]
             self.outside.append((out[0], out[1], out[2], out[3]))

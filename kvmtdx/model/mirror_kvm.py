@@ -171,23 +171,21 @@ def denied(policy: Policy, e: CpuidEntry, row_index: int) -> Outcome | None:
                 bit=lowest_bit(hit[1]))
 
 
-def allowlist_refuses(policy: Policy, row: CpuidRow, listed: Regs) -> Regs:
-    """The bits of a row the allowlist refuses: ones the module lists that KVM does not
-    allow (the GPAW field aside: it is KVM's own interface)."""
+def allowlist_refuses(policy: Policy, row: CpuidRow, register: str, listed: int) -> int:
+    """The bits of one register of a row the allowlist refuses: ones the module lists
+    (`listed`) that KVM does not allow (the GPAW field aside: it is KVM's own interface)."""
     if policy.allowlist is None:
-        return (0, 0, 0, 0)
-    a, b, c, d = (m & ~policy.allowlist.mask(row.leaf, row.kvm_index, r)
-                  for r, m in zip(REGISTERS, listed, strict=True))
-    if row.leaf == GPAW_LEAF:
-        a &= ~GPAW_FIELD
-    return (a, b, c, d)
+        return 0
+    bad = listed & ~policy.allowlist.mask(row.leaf, row.kvm_index, register)
+    return bad & ~GPAW_FIELD if row.leaf == GPAW_LEAF and register == "eax" else bad
 
 
 def disallowed(policy: Policy, row: CpuidRow, listed: Regs, e: CpuidEntry) -> Outcome | None:
     """The allowlist's refusal: a bit the module lists in this row that KVM does not allow."""
-    refused = allowlist_refuses(policy, row, listed)
-    for r, mask, value in zip(REGISTERS, refused, _regs_of(e), strict=True):
-        bad = value & mask
+    if policy.allowlist is None:
+        return None
+    for r, listed_mask, value in zip(REGISTERS, listed, _regs_of(e), strict=True):
+        bad = value and value & allowlist_refuses(policy, row, r, listed_mask)
         if bad:
             return _kvm(errno.EINVAL, "allowlist", leaf=row.leaf, subleaf=row.subleaf,
                         register=r, bit=lowest_bit(bad))
