@@ -160,6 +160,14 @@ def test_2_0_wants_level_numbers_1_5_does_not() -> None:
         assert topology_status(version, falling) == 0xC000090400000000
 
 
+def test_2_0_wants_the_smt_level_at_sub_leaf_0() -> None:
+    # After an invalid (level 0) sub-leaf the levels may rise again from 0; an SMT level
+    # there is refused by 2.0.08 only (sub-leaf 3 of SMT, core, invalid, SMT).
+    late_smt = [(1, 2, 0x100, 0), (7, 0x70, 0x201, 0), (0, 0, 2, 0), (1, 2, 0x103, 0)]
+    assert topology_status("1.5.05", late_smt) == 0
+    assert topology_status("2.0.08", late_smt) == 0xC000090400000000
+
+
 def test_pa_bits_in_0x80000008() -> None:
     # 1.5.x: EAX is not configurable (KVM zeroes only 23:16); 2.0.08 takes PA bits but
     # overwrites them with the platform's MAX_PA unless CONFIG_FLAGS asks otherwise.
