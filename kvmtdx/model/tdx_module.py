@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from kvmtdx.model import tdx_status as st
-from kvmtdx.model.rules import lowest_bit
+from kvmtdx.model.rules import GPAW_FIELD, GPAW_LEAF, lowest_bit
 from kvmtdx.model.tdx_cpuid import (
     ATTR_DEBUG,
     ATTR_ICSSD,
@@ -301,8 +301,8 @@ def kvm73_row_value(row: ConfigRow, regs: Regs | None) -> Regs:
     0x80000008 EAX[23:16] (the GPAW, KVM's own interface) zeroed; zero without an entry."""
     if regs is None:
         return ZERO
-    if row.leaf == 0x80000008:
-        return (regs[0] & ~0x00FF0000, regs[1], regs[2], regs[3])
+    if row.leaf == GPAW_LEAF:
+        return (regs[0] & ~GPAW_FIELD, regs[1], regs[2], regs[3])
     return regs
 
 
