@@ -16,10 +16,12 @@ from kvmtdx.model.mirror import (
     reported_entries,
     silently_cleared,
 )
-from kvmtdx.model.policy import POLICY_NAMES, get_policy
+from kvmtdx.model.mirror_kvm import allowlist_refuses
+from kvmtdx.model.policy import POLICY_NAMES, Allowlist, get_policy
 from kvmtdx.model.profiles import (
     BUNDLED_MODULES,
     MAX_HOST,
+    CpuidRow,
     Host,
     ModuleProfile,
     enumerated,
@@ -366,3 +368,17 @@ def test_request_or_bare_init_vm() -> None:
     req = full("2.0", "upstream")
     assert predict("2.0", "upstream", req.init_vm).kind is Kind.ACCEPTED
     assert predict("2.0", "upstream", req, td_initialized=True).check == "td_initialized"
+
+
+def test_the_allowlist_never_judges_the_gpaw_field() -> None:
+    """KVM's own GPAW interface (0x80000008 EAX[23:16]) is outside the allowlist, even where
+    the module lists the bits and the allowlist allows nothing; every other listed bit is
+    refused."""
+    nothing = Allowlist(name="none", provenance="test", allowed={}, passthrough=frozenset(),
+                        names={})
+    policy = get_policy("rfc-v2", allowlist=nothing)
+    gpaw_row = CpuidRow(0x80000008, None, (0xFFFFFFFF,) * 4, (0, 0, 0, 0))
+    assert [allowlist_refuses(policy, gpaw_row, r, 0xFFFFFFFF) for r in REGISTERS] == [
+        0xFF00FFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF]
+    other = replace(gpaw_row, leaf=0x80000007)
+    assert allowlist_refuses(policy, other, "eax", 0xFFFFFFFF) == 0xFFFFFFFF

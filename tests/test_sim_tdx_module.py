@@ -281,6 +281,14 @@ def test_2_0_also_wants_level_numbers_equal_to_sub_leaves() -> None:
     assert init(module("1.5.05"), topology(module("1.5.05"), bad)).status == 0
 
 
+def test_2_0_also_wants_the_smt_level_at_sub_leaf_0() -> None:
+    # Past an invalid sub-leaf the levels may rise again: an SMT level at sub-leaf 3.
+    late_smt = [SMT, CORE, END, (1, 2, 3 | 1 << 8, 0)]
+    assert init(module("2.0.08"), topology(module("2.0.08"), late_smt)).status == \
+        LEAF_1F_FORMAT
+    assert init(module("1.5.05"), topology(module("1.5.05"), late_smt)).status == 0
+
+
 def test_1_5_01_has_no_topology_check() -> None:
     m = module("1.5.01")
     assert init(m, base(m)).status == 0

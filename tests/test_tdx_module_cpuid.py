@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as hs
 
 from kvmtdx.model.host_files import load_host
+from kvmtdx.model.rules import GPAW_FIELD
 from kvmtdx.model.tdx_cpuid import Unmodelled
 from kvmtdx.model.tdx_host import full_request, sampled_native
 from kvmtdx.model.tdx_module import MngInitResult, kvm73_td_params, mng_init
@@ -159,6 +160,14 @@ def test_2_0_wants_level_numbers_1_5_does_not() -> None:
         assert topology_status(version, falling) == 0xC000090400000000
 
 
+def test_2_0_wants_the_smt_level_at_sub_leaf_0() -> None:
+    # After an invalid (level 0) sub-leaf the levels may rise again from 0; an SMT level
+    # there is refused by 2.0.08 only (sub-leaf 3 of SMT, core, invalid, SMT).
+    late_smt = [(1, 2, 0x100, 0), (7, 0x70, 0x201, 0), (0, 0, 2, 0), (1, 2, 0x103, 0)]
+    assert topology_status("1.5.05", late_smt) == 0
+    assert topology_status("2.0.08", late_smt) == 0xC000090400000000
+
+
 def test_pa_bits_in_0x80000008() -> None:
     # 1.5.x: EAX is not configurable (KVM zeroes only 23:16); 2.0.08 takes PA bits but
     # overwrites them with the platform's MAX_PA unless CONFIG_FLAGS asks otherwise.
@@ -195,7 +204,8 @@ HLE_RTM = (1 << 4) | (1 << 11)
 
 def random_request(data: hs.DataObject, t: ModuleTables, extra: bool) -> list[Regs]:
     """Native value fields; a random subset of every allow_direct mask (HLE = RTM); with
-    `extra`, random bits outside config_direct | allow_direct in one random row."""
+    `extra`, random bits outside config_direct | allow_direct in one random row (but for
+    the GPAW field, which KVM zeroes)."""
     out = []
     for row, regs in zip(t.configurable, base(t), strict=True):
         picked = [r & ~ad | data.draw(hs.integers(0, 0xFFFFFFFF)) & ad & r
@@ -207,6 +217,8 @@ def random_request(data: hs.DataObject, t: ModuleTables, extra: bool) -> list[Re
         i = data.draw(hs.integers(0, len(out) - 1))
         reg = data.draw(hs.integers(0, 3))
         outside = ~t.configurable[i].allowed()[reg] & 0xFFFFFFFF
+        if t.configurable[i].leaf == 0x80000008 and reg == 0:
+            outside &= ~GPAW_FIELD  # KVM zeroes it in TD_PARAMS: the module never sees it
         if outside:
             bit = data.draw(hs.sampled_from([b for b in range(32) if outside >> b & 1]))
             changed = list(out[i])

@@ -15,7 +15,13 @@ import pytest
 from kvmtdx.model import tdx_status as st
 from kvmtdx.model.host_files import load_host
 from kvmtdx.model.tdx_host import HostCpu, full_request
-from kvmtdx.model.tdx_module import MngInitResult, TdParams, kvm73_td_params, mng_init
+from kvmtdx.model.tdx_module import (
+    MngInitResult,
+    TdParams,
+    kvm73_td_params,
+    mng_init,
+    xfam_culprit,
+)
 from kvmtdx.model.tdx_module_tables import ModuleTables, Regs, load_tables
 
 HOST = load_host()
@@ -105,6 +111,16 @@ def test_xfam_combinations_check_xfam_refuses(version: str, xfam: int) -> None:
     assert st.kvm73_outcome(r.status) == st.KvmOutcome(-22, 0xC000010000000041, False)
 
 
+@pytest.mark.parametrize(("xfam", "bit"), [
+    (0x23, 5), (0xE3, 5), (0x20003, 17), (0x803, 11), (0x67, 5), (0x2, 0)])
+def test_the_xfam_bit_check_xfam_objects_to(xfam: int, bit: int) -> None:
+    """The bit a refusal names (the status names only the operand): a lacking or missing
+    fixed-1 bit, else AVX-512 without AVX, else the lowest present bit of a split group."""
+    t = load_tables("2.0.08")
+    assert xfam_culprit(t, HOST, xfam) == bit
+    assert xfam_culprit(t, HOST, FULL_XFAM) is None
+
+
 @pytest.mark.parametrize("version", ALL)
 def test_xfam_bit_the_cpu_lacks_is_refused(version: str) -> None:
     no_amx = host_with({(0xD, 0): (0x2E7, 0x2B00, 0x2B00, 0)})
@@ -192,6 +208,16 @@ def test_hle_rtm_without_tsx_ctrl_is_incorrect_msr_value(version: str) -> None:
     assert r.status == 0xC00009210000010A and r.rule == "tsx_ctrl" and r.rcx == 0
     assert st.status_name(r.status) == "TDX_INCORRECT_MSR_VALUE(0x10a)"
     assert st.kvm73_outcome(r.status).warns
+
+
+@pytest.mark.parametrize(("status", "name"), [
+    (0, "TDX_SUCCESS"),
+    (0xC000010000000045, "TDX_OPERAND_INVALID(CPUID_CONFIG)"),
+    (0xC000010000000042, "TDX_OPERAND_INVALID(CONFIG_FLAGS)"),
+    (0xC000090400000000, "TDX_CPUID_LEAF_1F_FORMAT_UNRECOGNIZED"),
+    (0x1234000000000000, "0x1234000000000000")])
+def test_a_status_is_named_by_its_class_and_operand(status: int, name: str) -> None:
+    assert st.status_name(status) == name
 
 
 @pytest.mark.parametrize("version", ALL)
@@ -333,6 +359,23 @@ def test_config_flags_eptp_and_tsc(version: str) -> None:
     assert run(version, host=no_5level, eptp_controls=0x6 | 4 << 3).status == 0xC000010000000043
     assert run(version, tsc_frequency=3).status == 0xC000010000000046
     assert run(version, reserved_nonzero=frozenset({"reserved_3"})).status == 0xC000010000000002
+
+
+MIGRATABLE = 1 << 29
+
+
+@pytest.mark.parametrize("version", ALL)
+def test_l2_vms_at_most_three_and_not_with_a_migratable_td_before_2_0(version: str) -> None:
+    """read_and_set_td_configurations: NUM_L2_VMS <= MAX_VMS - 1; 1.5.x's
+    td_immutable_state_cross_check refuses a MIGRATABLE TD with L2 VMs (RDX)."""
+    assert run(version, num_l2_vms=3).accepted
+    assert run(version, num_l2_vms=4).status == 0xC000010000000047
+    assert run(version, attributes=SEPT_VE_DISABLE | MIGRATABLE).accepted
+    r = run(version, attributes=SEPT_VE_DISABLE | MIGRATABLE, num_l2_vms=1)
+    if version == "2.0.08":
+        assert r.accepted
+    else:
+        assert (r.status, r.rule) == (0xC000010000000002, "td_immutable_state_cross_check")
 
 
 def test_attributes_fixed0_differs_per_version() -> None:

@@ -37,7 +37,13 @@ from kvmtdx.model.requests import Request
 from kvmtdx.model.rules import GPAW_FIELD, GPAW_LEAF, lowest_bit
 from kvmtdx.model.tdx_cpuid import REFUSING_RULES, Refusal, Rule, Td, configured_row, rule_for
 from kvmtdx.model.tdx_host import sampled_native
-from kvmtdx.model.tdx_module import MngInitResult, TdParams, after_cpuid_pass, td_configuration
+from kvmtdx.model.tdx_module import (
+    MngInitResult,
+    TdParams,
+    after_cpuid_pass,
+    kvm73_row_value,
+    td_configuration,
+)
 from kvmtdx.model.tdx_module_tables import ZERO
 from kvmtdx.outcome import Outcome
 from kvmtdx.structs import FLAG_SIGNIFICANT_INDEX, REGISTERS, CpuidEntry, InitVm
@@ -70,6 +76,7 @@ class _ModuleSide:
         self.native = sampled_native(tables, host)
         self.lookup = tables.lookup
         self.rows = len(module.rows)
+        self.configurable = tables.configurable
         self.configuration: dict[object, Outcome | None] = {}
         self.rules: dict[object, Outcome | None] = {}
         self.topology: dict[object, Outcome | None] = {}
@@ -97,13 +104,7 @@ class _ModuleSide:
         params = self._params(attributes, xfam, gpaw)
         values = list(params.cpuid_values)
         for row, cfg in config.items():
-            if self.module.rows[row].leaf == GPAW_LEAF:
-                # KVM rewrites this row's value (the GPAW field): td_params does it.
-                rows = [config.get(i) for i in range(self.rows)]
-                values = list(td_params(self.module, self.host, attributes, xfam, rows,
-                                        gpaw).cpuid_values)
-                break
-            values[row] = cfg
+            values[row] = kvm73_row_value(self.configurable[row], cfg)
         td = Td(tables=self.module.tables, host=self.host, attributes=params.attributes,
                 xfam=params.xfam, config_flags=params.config_flags,
                 tsc_frequency=params.tsc_frequency, config=tuple(values), native=self.native,
@@ -225,15 +226,13 @@ class CompiledModel:
             # may hold, though no wire carries it): the module refuses them all.
             out = [~m for m in row.module_allows()]
             out[0] &= ~gpaw
-            forbidden = [0, 0, 0, 0]
-            if self.policy.allowlist is not None:
-                for r, reg in enumerate(REGISTERS):
-                    allowed = self.policy.allowlist.mask(row.leaf, row.kvm_index, reg)
-                    forbidden[r] = self.listed[i][r] & ~allowed & ~(gpaw if r == 0 else 0)
+            a, b, c, d = (kvm.allowlist_refuses(self.policy, row, reg, listed)
+                          for reg, listed in zip(REGISTERS, self.listed[i], strict=True))
+            forbidden = (a, b, c, d)
             deny = self.deny.get((row.leaf, row.kvm_index), ZERO)
             watched = [o | f | d for o, f, d in zip(out, forbidden, deny, strict=True)]
             self.outside.append((out[0], out[1], out[2], out[3]))
-            self.forbidden.append((forbidden[0], forbidden[1], forbidden[2], forbidden[3]))
+            self.forbidden.append(forbidden)
             self.watch.append((watched[0], watched[1], watched[2], watched[3]))
 
     def _module_positions(self) -> None:

@@ -175,14 +175,21 @@ def denied(policy: Policy, e: CpuidEntry, row_index: int) -> Outcome | None:
                 bit=lowest_bit(hit[1]))
 
 
+def allowlist_refuses(policy: Policy, row: CpuidRow, register: str, listed: int) -> int:
+    """The bits of one register of a row the allowlist refuses: ones the module lists
+    (`listed`) that KVM does not allow (the GPAW field aside: it is KVM's own interface)."""
+    if policy.allowlist is None:
+        return 0
+    bad = listed & ~policy.allowlist.mask(row.leaf, row.kvm_index, register)
+    return bad & ~GPAW_FIELD if row.leaf == GPAW_LEAF and register == "eax" else bad
+
+
 def disallowed(policy: Policy, row: CpuidRow, listed: Regs, e: CpuidEntry) -> Outcome | None:
     """The allowlist's refusal: a bit the module lists in this row that KVM does not allow."""
     if policy.allowlist is None:
         return None
     for r, listed_mask, value in zip(REGISTERS, listed, _regs_of(e), strict=True):
-        bad = value & listed_mask & ~policy.allowlist.mask(row.leaf, row.kvm_index, r)
-        if row.leaf == GPAW_LEAF and r == "eax":
-            bad &= ~GPAW_FIELD
+        bad = value and value & allowlist_refuses(policy, row, r, listed_mask)
         if bad:
             return _kvm(errno.EINVAL, "allowlist", leaf=row.leaf, subleaf=row.subleaf,
                         register=r, bit=lowest_bit(bad))
@@ -191,7 +198,8 @@ def disallowed(policy: Policy, row: CpuidRow, listed: Regs, e: CpuidEntry) -> Ou
 
 def td_values(module: ModuleProfile, host: Host, policy: Policy,
               entries: tuple[CpuidEntry, ...], nent: int) -> list[Regs] | Outcome:
-    """Steps 8 and 9: the per-row values KVM hands TDH.MNG.INIT, or KVM's refusal."""
+    """Steps 8 and 9: the per-row values KVM copies into TD_PARAMS, or KVM's refusal (the
+    GPAW field is cleared where TD_PARAMS is filled, tdx_module.kvm73_td_params)."""
     listed = enumerated(module, host)
     values: list[Regs] = []
     count = 0
@@ -204,10 +212,7 @@ def td_values(module: ModuleProfile, host: Host, policy: Policy,
         if refused is not None:
             return refused
         count += 1
-        a, b, c, d = _regs_of(e)
-        if row.leaf == GPAW_LEAF:
-            a &= ~GPAW_FIELD
-        values.append((a, b, c, d))
+        values.append(_regs_of(e))
     if count != nent:
         return COUNT_MISMATCH
     return values

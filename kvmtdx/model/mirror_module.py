@@ -26,7 +26,14 @@ from kvmtdx.model.policy import Policy
 from kvmtdx.model.profiles import Host, ModuleProfile
 from kvmtdx.model.rules import lowest_bit
 from kvmtdx.model.tdx_host import row_natives
-from kvmtdx.model.tdx_module import Change, MngInitResult, TdParams, kvm73_td_params, mng_init
+from kvmtdx.model.tdx_module import (
+    Change,
+    MngInitResult,
+    TdParams,
+    kvm73_td_params,
+    mng_init,
+    xfam_culprit,
+)
 from kvmtdx.model.tdx_module_tables import ModuleTables, Regs
 from kvmtdx.outcome import Decider, Outcome
 
@@ -138,20 +145,6 @@ def td_params(module: ModuleProfile, host: Host, attributes: int, xfam: int,
     tsc_khz, max_vcpus = td_limits(module.tables, host)
     return kvm73_td_params(module.tables, attributes=attributes, xfam=xfam, rows=rows,
                            guest_pa_bits=gpaw, tsc_khz=tsc_khz, max_vcpus=max_vcpus)
-
-
-def xfam_culprit(tables: ModuleTables, host: Host, xfam: int) -> int | None:
-    """The XFAM bit check_xfam objects to (the status names only the operand): one the
-    platform lacks, else a present bit of a group that must be all or none (AVX-512 and
-    its AVX, CET, AMX), dropping which is a step towards a valid XFAM."""
-    allowed = tables.xfam_fixed0 & (host.xcr0_supported(tables) | host.xss_supported(tables))
-    bad = xfam & ~allowed | tables.xfam_fixed1 & ~xfam
-    if not bad and xfam >> 5 & 1 and not xfam >> 2 & 1:
-        bad = 1 << 5
-    for group in (0b111 << 5, 0b11 << 11, 0b11 << 17):
-        if not bad and xfam & group not in (0, group):
-            bad = xfam & group
-    return lowest_bit(bad) if bad else None
 
 
 def _bit_of(result: MngInitResult, module: ModuleProfile, host: Host,

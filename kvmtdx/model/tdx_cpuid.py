@@ -16,6 +16,7 @@ from kvmtdx.model import tdx_status as st
 from kvmtdx.model.memo import per_object
 from kvmtdx.model.tdx_host import Host
 from kvmtdx.model.tdx_module_tables import ZERO, LookupEntry, ModuleTables, Regs
+from kvmtdx.status import operand_invalid
 
 MNG_INIT = "src/vmm_dispatcher/api_calls/tdh_mng_init.c"
 HELPERS = "src/common/helpers/helpers.c"
@@ -108,7 +109,7 @@ def leaf_rcx(leaf: int, subleaf: int | None) -> int:
 
 def cpuid_refusal(e: LookupEntry, rule: str, source: str, rcx: bool = True,
                   register: str | None = None, mask: int = 0) -> Refusal:
-    return Refusal(st.operand_invalid(st.OPERAND_ID_CPUID_CONFIG), rule, source,
+    return Refusal(operand_invalid(st.OPERAND_ID_CPUID_CONFIG), rule, source,
                    leaf_rcx(e.leaf, e.subleaf) if rcx else 0, e.leaf, e.subleaf, register, mask)
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from kvmtdx.model import tdx_status as st
+from kvmtdx.model.rules import GPAW_FIELD, GPAW_LEAF, lowest_bit
 from kvmtdx.model.tdx_cpuid import (
     ATTR_DEBUG,
     ATTR_ICSSD,
@@ -39,10 +40,12 @@ from kvmtdx.model.tdx_cpuid import (
 from kvmtdx.model.tdx_host import (
     Host,
     reported_attributes_fixed0,
+    reported_xfam_fixed0,
     sampled_native,
 )
-from kvmtdx.model.tdx_module_tables import REGISTER_NAMES, ZERO, ModuleTables, Regs
+from kvmtdx.model.tdx_module_tables import REGISTER_NAMES, ZERO, ConfigRow, ModuleTables, Regs
 from kvmtdx.model.tdx_topology import check_topology
+from kvmtdx.status import operand_invalid
 
 MAX_L2_VMS = 3  # MAX_VMS - 1 (src/common/data_structures/tdx_tdvps.h)
 EPTP_MT_WB, PWL_4, PWL_5 = 6, 3, 4
@@ -104,7 +107,7 @@ class MngInitResult:
 
 
 def _refusal(operand: int, rule: str, source: str) -> Refusal:
-    return Refusal(st.operand_invalid(operand), rule, source)
+    return Refusal(operand_invalid(operand), rule, source)
 
 
 def _check_attributes(tables: ModuleTables, host: Host, attributes: int) -> Refusal | None:
@@ -122,12 +125,26 @@ def _check_attributes(tables: ModuleTables, host: Host, attributes: int) -> Refu
                     f"{HELPERS}: verify_td_attributes") if bad else None
 
 
+# The XFAM bit groups check_xfam wants all or none of: AVX-512 (5-7), CET (11-12), AMX (17-18).
+XFAM_GROUPS = (0b111 << 5, 0b11 << 11, 0b11 << 17)
+
+
+def xfam_culprit(tables: ModuleTables, host: Host, xfam: int) -> int | None:
+    """check_xfam: the XFAM bit it objects to (the status names only the operand), or None.
+    One the platform lacks or a missing fixed-1 bit, else AVX-512 without AVX, else a
+    present bit of a group that must be all or none (dropping it is a step towards a
+    valid XFAM)."""
+    bad = xfam & ~reported_xfam_fixed0(tables, host) | tables.xfam_fixed1 & ~xfam
+    if not bad and xfam >> 5 & 1 and not xfam >> 2 & 1:
+        bad = 1 << 5
+    for group in XFAM_GROUPS:
+        if not bad and xfam & group not in (0, group):
+            bad = xfam & group
+    return lowest_bit(bad) if bad else None
+
+
 def _check_xfam(tables: ModuleTables, host: Host, xfam: int) -> Refusal | None:
-    allowed = tables.xfam_fixed0 & (host.xcr0_supported(tables) | host.xss_supported(tables))
-    b = [bool(xfam >> n & 1) for n in range(64)]
-    bad = (xfam & ~allowed or xfam & tables.xfam_fixed1 != tables.xfam_fixed1
-           or (b[5] and not b[2]) or b[5] != b[6] or b[5] != b[7]
-           or b[11] != b[12] or b[17] != b[18])
+    bad = xfam_culprit(tables, host, xfam) is not None
     return _refusal(st.OPERAND_ID_XFAM, "check_xfam", f"{HELPERS}: check_xfam") if bad else None
 
 
@@ -279,6 +296,16 @@ def _register_changes(leaf: int, subleaf: int | None, reg: int, asked: int, got:
 # ---------------------------------------------------------------------------
 # TD_PARAMS as KVM 7.3 fills it (arch/x86/kvm/vmx/tdx.c, setup_tdparams*).
 
+def kvm73_row_value(row: ConfigRow, regs: Regs | None) -> Regs:
+    """The value KVM 7.3 puts in one CPUID_CONFIG row (setup_tdparams_cpuids): the entry's,
+    0x80000008 EAX[23:16] (the GPAW, KVM's own interface) zeroed; zero without an entry."""
+    if regs is None:
+        return ZERO
+    if row.leaf == GPAW_LEAF:
+        return (regs[0] & ~GPAW_FIELD, regs[1], regs[2], regs[3])
+    return regs
+
+
 def kvm73_td_params(tables: ModuleTables, *, attributes: int, xfam: int,
                     rows: Sequence[Regs | None], guest_pa_bits: int, tsc_khz: int,
                     max_vcpus: int) -> TdParams:
@@ -287,16 +314,12 @@ def kvm73_td_params(tables: ModuleTables, *, attributes: int, xfam: int,
 
     The KVM-side refusals (supported attributes/XFAM, GPAW 48/52, the denylist, the
     entry count) belong to the kernel model, not here."""
-    values = []
-    for row, regs in zip(tables.configurable, rows, strict=True):
-        a, b, c, d = regs if regs is not None else ZERO
-        if row.leaf == 0x80000008:
-            a &= ~0x00FF0000
-        values.append((a, b, c, d))
+    values = tuple(kvm73_row_value(row, regs)
+                   for row, regs in zip(tables.configurable, rows, strict=True))
     wide = guest_pa_bits == 52
     return TdParams(
         attributes=attributes | tables.attributes_fixed1, xfam=xfam | tables.xfam_fixed1,
-        cpuid_values=tuple(values), max_vcpus=max_vcpus,
+        cpuid_values=values, max_vcpus=max_vcpus,
         eptp_controls=EPTP_MT_WB | (PWL_5 if wide else PWL_4) << 3,
         config_flags=CONFIG_FLAGS_NO_RBP_MOD | (1 << FLAG_GPAW if wide else 0),
         tsc_frequency=tsc_khz // 25000)
