@@ -7,6 +7,8 @@ from dataclasses import replace
 
 import pytest
 from helpers import GPAW48, WAITPKG, bypass
+from hypothesis import given
+from hypothesis import strategies as st
 
 from kvmtdx.model.mirror import (
     find,
@@ -16,7 +18,7 @@ from kvmtdx.model.mirror import (
     reported_entries,
     silently_cleared,
 )
-from kvmtdx.model.mirror_kvm import allowlist_refuses
+from kvmtdx.model.mirror_kvm import allowlist_refuses, lands_on
 from kvmtdx.model.policy import POLICY_NAMES, Allowlist, get_policy
 from kvmtdx.model.profiles import (
     BUNDLED_MODULES,
@@ -382,3 +384,16 @@ def test_the_allowlist_never_judges_the_gpaw_field() -> None:
         0xFF00FFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF]
     other = replace(gpaw_row, leaf=0x80000007)
     assert allowlist_refuses(policy, other, "eax", 0xFFFFFFFF) == 0xFFFFFFFF
+
+
+_ENTRY = st.builds(CpuidEntry, st.sampled_from([1, 7, 0xD]), st.integers(0, 2),
+                   flags=st.sampled_from([0, 1, 2, 3]))
+
+
+@given(st.lists(_ENTRY, max_size=6), st.sampled_from([1, 7, 0xD]),
+       st.one_of(st.none(), st.integers(0, 2)))
+def test_find_is_the_first_entry_the_lookup_lands_on(entries: list[CpuidEntry], leaf: int,
+                                                    index: int | None) -> None:
+    """find() writes lands_on out for speed: the two must stay one rule."""
+    want = next((e for e in entries if lands_on(e, leaf, index)), None)
+    assert find(entries, leaf, index) is want
