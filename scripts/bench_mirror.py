@@ -42,11 +42,12 @@ from kvmtdx.model import mirror
 from kvmtdx.model.compiled import CompiledModel
 from kvmtdx.model.policy import POLICY_NAMES, Policy, get_policy
 from kvmtdx.model.profiles import BUNDLED_MODULES, MAX_HOST, ModuleProfile, load_profile
-from kvmtdx.model.requests import Request, request_to_json
+from kvmtdx.model.requests import Request, request_from_json, request_to_json
 from kvmtdx.outcome import Outcome
 
 # Runs in the baseline tree (after baseline.PREAMBLE): its own mirror on the requests.
 OLD_DRIVER = r"""
+import copy
 try:
     from kvmtdx.model import mirror
     from kvmtdx.model.policy import get_policy
@@ -61,11 +62,14 @@ module, policy = load_profile(job["module"]), get_policy(job["policy"])
 requests = [request_from_json(r, "request") for r in job["requests"]]
 times, kinds = [], Counter()
 for _ in range(job["rounds"]):
+    # New objects each round, as `timed` gives the tree under test: a memo keyed by
+    # identity must not carry over from one round to the next on one side only.
+    batch = copy.deepcopy(requests)
     kinds.clear()
     gc.collect()
     gc.disable()
     t0 = time.perf_counter()
-    for r in requests:
+    for r in batch:
         kinds[mirror.predict_init_vm(module, MAX_HOST, policy, r).kind.value] += 1
     times.append(time.perf_counter() - t0)
     gc.enable()
@@ -126,6 +130,10 @@ def tally(kinds: Counter[str]) -> str:
 def bench(module: ModuleProfile, policy: Policy, name: str, requests: list[Request],
           args: argparse.Namespace) -> bool:
     """One line: the three implementations on one mix.  False when they disagree."""
+    if args.baseline is not None:
+        # The baseline child reads the requests from JSON: no entry object shared between
+        # requests.  Both sides get them so, or memos keyed by identity favour this side.
+        requests = [request_from_json(request_to_json(r), "request") for r in requests]
     new_t, new_k, new_out = timed(
         lambda r: mirror.predict_init_vm(module, MAX_HOST, policy, r), requests, args.rounds)
     ref_t, _, ref_out = timed(
